@@ -1,0 +1,170 @@
+import {
+  type ChannelCredentials,
+  type ChannelOptions,
+  credentials,
+  Metadata,
+  type ServiceError,
+  status,
+} from '@grpc/grpc-js';
+import { type Entry, type ListRequest, SessionStoreClient } from '../generated/kv';
+
+export type { Entry };
+
+/** How to reach a SessionStore. */
+export interface StoreClientOptions {
+  /** host:port, or http(s)://host:port. */
+  address: string;
+  /** Bearer token sent with every call when set. */
+  token?: string;
+  /** Deadline of every call, in milliseconds. */
+  deadlineMs: number;
+  /** TLS: PEM of the CA that signed the store's certificate. Without it the channel is plaintext. */
+  tlsCa?: Buffer;
+}
+
+export type StoreErrorKind = 'conflict' | 'unavailable' | 'invalid' | 'unauthenticated' | 'other';
+
+/** The one error type of the client: `kind` says what the caller can do about it. */
+export class StoreClientError extends Error {
+  override name = 'StoreClientError';
+  constructor(
+    readonly kind: StoreErrorKind,
+    readonly code: status,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const KIND_BY_CODE: Partial<Record<status, StoreErrorKind>> = {
+  [status.ABORTED]: 'conflict',
+  [status.UNAVAILABLE]: 'unavailable',
+  [status.DEADLINE_EXCEEDED]: 'unavailable',
+  [status.CANCELLED]: 'unavailable',
+  [status.INVALID_ARGUMENT]: 'invalid',
+  [status.RESOURCE_EXHAUSTED]: 'invalid',
+  [status.UNAUTHENTICATED]: 'unauthenticated',
+};
+
+export function toClientError(code: status, details: string): StoreClientError {
+  return new StoreClientError(KIND_BY_CODE[code] ?? 'other', code, details || status[code]);
+}
+
+export function fromServiceError(err: ServiceError): StoreClientError {
+  return toClientError(err.code ?? status.UNKNOWN, err.details ?? err.message);
+}
+
+export interface PutOptions {
+  ttlMs: number;
+  /** Write only if the current version is this one (0 = only if the key does not exist). */
+  expectedVersion?: number;
+}
+
+export interface ListOptions {
+  prefix?: string;
+  limit?: number;
+  startAfter?: string;
+  keysOnly?: boolean;
+}
+
+/** The typed SessionStore client shared by the web service and bin/dump. */
+export interface StoreClient {
+  get(key: string, options?: { refreshTtlMs?: number }): Promise<Entry | null>;
+  put(key: string, value: Buffer, options: PutOptions): Promise<Entry>;
+  delete(key: string, options?: { expectedVersion?: number }): Promise<boolean>;
+  list(options?: ListOptions): AsyncIterable<Entry>;
+  close(): void;
+}
+
+/** Accepts host:port, http://host:port and https://host:port; returns the gRPC target. */
+export function normalizeAddress(address: string): string {
+  const trimmed = address.trim();
+  const match = /^(?:https?:\/\/)?([^/\s]+?)\/?$/.exec(trimmed);
+  if (!match || !/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(match[1])) {
+    throw new Error(`not a store address: "${address}" (expected host:port, e.g. localhost:5100)`);
+  }
+  return match[1];
+}
+
+/** Channel settings: reconnect quickly after an outage so the site recovers by itself. */
+export const CHANNEL_OPTIONS: ChannelOptions = {
+  'grpc.initial_reconnect_backoff_ms': 100,
+  'grpc.max_reconnect_backoff_ms': 1000,
+  'grpc.keepalive_time_ms': 30_000,
+  'grpc.keepalive_timeout_ms': 10_000,
+  'grpc.keepalive_permit_without_calls': 0,
+};
+
+export function channelCredentials(options: Pick<StoreClientOptions, 'tlsCa'>): ChannelCredentials {
+  return options.tlsCa ? credentials.createSsl(options.tlsCa) : credentials.createInsecure();
+}
+
+/** The raw generated client, for callers that need a streaming RPC of their own. */
+export function createRawClient(options: StoreClientOptions): SessionStoreClient {
+  return new SessionStoreClient(normalizeAddress(options.address), channelCredentials(options), CHANNEL_OPTIONS);
+}
+
+export function authMetadata(token: string | undefined): Metadata {
+  const metadata = new Metadata();
+  if (token) metadata.set('authorization', `Bearer ${token}`);
+  return metadata;
+}
+
+/** One unary call per operation: simple and exact; see pipe-client.ts for the batching client. */
+export function createStoreClient(options: StoreClientOptions): StoreClient {
+  const client = createRawClient(options);
+  const metadata = authMetadata(options.token);
+  const callOptions = () => ({ deadline: Date.now() + options.deadlineMs });
+  const call = <Res>(invoke: (cb: (err: ServiceError | null, res?: Res) => void) => void): Promise<Res> =>
+    new Promise((resolve, reject) => invoke((err, res) => (err ? reject(fromServiceError(err)) : resolve(res as Res))));
+
+  return {
+    async get(key, opts = {}) {
+      const res = await call<{ found: boolean; entry?: Entry }>((cb) =>
+        client.get({ key, refreshTtlMs: opts.refreshTtlMs ?? 0 }, metadata, callOptions(), cb),
+      );
+      return res.found && res.entry ? res.entry : null;
+    },
+    async put(key, value, opts) {
+      const res = await call<{ entry?: Entry }>((cb) =>
+        client.put({ key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion }, metadata, callOptions(), cb),
+      );
+      return res.entry!;
+    },
+    async delete(key, opts = {}) {
+      const res = await call<{ deleted: boolean }>((cb) =>
+        client.delete({ key, expectedVersion: opts.expectedVersion }, metadata, callOptions(), cb),
+      );
+      return res.deleted;
+    },
+    list(opts = {}) {
+      return listEntries(client, metadata, opts);
+    },
+    close() {
+      client.close();
+    },
+  };
+}
+
+/** Streams List results; a failure surfaces as a StoreClientError from the iterator. */
+export async function* listEntries(
+  client: SessionStoreClient,
+  metadata: Metadata,
+  opts: ListOptions,
+  callOptions: { deadline?: number } = {},
+): AsyncIterable<Entry> {
+  const request: ListRequest = {
+    prefix: opts.prefix ?? '',
+    limit: opts.limit ?? 0,
+    startAfter: opts.startAfter ?? '',
+    keysOnly: opts.keysOnly ?? false,
+  };
+  const stream = client.list(request, metadata, callOptions);
+  try {
+    for await (const entry of stream as AsyncIterable<Entry>) yield entry;
+  } catch (err) {
+    throw fromServiceError(err as ServiceError);
+  } finally {
+    stream.cancel();
+  }
+}

@@ -1,0 +1,78 @@
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import dotenv from 'dotenv';
+import { z } from 'zod';
+
+/** Raised when an environment variable is missing or malformed; the message names the variable. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** The repository root (this file is compiled to dist/services/shared/env.js). */
+export const projectRoot = path.resolve(__dirname, '..', '..', '..');
+
+/**
+ * Reads the environment once: process.env wins over `.env` in the working directory (the file
+ * foreman loads too), so a variable set by the caller is never overridden.
+ */
+export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, string | undefined> {
+  const file = path.resolve('.env');
+  const fromFile = existsSync(file) ? dotenv.parse(readFileSync(file)) : {};
+  return { ...fromFile, ...env };
+}
+
+/**
+ * Validates raw variables against a zod object schema whose keys are variable names and returns a
+ * frozen typed result, or throws one ConfigError listing every bad variable with the expected form.
+ */
+export function parseEnv<S extends z.ZodRawShape>(
+  shape: S,
+  raw: Record<string, string | undefined>,
+): Readonly<z.infer<z.ZodObject<S>>> {
+  const input: Record<string, string | undefined> = {};
+  for (const key of Object.keys(shape)) {
+    const value = raw[key];
+    input[key] = value === undefined || value === '' ? undefined : value;
+  }
+  const result = z.object(shape).safeParse(input);
+  if (!result.success) {
+    const lines = result.error.issues.map((issue) => {
+      const name = String(issue.path[0]);
+      return `${name}=${JSON.stringify(raw[name] ?? '')}: ${issue.message}`;
+    });
+    throw new ConfigError(`invalid configuration: ${lines.join('; ')}`);
+  }
+  return Object.freeze(result.data) as Readonly<z.infer<z.ZodObject<S>>>;
+}
+
+/** Common variable forms, each with a message that states the expected form. */
+export const envs = {
+  port: (fallback: number) =>
+    z.coerce
+      .number({ message: 'expected a TCP port number 0-65535' })
+      .int({ message: 'expected a TCP port number 0-65535' })
+      .min(0, { message: 'expected a TCP port number 0-65535' })
+      .max(65535, { message: 'expected a TCP port number 0-65535' })
+      .default(fallback),
+  int: (fallback: number, min: number, max: number, unit = '') =>
+    z.coerce
+      .number({ message: `expected an integer ${min}-${max}${unit}` })
+      .int({ message: `expected an integer ${min}-${max}${unit}` })
+      .min(min, { message: `expected an integer ${min}-${max}${unit}` })
+      .max(max, { message: `expected an integer ${min}-${max}${unit}` })
+      .default(fallback),
+  bool: (fallback: boolean) =>
+    z
+      .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
+      .default(fallback ? 'true' : 'false')
+      .transform((v) => v === 'true' || v === '1' || v === 'yes'),
+  oneOf: <T extends readonly [string, ...string[]]>(values: T, fallback: T[number]) =>
+    z.enum(values, { message: `expected one of ${values.join(', ')}` }).default(fallback),
+  logLevel: () =>
+    z
+      .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], {
+        message: 'expected one of fatal, error, warn, info, debug, trace, silent',
+      })
+      .default('info'),
+  optionalString: () => z.string().optional(),
+};

@@ -1,0 +1,94 @@
+/**
+ * The storage contract every backend implements. It knows nothing of gRPC: arguments arrive
+ * already checked (key and value within limits, TTL resolved to a concrete positive duration),
+ * and failures are StoreErrors that the gRPC adapter maps to status codes in one table.
+ */
+
+/** One stored entry. Times are epoch milliseconds. */
+export interface StoredEntry {
+  key: string;
+  value: Buffer;
+  version: number;
+  expiresAtMs: number;
+  createdAtMs: number;
+}
+
+export type BackendOp =
+  | { kind: 'get'; key: string; refreshTtlMs: number }
+  | { kind: 'put'; key: string; value: Buffer; ttlMs: number; expectedVersion?: number }
+  | { kind: 'delete'; key: string; expectedVersion?: number };
+
+/** The result of one operation: an entry (or null) for get, the written entry for put, a boolean for delete. */
+export type BackendValue = StoredEntry | null | boolean;
+export type BackendResult = { ok: true; value: BackendValue } | { ok: false; error: StoreError };
+
+export interface ListOptions {
+  prefix: string;
+  /** Only keys strictly greater than this one ('' = from the start). */
+  startAfter: string;
+  /** 0 = no limit. */
+  limit: number;
+  keysOnly: boolean;
+}
+
+export type ChangeKind = 'put' | 'delete' | 'expire';
+export interface ChangeEvent {
+  kind: ChangeKind;
+  key: string;
+  version: number;
+  value: Buffer;
+  expiresAtMs: number;
+}
+
+export interface Backend {
+  readonly name: string;
+  /** Runs operations in order; writes of one call are committed together. Never rejects for a per-op failure. */
+  batch(ops: readonly BackendOp[]): Promise<BackendResult[]>;
+  /** Streams live entries in ascending key order, page by page (constant memory). */
+  list(options: ListOptions): AsyncIterable<StoredEntry>;
+  /** Subscribes to changes of keys with the prefix; returns the unsubscribe function. */
+  watch(prefix: string, onEvent: (event: ChangeEvent) => void): () => void;
+  /** Resolves when the backend can serve; rejects with a StoreError('unavailable') when it cannot. */
+  ping(): Promise<void>;
+  /** Number of live (unexpired) entries, for metrics. */
+  countLive(): Promise<number>;
+  close(): Promise<void>;
+}
+
+export type StoreErrorKind =
+  | 'invalid'
+  | 'too_large'
+  | 'conflict'
+  | 'unavailable'
+  | 'deadline'
+  | 'unauthenticated';
+
+/** The one domain error of the store. `kind` decides the gRPC status (see ../errors.ts). */
+export class StoreError extends Error {
+  override name = 'StoreError';
+  constructor(
+    readonly kind: StoreErrorKind,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+let lastIssued = 0;
+
+/**
+ * The next version of a key: above the previous one, above the clock (in microsecond-sized steps)
+ * and above any version this process issued before, so versions grow for a key even across
+ * delete and re-create.
+ */
+export function nextVersion(previous: number, nowMs: number): number {
+  lastIssued = Math.max(previous + 1, nowMs * 1000, lastIssued + 1);
+  return lastIssued;
+}
+
+/** Convenience wrappers for callers that run one operation. */
+export async function runOne(backend: Backend, op: BackendOp): Promise<BackendValue> {
+  const [result] = await backend.batch([op]);
+  if (!result.ok) throw result.error;
+  return result.value;
+}

@@ -1,0 +1,28 @@
+import { status, type ServiceError, Metadata } from '@grpc/grpc-js';
+import { StoreError, type StoreErrorKind } from './backends/backend';
+
+/** The one table from domain error to gRPC status. Anything else is INTERNAL with no detail. */
+const CODES: Record<StoreErrorKind, status> = {
+  invalid: status.INVALID_ARGUMENT,
+  too_large: status.RESOURCE_EXHAUSTED,
+  conflict: status.ABORTED,
+  unavailable: status.UNAVAILABLE,
+  deadline: status.DEADLINE_EXCEEDED,
+  unauthenticated: status.UNAUTHENTICATED,
+};
+
+export interface MappedStatus {
+  code: status;
+  details: string;
+}
+
+/** Maps any thrown value to a status; unexpected errors never leak their message to the client. */
+export function toStatus(err: unknown): MappedStatus {
+  if (err instanceof StoreError) return { code: CODES[err.kind], details: err.message };
+  return { code: status.INTERNAL, details: 'internal error' };
+}
+
+export function toServiceError(err: unknown): Partial<ServiceError> {
+  const mapped = toStatus(err);
+  return { code: mapped.code, details: mapped.details, metadata: new Metadata() };
+}

@@ -1,0 +1,286 @@
+import { timingSafeEqual, createHash } from 'node:crypto';
+import {
+  Server,
+  type ServerOptions,
+  type ServerUnaryCall,
+  type ServerWritableStream,
+  type ServerDuplexStream,
+  type sendUnaryData,
+  type Metadata,
+  status,
+} from '@grpc/grpc-js';
+import {
+  type BatchRequest,
+  type BatchResponse,
+  type DeleteResponse,
+  type Entry,
+  type GetResponse,
+  type ListRequest,
+  type OpResult,
+  type PutResponse,
+  SessionStoreService,
+  type WatchEvent,
+  WatchEvent_Kind,
+  type WatchRequest,
+} from '../generated/kv';
+import type { Logger } from '../shared/log';
+import { type Backend, type BackendOp, type BackendResult, type StoredEntry, StoreError } from './backends/backend';
+import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
+import { toServiceError, toStatus } from './errors';
+
+export interface StoreServiceOptions {
+  backend: Backend;
+  limits: Limits;
+  /** When set, every call needs `authorization: Bearer <token>`. */
+  token?: string;
+  logger: Logger;
+}
+
+/** Marks a request whose bytes did not decode, so the handler answers INVALID_ARGUMENT (not INTERNAL). */
+const UNDECODABLE = Symbol('undecodable');
+interface Undecodable {
+  [UNDECODABLE]: string;
+}
+
+/**
+ * The gRPC adapter. Every handler does the same steps: authenticate, check the request, call the
+ * backend, map the error (errors.ts), fill the response. It holds no state of its own.
+ */
+export function createStoreServer(options: StoreServiceOptions, serverOptions: ServerOptions = {}): Server {
+  const server = new Server(serverOptions);
+  addStoreService(server, options);
+  return server;
+}
+
+export function addStoreService(server: Server, options: StoreServiceOptions): void {
+  const { backend, limits, logger } = options;
+  const authorize = createAuthorizer(options.token);
+
+  /** Pre-call checks shared by every handler; throws a StoreError. */
+  const admit = (metadata: Metadata, request: unknown, deadline?: number): void => {
+    authorize(metadata);
+    if (request !== null && typeof request === 'object' && UNDECODABLE in request) {
+      throw new StoreError('invalid', `request could not be decoded: ${(request as Undecodable)[UNDECODABLE]}`);
+    }
+    if (deadline !== undefined && deadline <= Date.now()) throw new StoreError('deadline', 'deadline passed before the call was served');
+  };
+
+  const runOne = async (op: BackendOp): Promise<BackendResult> => (await backend.batch([op]))[0];
+
+  function unary<Req, Res>(handle: (req: Req) => Promise<Res>) {
+    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      let promise: Promise<Res>;
+      try {
+        admit(call.metadata, call.request, deadlineOf(call));
+        promise = handle(call.request);
+      } catch (err) {
+        promise = Promise.reject(err);
+      }
+      promise.then(
+        (res) => callback(null, res),
+        (err) => {
+          logUnexpected(logger, err, call.getPath());
+          callback(toServiceError(err));
+        },
+      );
+    };
+  }
+
+  const runBatch = async (request: BatchRequest): Promise<BatchResponse> => {
+    checkBatchSize(request.ops.length, limits);
+    const results: OpResult[] = new Array(request.ops.length);
+    const ops: BackendOp[] = [];
+    const slots: number[] = [];
+    const now = Date.now();
+    request.ops.forEach((op, i) => {
+      try {
+        if (op.deadlineMs > 0 && op.deadlineMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
+        ops.push(checkOp(op, limits));
+        slots.push(i);
+      } catch (err) {
+        results[i] = failed(err);
+      }
+    });
+    if (ops.length > 0) {
+      const answers = await backend.batch(ops);
+      answers.forEach((answer, j) => {
+        results[slots[j]] = answer.ok ? succeeded(ops[j], answer.value) : failed(answer.error);
+      });
+    }
+    return { id: request.id, results };
+  };
+
+  server.addService(withSafeDecoding(SessionStoreService), {
+    get: unary(async (req: Parameters<typeof checkGet>[0]): Promise<GetResponse> => {
+      const answer = await runOne(checkGet(req, limits));
+      if (!answer.ok) throw answer.error;
+      return toGetResponse(answer.value as StoredEntry | null);
+    }),
+    put: unary(async (req: Parameters<typeof checkPut>[0]): Promise<PutResponse> => {
+      const answer = await runOne(checkPut(req, limits));
+      if (!answer.ok) throw answer.error;
+      return { entry: toEntry(answer.value as StoredEntry) };
+    }),
+    delete: unary(async (req: Parameters<typeof checkDelete>[0]): Promise<DeleteResponse> => {
+      const answer = await runOne(checkDelete(req, limits));
+      if (!answer.ok) throw answer.error;
+      return { deleted: answer.value as boolean };
+    }),
+    batch: unary(runBatch),
+
+    list: (call: ServerWritableStream<ListRequest, Entry>) => {
+      void (async () => {
+        try {
+          admit(call.metadata, call.request, deadlineOf(call));
+          const options = checkList(call.request, limits);
+          for await (const entry of backend.list(options)) {
+            if (call.cancelled) return;
+            if (!call.write(toEntry(entry))) await waitForDrain(call);
+          }
+          call.end();
+        } catch (err) {
+          logUnexpected(logger, err, call.getPath());
+          if (!call.cancelled) call.destroy(toServiceError(err) as Error);
+        }
+      })();
+    },
+
+    pipe: (call: ServerDuplexStream<BatchRequest, BatchResponse>) => {
+      try {
+        admit(call.metadata, null);
+      } catch (err) {
+        call.destroy(toServiceError(err) as Error);
+        return;
+      }
+      let inFlight = 0;
+      let ended = false;
+      const finish = () => {
+        if (ended && inFlight === 0 && !call.cancelled) call.end();
+      };
+      call.on('data', (request: BatchRequest | Undecodable) => {
+        if (UNDECODABLE in request) {
+          call.destroy(toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`)) as Error);
+          return;
+        }
+        inFlight += 1;
+        runBatch(request)
+          .catch((err): BatchResponse => ({ id: request.id, results: request.ops.map(() => failed(err)) }))
+          .then((response) => {
+            inFlight -= 1;
+            if (call.cancelled) return;
+            // Backpressure: stop reading new batches until the client reads our answers.
+            if (!call.write(response)) {
+              call.pause();
+              call.once('drain', () => call.resume());
+            }
+            finish();
+          });
+      });
+      call.on('end', () => {
+        ended = true;
+        finish();
+      });
+      call.on('error', () => undefined);
+    },
+
+    watch: (call: ServerWritableStream<WatchRequest, WatchEvent>) => {
+      try {
+        admit(call.metadata, call.request);
+        const prefix = checkPrefix(call.request.prefix, limits);
+        const unsubscribe = backend.watch(prefix, (event) => {
+          call.write({
+            kind: KINDS[event.kind],
+            key: event.key,
+            version: event.version,
+            value: event.value,
+            expiresAtMs: event.expiresAtMs,
+          });
+        });
+        call.on('cancelled', unsubscribe);
+        call.on('close', unsubscribe);
+      } catch (err) {
+        call.destroy(toServiceError(err) as Error);
+      }
+    },
+  });
+}
+
+const KINDS = { put: WatchEvent_Kind.PUT, delete: WatchEvent_Kind.DELETE, expire: WatchEvent_Kind.EXPIRE } as const;
+
+function toEntry(entry: StoredEntry): Entry {
+  return entry;
+}
+
+function toGetResponse(entry: StoredEntry | null): GetResponse {
+  return entry ? { found: true, entry } : { found: false, entry: undefined };
+}
+
+function succeeded(op: BackendOp, value: unknown): OpResult {
+  switch (op.kind) {
+    case 'get':
+      return { code: status.OK, message: '', result: { $case: 'get', value: toGetResponse(value as StoredEntry | null) } };
+    case 'put':
+      return { code: status.OK, message: '', result: { $case: 'put', value: { entry: value as StoredEntry } } };
+    case 'delete':
+      return { code: status.OK, message: '', result: { $case: 'delete', value: { deleted: value as boolean } } };
+  }
+}
+
+function failed(err: unknown): OpResult {
+  const mapped = toStatus(err);
+  return { code: mapped.code, message: mapped.details, result: undefined };
+}
+
+function deadlineOf(call: { getDeadline(): Date | number }): number | undefined {
+  const deadline = call.getDeadline();
+  const ms = deadline instanceof Date ? deadline.getTime() : deadline;
+  return Number.isFinite(ms) ? ms : undefined;
+}
+
+function waitForDrain(call: ServerWritableStream<unknown, unknown>): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      call.off('drain', done);
+      call.off('cancelled', done);
+      resolve();
+    };
+    call.once('drain', done);
+    call.once('cancelled', done);
+  });
+}
+
+/** Constant-time bearer token check; a no-op when no token is configured. */
+function createAuthorizer(token: string | undefined): (metadata: Metadata) => void {
+  if (!token) return () => undefined;
+  const expected = createHash('sha256').update(token).digest();
+  return (metadata) => {
+    const header = metadata.get('authorization')[0];
+    const presented = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : '';
+    const digest = createHash('sha256').update(presented).digest();
+    if (!timingSafeEqual(digest, expected) || presented.length === 0) {
+      throw new StoreError('unauthenticated', 'missing or wrong bearer token in the authorization metadata');
+    }
+  };
+}
+
+function logUnexpected(logger: Logger, err: unknown, path: string): void {
+  if (!(err instanceof StoreError)) logger.error({ err, path }, 'unexpected error in handler');
+}
+
+/** Wraps each request decoder so undecodable bytes reach the handler as a marker, not as INTERNAL. */
+function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buffer) => unknown }>>(definition: T): T {
+  const wrapped: Record<string, unknown> = {};
+  for (const [name, method] of Object.entries(definition)) {
+    wrapped[name] = {
+      ...method,
+      requestDeserialize: (bytes: Buffer) => {
+        try {
+          return method.requestDeserialize(bytes);
+        } catch (err) {
+          return { [UNDECODABLE]: (err as Error).message } satisfies Undecodable;
+        }
+      },
+    };
+  }
+  return wrapped as T;
+}

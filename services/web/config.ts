@@ -1,0 +1,69 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { ConfigError, envs, parseEnv, readEnv } from '../shared/env';
+
+const MINUTE = 60_000;
+
+/** Every setting of the web service, read once from the environment (and .env). */
+export function loadWebConfig(raw = readEnv()) {
+  const env = parseEnv(
+    {
+      PORT: envs.port(5000),
+      WEB_HOST: z.string().default('127.0.0.1'),
+      WEB_DATA_DIR: z.string().default('var'),
+      STORE_ADDRESS: z.string().default('127.0.0.1:5100'),
+      STORE_TOKEN: envs.optionalString(),
+      STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
+      SESSION_KEYS: z
+        .string()
+        .regex(/^[^,]{32,}(,[^,]{32,})*$/, { message: 'expected comma-separated keys of at least 32 characters, newest first' })
+        .optional(),
+      SESSION_COOKIE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: 'expected 1-64 of A-Z a-z 0-9 _ -' }).default('sid'),
+      SESSION_IDLE_TTL_MS: envs.int(30 * MINUTE, 1000, 30 * 24 * 60 * MINUTE, ' ms'),
+      SESSION_ABSOLUTE_TTL_MS: envs.int(24 * 60 * MINUTE, 1000, 365 * 24 * 60 * MINUTE, ' ms'),
+      SESSION_SECURE: envs.oneOf(['auto', 'always', 'never'] as const, 'auto'),
+      TRUST_PROXY: envs.bool(false),
+      LOG_LEVEL: envs.logLevel(),
+    },
+    raw,
+  );
+  if (env.SESSION_ABSOLUTE_TTL_MS < env.SESSION_IDLE_TTL_MS) {
+    throw new ConfigError('invalid configuration: SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS');
+  }
+  const dataDir = path.resolve(env.WEB_DATA_DIR);
+  return Object.freeze({
+    port: env.PORT,
+    host: env.WEB_HOST,
+    trustProxy: env.TRUST_PROXY,
+    logLevel: env.LOG_LEVEL,
+    store: Object.freeze({ address: env.STORE_ADDRESS, token: env.STORE_TOKEN, deadlineMs: env.STORE_DEADLINE_MS }),
+    session: Object.freeze({
+      keys: env.SESSION_KEYS ? env.SESSION_KEYS.split(',') : [localKey(dataDir)],
+      cookieName: env.SESSION_COOKIE_NAME,
+      idleTtlMs: env.SESSION_IDLE_TTL_MS,
+      absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
+      secure: env.SESSION_SECURE,
+    }),
+  });
+}
+
+export type WebConfig = ReturnType<typeof loadWebConfig>;
+
+/**
+ * Without SESSION_KEYS, a key generated once and kept in the data directory (mode 0600), so a
+ * laptop set-up needs no configuration and sessions survive restarts. Production sets SESSION_KEYS.
+ */
+function localKey(dataDir: string): string {
+  const file = path.join(dataDir, 'session-key');
+  if (!existsSync(file)) {
+    mkdirSync(dataDir, { recursive: true });
+    try {
+      writeFileSync(file, randomBytes(32).toString('base64url'), { mode: 0o600, flag: 'wx' });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err; // another instance made it first
+    }
+  }
+  return readFileSync(file, 'utf8').trim();
+}

@@ -1,0 +1,42 @@
+import { createStoreClient } from '../client/store-client';
+import { ConfigError } from '../shared/env';
+import { createLogger } from '../shared/log';
+import { createApp } from './app';
+import { loadWebConfig } from './config';
+
+/** Entry point: config → store client → app → listen; SIGTERM/SIGINT → close and exit. */
+function main(): void {
+  const config = loadWebConfig();
+  const logger = createLogger('web', config.logLevel);
+  const store = createStoreClient(config.store);
+  const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy });
+  const server = app.listen(config.port, config.host, () => {
+    const address = server.address();
+    const port = typeof address === 'object' && address ? address.port : config.port;
+    logger.info({ host: config.host, port, store: config.store.address }, 'listening');
+  });
+  server.on('error', (err) => {
+    process.stderr.write(`web: cannot listen on ${config.host}:${config.port}: ${err.message}\n`);
+    process.exit(1);
+  });
+  server.keepAliveTimeout = 65_000;
+  const stop = (signal: string) => {
+    logger.info({ signal }, 'stopping');
+    server.close(() => {
+      store.close();
+      process.exit(0);
+    });
+    server.closeIdleConnections();
+    setTimeout(() => process.exit(0), 5000).unref();
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+}
+
+try {
+  main();
+} catch (err) {
+  const message = err instanceof ConfigError ? err.message : `cannot start: ${(err as Error).message}`;
+  process.stderr.write(`web: ${message}\n`);
+  process.exit(1);
+}

@@ -1,0 +1,76 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+
+export const root = path.resolve(__dirname, '..', '..', '..');
+
+export interface Proc {
+  child: ChildProcess;
+  port: number;
+  /** Every stdout/stderr line so far (JSON logs). */
+  lines: string[];
+  /** SIGTERM and wait for exit; resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Starts `node <script>` and resolves once it logs "listening" with its port (no fixed sleeps). */
+export function startProcess(script: string, env: Record<string, string>, timeoutMs = 15_000): Promise<Proc> {
+  const child = spawn(process.execPath, [path.join(root, script)], {
+    cwd: root,
+    env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'info', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const lines: string[] = [];
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const stop = async (signal: NodeJS.Signals = 'SIGTERM') => {
+    if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    return exited;
+  };
+  createInterface({ input: child.stderr! }).on('line', (line) => lines.push(line));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${script} did not start within ${timeoutMs} ms:\n${lines.join('\n')}`));
+    }, timeoutMs);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      lines.push(line);
+      try {
+        const entry = JSON.parse(line) as { msg?: string; port?: number };
+        if (entry.msg === 'listening' && typeof entry.port === 'number') {
+          clearTimeout(timer);
+          resolve({ child, port: entry.port, lines, stop });
+        }
+      } catch {
+        // not a JSON log line
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`${script} exited with ${code} before listening:\n${lines.join('\n')}`));
+    });
+  });
+}
+
+/** A temp directory removed by the returned cleanup. */
+export function tempDir(prefix = 'sessions-test-'): { dir: string; remove(): void } {
+  const dir = mkdtempSync(path.join(tmpdir(), prefix));
+  return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+export const TEST_KEY = 'test-key-0123456789-0123456789-0123456789';
+
+export function startStore(dataDir: string, env: Record<string, string> = {}, port = 0): Promise<Proc> {
+  return startProcess('dist/services/store/main.js', { PORT: String(port), STORE_DATA_DIR: dataDir, ...env });
+}
+
+export function startWeb(storePort: number, dataDir: string, env: Record<string, string> = {}): Promise<Proc> {
+  return startProcess('dist/services/web/main.js', {
+    PORT: '0',
+    STORE_ADDRESS: `127.0.0.1:${storePort}`,
+    WEB_DATA_DIR: dataDir,
+    SESSION_KEYS: TEST_KEY,
+    ...env,
+  });
+}

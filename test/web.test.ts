@@ -1,0 +1,134 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { CookieJarClient } from './helpers/browser';
+import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+
+describe('counter site (real web + real store processes)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let web: Proc;
+  let base: string;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir);
+    web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '500' });
+    base = `http://127.0.0.1:${web.port}`;
+  });
+  after(async () => {
+    await web?.stop();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it('first visit starts a session at 0/0 and sets only an HttpOnly, SameSite=Lax id cookie', async () => {
+    const res = await fetch(base + '/', { redirect: 'manual' });
+    const html = await res.text();
+    assert.equal(res.status, 200);
+    assert.match(html, /Counter 1: 0\b/);
+    assert.match(html, /Counter 2: 0\b/);
+    const cookies = res.headers.getSetCookie();
+    assert.equal(cookies.length, 1);
+    assert.match(cookies[0], /^sid=[A-Za-z0-9_-]{24}\.[A-Za-z0-9_-]{22}; path=\/; samesite=lax; httponly$/i);
+  });
+
+  it('refresh adds 1 to counter 1; increment adds 1 to counter 2 and the redirect adds 1 to counter 1; reset starts a new id at 0/0', async () => {
+    const jar = new CookieJarClient(base);
+    assert.deepEqual(pick(await jar.page()), [0, 0]);
+    assert.deepEqual(pick(await jar.page()), [1, 0]);
+    const { csrf } = await jar.page();
+    const firstId = jar.cookies.get('sid');
+    const redirect = await jar.post('/increment', { _csrf: csrf }, false);
+    assert.equal(redirect.status, 303);
+    assert.equal(redirect.headers.get('location'), '/');
+    assert.deepEqual(pick(await jar.page()), [3, 1]);
+    const after = await jar.page();
+    const reset = await jar.post('/reset', { _csrf: after.csrf }, false);
+    assert.equal(reset.status, 303);
+    assert.equal(jar.cookies.has('sid'), false, 'reset clears the cookie');
+    assert.deepEqual(pick(await jar.page()), [0, 0]);
+    assert.notEqual(jar.cookies.get('sid'), firstId);
+  });
+
+  it('two cookie jars have separate counters', async () => {
+    const a = new CookieJarClient(base);
+    const b = new CookieJarClient(base);
+    await a.page();
+    await a.page();
+    await a.page();
+    assert.deepEqual(pick(await b.page()), [0, 0]);
+    assert.deepEqual(pick(await a.page()), [3, 0]);
+  });
+
+  it('favicon, HEAD, static assets and unknown paths never change a counter', async () => {
+    const jar = new CookieJarClient(base);
+    await jar.page();
+    assert.equal((await jar.get('/favicon.ico')).status, 204);
+    assert.equal((await jar.request('/', { method: 'HEAD' })).status, 200);
+    assert.equal((await jar.get('/static/style.css')).status, 200);
+    const missing = await jar.get('/no/such/page');
+    assert.equal(missing.status, 404);
+    assert.match(await missing.text(), /Page not found/);
+    assert.deepEqual(pick(await jar.page()), [1, 0]);
+  });
+
+  it('200 concurrent increments on one session count exactly 200', async () => {
+    const jar = new CookieJarClient(base);
+    const { csrf } = await jar.page();
+    const results = await Promise.all(Array.from({ length: 200 }, () => jar.post('/increment', { _csrf: csrf }, false)));
+    assert.deepEqual([...new Set(results.map((r) => r.status))], [303]);
+    assert.deepEqual(pick(await jar.page()), [1, 200]);
+  });
+
+  it('a POST without or with a wrong form token is 403 and changes nothing', async () => {
+    const jar = new CookieJarClient(base);
+    await jar.page();
+    assert.equal((await jar.post('/increment', {}, false)).status, 403);
+    assert.equal((await jar.post('/increment', { _csrf: 'A'.repeat(22) }, false)).status, 403);
+    assert.deepEqual(pick(await jar.page()), [1, 0]);
+  });
+
+  describe('garbage cookies start a fresh session, never a 5xx', () => {
+    const garbage: Array<[string, string]> = [
+      ['random bytes', [...randomBytes(64)].map((b) => String.fromCharCode(0x21 + (b % 94))).join('').replace(/[;,\\"]/g, 'x')],
+      ['8 KB value', 'a'.repeat(8 * 1024)],
+      ['wrong alphabet', '!!!!!!!!!!!!!!!!!!!!!!!!.@@@@@@@@@@@@@@@@@@@@@@'],
+      ['well-formed id the server never issued', `${randomBytes(18).toString('base64url')}.${randomBytes(16).toString('base64url')}`],
+    ];
+    for (const [name, value] of garbage) {
+      it(name, async () => {
+        const res = await fetch(base + '/', { headers: { cookie: `sid=${value}` } });
+        assert.equal(res.status, 200);
+        assert.match(await res.text(), /Counter 1: 0\b/);
+        const cookie = res.headers.getSetCookie()[0] ?? '';
+        assert.ok(cookie.startsWith('sid=') && !cookie.includes(value.slice(0, 24)), 'a fresh id, never the client one');
+      });
+    }
+  });
+
+  it('store stopped: 503 with Retry-After within the deadline; store back: pages work again', async function () {
+    const jar = new CookieJarClient(base);
+    await jar.page();
+    const port = store.port;
+    await store.stop();
+    const started = Date.now();
+    const down = await jar.get('/');
+    assert.equal(down.status, 503);
+    assert.equal(down.headers.get('retry-after'), '1');
+    assert.match(await down.text(), /session store cannot be reached/);
+    assert.ok(Date.now() - started < 1500, 'answered within the deadline');
+    store = await startStore(tmp.dir, {}, port);
+    let status = 0;
+    for (let i = 0; i < 50 && status !== 200; i += 1) {
+      status = (await jar.get('/')).status;
+      if (status !== 200) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(status, 200);
+    const page = await jar.page();
+    assert.ok(page.count1 >= 2, 'the session survived the outage');
+  });
+});
+
+function pick(page: { count1: number; count2: number }): [number, number] {
+  return [page.count1, page.count2];
+}
