@@ -3,6 +3,7 @@ import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { SqliteBackend } from './backends/sqlite';
 import { loadStoreConfig } from './config';
+import { StoreHealth } from './health';
 import { createStoreServer } from './server';
 
 /** Entry point: config → backend → server → listen; SIGTERM/SIGINT → graceful stop. */
@@ -11,6 +12,9 @@ async function main(): Promise<void> {
   const logger = createLogger('store', config.logLevel);
   const backend = new SqliteBackend(config.sqlite);
   const server = createStoreServer({ backend, limits: config.limits, token: config.token, logger });
+  const health = new StoreHealth(backend);
+  health.implementation.addToServer(server);
+  await health.start();
   const address = `${config.host}:${config.port}`;
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(address, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
@@ -25,6 +29,7 @@ async function main(): Promise<void> {
       process.exit(1);
     }
     stopping = true;
+    health.stop();
     logger.info({ signal, graceMs: config.graceMs }, 'stopping');
     const force = setTimeout(() => server.forceShutdown(), config.graceMs).unref();
     server.tryShutdown(() => {
