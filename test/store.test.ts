@@ -106,9 +106,9 @@ describe('SessionStore over gRPC (real store process, temp SQLite)', function ()
     const res = await unary<BatchRequest, BatchResponse>(raw.batch.bind(raw), {
       id: 7,
       ops: [
-        { op: { $case: 'put', value: { key: 'b1', value: Buffer.from('x'), ttlMs: 0, expectedVersion: undefined } }, deadlineMs: 0, requestId: '' },
-        { op: { $case: 'get', value: { key: '', refreshTtlMs: 0 } }, deadlineMs: 0, requestId: '' },
-        { op: { $case: 'get', value: { key: 'b1', refreshTtlMs: 0 } }, deadlineMs: 0, requestId: '' },
+        { op: { $case: 'put', value: { key: 'b1', value: Buffer.from('x'), ttlMs: 0, expectedVersion: undefined } }, timeoutMs: 0, requestId: '' },
+        { op: { $case: 'get', value: { key: '', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' },
+        { op: { $case: 'get', value: { key: 'b1', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' },
       ],
     });
     assert.equal(res.id, 7);

@@ -86,7 +86,8 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     };
   }
 
-  const runBatch = async (request: BatchRequest): Promise<BatchResponse> => {
+  /** receivedAt: when the batch arrived; an op's timeout_ms counts from then. */
+  const runBatch = async (request: BatchRequest, receivedAt = Date.now()): Promise<BatchResponse> => {
     checkBatchSize(request.ops.length, limits);
     const results: OpResult[] = new Array(request.ops.length);
     const ops: BackendOp[] = [];
@@ -94,7 +95,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     const now = Date.now();
     request.ops.forEach((op, i) => {
       try {
-        if (op.deadlineMs > 0 && op.deadlineMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
+        if (op.timeoutMs > 0 && receivedAt + op.timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
         ops.push(checkOp(op, limits));
         slots.push(i);
       } catch (err) {
@@ -126,7 +127,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       if (!answer.ok) throw answer.error;
       return { deleted: answer.value as boolean };
     }),
-    batch: unary(runBatch),
+    batch: unary((request: BatchRequest) => runBatch(request)),
 
     list: (call: ServerWritableStream<ListRequest, Entry>) => {
       void (async () => {
@@ -163,7 +164,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           return;
         }
         inFlight += 1;
-        runBatch(request)
+        runBatch(request, Date.now())
           .catch((err): BatchResponse => ({ id: request.id, results: request.ops.map(() => failed(err)) }))
           .then((response) => {
             inFlight -= 1;

@@ -16,6 +16,7 @@ export function loadWebConfig(raw = readEnv()) {
       STORE_ADDRESS: z.string().default('127.0.0.1:5100'),
       STORE_TOKEN: envs.optionalString(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
+      STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
       SESSION_KEYS: z
         .string()
         .regex(/^[^,]{32,}(,[^,]{32,})*$/, { message: 'expected comma-separated keys of at least 32 characters, newest first' })
@@ -38,7 +39,12 @@ export function loadWebConfig(raw = readEnv()) {
     host: env.WEB_HOST,
     trustProxy: env.TRUST_PROXY,
     logLevel: env.LOG_LEVEL,
-    store: Object.freeze({ address: env.STORE_ADDRESS, token: env.STORE_TOKEN, deadlineMs: env.STORE_DEADLINE_MS }),
+    store: Object.freeze({
+      address: env.STORE_ADDRESS,
+      token: env.STORE_TOKEN,
+      deadlineMs: env.STORE_DEADLINE_MS,
+      transport: env.STORE_TRANSPORT,
+    }),
     session: Object.freeze({
       keys: env.SESSION_KEYS ? env.SESSION_KEYS.split(',') : [localKey(dataDir)],
       cookieName: env.SESSION_COOKIE_NAME,

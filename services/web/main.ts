@@ -1,3 +1,4 @@
+import { createPipeClient } from '../client/pipe-client';
 import { createStoreClient } from '../client/store-client';
 import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
@@ -8,7 +9,8 @@ import { loadWebConfig } from './config';
 function main(): void {
   const config = loadWebConfig();
   const logger = createLogger('web', config.logLevel);
-  const store = createStoreClient(config.store);
+  // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
+  const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy });
   const server = app.listen(config.port, config.host, () => {
     const address = server.address();

@@ -1,0 +1,215 @@
+import { type ClientDuplexStream, type ServiceError, status } from '@grpc/grpc-js';
+import type { BatchRequest, BatchResponse, Entry, Op, OpResult, SessionStoreClient } from '../generated/kv';
+import {
+  authMetadata,
+  createRawClient,
+  fromServiceError,
+  listEntries,
+  type PutOptions,
+  type StoreClient,
+  StoreClientError,
+  type StoreClientOptions,
+  toClientError,
+} from './store-client';
+
+export interface PipeClientOptions extends StoreClientOptions {
+  /** Most operations in one batch message (the store's STORE_MAX_BATCH_OPS must allow it). */
+  maxBatchOps?: number;
+  /** Operations waiting to be sent beyond this are refused at once (the store is not keeping up). */
+  maxQueuedOps?: number;
+}
+
+interface PendingOp {
+  op: Op;
+  resolve: (result: OpResult) => void;
+  reject: (err: StoreClientError) => void;
+}
+
+interface InFlight {
+  ops: PendingOp[];
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * A StoreClient that coalesces the operations issued in one turn of the event loop into one
+ * BatchRequest, sent over one long-lived bidirectional `Pipe` stream (like ioredis'
+ * auto-pipelining). Each operation keeps its own result, error and deadline.
+ *
+ * - Flushed on setImmediate: requests parsed in separate I/O callbacks of one loop turn share a batch.
+ * - Backpressure: while the stream does not drain, operations queue (bounded by maxQueuedOps).
+ * - Deadlines: each batch has a timer; past it, its operations fail as unavailable (outcome unknown).
+ * - Reconnect: a broken stream fails its in-flight operations (never silently retried, since a
+ *   write may have landed) and the next flush opens a new stream on the same channel.
+ * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
+ */
+export function createPipeClient(options: PipeClientOptions): StoreClient {
+  const transport = new PipeTransport(createRawClient(options), options);
+  const run = (op: Op) => transport.enqueue(op);
+  return {
+    async get(key, opts = {}) {
+      const result = await run({ op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: '' });
+      const get = result.result?.$case === 'get' ? result.result.value : undefined;
+      return get?.found && get.entry ? get.entry : null;
+    },
+    async put(key: string, value: Buffer, opts: PutOptions): Promise<Entry> {
+      const result = await run({
+        op: { $case: 'put', value: { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion } },
+        timeoutMs: options.deadlineMs,
+        requestId: '',
+      });
+      if (result.result?.$case !== 'put' || !result.result.value.entry) throw toClientError(status.INTERNAL, 'malformed put result');
+      return result.result.value.entry;
+    },
+    async delete(key, opts = {}) {
+      const result = await run({ op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: '' });
+      return result.result?.$case === 'delete' ? result.result.value.deleted : false;
+    },
+    list(opts = {}) {
+      return listEntries(transport.client, transport.metadata, opts);
+    },
+    close() {
+      transport.close();
+    },
+  };
+}
+
+class PipeTransport {
+  readonly metadata;
+  private queue: PendingOp[] = [];
+  private scheduled = false;
+  private stream: ClientDuplexStream<BatchRequest, BatchResponse> | undefined;
+  private readonly inFlight = new Map<number, InFlight>();
+  private nextId = 1;
+  private draining = false;
+  private useUnaryBatch = false;
+  private closed = false;
+  private readonly maxBatchOps: number;
+  private readonly maxQueuedOps: number;
+  private readonly flushNow = () => this.flush();
+
+  constructor(
+    readonly client: SessionStoreClient,
+    private readonly options: PipeClientOptions,
+  ) {
+    this.metadata = authMetadata(options.token);
+    this.maxBatchOps = options.maxBatchOps ?? 500;
+    this.maxQueuedOps = options.maxQueuedOps ?? 20_000;
+  }
+
+  enqueue(op: Op): Promise<OpResult> {
+    if (this.closed) return Promise.reject(toClientError(status.UNAVAILABLE, 'the store client is closed'));
+    if (this.queue.length >= this.maxQueuedOps) {
+      return Promise.reject(toClientError(status.UNAVAILABLE, `the store is not keeping up: ${this.queue.length} operations queued`));
+    }
+    return new Promise<OpResult>((resolve, reject) => {
+      this.queue.push({ op, resolve, reject });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        setImmediate(this.flushNow);
+      }
+    }).then((result) => {
+      if (result.code !== status.OK) throw toClientError(result.code, result.message);
+      return result;
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    this.failAll(toClientError(status.UNAVAILABLE, 'the store client is closed'));
+    for (const pending of this.queue.splice(0)) pending.reject(toClientError(status.UNAVAILABLE, 'the store client is closed'));
+    this.stream?.end();
+    this.client.close();
+  }
+
+  private flush(): void {
+    this.scheduled = false;
+    while (this.queue.length > 0 && !this.draining) {
+      const ops = this.queue.length <= this.maxBatchOps ? this.queue : this.queue.slice(0, this.maxBatchOps);
+      this.queue = ops === this.queue ? [] : this.queue.slice(this.maxBatchOps);
+      this.send(ops);
+    }
+  }
+
+  private send(ops: PendingOp[]): void {
+    const id = this.nextId++;
+    const request: BatchRequest = { id, ops: ops.map((p) => p.op) };
+    const timer = setTimeout(() => this.expire(id), this.options.deadlineMs);
+    this.inFlight.set(id, { ops, timer });
+    if (this.useUnaryBatch) {
+      this.client.batch(request, this.metadata, { deadline: Date.now() + this.options.deadlineMs }, (err, response) => {
+        if (err) this.fail(id, fromServiceError(err));
+        else this.answer(response!);
+      });
+      return;
+    }
+    const stream = this.openStream();
+    if (!stream.write(request)) {
+      this.draining = true;
+      stream.once('drain', () => {
+        this.draining = false;
+        this.flush();
+      });
+    }
+  }
+
+  private openStream(): ClientDuplexStream<BatchRequest, BatchResponse> {
+    if (this.stream) return this.stream;
+    const stream = this.client.pipe(this.metadata);
+    this.stream = stream;
+    const broken = (err: StoreClientError) => {
+      if (this.stream !== stream) return;
+      this.stream = undefined;
+      this.draining = false;
+      if (err.code === status.UNIMPLEMENTED && !this.useUnaryBatch) {
+        // A store without Pipe: nothing was executed, so resend everything through Batch.
+        this.useUnaryBatch = true;
+        const resend = [...this.inFlight.values()].flatMap((f) => {
+          clearTimeout(f.timer);
+          return f.ops;
+        });
+        this.inFlight.clear();
+        this.queue = resend.concat(this.queue);
+        this.flush();
+        return;
+      }
+      this.failAll(err);
+      if (this.queue.length > 0 && !this.scheduled) {
+        this.scheduled = true;
+        setImmediate(this.flushNow);
+      }
+    };
+    stream.on('data', (response: BatchResponse) => this.answer(response));
+    stream.on('error', (err: ServiceError) => broken(fromServiceError(err)));
+    stream.on('end', () => broken(toClientError(status.UNAVAILABLE, 'the store closed the pipe')));
+    return stream;
+  }
+
+  private answer(response: BatchResponse): void {
+    const flight = this.inFlight.get(response.id);
+    if (!flight) return; // already timed out
+    this.inFlight.delete(response.id);
+    clearTimeout(flight.timer);
+    const { ops } = flight;
+    for (let i = 0; i < ops.length; i += 1) {
+      const result = response.results[i];
+      if (result) ops[i].resolve(result);
+      else ops[i].reject(toClientError(status.INTERNAL, 'the store answered fewer results than operations'));
+    }
+  }
+
+  private expire(id: number): void {
+    this.fail(id, toClientError(status.DEADLINE_EXCEEDED, `no answer from the store within ${this.options.deadlineMs} ms`));
+  }
+
+  private fail(id: number, err: StoreClientError): void {
+    const flight = this.inFlight.get(id);
+    if (!flight) return;
+    this.inFlight.delete(id);
+    clearTimeout(flight.timer);
+    for (const pending of flight.ops) pending.reject(err);
+  }
+
+  private failAll(err: StoreClientError): void {
+    for (const id of [...this.inFlight.keys()]) this.fail(id, err);
+  }
+}

@@ -1,0 +1,114 @@
+import assert from 'node:assert/strict';
+import { Server, ServerCredentials, type ServerUnaryCall, type sendUnaryData, type ServiceError } from '@grpc/grpc-js';
+import { createPipeClient } from '../services/client/pipe-client';
+import { createRawClient, type StoreClient, StoreClientError } from '../services/client/store-client';
+import { type BatchRequest, type BatchResponse, SessionStoreService } from '../services/generated/kv';
+import { type Proc, startStore, tempDir } from './helpers/procs';
+
+const isKind = (kind: string) => (err: unknown) => err instanceof StoreClientError && err.kind === kind;
+
+describe('pipe client: batched store calls over one stream (real store process)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let client: StoreClient;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir);
+    client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000 });
+  });
+  after(async () => {
+    client?.close();
+    await store?.stop('SIGKILL');
+    tmp?.remove();
+  });
+
+  it('operations issued together keep their own results and errors', async () => {
+    const first = await client.put('p1', Buffer.from('a'), { ttlMs: 60_000 });
+    const results = await Promise.allSettled([
+      client.get('p1'),
+      client.put('p1', Buffer.from('b'), { ttlMs: 60_000, expectedVersion: first.version + 1000 }),
+      client.get(''),
+      client.put('p2', Buffer.from('c'), { ttlMs: 60_000 }),
+      client.delete('missing'),
+      client.get('missing'),
+    ]);
+    assert.equal(results[0].status === 'fulfilled' && results[0].value?.value.toString(), 'a');
+    assert.ok(results[1].status === 'rejected' && isKind('conflict')(results[1].reason));
+    assert.ok(results[2].status === 'rejected' && isKind('invalid')(results[2].reason));
+    assert.equal(results[3].status, 'fulfilled');
+    assert.deepEqual(results[4], { status: 'fulfilled', value: false });
+    assert.deepEqual(results[5], { status: 'fulfilled', value: null });
+  });
+
+  it('thousands of concurrent operations all complete exactly once', async () => {
+    const keys = Array.from({ length: 3000 }, (_, i) => `many-${i}`);
+    await Promise.all(keys.map((k) => client.put(k, Buffer.from(k), { ttlMs: 60_000 })));
+    const values = await Promise.all(keys.map((k) => client.get(k)));
+    assert.deepEqual(values.map((e) => e?.value.toString()), keys);
+  });
+
+  it('a frozen store fails the calls within the deadline, and they work again once it resumes', async () => {
+    store.child.kill('SIGSTOP');
+    const started = Date.now();
+    try {
+      await assert.rejects(client.get('p1'), isKind('unavailable'));
+      assert.ok(Date.now() - started < 2500, `failed after ${Date.now() - started} ms`);
+    } finally {
+      store.child.kill('SIGCONT');
+    }
+    assert.equal((await client.get('p1'))?.value.toString(), 'a');
+  });
+
+  it('a restarted store: in-flight calls fail as unavailable, later calls reconnect by themselves', async () => {
+    const port = store.port;
+    await store.stop('SIGKILL');
+    await assert.rejects(client.get('p1'), isKind('unavailable'));
+    store = await startStore(tmp.dir, {}, port);
+    let value: string | undefined;
+    for (let i = 0; i < 50 && value === undefined; i += 1) {
+      value = await client.get('p1').then(
+        (e) => e?.value.toString(),
+        () => new Promise<undefined>((r) => setTimeout(() => r(undefined), 100)),
+      );
+    }
+    assert.equal(value, 'a');
+  });
+
+  it('falls back to the unary Batch RPC when the store has no Pipe, coalescing one turn into one batch', async () => {
+    const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000 });
+    const batches: number[] = [];
+    const proxy = new Server();
+    proxy.addService(SessionStoreService, {
+      batch: (call: ServerUnaryCall<BatchRequest, BatchResponse>, callback: sendUnaryData<BatchResponse>) => {
+        batches.push(call.request.ops.length);
+        upstream.batch(call.request, (err: ServiceError | null, res?: BatchResponse) => callback(err, res));
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      proxy.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const viaProxy = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 1000 });
+    try {
+      const values = await Promise.all(Array.from({ length: 40 }, () => viaProxy.get('p1')));
+      assert.ok(values.every((e) => e?.value.toString() === 'a'));
+      assert.equal(batches.reduce((a, b) => a + b, 0), 40);
+      assert.ok(batches.length <= 2, `40 calls of one turn took ${batches.length} batches`);
+    } finally {
+      viaProxy.close();
+      upstream.close();
+      proxy.forceShutdown();
+    }
+  });
+
+  it('refuses at once when more operations are queued than allowed', async () => {
+    const small = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000, maxQueuedOps: 10 });
+    try {
+      const results = await Promise.allSettled(Array.from({ length: 20 }, () => small.get('p1')));
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 10);
+      assert.ok(results.filter((r) => r.status === 'rejected').every((r) => isKind('unavailable')((r as PromiseRejectedResult).reason)));
+    } finally {
+      small.close();
+    }
+  });
+});
