@@ -48,7 +48,9 @@ export function createApp(deps: AppDeps): Koa {
       strictTransportSecurity: false,
     }),
   );
-  app.use(serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false }));
+  // Static files only under /static/: koa-static would otherwise stat the disk on every request.
+  const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
+  app.use((ctx, next) => (ctx.path.startsWith('/static/') ? assets(ctx, next) : next()));
   app.use(
     sessionMiddleware({
       ...deps.session,
