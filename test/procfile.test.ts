@@ -1,0 +1,99 @@
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import path from 'node:path';
+import { CookieJarClient } from './helpers/browser';
+import { root, TEST_KEY, tempDir } from './helpers/procs';
+import { requireProgram } from './helpers/system';
+
+/** A base port P with P and P+100 free (foreman gives the web P and the store P+100). */
+async function freeBasePort(): Promise<number> {
+  for (let attempt = 0; attempt < 50; attempt += 1) {
+    const base = 20_000 + Math.floor(Math.random() * 20_000);
+    if ((await isFree(base)) && (await isFree(base + 100))) return base;
+  }
+  throw new Error('no free port pair found');
+}
+
+function isFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
+}
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
+}
+
+async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      if ((await jar.get('/healthz')).status === 200) return;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > end) throw new Error('the web service did not come up under foreman');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+// nf forwards only SIGINT (Ctrl-C) to its processes; Ruby's foreman forwards SIGTERM too.
+for (const [name, command, args, program, pkg, signal] of [
+  ['foreman (npm, nf start)', path.join(root, 'node_modules', '.bin', 'nf'), ['start'], 'node', 'nodejs', 'SIGINT'],
+  ["foreman (Ruby's foreman start)", 'foreman', ['start'], 'foreman', 'ruby-foreman', 'SIGTERM'],
+] as const) {
+  describe(`Procfile under ${name}`, function () {
+    let tmp: ReturnType<typeof tempDir>;
+    let child: ChildProcess | undefined;
+    let output = '';
+
+    before(function () {
+      requireProgram(this, program, pkg);
+      tmp = tempDir();
+    });
+    after(async () => {
+      if (child && child.exitCode === null) {
+        child.kill('SIGKILL');
+        await exited(child);
+      }
+      tmp?.remove();
+    });
+
+    it(`starts the web on the base port and the store on base+100; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
+      const base = await freeBasePort();
+      child = spawn(command, [...args, '-p', String(base)], {
+        cwd: root,
+        env: {
+          PATH: process.env.PATH ?? '',
+          HOME: process.env.HOME ?? tmp.dir,
+          STORE_ADDRESS: `127.0.0.1:${base + 100}`,
+          STORE_DATA_DIR: tmp.dir,
+          WEB_DATA_DIR: tmp.dir,
+          SESSION_KEYS: TEST_KEY,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+      const jar = new CookieJarClient(`http://127.0.0.1:${base}`);
+      await waitForPage(jar).catch((err: Error) => {
+        throw new Error(`${err.message}\n${output}`);
+      });
+      assert.equal((await jar.page()).count1, 0);
+      assert.equal((await jar.page()).count1, 1);
+      const dump = await new Promise<string>((resolve, reject) =>
+        execFile(path.join(root, 'bin', 'dump'), [`localhost:${base + 100}`], { env: { PATH: process.env.PATH ?? '' } }, (err, stdout) =>
+          err ? reject(err) : resolve(stdout),
+        ),
+      );
+      assert.match(dump, /^[A-Za-z0-9_-]{24} \{"count1":1,"count2":0\}$/m);
+      child.kill(signal);
+      await exited(child);
+      assert.equal(await isFree(base), true, 'web port released');
+      assert.equal(await isFree(base + 100), true, 'store port released');
+    });
+  });
+}
