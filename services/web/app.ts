@@ -63,7 +63,7 @@ export function createApp(deps: AppDeps): Koa {
       ),
     }),
   );
-  app.use(bodyParser({ enableTypes: ['form'], formLimit: '8kb', encoding: 'utf-8' }));
+  app.use(bodyParser({ enableTypes: ['form'], formLimit: '8kb', encoding: 'utf-8', onError: rejectUnreadableBody }));
   const router = createRoutes(render);
   app.use(router.routes());
   app.use(router.allowedMethods());
@@ -72,20 +72,56 @@ export function createApp(deps: AppDeps): Koa {
 
 type Render = (ctx: Koa.Context, template: string, data: object) => void;
 
-const PAGES: Record<number, { title: string; message: string }> = {
-  400: { title: 'Bad request', message: 'The request could not be understood. Go back to the counters and try again.' },
-  403: {
-    title: 'Forbidden',
-    message: 'This form was not sent from your current session (it may be old or from another site). Nothing was changed. Reload the counters and try again.',
+/** What each error page says: what happened, in plain words, and what the reader can do about it. */
+const PAGES: Record<number, { title: string; happened: string; todo: string }> = {
+  400: {
+    title: 'Bad request',
+    happened: 'The site could not read what your browser sent, so nothing was changed.',
+    todo: 'Go back to the counters and press the button again.',
   },
-  404: { title: 'Page not found', message: 'There is nothing at this address. The counters are on the home page.' },
-  405: { title: 'Method not allowed', message: 'This address does not accept that kind of request.' },
-  413: { title: 'Request too large', message: 'The form sent was larger than this site accepts.' },
+  403: {
+    title: 'Form not accepted',
+    happened:
+      'This form did not carry the security token of your current session: it may come from an old page, from before a reset, or from another site. Nothing was changed.',
+    todo: 'Go back to the counters, which loads a fresh form, and press the button again.',
+  },
+  404: {
+    title: 'Page not found',
+    happened: 'There is nothing at this address.',
+    todo: 'The counters are on the home page.',
+  },
+  405: {
+    title: 'Method not allowed',
+    happened: 'This address does not accept that kind of request, so nothing was changed.',
+    todo: 'Use the buttons on the counters page.',
+  },
+  413: {
+    title: 'Request too large',
+    happened: 'The form your browser sent was larger than this site accepts, so nothing was changed.',
+    todo: 'Go back to the counters and use the buttons there.',
+  },
   503: {
-    title: 'Service unavailable',
-    message: 'The session store cannot be reached right now, so your counters could not be read or saved. Nothing was lost. Please try again in a moment.',
+    title: 'Counters unavailable',
+    happened: 'The session store cannot be reached right now, so your counters could not be read or saved. Nothing was lost.',
+    todo: 'Wait a moment, then go back to the counters.',
   },
 };
+
+const FALLBACK_PAGE = {
+  title: 'Something went wrong',
+  happened: 'The page could not be shown because of an error on the server.',
+  todo: 'Please try again in a moment.',
+};
+
+/**
+ * A body that cannot be read (corrupt compression, cut short) is the client's mistake: 400, or the
+ * 4xx the parser chose (413 too large, 415 unknown encoding). Without this, a zlib error is a 500.
+ */
+function rejectUnreadableBody(err: Error, ctx: Koa.Context): never {
+  const status = (err as { status?: unknown }).status;
+  const clientStatus = typeof status === 'number' && status >= 400 && status < 500 ? status : 400;
+  ctx.throw(clientStatus, 'the request body could not be read');
+}
 
 /** The one place where an error becomes an HTTP response. Store failures are 503, never 500. */
 function errorPages(logger: Logger, render: Render): Koa.Middleware {
@@ -105,7 +141,7 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
       if (status === 503) ctx.set('Retry-After', '1');
       if (status >= 500 && status !== 503) logger.error({ err }, 'request failed');
       else if (status === 503) logger.warn({ reason: (err as Error).message }, 'store unavailable');
-      const page = PAGES[status] ?? { title: 'Something went wrong', message: 'The page could not be shown. Please try again.' };
+      const page = PAGES[status] ?? FALLBACK_PAGE;
       ctx.status = status;
       ctx.set('Cache-Control', 'no-store');
       render(ctx, 'error.njk', { status, ...page });
