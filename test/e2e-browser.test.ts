@@ -148,13 +148,14 @@ describe('in Chromium: two users on the counter page, and the error pages', func
     assertNoProblems();
   });
 
-  it('the counter page has no axe-core accessibility violations, a proper title, and nothing blocked by its CSP', async () => {
+  it('the counter page has no axe-core accessibility violations, a proper title, no scripts, and nothing blocked by its CSP', async () => {
     const { page } = await openUser();
     const res = (await page.goto(base + '/'))!;
     assert.match(res.headers()['content-security-policy'], /default-src 'none'/, 'the page is checked under its real CSP');
     assert.equal(await page.title(), 'Session counters');
     assert.deepEqual(await runAxe(page), []);
-    assert.equal(await stylesheetRules(page) > 0, true, 'the stylesheet loaded under the CSP');
+    assert.ok((await stylesheetRules(page)) > 0, 'the stylesheet loaded under the CSP');
+    assert.equal(await page.evaluate(() => document.scripts.length), 0, 'plain forms, no JavaScript');
     assertNoProblems();
   });
 
