@@ -54,7 +54,13 @@ export function fromServiceError(err: ServiceError): StoreClientError {
   return toClientError(err.code ?? status.UNKNOWN, err.details ?? err.message);
 }
 
-export interface PutOptions {
+/** Per-call options every operation accepts. */
+export interface CallOptions {
+  /** The caller's request id: sent as `x-request-id` metadata (unary) or Op.request_id (batched), for the store's logs. */
+  requestId?: string;
+}
+
+export interface PutOptions extends CallOptions {
   ttlMs: number;
   /** Write only if the current version is this one (0 = only if the key does not exist). */
   expectedVersion?: number;
@@ -69,9 +75,9 @@ export interface ListOptions {
 
 /** The typed SessionStore client shared by the web service and bin/dump. */
 export interface StoreClient {
-  get(key: string, options?: { refreshTtlMs?: number }): Promise<Entry | null>;
+  get(key: string, options?: { refreshTtlMs?: number } & CallOptions): Promise<Entry | null>;
   put(key: string, value: Buffer, options: PutOptions): Promise<Entry>;
-  delete(key: string, options?: { expectedVersion?: number }): Promise<boolean>;
+  delete(key: string, options?: { expectedVersion?: number } & CallOptions): Promise<boolean>;
   list(options?: ListOptions): AsyncIterable<Entry>;
   close(): void;
 }
@@ -110,6 +116,14 @@ export function authMetadata(token: string | undefined): Metadata {
   return metadata;
 }
 
+/** The shared metadata, plus `x-request-id` when the call carries one. */
+export function withRequestId(metadata: Metadata, requestId: string | undefined): Metadata {
+  if (!requestId) return metadata;
+  const copy = metadata.clone();
+  copy.set('x-request-id', requestId);
+  return copy;
+}
+
 /** One unary call per operation: simple and exact; see pipe-client.ts for the batching client. */
 export function createStoreClient(options: StoreClientOptions): StoreClient {
   const client = createRawClient(options);
@@ -121,19 +135,24 @@ export function createStoreClient(options: StoreClientOptions): StoreClient {
   return {
     async get(key, opts = {}) {
       const res = await call<{ found: boolean; entry?: Entry }>((cb) =>
-        client.get({ key, refreshTtlMs: opts.refreshTtlMs ?? 0 }, metadata, callOptions(), cb),
+        client.get({ key, refreshTtlMs: opts.refreshTtlMs ?? 0 }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
       return res.found && res.entry ? res.entry : null;
     },
     async put(key, value, opts) {
       const res = await call<{ entry?: Entry }>((cb) =>
-        client.put({ key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion }, metadata, callOptions(), cb),
+        client.put(
+          { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion },
+          withRequestId(metadata, opts.requestId),
+          callOptions(),
+          cb,
+        ),
       );
       return res.entry!;
     },
     async delete(key, opts = {}) {
       const res = await call<{ deleted: boolean }>((cb) =>
-        client.delete({ key, expectedVersion: opts.expectedVersion }, metadata, callOptions(), cb),
+        client.delete({ key, expectedVersion: opts.expectedVersion }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
       return res.deleted;
     },

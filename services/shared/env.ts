@@ -21,6 +21,9 @@ export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, st
   return { ...fromFile, ...env };
 }
 
+/** Variables whose values never appear in an error message. */
+const SECRET_NAME = /KEY|TOKEN|SECRET|PASSWORD/i;
+
 /**
  * Validates raw variables against a zod object schema whose keys are variable names and returns a
  * frozen typed result, or throws one ConfigError listing every bad variable with the expected form.
@@ -38,7 +41,8 @@ export function parseEnv<S extends z.ZodRawShape>(
   if (!result.success) {
     const lines = result.error.issues.map((issue) => {
       const name = String(issue.path[0]);
-      return `${name}=${JSON.stringify(raw[name] ?? '')}: ${issue.message}`;
+      const shown = SECRET_NAME.test(name) ? '(hidden)' : JSON.stringify(raw[name] ?? '');
+      return `${name}=${shown}: ${issue.message}`;
     });
     throw new ConfigError(`invalid configuration: ${lines.join('; ')}`);
   }

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import bodyParser from '@koa/bodyparser';
 import Koa from 'koa';
@@ -6,31 +7,48 @@ import serve from 'koa-static';
 import nunjucks from 'nunjucks';
 import { StoreClientError } from '../client/store-client';
 import { projectRoot } from '../shared/env';
-import { type Logger, shortHash } from '../shared/log';
+import type { Logger } from '../shared/log';
+import { WebMetrics } from './metrics';
+import { createOperationRoutes, OPERATION_PATHS } from './operations';
+import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
   store: SessionBackend;
-  session: Omit<SessionOptions, 'store' | 'onForgedCookie'>;
+  /** Session settings; the app wires the store, request ids, logging and metrics itself. */
+  session: Omit<SessionOptions, 'store' | 'onForgedCookie' | 'onEvent' | 'requestId'>;
   logger: Logger;
   /** Trust X-Forwarded-* (app.proxy) when running behind a reverse proxy. */
   trustProxy?: boolean;
+  /** Where GET /metrics reads from; a fresh registry when absent. */
+  metrics?: WebMetrics;
+  /** What GET /readyz asks; without it /readyz is not served. */
+  readiness?: ReadinessCheck;
 }
 
 const webDir = path.join(projectRoot, 'services', 'web');
 
+/** Largest form body accepted; larger ones get the 413 page. */
+const FORM_LIMIT = '8kb';
+
 /** Builds the counter site as a Koa app that does not listen (tests drive app.callback()). */
 export function createApp(deps: AppDeps): Koa {
   const app = new Koa({ proxy: deps.trustProxy ?? false });
+  const metrics = deps.metrics ?? new WebMetrics();
+  const { logger } = deps;
   const views = nunjucks.configure(path.join(webDir, 'views'), { autoescape: true, throwOnUndefined: false });
   const render = (ctx: Koa.Context, template: string, data: object) => {
     ctx.type = 'html';
     ctx.body = views.render(template, data);
   };
+  // Errors after the response started (e.g. a broken static file stream) arrive here, not in errorPages.
+  app.on('error', (err: unknown, ctx?: Koa.Context) => {
+    if ((err as { expose?: boolean }).expose !== true) logger.error({ err, reqId: ctx?.state.requestId }, 'response failed');
+  });
 
-  app.use(requestLog(deps.logger));
-  app.use(errorPages(deps.logger, render));
+  app.use(observeRequests(logger, metrics));
+  app.use(errorPages(logger, render));
   app.use(
     helmet({
       contentSecurityPolicy: {
@@ -48,22 +66,27 @@ export function createApp(deps: AppDeps): Koa {
       strictTransportSecurity: false,
     }),
   );
-  // Static files only under /static/: koa-static would otherwise stat the disk on every request.
+  const operations = createOperationRoutes({ metrics, readiness: deps.readiness });
+  app.use(operations.routes());
   const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
+  // Only /static/ reaches the file system: the pages themselves cost no stat() call.
   app.use((ctx, next) => (ctx.path.startsWith('/static/') ? assets(ctx, next) : next()));
+  const warnForged = rateLimited(10, 10_000, (ctx: Koa.Context, info: { cookieHash: string }, suppressed: number) =>
+    logger.warn({ cookieHash: info.cookieHash, remote: ctx.ip, reqId: ctx.state.requestId, suppressed }, 'suspicious session cookie: signature does not verify'),
+  );
   app.use(
     sessionMiddleware({
       ...deps.session,
-      store: deps.store,
-      onForgedCookie: rateLimited(10, 10_000, (ctx, suppressed) =>
-        deps.logger.warn(
-          { cookieHash: shortHash(ctx.get('cookie')), remote: ctx.ip, suppressed },
-          'suspicious session cookie: signature does not verify',
-        ),
-      ),
+      store: metrics.instrumentStore(deps.store),
+      requestId: (ctx) => ctx.state.requestId as string,
+      onForgedCookie: (ctx, info) => {
+        metrics.observeForgedCookie();
+        warnForged(ctx, info);
+      },
+      onEvent: (event) => metrics.observeSessionEvent(event),
     }),
   );
-  app.use(bodyParser({ enableTypes: ['form'], formLimit: '8kb', encoding: 'utf-8', onError: rejectUnreadableBody }));
+  app.use(bodyParser({ enableTypes: ['form'], formLimit: FORM_LIMIT, encoding: 'utf-8', onError: rejectUnreadableBody }));
   const router = createRoutes(render);
   app.use(router.routes());
   app.use(router.allowedMethods());
@@ -114,17 +137,18 @@ const FALLBACK_PAGE = {
 };
 
 /**
- * A body that cannot be read (corrupt compression, cut short) is the client's mistake: 400, or the
- * 4xx the parser chose (413 too large, 415 unknown encoding). Without this, a zlib error is a 500.
+ * A body that cannot be read (corrupt compression, unknown encoding, cut short) is the client's
+ * mistake: 413 when too large, else 400 (which has a page). Without this, a zlib error is a 500.
  */
 function rejectUnreadableBody(err: Error, ctx: Koa.Context): never {
-  const status = (err as { status?: unknown }).status;
-  const clientStatus = typeof status === 'number' && status >= 400 && status < 500 ? status : 400;
-  ctx.throw(clientStatus, 'the request body could not be read');
+  ctx.throw((err as { status?: unknown }).status === 413 ? 413 : 400, 'the request body could not be read');
 }
 
 /** The one place where an error becomes an HTTP response. Store failures are 503, never 500. */
 function errorPages(logger: Logger, render: Render): Koa.Middleware {
+  const warnUnavailable = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
+    logger.warn({ reason, reqId: ctx.state.requestId, suppressed }, 'store unavailable'),
+  );
   return async (ctx, next) => {
     try {
       await next();
@@ -138,9 +162,13 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
       } else if (typeof (err as { status?: unknown }).status === 'number') {
         status = (err as { status: number }).status;
       }
-      if (status === 503) ctx.set('Retry-After', '1');
-      if (status >= 500 && status !== 503) logger.error({ err }, 'request failed');
-      else if (status === 503) logger.warn({ reason: (err as Error).message }, 'store unavailable');
+      if (status < 400 || status > 599) status = 500;
+      if (status === 503) {
+        ctx.set('Retry-After', '1');
+        warnUnavailable(ctx, (err as Error).message);
+      } else if (status >= 500) {
+        logger.error({ err, reqId: ctx.state.requestId }, 'request failed');
+      }
       const page = PAGES[status] ?? FALLBACK_PAGE;
       ctx.status = status;
       ctx.set('Cache-Control', 'no-store');
@@ -149,27 +177,53 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
   };
 }
 
-/** One line per request: method, path, status, duration. Never the cookie. */
-function requestLog(logger: Logger): Koa.Middleware {
+/** Request ids we accept from a client or proxy: short and printable, so they are safe in logs and metadata. */
+const REQUEST_ID = /^[A-Za-z0-9._:/+=-]{1,128}$/;
+
+/**
+ * Outermost middleware: gives every request an id (the caller's X-Request-Id when sane, else a new
+ * one), echoes it, and when the response is ready writes one log line and the request metrics.
+ * Never logs the cookie.
+ */
+function observeRequests(logger: Logger, metrics: WebMetrics): Koa.Middleware {
   return async (ctx, next) => {
     const start = process.hrtime.bigint();
+    const offered = ctx.get('x-request-id');
+    const requestId = REQUEST_ID.test(offered) ? offered : randomUUID();
+    ctx.state.requestId = requestId;
+    ctx.set('X-Request-Id', requestId);
     try {
       await next();
     } finally {
-      if (logger.isLevelEnabled('debug')) {
-        const ms = Number(process.hrtime.bigint() - start) / 1e6;
-        logger.debug({ method: ctx.method, path: ctx.path, status: ctx.status, ms }, 'request');
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+      const route = routeOf(ctx);
+      metrics.observeRequest(ctx.method, route, ctx.status, seconds);
+      // Probes and scrapes come every few seconds: they are logged only at debug level.
+      const level = OPERATION_PATHS.has(route) ? 'debug' : 'info';
+      if (logger.isLevelEnabled(level)) {
+        logger[level](
+          { reqId: requestId, method: ctx.method, route, path: ctx.path.slice(0, 200), status: ctx.status, ms: Math.round(seconds * 1e5) / 100 },
+          'request',
+        );
       }
     }
   };
 }
 
+/** A bounded label for metrics: the router's pattern, /static/*, or "unmatched" (never the raw path). */
+function routeOf(ctx: Koa.Context): string {
+  const matched = (ctx as { _matchedRoute?: string | RegExp })._matchedRoute;
+  if (typeof matched === 'string') return matched;
+  if (ctx.path.startsWith('/static/') && ctx.status < 400) return '/static/*';
+  return 'unmatched';
+}
+
 /** Calls fn at most `max` times per window; the next call after a window reports how many were dropped. */
-function rateLimited(max: number, windowMs: number, fn: (ctx: Koa.Context, suppressed: number) => void) {
+function rateLimited<A>(max: number, windowMs: number, fn: (ctx: Koa.Context, arg: A, suppressed: number) => void) {
   let windowStart = 0;
   let used = 0;
   let suppressed = 0;
-  return (ctx: Koa.Context) => {
+  return (ctx: Koa.Context, arg: A) => {
     const now = Date.now();
     if (now - windowStart >= windowMs) {
       windowStart = now;
@@ -180,7 +234,7 @@ function rateLimited(max: number, windowMs: number, fn: (ctx: Koa.Context, suppr
       return;
     }
     used += 1;
-    fn(ctx, suppressed);
+    fn(ctx, arg, suppressed);
     suppressed = 0;
   };
 }

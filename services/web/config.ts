@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { normalizeAddress } from '../client/store-client';
 import { ConfigError, envs, parseEnv, readEnv } from '../shared/env';
 
 const MINUTE = 60_000;
@@ -13,7 +14,10 @@ export function loadWebConfig(raw = readEnv()) {
       PORT: envs.port(5000),
       WEB_HOST: z.string().default('127.0.0.1'),
       WEB_DATA_DIR: z.string().default('var'),
-      STORE_ADDRESS: z.string().default('127.0.0.1:5100'),
+      STORE_ADDRESS: z
+        .string()
+        .refine(isStoreAddress, { message: 'expected host:port or http://host:port, e.g. 127.0.0.1:5100' })
+        .default('127.0.0.1:5100'),
       STORE_TOKEN: envs.optionalString(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
       STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
@@ -25,6 +29,7 @@ export function loadWebConfig(raw = readEnv()) {
       SESSION_IDLE_TTL_MS: envs.int(30 * MINUTE, 1000, 30 * 24 * 60 * MINUTE, ' ms'),
       SESSION_ABSOLUTE_TTL_MS: envs.int(24 * 60 * MINUTE, 1000, 365 * 24 * 60 * MINUTE, ' ms'),
       SESSION_SECURE: envs.oneOf(['auto', 'always', 'never'] as const, 'auto'),
+      SESSION_ROLLING: envs.bool(true),
       TRUST_PROXY: envs.bool(false),
       LOG_LEVEL: envs.logLevel(),
     },
@@ -51,11 +56,21 @@ export function loadWebConfig(raw = readEnv()) {
       idleTtlMs: env.SESSION_IDLE_TTL_MS,
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
       secure: env.SESSION_SECURE,
+      rolling: env.SESSION_ROLLING,
     }),
   });
 }
 
 export type WebConfig = ReturnType<typeof loadWebConfig>;
+
+function isStoreAddress(value: string): boolean {
+  try {
+    normalizeAddress(value);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * Without SESSION_KEYS, a key generated once and kept in the data directory (mode 0600), so a

@@ -4,14 +4,18 @@ import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { createApp } from './app';
 import { loadWebConfig } from './config';
+import { WebMetrics } from './metrics';
+import { createStoreReadiness } from './readiness';
 
-/** Entry point: config → store client → app → listen; SIGTERM/SIGINT → close and exit. */
+/** Entry point: config → store client, readiness, metrics → app → listen; SIGTERM/SIGINT → close and exit. */
 function main(): void {
   const config = loadWebConfig();
   const logger = createLogger('web', config.logLevel);
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
   const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
-  const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy });
+  const readiness = createStoreReadiness({ address: config.store.address, timeoutMs: config.store.deadlineMs });
+  const metrics = new WebMetrics();
+  const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
   const server = app.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;
@@ -26,6 +30,7 @@ function main(): void {
     logger.info({ signal }, 'stopping');
     server.close(() => {
       store.close();
+      readiness.close();
       process.exit(0);
     });
     server.closeIdleConnections();

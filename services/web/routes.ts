@@ -59,9 +59,5 @@ export function createRoutes(render: Render): Router {
     ctx.set('Cache-Control', 'public, max-age=86400');
   });
 
-  router.get('/healthz', (ctx) => {
-    ctx.body = { status: 'ok' };
-  });
-
   return router;
 }

@@ -1,34 +1,50 @@
 import type { Context, Middleware } from 'koa';
 import type { Entry, StoreClient } from '../client/store-client';
 import { StoreClientError } from '../client/store-client';
-import { IdSigner, newSessionId } from './signed-id';
+import { shortHash } from '../shared/log';
+import { type IdProof, IdSigner, isSessionIdShape, newSessionId } from './signed-id';
 
-/** What the middleware needs from a store: the three calls of the koa-session store contract, with versions. */
+/**
+ * What the middleware needs from a store: the three calls of the koa-session store contract, with
+ * versions for compare-and-set. The SessionStore client fits as is; tests wrap it to count calls.
+ */
 export type SessionBackend = Pick<StoreClient, 'get' | 'put' | 'delete'>;
 
+/** Lifecycle events, for metrics: a session written for the first time, moved to a new id, deleted, or past its absolute lifetime. */
+export type SessionEvent = 'created' | 'regenerated' | 'destroyed' | 'expired';
+
+/** Options of {@link sessionMiddleware}. Checked when the middleware is created; a bad one throws a TypeError saying what to fix. */
 export interface SessionOptions {
+  /** Where session data lives (required): get / put / delete with versions, e.g. the SessionStore client. */
   store: SessionBackend;
-  /** HMAC keys, newest first: the first signs, all verify (rotation). Each at least 32 characters. */
+  /** HMAC keys, newest first (required): the first signs, all verify, so keys rotate without logging anyone out. Each at least 32 characters. */
   keys: readonly string[];
-  /** Cookie name (default "sid"); served as `__Host-<name>` when the cookie is Secure. */
+  /** Cookie name (default "sid"); served as `__Host-<name>` when the cookie is Secure. 1-64 of A-Z a-z 0-9 _ -. */
   cookieName?: string;
-  /** Idle timeout: a session unused this long is gone (default 30 minutes). */
+  /** Idle timeout in ms: a session unused this long is gone (default 30 minutes). */
   idleTtlMs?: number;
-  /** Absolute lifetime from creation that no use extends (default 24 hours). */
+  /** Absolute lifetime in ms, counted from creation, that no use extends (default 24 hours). At least idleTtlMs. */
   absoluteTtlMs?: number;
-  /** Reads also refresh the idle timeout (sliding expiry; default true). Writes always do. */
+  /** Reads also slide the idle timeout (default true). Writes always do. */
   rolling?: boolean;
-  /** 'auto' (default): Secure and `__Host-` when the request is HTTPS (ctx.secure, honours app.proxy). */
+  /**
+   * When the cookie gets `Secure` and the `__Host-` prefix: 'auto' (default) when the request is
+   * HTTPS (ctx.secure, which honours X-Forwarded-Proto when app.proxy is set), 'always', or 'never'.
+   */
   secure?: 'auto' | 'always' | 'never';
-  /** How many times update() re-reads and re-applies on a version conflict (default 10). */
+  /** How many times update() re-reads and re-applies on a version conflict before a SessionConflictError (default 10). */
   maxUpdateTries?: number;
-  /** After regenerate(), how long the old id still leads to the new session (default 10 s). */
+  /** After regenerate(), how long in ms the old id still leads to the new session (default 10 s). */
   regenerateGraceMs?: number;
-  /** Called for cookies whose MAC does not verify (forged or tampered). Receives no raw id. */
-  onForgedCookie?: (ctx: Context) => void;
+  /** The request's id, passed to the store with every call for its logs (default: none). */
+  requestId?: (ctx: Context) => string | undefined;
+  /** Called for a cookie whose MAC does not verify (forged or tampered), before and instead of any store call. Gets a hash, never the value. */
+  onForgedCookie?: (ctx: Context, info: { cookieHash: string }) => void;
+  /** Called on session lifecycle events (for metrics). */
+  onEvent?: (event: SessionEvent, ctx: Context) => void;
 }
 
-/** Thrown by update() when the session kept changing under it for every try. */
+/** Thrown by update() and regenerate() when the session kept changing under them for every try. */
 export class SessionConflictError extends Error {
   override name = 'SessionConflictError';
   readonly status = 503;
@@ -43,174 +59,301 @@ interface Loaded {
   version: number;
   createdAtMs: number;
   data: SessionData;
+  /** The stored bytes: an update that produces the same bytes writes nothing. */
+  raw: Buffer;
+  /** The idle timeout was already slid by this request. */
+  refreshed: boolean;
 }
 
+/** Where the store keeps "this id was regenerated into that one" for regenerateGraceMs. */
 const MOVED_PREFIX = 'moved:';
+/** Regenerations in a row that a request carrying an old id follows. */
+const MAX_HOPS = 4;
 
-/** The per-request session handle: nothing touches the store until a method is called. */
+/**
+ * The per-request session handle (`ctx.session`). Nothing is verified or read until a method is
+ * called, so requests that never use the session cost neither an HMAC nor a store call.
+ */
 export class Session<T extends SessionData = SessionData> {
+  private cookieRead = false;
+  /** The verified id the request carried (undefined: none, or forged). */
+  private cookieId: string | undefined;
+  /** The id this request now stands for: the cookie's, a followed regeneration, or a new one. */
+  private currentId: string | undefined;
+  /** A new id handed to the browser in this request and not yet written. */
+  private issued = false;
+  /** The id this response's Set-Cookie carries, if any. */
+  private sentId: string | undefined;
+  private proof: IdProof | undefined;
   private loaded: Loaded | null | undefined; // undefined = not read yet; null = no session
-  private issuedId: string | undefined;
+  private requestIdCache: string | undefined | null = null;
 
   constructor(
     private readonly ctx: Context,
     private readonly cfg: ResolvedOptions,
-    private cookieId: string | undefined,
   ) {}
 
-  /** The current session id, if the request has one (never log it: see shortHash). */
+  /** The current session id, if any (never log it: see shortHash). */
   get id(): string | undefined {
-    return this.loaded?.id ?? this.issuedId ?? this.cookieId;
+    this.readCookie();
+    return this.currentId;
   }
 
   /** True when the request carried a valid signed id (no store call). */
   get hasCookie(): boolean {
+    this.readCookie();
     return this.cookieId !== undefined;
   }
 
   /** The session data, or null when there is no live session. One store call, cached for the request. */
   async get(): Promise<T | null> {
-    if (this.loaded === undefined) this.loaded = await this.read(this.cfg.rolling);
+    if (this.loaded === undefined) this.loaded = await this.load(this.cfg.rolling);
     return (this.loaded?.data as T | undefined) ?? null;
   }
 
   /**
-   * Atomically replaces the data with fn(current): written with compare-and-set on the version;
-   * on a conflict it re-reads and re-applies fn, up to maxUpdateTries times. fn receives null for
-   * a new session (which gets a fresh id; a client's id is never adopted).
+   * Atomically replaces the data with fn(current) and returns it. Written with compare-and-set on
+   * the version; on a conflict it re-reads and re-applies fn, up to maxUpdateTries times, then
+   * throws SessionConflictError (a 503 page). fn may run more than once, so it must only compute.
+   * fn receives null when there is no live session: what it returns starts a new one under a fresh
+   * id (an id sent by the browser is never adopted). Returning data equal to the current data
+   * writes nothing (it only slides the idle timeout when `rolling`).
+   *
+   * Updates of one session within this process run one after another, so parallel requests of one
+   * browser do not fight; compare-and-set still guards against other processes.
    */
   async update<U extends SessionData = T>(fn: (current: U | null) => U): Promise<U> {
-    const id = this.loaded?.id ?? this.cookieId;
-    return id ? this.cfg.locks.run(id, () => this.tryUpdate(fn)) : this.tryUpdate(fn);
+    return this.locked(() => this.tryUpdate(fn));
+  }
+
+  /**
+   * Moves the data to a new id and deletes the old one: call it when privileges change (login), so
+   * an id known before is worthless after. The new id starts a new absolute lifetime, as a new
+   * login would. For regenerateGraceMs the old id still leads to the new session, so parallel
+   * requests still carrying it are served the session, never an empty one.
+   */
+  async regenerate(): Promise<void> {
+    return this.locked(() => this.renew());
+  }
+
+  /** Deletes the session from the store and clears the cookie. */
+  async destroy(): Promise<void> {
+    this.readCookie();
+    let id = this.issued ? undefined : (this.loaded?.id ?? this.cfg.moves.resolve(this.currentId));
+    for (let hop = 0; id !== undefined && hop <= MAX_HOPS; hop += 1) {
+      if (await this.cfg.store.delete(id, this.callOptions())) {
+        this.cfg.onEvent('destroyed', this.ctx);
+        break;
+      }
+      // Not there: it may have been regenerated by another process; delete where it went.
+      id = this.loaded ? undefined : await this.movedTo(id);
+    }
+    this.loaded = null;
+    this.currentId = undefined;
+    this.issued = false;
+    this.sentId = undefined;
+    this.markPrivate();
+    this.ctx.cookies.set(this.cookieName(), '', { ...this.cookieAttributes(), maxAge: 0, expires: new Date(0) });
+  }
+
+  /**
+   * The form token bound to the current session id (issues an id, without a store write, if there
+   * is none). Call it after get() or update(), which may move the request to a new id.
+   */
+  csrfToken(): string {
+    this.readCookie();
+    if (!this.currentId) this.useId(newSessionId(), false);
+    return this.proofFor(this.currentId!).csrf;
+  }
+
+  /** Constant-time check of a form token against the id the request carried; false without a valid cookie. */
+  verifyCsrf(token: unknown): boolean {
+    this.readCookie();
+    const id = this.cookieId;
+    return id !== undefined && this.cfg.signer.verifyCsrf(id, token, this.proof);
+  }
+
+  private readCookie(): void {
+    if (this.cookieRead) return;
+    this.cookieRead = true;
+    const raw = this.ctx.cookies.get(this.cookieName());
+    if (raw === undefined || raw === '') return;
+    const verified = this.cfg.signer.verify(raw);
+    if (!verified) {
+      this.cfg.onForgedCookie(this.ctx, { cookieHash: shortHash(raw) });
+      return;
+    }
+    this.cookieId = verified.id;
+    this.currentId = verified.id;
+    this.proof = verified.proof;
+  }
+
+  /** Runs fn under this process's lock for the session, re-locking if a regeneration moved it meanwhile. */
+  private async locked<R>(fn: () => Promise<R>): Promise<R> {
+    this.readCookie();
+    for (let hop = 0; ; hop += 1) {
+      const key = this.issued ? undefined : this.cfg.moves.resolve(this.currentId);
+      if (key === undefined || hop > MAX_HOPS) return fn();
+      const outcome = await this.cfg.locks.run(key, async () =>
+        this.cfg.moves.resolve(this.currentId) === key ? { value: await fn() } : undefined,
+      );
+      if (outcome) return outcome.value;
+    }
   }
 
   private async tryUpdate<U extends SessionData>(fn: (current: U | null) => U): Promise<U> {
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
-      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : await this.read(false);
+      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : await this.load(false);
       const next = fn((current?.data as U | undefined) ?? null);
+      if (next === null || typeof next !== 'object' || Array.isArray(next)) {
+        throw new TypeError('session update function must return a plain object (the new session data)');
+      }
       const value = Buffer.from(JSON.stringify(next));
       try {
         if (current) {
+          if (value.equals(current.raw)) {
+            await this.slide(current);
+            return next;
+          }
           const entry = await this.cfg.store.put(current.id, value, {
             ttlMs: this.ttlFor(current.createdAtMs),
             expectedVersion: current.version,
+            ...this.callOptions(),
           });
-          this.loaded = { id: current.id, version: entry.version, createdAtMs: current.createdAtMs, data: next };
+          this.loaded = { ...current, version: entry.version, data: next, raw: value, refreshed: true };
         } else {
-          const id = this.issuedId ?? newSessionId();
-          const entry = await this.cfg.store.put(id, value, { ttlMs: this.cfg.idleTtlMs, expectedVersion: 0 });
-          this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next };
-          this.setCookie(id);
+          const id = this.issued ? this.currentId! : newSessionId();
+          const entry = await this.cfg.store.put(id, value, { ttlMs: this.cfg.idleTtlMs, expectedVersion: 0, ...this.callOptions() });
+          this.useId(id, true);
+          this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next, raw: value, refreshed: true };
+          this.cfg.onEvent('created', this.ctx);
         }
         return next;
       } catch (err) {
-        if (!(err instanceof StoreClientError && err.kind === 'conflict')) throw err;
+        if (!isConflict(err)) throw err;
         this.loaded = undefined;
       }
     }
     throw new SessionConflictError('the session changed too often while it was being updated; please retry');
   }
 
-  /** Deletes the session from the store and clears the cookie. */
-  async destroy(): Promise<void> {
-    const id = this.loaded?.id ?? this.cookieId;
-    if (id) await this.cfg.store.delete(id);
-    this.loaded = null;
-    this.cookieId = undefined;
-    this.issuedId = undefined;
-    this.ctx.cookies.set(this.cookieName(), '', { ...this.cookieAttributes(), maxAge: 0, expires: new Date(0) });
-  }
-
-  /**
-   * Moves the data to a new id (e.g. after login) and deletes the old one. The old id leads to the
-   * new session for regenerateGraceMs, so parallel requests still carrying it never see an empty one.
-   */
-  async regenerate(): Promise<void> {
-    const id = this.loaded?.id ?? this.cookieId;
-    return id ? this.cfg.locks.run(id, () => this.renew()) : this.renew();
-  }
-
   private async renew(): Promise<void> {
+    let current = this.loaded ?? (await this.load(false));
     const newId = newSessionId();
-    let current = this.loaded ?? (await this.read(false));
     if (!current) {
-      this.issuedId = newId;
-      this.setCookie(newId);
+      this.useId(newId, false);
       return;
     }
     let newVersion = 0;
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
-      const copied = await this.cfg.store.put(newId, Buffer.from(JSON.stringify(current.data)), {
-        ttlMs: this.cfg.idleTtlMs,
-        expectedVersion: newVersion,
-      });
+      if (attempt > 0) await backoff(attempt);
+      const copied = await this.cfg.store
+        .put(newId, current.raw, { ttlMs: this.cfg.idleTtlMs, expectedVersion: newVersion, ...this.callOptions() })
+        .catch(conflictAsSessionError);
       newVersion = copied.version;
-      await this.cfg.store.put(MOVED_PREFIX + current.id, Buffer.from(newId), { ttlMs: this.cfg.regenerateGraceMs });
+      await this.cfg.store.put(MOVED_PREFIX + current.id, Buffer.from(newId), { ttlMs: this.cfg.regenerateGraceMs, ...this.callOptions() });
       try {
-        await this.cfg.store.delete(current.id, { expectedVersion: current.version });
-        this.loaded = { id: newId, version: newVersion, createdAtMs: copied.createdAtMs, data: current.data };
-        this.setCookie(newId);
+        await this.cfg.store.delete(current.id, { expectedVersion: current.version, ...this.callOptions() });
+        this.cfg.moves.remember(current.id, newId, this.cfg.regenerateGraceMs);
+        this.loaded = { ...current, id: newId, version: newVersion, createdAtMs: copied.createdAtMs, refreshed: true };
+        this.useId(newId, true);
+        this.cfg.onEvent('regenerated', this.ctx);
         return;
       } catch (err) {
-        if (!(err instanceof StoreClientError && err.kind === 'conflict')) throw err;
-        // A parallel request wrote to the old id after we copied it: copy again.
-        const reread = await this.readId(current.id, false);
-        if (!reread) break;
-        current = reread;
+        if (!isConflict(err)) throw err;
       }
+      // A parallel request (in another process) wrote to the old id after we copied it: copy again.
+      const reread = await this.readId(current.id, false);
+      if (typeof reread === 'string') {
+        // Destroyed or expired meanwhile: do not bring it back under the new id.
+        await this.cfg.store.delete(newId, this.callOptions());
+        break;
+      }
+      current = reread;
     }
     throw new SessionConflictError('the session changed too often while it was being renewed; please retry');
   }
 
-  /** A token for forms, bound to this session (issues an id, without a store write, if there is none). */
-  csrfToken(): string {
-    return this.cfg.signer.token('csrf', this.ensureId());
+  /** Reads the session the request stands for, following regenerations (in this process, then via the store's alias). */
+  private async load(refresh: boolean): Promise<Loaded | null> {
+    this.readCookie();
+    if (this.issued) return null;
+    let id = this.cfg.moves.resolve(this.currentId);
+    for (let hop = 0; id !== undefined && hop <= MAX_HOPS; hop += 1) {
+      const found = await this.readId(id, refresh);
+      if (typeof found !== 'string') {
+        if (found.id !== this.currentId) this.useId(found.id, true);
+        return found;
+      }
+      if (found === 'gone') return null;
+      id = await this.movedTo(id);
+    }
+    return null;
   }
 
-  /** Constant-time check of a form token against the id the request carried. */
-  verifyCsrf(token: unknown): boolean {
-    const id = this.cookieId;
-    return id !== undefined && this.cfg.signer.verifyToken('csrf', id, token);
+  /** Where the store says a regenerated id went, within its grace window. */
+  private async movedTo(id: string): Promise<string | undefined> {
+    const moved = await this.cfg.store.get(MOVED_PREFIX + id, this.callOptions());
+    const next = moved?.value.toString('utf8');
+    if (!moved || !next || !isSessionIdShape(next)) return undefined;
+    this.cfg.moves.remember(id, next, Math.max(1, moved.expiresAtMs - Date.now()));
+    return next;
   }
 
-  private ensureId(): string {
-    const existing = this.id;
-    if (existing) return existing;
-    this.issuedId = newSessionId();
-    this.setCookie(this.issuedId);
-    return this.issuedId;
-  }
-
-  private async read(refresh: boolean): Promise<Loaded | null> {
-    const id = this.loaded?.id ?? this.cookieId;
-    if (!id) return null;
-    const found = await this.readId(id, refresh);
-    if (found) return found;
-    // The id may have been renewed by a parallel request: follow it within the grace window.
-    const moved = await this.cfg.store.get(MOVED_PREFIX + id);
-    const newId = moved?.value.toString('utf8');
-    if (!newId || !/^[A-Za-z0-9_-]{24}$/.test(newId)) return null;
-    const renewed = await this.readId(newId, refresh);
-    if (renewed) this.setCookie(newId);
-    return renewed;
-  }
-
-  private async readId(id: string, refresh: boolean): Promise<Loaded | null> {
-    const entry = await this.cfg.store.get(id, { refreshTtlMs: refresh ? this.cfg.idleTtlMs : 0 });
-    if (!entry) return null;
+  /** 'missing': no such entry (maybe regenerated); 'gone': past its absolute lifetime or unreadable. */
+  private async readId(id: string, refresh: boolean): Promise<Loaded | 'missing' | 'gone'> {
+    const entry = await this.cfg.store.get(id, { refreshTtlMs: refresh ? this.cfg.idleTtlMs : 0, ...this.callOptions() });
+    if (!entry) return 'missing';
     if (entry.createdAtMs + this.cfg.absoluteTtlMs <= Date.now()) {
-      await this.cfg.store.delete(id, { expectedVersion: entry.version }).catch(ignoreConflict);
-      return null;
+      const deleted = await this.cfg.store.delete(id, { expectedVersion: entry.version, ...this.callOptions() }).catch(ignoreConflict);
+      if (deleted) this.cfg.onEvent('expired', this.ctx);
+      return 'gone';
     }
     const data = parseData(entry);
-    return data ? { id, version: entry.version, createdAtMs: entry.createdAtMs, data } : null;
+    if (!data) return 'gone';
+    this.markPrivate();
+    return { id, version: entry.version, createdAtMs: entry.createdAtMs, data, raw: entry.value, refreshed: refresh };
+  }
+
+  /** Slides the idle timeout of unchanged data without a write (the version stays, so no one conflicts). */
+  private async slide(current: Loaded): Promise<void> {
+    if (!this.cfg.rolling || current.refreshed) return;
+    await this.cfg.store.get(current.id, { refreshTtlMs: this.ttlFor(current.createdAtMs), ...this.callOptions() });
+    current.refreshed = true;
   }
 
   /** Idle TTL, but never past the absolute lifetime. */
   private ttlFor(createdAtMs: number): number {
     const left = createdAtMs + this.cfg.absoluteTtlMs - Date.now();
     return Math.max(1, Math.min(this.cfg.idleTtlMs, left));
+  }
+
+  /** Makes `id` the request's session id and sends it to the browser; `stored`: it has an entry in the store. */
+  private useId(id: string, stored: boolean): void {
+    this.currentId = id;
+    this.issued = !stored;
+    if (id === this.cookieId || id === this.sentId) return;
+    this.sentId = id;
+    const proof = this.proofFor(id);
+    if (this.secure()) this.ctx.cookies.secure = true;
+    this.markPrivate();
+    this.ctx.cookies.set(this.cookieName(), proof.cookie, this.cookieAttributes());
+  }
+
+  private proofFor(id: string): IdProof {
+    if (this.proof?.id !== id) this.proof = this.cfg.signer.prove(id);
+    return this.proof;
+  }
+
+  private callOptions(): { requestId?: string } {
+    if (this.requestIdCache === null) this.requestIdCache = this.cfg.requestId(this.ctx);
+    return this.requestIdCache === undefined ? {} : { requestId: this.requestIdCache };
+  }
+
+  /** Responses that carry session data or a session cookie must never be cached. */
+  private markPrivate(): void {
+    this.ctx.set('Cache-Control', 'no-store');
   }
 
   private secure(): boolean {
@@ -224,11 +367,6 @@ export class Session<T extends SessionData = SessionData> {
   private cookieAttributes() {
     return { httpOnly: true, sameSite: 'lax' as const, path: '/', secure: this.secure(), overwrite: true, signed: false };
   }
-
-  private setCookie(id: string): void {
-    if (this.secure()) this.ctx.cookies.secure = true;
-    this.ctx.cookies.set(this.cookieName(), this.cfg.signer.sign(id), this.cookieAttributes());
-  }
 }
 
 /** Jittered exponential backoff between compare-and-set retries (other processes writing the same session). */
@@ -237,10 +375,7 @@ function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/**
- * Runs updates of one session id one after another within this process, so parallel requests of
- * one browser do not fight over compare-and-set; CAS still guards against other processes.
- */
+/** Runs tasks of one key one after another within this process. */
 export class KeyedLock {
   private readonly tails = new Map<string, Promise<unknown>>();
 
@@ -259,8 +394,50 @@ export class KeyedLock {
   }
 }
 
-function ignoreConflict(err: unknown): void {
-  if (!(err instanceof StoreClientError && err.kind === 'conflict')) throw err;
+/**
+ * Regenerations this process made or followed, kept for their grace window: a request carrying an
+ * old id goes straight to the new one (and its lock) without asking the store.
+ */
+export class RecentMoves {
+  private readonly moves = new Map<string, { to: string; untilMs: number }>();
+
+  remember(from: string, to: string, forMs: number): void {
+    const now = Date.now();
+    if (this.moves.size >= 1000) {
+      for (const [key, move] of this.moves) if (move.untilMs <= now) this.moves.delete(key);
+    }
+    this.moves.set(from, { to, untilMs: now + forMs });
+  }
+
+  /** The newest id an id was moved to (itself when it was not moved). */
+  resolve(id: string | undefined): string | undefined {
+    if (this.moves.size === 0 || id === undefined) return id;
+    const now = Date.now();
+    for (let hop = 0; hop < MAX_HOPS; hop += 1) {
+      const move = this.moves.get(id);
+      if (!move) break;
+      if (move.untilMs <= now) {
+        this.moves.delete(id);
+        break;
+      }
+      id = move.to;
+    }
+    return id;
+  }
+}
+
+function isConflict(err: unknown): boolean {
+  return err instanceof StoreClientError && err.kind === 'conflict';
+}
+
+function conflictAsSessionError(err: unknown): never {
+  if (isConflict(err)) throw new SessionConflictError('the session changed while it was being renewed; please retry');
+  throw err;
+}
+
+function ignoreConflict(err: unknown): false {
+  if (!isConflict(err)) throw err;
+  return false;
 }
 
 function parseData(entry: Entry): SessionData | null {
@@ -282,35 +459,81 @@ interface ResolvedOptions {
   secure: 'auto' | 'always' | 'never';
   maxUpdateTries: number;
   regenerateGraceMs: number;
-  onForgedCookie: (ctx: Context) => void;
+  requestId: (ctx: Context) => string | undefined;
+  onForgedCookie: (ctx: Context, info: { cookieHash: string }) => void;
+  onEvent: (event: SessionEvent, ctx: Context) => void;
   locks: KeyedLock;
+  moves: RecentMoves;
 }
 
-function resolveOptions(options: SessionOptions): ResolvedOptions {
-  const positive = (name: string, value: number) => {
-    if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`session option ${name} must be a positive integer (got ${value})`);
+const KNOWN_OPTIONS = new Set<string>([
+  'store',
+  'keys',
+  'cookieName',
+  'idleTtlMs',
+  'absoluteTtlMs',
+  'rolling',
+  'secure',
+  'maxUpdateTries',
+  'regenerateGraceMs',
+  'requestId',
+  'onForgedCookie',
+  'onEvent',
+]);
+
+/** Checks every option and fills defaults; throws a TypeError that names the option and what to fix. */
+export function resolveSessionOptions(options: SessionOptions): ResolvedOptions {
+  if (options === null || typeof options !== 'object') throw new TypeError('session options: pass an object with at least store and keys');
+  for (const name of Object.keys(options)) {
+    if (!KNOWN_OPTIONS.has(name)) throw new TypeError(`session option ${name} is not known; the options are: ${[...KNOWN_OPTIONS].join(', ')}`);
+  }
+  const store = options.store as Partial<SessionBackend> | undefined;
+  if (!store || typeof store.get !== 'function' || typeof store.put !== 'function' || typeof store.delete !== 'function') {
+    throw new TypeError('session option store is required: an object with get, put and delete (e.g. the SessionStore client)');
+  }
+  const positive = (name: string, value: unknown, fallback: number): number => {
+    if (value === undefined) return fallback;
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
+      throw new TypeError(`session option ${name} must be a positive integer${name.endsWith('Ms') ? ' of milliseconds' : ''} (got ${String(value)})`);
+    }
     return value;
   };
-  if (!options || typeof options.store?.get !== 'function') throw new TypeError('session option store is required (get/put/delete)');
-  const cookieName = options.cookieName ?? 'sid';
-  if (!/^[A-Za-z0-9_-]{1,64}$/.test(cookieName)) throw new TypeError('session option cookieName must be 1-64 of A-Z a-z 0-9 _ -');
-  const secure = options.secure ?? 'auto';
-  if (!['auto', 'always', 'never'].includes(secure)) throw new TypeError("session option secure must be 'auto', 'always' or 'never'");
-  const resolved: ResolvedOptions = {
-    store: options.store,
-    signer: new IdSigner(options.keys ?? []),
-    cookieName,
-    idleTtlMs: positive('idleTtlMs', options.idleTtlMs ?? 30 * 60_000),
-    absoluteTtlMs: positive('absoluteTtlMs', options.absoluteTtlMs ?? 24 * 3_600_000),
-    rolling: options.rolling ?? true,
-    secure,
-    maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries ?? 10),
-    regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs ?? 10_000),
-    onForgedCookie: options.onForgedCookie ?? (() => undefined),
-    locks: new KeyedLock(),
+  const callback = <F>(name: string, value: F | undefined, fallback: F): F => {
+    if (value === undefined) return fallback;
+    if (typeof value !== 'function') throw new TypeError(`session option ${name} must be a function`);
+    return value;
   };
-  if (resolved.absoluteTtlMs < resolved.idleTtlMs) throw new TypeError('session option absoluteTtlMs must be at least idleTtlMs');
-  return resolved;
+  const cookieName = options.cookieName ?? 'sid';
+  if (typeof cookieName !== 'string' || !/^[A-Za-z0-9_-]{1,64}$/.test(cookieName) || cookieName.startsWith('__')) {
+    throw new TypeError('session option cookieName must be 1-64 of A-Z a-z 0-9 _ - and not start with "__" (the __Host- prefix is added for Secure cookies)');
+  }
+  const secure = options.secure ?? 'auto';
+  if (!['auto', 'always', 'never'].includes(secure)) {
+    throw new TypeError(`session option secure must be 'auto', 'always' or 'never' (got ${JSON.stringify(secure)})`);
+  }
+  const rolling = options.rolling ?? true;
+  if (typeof rolling !== 'boolean') throw new TypeError('session option rolling must be true or false');
+  const idleTtlMs = positive('idleTtlMs', options.idleTtlMs, 30 * 60_000);
+  const absoluteTtlMs = positive('absoluteTtlMs', options.absoluteTtlMs, 24 * 3_600_000);
+  if (absoluteTtlMs < idleTtlMs) {
+    throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
+  }
+  return {
+    store: options.store,
+    signer: new IdSigner(options.keys),
+    cookieName,
+    idleTtlMs,
+    absoluteTtlMs,
+    rolling,
+    secure,
+    maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 10),
+    regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs, 10_000),
+    requestId: callback('requestId', options.requestId, () => undefined),
+    onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
+    onEvent: callback('onEvent', options.onEvent, () => undefined),
+    locks: new KeyedLock(),
+    moves: new RecentMoves(),
+  };
 }
 
 declare module 'koa' {
@@ -321,16 +544,17 @@ declare module 'koa' {
 
 /**
  * Server-side sessions for Koa: the browser holds only a signed random id; data lives in the
- * store. Lazy (no store call unless the handler asks), compare-and-set writes, rotatable keys.
+ * store. Lazy (no HMAC and no store call unless the handler asks), compare-and-set writes,
+ * rotatable keys, idle and absolute expiry. Options are checked here, once.
+ *
+ * @example
+ * app.use(sessionMiddleware({ store: createStoreClient({ address: 'localhost:5100', deadlineMs: 1000 }), keys: [process.env.SESSION_KEY!] }));
+ * router.post('/like', async (ctx) => { await ctx.session.update((s) => ({ ...s, likes: Number(s?.likes ?? 0) + 1 })); });
  */
 export function sessionMiddleware(options: SessionOptions): Middleware {
-  const cfg = resolveOptions(options);
+  const cfg = resolveSessionOptions(options);
   return async (ctx, next) => {
-    const secure = cfg.secure === 'always' || (cfg.secure === 'auto' && ctx.secure);
-    const raw = ctx.cookies.get(secure ? `__Host-${cfg.cookieName}` : cfg.cookieName);
-    const id = cfg.signer.verify(raw);
-    if (raw !== undefined && raw !== '' && id === undefined) cfg.onForgedCookie(ctx);
-    ctx.session = new Session(ctx, cfg, id);
+    ctx.session = new Session(ctx, cfg);
     await next();
   };
 }

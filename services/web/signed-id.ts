@@ -2,6 +2,8 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 
 const ID_BYTES = 18; // 144 bits from the CSPRNG, 24 URL-safe characters
 const MAC_BYTES = 16;
+const ID_LENGTH = 24;
+const MAC_LENGTH = 22; // 16 bytes in base64url
 const ID_PATTERN = /^[A-Za-z0-9_-]{24}$/;
 const MAC_PATTERN = /^[A-Za-z0-9_-]{22}$/;
 
@@ -10,54 +12,87 @@ export function newSessionId(): string {
   return randomBytes(ID_BYTES).toString('base64url');
 }
 
+/** True for strings shaped like an id from newSessionId() (no MAC check). */
+export function isSessionIdShape(value: string): boolean {
+  return ID_PATTERN.test(value);
+}
+
+/**
+ * What one HMAC of an id under the signing key gives: the cookie MAC (first half) and the form
+ * token (second half). The halves of an HMAC-SHA256 output are independent, so a token seen in a
+ * page says nothing about the cookie's MAC, and one HMAC per request serves both.
+ */
+export interface IdProof {
+  id: string;
+  /** `<id>.<mac>`: the cookie value. */
+  cookie: string;
+  /** The CSRF token bound to this id, for forms. */
+  csrf: string;
+}
+
 /**
  * Signs and verifies session ids with HMAC-SHA256 under rotatable keys: the first key signs, every
- * key verifies. One HMAC per check with one key; comparison is constant-time.
+ * key verifies. Comparisons are constant-time.
  */
 export class IdSigner {
   private readonly keys: Buffer[];
 
+  /** Throws a TypeError saying what to fix when keys are missing or short. */
   constructor(keys: readonly string[]) {
-    if (keys.length === 0) throw new Error('session keys: at least one key is required');
-    for (const key of keys) {
-      if (key.length < 32) throw new Error('session keys: every key must be at least 32 characters');
+    if (!Array.isArray(keys) || keys.length === 0) {
+      throw new TypeError('session option keys: give at least one secret key (newest first), e.g. from SESSION_KEYS');
     }
+    keys.forEach((key, i) => {
+      if (typeof key !== 'string' || key.length < 32) {
+        throw new TypeError(`session option keys[${i}]: every key must be a string of at least 32 characters`);
+      }
+    });
     this.keys = keys.map((k) => Buffer.from(k, 'utf8'));
   }
 
-  /** `<id>.<mac>`: the cookie value. */
-  sign(id: string): string {
-    return `${id}.${this.mac(this.keys[0], 'id', id).toString('base64url')}`;
+  /** Cookie value and form token for an id, under the signing (first) key. */
+  prove(id: string): IdProof {
+    const digest = this.digest(this.keys[0], id);
+    return {
+      id,
+      cookie: `${id}.${digest.subarray(0, MAC_BYTES).toString('base64url')}`,
+      csrf: digest.subarray(MAC_BYTES).toString('base64url'),
+    };
   }
 
-  /** The id inside a cookie value when its MAC verifies under any key; undefined otherwise. */
-  verify(cookie: string | undefined): string | undefined {
-    if (!cookie || cookie.length !== 47 || cookie[24] !== '.') return undefined;
-    const id = cookie.slice(0, 24);
-    const mac = cookie.slice(25);
+  /**
+   * The id inside a cookie value when its MAC verifies under any key, else undefined. Under the
+   * signing key (the usual case) the proof comes with it, so the form token needs no second HMAC.
+   */
+  verify(cookie: string | undefined): { id: string; proof?: IdProof } | undefined {
+    if (!cookie || cookie.length !== ID_LENGTH + 1 + MAC_LENGTH || cookie[ID_LENGTH] !== '.') return undefined;
+    const id = cookie.slice(0, ID_LENGTH);
+    const mac = cookie.slice(ID_LENGTH + 1);
     if (!ID_PATTERN.test(id) || !MAC_PATTERN.test(mac)) return undefined;
     const presented = Buffer.from(mac, 'base64url');
-    for (const key of this.keys) {
-      if (timingSafeEqual(presented, this.mac(key, 'id', id))) return id;
+    for (let i = 0; i < this.keys.length; i += 1) {
+      const digest = this.digest(this.keys[i], id);
+      if (timingSafeEqual(presented, digest.subarray(0, MAC_BYTES))) {
+        if (i > 0) return { id };
+        return { id, proof: { id, cookie, csrf: digest.subarray(MAC_BYTES).toString('base64url') } };
+      }
     }
     return undefined;
   }
 
-  /** A token bound to one session id, for forms (CSRF). */
-  token(purpose: string, id: string): string {
-    return this.mac(this.keys[0], purpose, id).toString('base64url');
-  }
-
-  /** Constant-time check of a token made by token() under any key. */
-  verifyToken(purpose: string, id: string, token: unknown): boolean {
+  /** Constant-time check of a form token for an id, under any key (tokens survive a key rotation). */
+  verifyCsrf(id: string, token: unknown, known?: IdProof): boolean {
     if (typeof token !== 'string' || !MAC_PATTERN.test(token)) return false;
     const presented = Buffer.from(token, 'base64url');
+    if (known?.id === id && timingSafeEqual(presented, Buffer.from(known.csrf, 'base64url'))) return true;
     let ok = false;
-    for (const key of this.keys) ok = timingSafeEqual(presented, this.mac(key, purpose, id)) || ok;
+    for (const key of this.keys) {
+      ok = timingSafeEqual(presented, this.digest(key, id).subarray(MAC_BYTES)) || ok;
+    }
     return ok;
   }
 
-  private mac(key: Buffer, purpose: string, id: string): Buffer {
-    return createHmac('sha256', key).update(purpose).update('\0').update(id).digest().subarray(0, MAC_BYTES);
+  private digest(key: Buffer, id: string): Buffer {
+    return createHmac('sha256', key).update('session-id\0').update(id).digest();
   }
 }

@@ -1,0 +1,101 @@
+import { Counter, collectDefaultMetrics, Histogram, Registry } from 'prom-client';
+import { StoreClientError } from '../client/store-client';
+import type { SessionBackend, SessionEvent } from './session';
+
+const HTTP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+const STORE_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
+
+/** The web service's Prometheus metrics, in a registry of their own (so several apps can live in one process). */
+export class WebMetrics {
+  readonly registry = new Registry();
+
+  private readonly requests = new Counter({
+    name: 'web_http_requests_total',
+    help: 'HTTP requests answered, by method, route and status.',
+    labelNames: ['method', 'route', 'status'] as const,
+    registers: [this.registry],
+  });
+
+  private readonly requestSeconds = new Histogram({
+    name: 'web_http_request_duration_seconds',
+    help: 'Time from receiving a request to its response being ready, by method, route and status.',
+    labelNames: ['method', 'route', 'status'] as const,
+    buckets: HTTP_BUCKETS,
+    registers: [this.registry],
+  });
+
+  private readonly storeSeconds = new Histogram({
+    name: 'web_store_call_duration_seconds',
+    help: 'Latency of calls to the SessionStore, by method (get, put, delete) and outcome (ok, conflict, unavailable, ...).',
+    labelNames: ['method', 'outcome'] as const,
+    buckets: STORE_BUCKETS,
+    registers: [this.registry],
+  });
+
+  private readonly storeErrors = new Counter({
+    name: 'web_store_call_errors_total',
+    help: 'Failed calls to the SessionStore, by method and kind (conflict, unavailable, invalid, unauthenticated, other).',
+    labelNames: ['method', 'kind'] as const,
+    registers: [this.registry],
+  });
+
+  private readonly sessions = new Counter({
+    name: 'web_sessions_total',
+    help: 'Session lifecycle events: created, regenerated, destroyed (by the site), expired (absolute lifetime reached).',
+    labelNames: ['event'] as const,
+    registers: [this.registry],
+  });
+
+  private readonly forged = new Counter({
+    name: 'web_forged_cookies_total',
+    help: 'Session cookies whose signature did not verify (forged or tampered).',
+    registers: [this.registry],
+  });
+
+  constructor(options: { defaultMetrics?: boolean } = {}) {
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  observeRequest(method: string, route: string, status: number, seconds: number): void {
+    const labels = { method, route, status: String(status) };
+    this.requests.inc(labels);
+    this.requestSeconds.observe(labels, seconds);
+  }
+
+  observeSessionEvent(event: SessionEvent): void {
+    this.sessions.inc({ event });
+  }
+
+  observeForgedCookie(): void {
+    this.forged.inc();
+  }
+
+  /** The store with every call timed and every failure counted, by method. */
+  instrumentStore(store: SessionBackend): SessionBackend {
+    const timed = <R>(method: string, call: () => Promise<R>): Promise<R> => {
+      const start = process.hrtime.bigint();
+      return call().then(
+        (result) => {
+          this.storeSeconds.observe({ method, outcome: 'ok' }, Number(process.hrtime.bigint() - start) / 1e9);
+          return result;
+        },
+        (err: unknown) => {
+          const kind = err instanceof StoreClientError ? err.kind : 'other';
+          this.storeSeconds.observe({ method, outcome: kind }, Number(process.hrtime.bigint() - start) / 1e9);
+          this.storeErrors.inc({ method, kind });
+          throw err;
+        },
+      );
+    };
+    return {
+      get: (key, options) => timed('get', () => store.get(key, options)),
+      put: (key, value, options) => timed('put', () => store.put(key, value, options)),
+      delete: (key, options) => timed('delete', () => store.delete(key, options)),
+    };
+  }
+
+  /** The Prometheus text exposition of every metric. */
+  async render(): Promise<{ contentType: string; body: string }> {
+    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+  }
+}
