@@ -18,6 +18,14 @@ export function isSessionIdShape(value: string): boolean {
 }
 
 /**
+ * Constant-time equality of two base64url strings of the same length. Strings, not decoded bytes:
+ * a decoder ignores the spare low bits of the last digit, which would let a changed MAC pass.
+ */
+function sameText(a: string, b: string): boolean {
+  return a.length === b.length && timingSafeEqual(Buffer.from(a, 'latin1'), Buffer.from(b, 'latin1'));
+}
+
+/**
  * What one HMAC of an id under the signing key gives: the cookie MAC (first half) and the form
  * token (second half). The halves of an HMAC-SHA256 output are independent, so a token seen in a
  * page says nothing about the cookie's MAC, and one HMAC per request serves both.
@@ -69,10 +77,9 @@ export class IdSigner {
     const id = cookie.slice(0, ID_LENGTH);
     const mac = cookie.slice(ID_LENGTH + 1);
     if (!ID_PATTERN.test(id) || !MAC_PATTERN.test(mac)) return undefined;
-    const presented = Buffer.from(mac, 'base64url');
     for (let i = 0; i < this.keys.length; i += 1) {
       const digest = this.digest(this.keys[i], id);
-      if (timingSafeEqual(presented, digest.subarray(0, MAC_BYTES))) {
+      if (sameText(mac, digest.subarray(0, MAC_BYTES).toString('base64url'))) {
         if (i > 0) return { id };
         return { id, proof: { id, cookie, csrf: digest.subarray(MAC_BYTES).toString('base64url') } };
       }
@@ -83,11 +90,10 @@ export class IdSigner {
   /** Constant-time check of a form token for an id, under any key (tokens survive a key rotation). */
   verifyCsrf(id: string, token: unknown, known?: IdProof): boolean {
     if (typeof token !== 'string' || !MAC_PATTERN.test(token)) return false;
-    const presented = Buffer.from(token, 'base64url');
-    if (known?.id === id && timingSafeEqual(presented, Buffer.from(known.csrf, 'base64url'))) return true;
+    if (known?.id === id && sameText(token, known.csrf)) return true;
     let ok = false;
     for (const key of this.keys) {
-      ok = timingSafeEqual(presented, this.digest(key, id).subarray(MAC_BYTES)) || ok;
+      ok = sameText(token, this.digest(key, id).subarray(MAC_BYTES).toString('base64url')) || ok;
     }
     return ok;
   }

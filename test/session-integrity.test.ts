@@ -1,0 +1,344 @@
+import assert from 'node:assert/strict';
+import Router from '@koa/router';
+import Koa from 'koa';
+import { shortHash } from '../services/shared/log';
+import { createApp } from '../services/web/app';
+import { WebMetrics } from '../services/web/metrics';
+import { type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
+import { IdSigner } from '../services/web/signed-id';
+import { CookieJarClient } from './helpers/browser';
+import { TEST_KEY } from './helpers/procs';
+import { countingStore, idOf, memoryLogger, serveApp, startStoreWithClient } from './helpers/web-app';
+
+const OTHER_KEY = 'another-key-that-this-site-never-had-0123456789';
+const BASE64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+
+describe('session middleware (createApp over a real store process)', function () {
+  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async () => {
+    store = await startStoreWithClient();
+  });
+  after(async () => {
+    for (const close of closers.reverse()) await close();
+    await store?.stop();
+  });
+
+  /** The counter site over the real store, with a call-counting wrapper and in-memory logs. */
+  async function site(session: Partial<SessionOptions> = {}, options: { trustProxy?: boolean } = {}) {
+    const counted = countingStore(store.client);
+    const logs = memoryLogger('info');
+    const metrics = new WebMetrics({ defaultMetrics: false });
+    const app = createApp({ store: counted, session: { keys: [TEST_KEY], ...session }, logger: logs.logger, metrics, ...options });
+    const served = await serveApp(app);
+    closers.push(served.close);
+    return { base: served.base, counted, logs, metrics };
+  }
+
+  describe('forged and tampered cookies', () => {
+    it('are rejected before any store call: a fresh session is issued, the forged id never reaches the store, and a POST with one makes no store call at all', async () => {
+      const { base, counted } = await site();
+      const jar = new CookieJarClient(base);
+      const { csrf } = await jar.page();
+      const genuine = jar.cookies.get('sid')!;
+      const id = idOf(genuine);
+      const mac = genuine.slice(25);
+      const forged: Array<[string, string]> = [
+        ['MAC of the real id under a key the site does not have', new IdSigner([OTHER_KEY]).prove(id).cookie],
+        ['last MAC digit changed in its spare bits', genuine.slice(0, -1) + BASE64URL[BASE64URL.indexOf(genuine.at(-1)!) ^ 1]],
+        ['one character of the id changed, MAC kept', `${id.slice(0, 5)}${id[5] === 'x' ? 'y' : 'x'}${id.slice(6)}.${mac}`],
+        ['MAC truncated', genuine.slice(0, -2)],
+      ];
+      for (const [what, value] of forged) {
+        counted.calls.length = 0;
+        const res = await fetch(base + '/', { headers: { cookie: `sid=${value}` } });
+        assert.equal(res.status, 200, what);
+        assert.match(await res.text(), /Counter 1: 0\b/, `${what}: a fresh session`);
+        const issued = idOf(/^sid=([^;]+)/.exec(res.headers.getSetCookie()[0] ?? '')?.[1]);
+        assert.notEqual(issued, idOf(value), `${what}: a new id, not the presented one`);
+        const presented = idOf(value);
+        assert.deepEqual(
+          counted.calls.filter((c) => c.key.includes(presented)),
+          [],
+          `${what}: the store never saw the presented id`,
+        );
+
+        counted.calls.length = 0;
+        const post = await fetch(base + '/increment', {
+          method: 'POST',
+          headers: { cookie: `sid=${value}`, 'content-type': 'application/x-www-form-urlencoded' },
+          body: new URLSearchParams({ _csrf: csrf }).toString(),
+          redirect: 'manual',
+        });
+        assert.equal(post.status, 403, `${what}: POST refused`);
+        assert.equal(counted.calls.length, 0, `${what}: the POST made no store call`);
+      }
+      const after = await jar.page();
+      assert.deepEqual([after.count1, after.count2], [1, 0], 'the genuine session was untouched');
+    });
+
+    it('are logged as suspicious with a hash of the value and the remote address, never the value, at most 10 lines per 10 s however many arrive', async () => {
+      const { base, logs, metrics } = await site();
+      const value = new IdSigner([OTHER_KEY]).prove('AAAAAAAAAAAAAAAAAAAAAAAA').cookie;
+      for (let i = 0; i < 40; i += 1) {
+        const res = await fetch(base + '/increment', { method: 'POST', headers: { cookie: `sid=${value}` } });
+        assert.equal(res.status, 403);
+      }
+      const warnings = logs.entries().filter((e) => e.msg === 'suspicious session cookie: signature does not verify');
+      assert.equal(warnings.length, 10, 'rate-limited to 10 lines');
+      for (const w of warnings) {
+        assert.equal(w.cookieHash, shortHash(value));
+        assert.match(String(w.remote), /127\.0\.0\.1/);
+        assert.equal(w.level, 40, 'warn level');
+      }
+      assert.ok(!logs.lines.some((l) => l.includes(value) || l.includes(value.slice(0, 24))), 'the raw value is in no log line');
+      assert.match(await metrics.registry.metrics(), /^web_forged_cookies_total 40$/m, 'every one is counted in the metrics');
+    });
+  });
+
+  describe('CSRF', () => {
+    it('a POST with no token, a wrong token or another session\'s token gets the 403 page, writes nothing to the store and changes no counter', async () => {
+      const { base, counted } = await site();
+      const a = new CookieJarClient(base);
+      const b = new CookieJarClient(base);
+      await a.page();
+      const { csrf: tokenOfB } = await b.page();
+      counted.calls.length = 0;
+      const attempts: Array<[string, string, Record<string, string>]> = [
+        ['no token', '/increment', {}],
+        ['an empty token', '/increment', { _csrf: '' }],
+        ['a wrong token', '/increment', { _csrf: 'A'.repeat(22) }],
+        ["the other session's token", '/increment', { _csrf: tokenOfB }],
+        ["the other session's token on reset", '/reset', { _csrf: tokenOfB }],
+      ];
+      for (const [what, path, form] of attempts) {
+        const res = await a.post(path, form, false);
+        assert.equal(res.status, 403, what);
+        assert.match(res.headers.get('content-type') ?? '', /text\/html/, `${what}: an HTML page`);
+        assert.equal(res.headers.get('cache-control'), 'no-store');
+        await res.text();
+      }
+      assert.deepEqual(
+        counted.calls.filter((c) => c.method !== 'get'),
+        [],
+        'no put or delete reached the store',
+      );
+      const page = await a.page();
+      assert.deepEqual([page.count1, page.count2], [1, 0], 'the counters are as before');
+      const ok = await a.post('/increment', { _csrf: page.csrf }, false);
+      assert.equal(ok.status, 303, 'the right token still works (the test can tell the difference)');
+    });
+  });
+
+  describe('lifetime', () => {
+    it('the absolute lifetime ends a session however often it is used; replaying its cookie afterwards starts a new empty one', async () => {
+      const absoluteTtlMs = 1500;
+      const { base } = await site({ idleTtlMs: 1000, absoluteTtlMs });
+      const jar = new CookieJarClient(base);
+      const started = Date.now();
+      await jar.page();
+      const original = jar.cookies.get('sid')!;
+      let visits = 1;
+      let last = { count1: 0, count2: 0 };
+      while (jar.cookies.get('sid') === original && Date.now() - started < 10_000) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        last = await jar.page();
+        visits += 1;
+      }
+      const endedAfter = Date.now() - started;
+      assert.notEqual(jar.cookies.get('sid'), original, 'a new id was issued');
+      assert.deepEqual([last.count1, last.count2], [0, 0], 'the new session starts empty');
+      assert.ok(visits >= 8, `the session was in use all along (${visits} visits, idle timeout never reached)`);
+      assert.ok(endedAfter >= absoluteTtlMs - 100, `not before the absolute lifetime (${endedAfter} ms)`);
+
+      const replay = await fetch(base + '/', { headers: { cookie: `sid=${original}` } });
+      assert.match(await replay.text(), /Counter 1: 0\b/, 'the replayed cookie does not revive the data');
+      const reissued = /^sid=([^;]+)/.exec(replay.headers.getSetCookie()[0] ?? '')?.[1];
+      assert.ok(reissued && idOf(reissued) !== idOf(original), 'and gets a new id');
+      assert.equal(await store.client.get(idOf(original)), null, 'the expired entry is gone from the store');
+    });
+
+    it('an idle timeout ends an unused session with a new id at 0/0, while use keeps sliding it', async () => {
+      const { base } = await site({ idleTtlMs: 700, absoluteTtlMs: 60_000 });
+      const jar = new CookieJarClient(base);
+      await jar.page();
+      const original = jar.cookies.get('sid');
+      for (let i = 0; i < 5; i += 1) {
+        await new Promise((resolve) => setTimeout(resolve, 250));
+        await jar.page();
+      }
+      assert.equal(jar.cookies.get('sid'), original, 'used every 250 ms for 1.25 s (> idle timeout): same session');
+      await new Promise((resolve) => setTimeout(resolve, 1200));
+      const after = await jar.page();
+      assert.notEqual(jar.cookies.get('sid'), original, 'idle past the timeout: a new id');
+      assert.deepEqual([after.count1, after.count2], [0, 0]);
+    });
+  });
+
+  describe('cookie attributes', () => {
+    const setCookie = async (base: string, headers: Record<string, string> = {}) => {
+      const res = await fetch(base + '/', { headers });
+      await res.text();
+      return res.headers.getSetCookie()[0] ?? '';
+    };
+    const attrs = (cookie: string) =>
+      cookie
+        .split(';')
+        .slice(1)
+        .map((a) => a.trim().toLowerCase())
+        .sort();
+
+    it('over plain HTTP: name sid, HttpOnly, SameSite=Lax, Path=/, no Secure, no Domain, no expiry (a browser-session cookie)', async () => {
+      const { base } = await site();
+      const cookie = await setCookie(base);
+      assert.match(cookie, /^sid=[A-Za-z0-9_-]{24}\.[A-Za-z0-9_-]{22};/);
+      assert.deepEqual(attrs(cookie), ['httponly', 'path=/', 'samesite=lax']);
+    });
+
+    it('behind a trusted proxy with X-Forwarded-Proto: https: name __Host-sid with Secure, and the next request with it is recognised', async () => {
+      const { base } = await site({}, { trustProxy: true });
+      const cookie = await setCookie(base, { 'x-forwarded-proto': 'https' });
+      assert.match(cookie, /^__Host-sid=[A-Za-z0-9_-]{24}\.[A-Za-z0-9_-]{22};/);
+      assert.deepEqual(attrs(cookie), ['httponly', 'path=/', 'samesite=lax', 'secure']);
+      const pair = cookie.split(';')[0];
+      const again = await fetch(base + '/', { headers: { cookie: pair, 'x-forwarded-proto': 'https' } });
+      assert.match(await again.text(), /Counter 1: 1\b/);
+      assert.equal(await setCookie(base).then((c) => c.startsWith('sid=')), true, 'the same app over plain HTTP still uses sid');
+    });
+
+    it('without trustProxy, X-Forwarded-Proto is ignored: no Secure cookie because a client says so', async () => {
+      const { base } = await site({}, { trustProxy: false });
+      const cookie = await setCookie(base, { 'x-forwarded-proto': 'https' });
+      assert.deepEqual(attrs(cookie), ['httponly', 'path=/', 'samesite=lax']);
+      assert.match(cookie, /^sid=/);
+    });
+
+    it("secure: 'always' makes a __Host- Secure cookie even over HTTP; 'never' makes a plain one even behind HTTPS", async () => {
+      const always = await site({ secure: 'always' });
+      const a = await setCookie(always.base);
+      assert.match(a, /^__Host-sid=/);
+      assert.ok(attrs(a).includes('secure'));
+      const never = await site({ secure: 'never' }, { trustProxy: true });
+      const n = await setCookie(never.base, { 'x-forwarded-proto': 'https' });
+      assert.match(n, /^sid=/);
+      assert.ok(!attrs(n).includes('secure'));
+    });
+  });
+});
+
+/** A site built from the same middleware that also exposes regenerate(), to drive it under load. */
+function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}): Koa {
+  const app = new Koa();
+  app.use(async (ctx, next) => {
+    try {
+      await next();
+    } catch (err) {
+      ctx.status = (err as { status?: number }).status ?? 500;
+      ctx.body = { error: (err as Error).message };
+    }
+  });
+  app.use(sessionMiddleware({ store, keys: [TEST_KEY], ...options }));
+  const router = new Router();
+  router.post('/inc', async (ctx) => {
+    let sawEmpty = false;
+    const next = await ctx.session.update((current: { n?: number } | null) => {
+      sawEmpty = current === null;
+      return { n: (current?.n ?? 0) + 1 };
+    });
+    ctx.body = { n: next.n, sawEmpty };
+  });
+  router.post('/renew', async (ctx) => {
+    await ctx.session.regenerate();
+    ctx.body = { renewed: true };
+  });
+  router.get('/state', async (ctx) => {
+    ctx.body = (await ctx.session.get()) ?? {};
+  });
+  app.use(router.routes());
+  return app;
+}
+
+describe('regenerate() under parallel requests (real store process)', function () {
+  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
+  const closers: Array<() => Promise<void>> = [];
+  before(async () => {
+    store = await startStoreWithClient();
+  });
+  after(async () => {
+    for (const close of closers.reverse()) await close();
+    await store?.stop();
+  });
+
+  const call = async (base: string, method: string, path: string, cookie: string) => {
+    const res = await fetch(base + path, { method, headers: { cookie } });
+    const body = (await res.json()) as { n?: number; sawEmpty?: boolean; error?: string };
+    const set = /^sid=([^;]+)/.exec(res.headers.getSetCookie()[0] ?? '')?.[1];
+    return { status: res.status, body, set };
+  };
+
+  it('200 increments racing 10 regenerations, all carrying the old id: none sees an empty session, none is lost, the old id keeps only a short-lived forward', async () => {
+    const served = await serveApp(renewApp(store.client));
+    closers.push(served.close);
+    const first = await call(served.base, 'POST', '/inc', '');
+    const cookie = `sid=${first.set}`;
+    const results = await Promise.all(
+      Array.from({ length: 210 }, (_, i) => call(served.base, 'POST', i % 21 === 10 ? '/renew' : '/inc', cookie)),
+    );
+    assert.deepEqual([...new Set(results.map((r) => r.status))], [200], JSON.stringify(results.find((r) => r.status !== 200)));
+    const incs = results.filter((r) => r.body.n !== undefined);
+    assert.equal(incs.length, 200);
+    assert.equal(incs.filter((r) => r.body.sawEmpty).length, 0, 'no request saw an empty session');
+    assert.deepEqual(
+      incs.map((r) => r.body.n!).sort((x, y) => x - y),
+      Array.from({ length: 200 }, (_, i) => i + 2),
+      'every increment saw a distinct state: 2..201',
+    );
+    const newest = results.filter((r) => r.set).at(-1)!.set!;
+    const state = await call(served.base, 'GET', '/state', `sid=${newest}`);
+    assert.equal(state.body.n, 201);
+    const old = await store.client.get(idOf(first.set));
+    assert.ok(old === null || /^moved:/.test(old.value.toString()), 'the first id holds no data any more, at most a forward');
+    assert.ok(old === null || old.expiresAtMs <= Date.now() + 10_000, 'which expires within the grace window');
+  });
+
+  it('after the grace window the old id is worthless: it leads to a new empty session while the new id keeps the data', async () => {
+    const served = await serveApp(renewApp(store.client, { regenerateGraceMs: 300 }));
+    closers.push(served.close);
+    const first = await call(served.base, 'POST', '/inc', '');
+    const renewed = await call(served.base, 'POST', '/renew', `sid=${first.set}`);
+    assert.ok(renewed.set && idOf(renewed.set) !== idOf(first.set), 'a new id');
+    const within = await call(served.base, 'POST', '/inc', `sid=${first.set}`);
+    assert.deepEqual(within.body, { n: 2, sawEmpty: false }, 'within the grace window the old id leads to the session');
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    const late = await call(served.base, 'POST', '/inc', `sid=${first.set}`);
+    assert.deepEqual(late.body, { n: 1, sawEmpty: true }, 'after it, the old id is a stranger');
+    assert.notEqual(idOf(late.set), idOf(renewed.set));
+    const kept = await call(served.base, 'POST', '/inc', `sid=${renewed.set}`);
+    assert.equal(kept.body.n, 3, 'the new id kept the data');
+  });
+
+  it('two app instances (separate locks, as two processes) share one session while one regenerates it: every acknowledged increment counts, none sees an empty session', async () => {
+    const a = await serveApp(renewApp(store.client));
+    const b = await serveApp(renewApp(store.client));
+    closers.push(a.close, b.close);
+    const first = await call(a.base, 'POST', '/inc', '');
+    const cookie = `sid=${first.set}`;
+    const results = await Promise.all(
+      Array.from({ length: 84 }, (_, i) => {
+        if (i % 21 === 10) return call(a.base, 'POST', '/renew', cookie);
+        return call(i % 2 === 0 ? a.base : b.base, 'POST', '/inc', cookie);
+      }),
+    );
+    const failed = results.filter((r) => r.status !== 200);
+    for (const r of failed) assert.equal(r.status, 503, `only "please retry" failures: ${JSON.stringify(r.body)}`);
+    const incs = results.filter((r) => r.status === 200 && r.body.n !== undefined);
+    assert.ok(incs.length >= 70, `most increments succeed (${incs.length}/80)`);
+    assert.equal(incs.filter((r) => r.body.sawEmpty).length, 0, 'no request saw an empty session');
+    const seen = incs.map((r) => r.body.n!);
+    assert.equal(new Set(seen).size, seen.length, 'every acknowledged increment saw a distinct state');
+    const newest = results.filter((r) => r.set).at(-1)!.set!;
+    const state = await call(b.base, 'GET', '/state', `sid=${newest}`);
+    assert.equal(state.body.n, 1 + incs.length, 'the final count is exactly 1 + the acknowledged increments');
+  });
+});

@@ -1,0 +1,110 @@
+import assert from 'node:assert/strict';
+import { IdSigner, newSessionId } from '../services/web/signed-id';
+import { RecentMoves, type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
+
+const KEY_A = 'key-a-0123456789-0123456789-0123456789';
+const KEY_B = 'key-b-0123456789-0123456789-0123456789';
+const BASE64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+
+/** Never called: these tests only create the middleware. */
+const store: SessionBackend = {
+  get: () => Promise.reject(new Error('unused')),
+  put: () => Promise.reject(new Error('unused')),
+  delete: () => Promise.reject(new Error('unused')),
+};
+
+describe('session middleware options are checked at creation', () => {
+  const bad: Array<[string, Partial<SessionOptions> & Record<string, unknown>, RegExp]> = [
+    ['no store', { store: undefined }, /store is required.*get, put and delete/],
+    ['a store without delete', { store: { get: store.get, put: store.put } as unknown as SessionBackend }, /store is required/],
+    ['no keys', { keys: [] }, /keys: give at least one secret key/],
+    ['a short key', { keys: [KEY_A, 'short'] }, /keys\[1\]: every key must be a string of at least 32 characters/],
+    ['a cookie name with a space', { cookieName: 'my sid' }, /cookieName must be 1-64 of/],
+    ['a cookie name that already has the __Host- prefix', { cookieName: '__Host-sid' }, /not start with "__"/],
+    ['a zero idle TTL', { idleTtlMs: 0 }, /idleTtlMs must be a positive integer of milliseconds \(got 0\)/],
+    ['a TTL given as a string', { idleTtlMs: '1000' as unknown as number }, /idleTtlMs must be a positive integer/],
+    ['an absolute lifetime shorter than the idle timeout', { idleTtlMs: 60_000, absoluteTtlMs: 1000 }, /absoluteTtlMs \(1000\) must be at least idleTtlMs \(60000\)/],
+    ['an unknown secure policy', { secure: 'sometimes' as 'auto' }, /secure must be 'auto', 'always' or 'never' \(got "sometimes"\)/],
+    ['rolling as a string', { rolling: 'yes' as unknown as boolean }, /rolling must be true or false/],
+    ['a misspelt option', { idleTTL: 5 }, /option idleTTL is not known; the options are: store, keys, cookieName, idleTtlMs/],
+    ['a callback that is not a function', { onForgedCookie: 'log' as unknown as () => void }, /onForgedCookie must be a function/],
+  ];
+  for (const [name, override, message] of bad) {
+    it(`rejects ${name} with a message saying what to fix`, () => {
+      assert.throws(() => sessionMiddleware({ store, keys: [KEY_A], ...override } as SessionOptions), (err: Error) => {
+        assert.ok(err instanceof TypeError, `TypeError, got ${err.name}`);
+        assert.match(err.message, message);
+        return true;
+      });
+    });
+  }
+
+  it('accepts the minimal options (store and keys) and every documented option', () => {
+    assert.equal(typeof sessionMiddleware({ store, keys: [KEY_A] }), 'function');
+    const full: Required<SessionOptions> = {
+      store,
+      keys: [KEY_A, KEY_B],
+      cookieName: 'app_session',
+      idleTtlMs: 1000,
+      absoluteTtlMs: 2000,
+      rolling: false,
+      secure: 'always',
+      maxUpdateTries: 3,
+      regenerateGraceMs: 500,
+      requestId: () => 'r1',
+      onForgedCookie: () => undefined,
+      onEvent: () => undefined,
+    };
+    assert.equal(typeof sessionMiddleware(full), 'function');
+  });
+});
+
+describe('signed ids', () => {
+  it('a rotated-out key still verifies while the newest key signs; an unknown key does not verify', () => {
+    const id = newSessionId();
+    const old = new IdSigner([KEY_A]);
+    const rotated = new IdSigner([KEY_B, KEY_A]);
+    const cookie = old.prove(id).cookie;
+    assert.equal(rotated.verify(cookie)?.id, id);
+    assert.notEqual(rotated.prove(id).cookie, cookie, 'the newest key signs');
+    assert.equal(new IdSigner([KEY_B]).verify(cookie), undefined);
+  });
+
+  it('any changed character of the id or the MAC fails verification, including the low bits of the last one', () => {
+    const signer = new IdSigner([KEY_A]);
+    for (let n = 0; n < 20; n += 1) {
+      const cookie = signer.prove(newSessionId()).cookie;
+      for (let i = 0; i < cookie.length; i += 1) {
+        if (i === 24) continue;
+        // Flipping the lowest bit of a base64 digit: in the last digit those bits are padding a lax decoder ignores.
+        const flipped = cookie.slice(0, i) + BASE64URL[BASE64URL.indexOf(cookie[i]) ^ 1] + cookie.slice(i + 1);
+        assert.equal(signer.verify(flipped), undefined, `position ${i} of ${cookie}`);
+      }
+    }
+  });
+
+  it('the form token verifies for its own id only and differs from the cookie MAC', () => {
+    const signer = new IdSigner([KEY_A]);
+    const a = signer.prove(newSessionId());
+    const b = signer.prove(newSessionId());
+    assert.equal(signer.verifyCsrf(a.id, a.csrf), true);
+    assert.equal(signer.verifyCsrf(b.id, a.csrf), false);
+    assert.equal(signer.verifyCsrf(a.id, a.cookie.slice(25)), false, 'the cookie MAC is not a form token');
+    assert.equal(signer.verifyCsrf(a.id, undefined), false);
+    assert.equal(signer.verifyCsrf(a.id, [a.csrf]), false);
+    const padded = a.csrf.slice(0, -1) + BASE64URL[BASE64URL.indexOf(a.csrf.at(-1)!) ^ 1];
+    assert.equal(signer.verifyCsrf(a.id, padded), false, 'a token differing only in padding bits');
+  });
+});
+
+describe('recent moves (regenerations known to this process)', () => {
+  it('follows a chain of regenerations and forgets them after their grace window', async () => {
+    const moves = new RecentMoves();
+    moves.remember('a', 'b', 10_000);
+    moves.remember('b', 'c', 30);
+    assert.equal(moves.resolve('a'), 'c');
+    assert.equal(moves.resolve('x'), 'x');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(moves.resolve('a'), 'b');
+  });
+});
