@@ -1,5 +1,5 @@
 import type { Context, Middleware } from 'koa';
-import type { Entry, StoreClient } from '../client/store-client';
+import type { StoreClient } from '../client/store-client';
 import { StoreClientError } from '../client/store-client';
 import { shortHash } from '../shared/log';
 import { type IdProof, IdSigner, newSessionId } from './signed-id';
@@ -94,6 +94,8 @@ export class Session<T extends SessionData = SessionData> {
   private proof: IdProof | undefined;
   private loaded: Loaded | null | undefined; // undefined = not read yet; null = no session
   private requestIdCache: string | undefined | null = null;
+  /** Set while this request holds the session's lock. */
+  private handoff: Handoff | undefined;
 
   constructor(
     private readonly ctx: Context,
@@ -193,17 +195,41 @@ export class Session<T extends SessionData = SessionData> {
     for (let hop = 0; ; hop += 1) {
       const key = this.issued ? undefined : this.cfg.moves.resolve(this.currentId);
       if (key === undefined || hop > MAX_LOCAL_HOPS) return fn();
-      const outcome = await this.cfg.locks.run(key, async () =>
-        this.cfg.moves.resolve(this.currentId) === key ? { value: await fn() } : undefined,
-      );
+      const outcome = await this.cfg.locks.run(key, async (handoff) => {
+        if (this.cfg.moves.resolve(this.currentId) !== key) return undefined;
+        this.handoff = handoff;
+        try {
+          return { value: await fn() };
+        } finally {
+          this.handoff = undefined;
+        }
+      });
       if (outcome) return outcome.value;
     }
+  }
+
+  /**
+   * The entry the previous update in this process's queue for the session wrote: the next one
+   * tries compare-and-set on it without reading first. If another process wrote meanwhile, the
+   * version no longer matches and the update re-reads, so this saves a read and risks nothing.
+   */
+  private fromHandoff(): Loaded | undefined {
+    const last = this.handoff?.last;
+    if (!last || last.id !== this.cfg.moves.resolve(this.currentId) || last.createdAtMs + this.cfg.absoluteTtlMs <= Date.now()) return undefined;
+    const data = parseData(last.raw);
+    if (!data) return undefined;
+    this.markPrivate();
+    return { ...last, data, refreshed: true };
+  }
+
+  private remember(loaded: Loaded | null): void {
+    if (this.handoff) this.handoff.last = loaded ? { id: loaded.id, version: loaded.version, createdAtMs: loaded.createdAtMs, raw: loaded.raw } : undefined;
   }
 
   private async tryUpdate<U extends SessionData>(fn: (current: U | null) => U): Promise<U> {
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
-      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : await this.load(false);
+      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : ((attempt === 0 && this.fromHandoff()) || (await this.load(false)));
       const next = fn((current?.data as U | undefined) ?? null);
       if (next === null || typeof next !== 'object' || Array.isArray(next)) {
         throw new TypeError('session update function must return a plain object (the new session data)');
@@ -221,17 +247,20 @@ export class Session<T extends SessionData = SessionData> {
             ...this.callOptions(),
           });
           this.loaded = { ...current, version: entry.version, data: next, raw: value, refreshed: true };
+          this.remember(this.loaded);
         } else {
           const id = this.issued ? this.currentId! : newSessionId();
           const entry = await this.cfg.store.put(id, value, { ttlMs: this.cfg.idleTtlMs, expectedVersion: 0, ...this.callOptions() });
           this.useId(id, true);
           this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next, raw: value, refreshed: true };
+          this.remember(this.loaded);
           this.cfg.onEvent('created', this.ctx);
         }
         return next;
       } catch (err) {
         if (!isConflict(err)) throw err;
         this.loaded = undefined;
+        this.remember(null);
       }
     }
     throw new SessionConflictError('the session changed too often while it was being updated; please retry');
@@ -261,6 +290,7 @@ export class Session<T extends SessionData = SessionData> {
         });
         this.cfg.moves.remember(current.id, newId, this.cfg.regenerateGraceMs);
         this.loaded = { ...current, id: newId, version: newVersion, createdAtMs: copied.createdAtMs, refreshed: true };
+        this.remember(null);
         this.useId(newId, true);
         this.cfg.onEvent('regenerated', this.ctx);
         return;
@@ -309,7 +339,7 @@ export class Session<T extends SessionData = SessionData> {
       if (deleted) this.cfg.onEvent('expired', this.ctx);
       return 'gone';
     }
-    const data = parseData(entry);
+    const data = parseData(entry.value);
     if (!data) return 'gone';
     this.markPrivate();
     return { id, version: entry.version, createdAtMs: entry.createdAtMs, data, raw: entry.value, refreshed: refresh };
@@ -374,20 +404,31 @@ function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** Runs tasks of one key one after another within this process. */
-export class KeyedLock {
-  private readonly tails = new Map<string, Promise<unknown>>();
+/** What queued updates of one session hand to each other: the last entry written. */
+export interface Handoff {
+  last?: { id: string; version: number; createdAtMs: number; raw: Buffer };
+}
 
-  run<R>(key: string, fn: () => Promise<R>): Promise<R> {
-    const previous = this.tails.get(key) ?? Promise.resolve();
-    const result = previous.then(fn, fn);
+/** Runs tasks of one key one after another within this process; tasks of a queue share its Handoff. */
+export class KeyedLock {
+  private readonly queues = new Map<string, { tail: Promise<unknown>; handoff: Handoff }>();
+
+  run<R>(key: string, fn: (handoff: Handoff) => Promise<R>): Promise<R> {
+    let queue = this.queues.get(key);
+    if (!queue) {
+      queue = { tail: Promise.resolve(), handoff: {} };
+      this.queues.set(key, queue);
+    }
+    const q = queue;
+    const start = () => fn(q.handoff);
+    const result = q.tail.then(start, start);
     const tail = result.then(
       () => undefined,
       () => undefined,
     );
-    this.tails.set(key, tail);
+    q.tail = tail;
     void tail.then(() => {
-      if (this.tails.get(key) === tail) this.tails.delete(key);
+      if (q.tail === tail) this.queues.delete(key);
     });
     return result;
   }
@@ -454,9 +495,9 @@ function parseForward(value: Buffer): Forward | null {
   return match ? { forward: match[1], untilMs: Number(match[2]) } : null;
 }
 
-function parseData(entry: Entry): SessionData | null {
+function parseData(value: Buffer): SessionData | null {
   try {
-    const data: unknown = JSON.parse(entry.value.toString('utf8'));
+    const data: unknown = JSON.parse(value.toString('utf8'));
     return data !== null && typeof data === 'object' && !Array.isArray(data) ? (data as SessionData) : null;
   } catch {
     return null;

@@ -1,0 +1,256 @@
+import assert from 'node:assert/strict';
+import { gzipSync } from 'node:zlib';
+import { Server, ServerCredentials, ServerInterceptingCall, type ServerInterceptor } from '@grpc/grpc-js';
+import pino from 'pino';
+import { createStoreClient } from '../services/client/store-client';
+import { SqliteBackend } from '../services/store/backends/sqlite';
+import { loadStoreConfig } from '../services/store/config';
+import { createStoreServer } from '../services/store/server';
+import { createApp } from '../services/web/app';
+import { WebMetrics } from '../services/web/metrics';
+import { createStoreReadiness, type ReadinessCheck } from '../services/web/readiness';
+import { CookieJarClient } from './helpers/browser';
+import { startStore, TEST_KEY, tempDir } from './helpers/procs';
+import { countingStore, memoryLogger, serveApp, startStoreWithClient, waitFor } from './helpers/web-app';
+
+/**
+ * Parses Prometheus text exposition; throws on any line that is not a comment, a blank or a sample.
+ * Values as Prometheus reads them (Go's ParseFloat: NaN and Inf in any case; prom-client writes "Nan").
+ */
+export function parsePrometheus(text: string): Map<string, number> {
+  const samples = new Map<string, number>();
+  const sample = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? ([+-]?(?:\d+(?:\.\d+)?(?:e[+-]?\d+)?|nan|inf))( -?\d+)?$/i;
+  for (const line of text.split('\n')) {
+    if (line === '' || /^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* /.test(line)) continue;
+    const match = sample.exec(line);
+    if (!match) throw new Error(`not Prometheus text: ${JSON.stringify(line)}`);
+    samples.set(`${match[1]}${match[2] ?? ''}`, Number(match[3]));
+  }
+  return samples;
+}
+
+describe('web over HTTP (createApp over a real store process)', function () {
+  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
+  let readiness: ReadinessCheck;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async () => {
+    store = await startStoreWithClient();
+    readiness = createStoreReadiness({ address: store.address, timeoutMs: 500 });
+  });
+  after(async () => {
+    for (const close of closers.reverse()) await close();
+    readiness?.close();
+    await store?.stop();
+  });
+
+  async function site() {
+    const counted = countingStore(store.client);
+    const logs = memoryLogger('info');
+    const metrics = new WebMetrics();
+    const app = createApp({ store: counted, session: { keys: [TEST_KEY] }, logger: logs.logger, metrics, readiness });
+    const served = await serveApp(app);
+    closers.push(served.close);
+    return { base: served.base, counted, logs, metrics };
+  }
+
+  describe('security headers', () => {
+    it('pages carry a CSP with no inline script and frame-ancestors none, nosniff, a Referrer-Policy, and Cache-Control: no-store', async () => {
+      const { base } = await site();
+      const jar = new CookieJarClient(base);
+      const home = await jar.get('/');
+      const html = await home.text();
+      const csp = home.headers.get('content-security-policy') ?? '';
+      assert.match(csp, /default-src 'none'/);
+      assert.match(csp, /frame-ancestors 'none'/);
+      assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
+      assert.doesNotMatch(csp, /script-src/, 'no script source at all: default-src none applies');
+      assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)/i, 'no inline script in the page');
+      assert.equal(home.headers.get('x-content-type-options'), 'nosniff');
+      assert.ok(home.headers.get('referrer-policy'), 'Referrer-Policy is set');
+      assert.equal(home.headers.get('cache-control'), 'no-store');
+      const csrf = /name="_csrf" value="([^"]+)"/.exec(html)?.[1] ?? '';
+      const redirect = await jar.post('/increment', { _csrf: csrf }, false);
+      assert.equal(redirect.status, 303);
+      assert.equal(redirect.headers.get('cache-control'), 'no-store', 'a response that wrote the session');
+      const missing = await jar.get('/nowhere');
+      assert.equal(missing.status, 404);
+      assert.equal(missing.headers.get('cache-control'), 'no-store', 'error pages');
+      assert.match(missing.headers.get('content-security-policy') ?? '', /frame-ancestors 'none'/, 'error pages too');
+    });
+  });
+
+  describe('form bodies', () => {
+    it('an oversized, mis-encoded or undecodable form body gets a 400 or 413 page, never a 500, and changes nothing', async () => {
+      const { base, logs } = await site();
+      const jar = new CookieJarClient(base);
+      const { csrf } = await jar.page();
+      const form = 'application/x-www-form-urlencoded';
+      const cases: Array<[string, number, Record<string, string>, BodyInit]> = [
+        ['a 9 KB form', 413, { 'content-type': form }, `_csrf=${csrf}&pad=${'x'.repeat(9 * 1024)}`],
+        ['gzip that is not gzip', 400, { 'content-type': form, 'content-encoding': 'gzip' }, 'not gzip at all'],
+        ['an unknown content encoding', 400, { 'content-type': form, 'content-encoding': 'zstd-but-not-really' }, `_csrf=${csrf}`],
+        ['gzip that inflates past the limit', 413, { 'content-type': form, 'content-encoding': 'gzip' }, gzipSync(`_csrf=${csrf}&pad=${'x'.repeat(64 * 1024)}`)],
+        ['broken percent-encoding', 403, { 'content-type': form }, '_csrf=%E0%A4%A&x=%'],
+        ['a token given as an array', 403, { 'content-type': form }, `_csrf[]=${csrf}`],
+      ];
+      for (const [what, status, headers, body] of cases) {
+        const res = await jar.request('/increment', { method: 'POST', headers, body });
+        assert.equal(res.status, status, what);
+        assert.match(res.headers.get('content-type') ?? '', /text\/html/, `${what}: an HTML page`);
+        await res.text();
+      }
+      const after = await jar.page();
+      assert.deepEqual([after.count1, after.count2], [1, 0], 'no counter changed');
+      assert.equal(logs.entries().filter((e) => e.level === 50).length, 0, 'nothing was logged as an error');
+    });
+  });
+
+  describe('request ids and the request log', () => {
+    it('echoes a sane X-Request-Id, replaces a missing or unsafe one, and logs one line per request with id, method, route, status and duration', async () => {
+      const { base, logs } = await site();
+      const given = await fetch(base + '/', { headers: { 'x-request-id': 'edge-7f3a:42' } });
+      await given.text();
+      assert.equal(given.headers.get('x-request-id'), 'edge-7f3a:42');
+      const none = await fetch(base + '/static/style.css');
+      await none.text();
+      assert.match(none.headers.get('x-request-id') ?? '', /^[0-9a-f-]{36}$/);
+      const unsafe = await fetch(base + '/nowhere', { headers: { 'x-request-id': 'a b\tc'.repeat(10) } });
+      await unsafe.text();
+      assert.match(unsafe.headers.get('x-request-id') ?? '', /^[0-9a-f-]{36}$/, 'an unsafe id is not echoed');
+
+      const lines = logs.entries().filter((e) => e.msg === 'request');
+      assert.equal(lines.length, 3, 'one line per request');
+      assert.deepEqual(
+        lines.map((l) => [l.reqId === given.headers.get('x-request-id') || l.reqId === none.headers.get('x-request-id') || l.reqId === unsafe.headers.get('x-request-id'), l.method, l.route, l.status]),
+        [
+          [true, 'GET', '/', 200],
+          [true, 'GET', '/static/*', 200],
+          [true, 'GET', 'unmatched', 404],
+        ],
+      );
+      for (const line of lines) assert.equal(typeof line.ms, 'number');
+    });
+  });
+
+  describe('metrics and operations endpoints', () => {
+    it('GET /metrics is Prometheus text whose request, store-call and session counters move when pages are served', async () => {
+      const { base } = await site();
+      const scrape = async () => {
+        const res = await fetch(base + '/metrics');
+        assert.equal(res.status, 200);
+        assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+        return parsePrometheus(await res.text());
+      };
+      const before = await scrape();
+      const jar = new CookieJarClient(base);
+      await jar.page();
+      await jar.page();
+      const after = await scrape();
+      const delta = (name: string) => (after.get(name) ?? 0) - (before.get(name) ?? 0);
+      assert.equal(delta('web_http_requests_total{method="GET",route="/",status="200"}'), 2);
+      assert.equal(delta('web_http_request_duration_seconds_count{method="GET",route="/",status="200"}'), 2);
+      assert.equal(delta('web_http_requests_total{method="GET",route="/metrics",status="200"}'), 1, 'the first scrape itself');
+      assert.equal(delta('web_store_call_duration_seconds_count{method="put",outcome="ok"}'), 2);
+      assert.equal(delta('web_store_call_duration_seconds_count{method="get",outcome="ok"}'), 1, 'the new session needed no read');
+      assert.equal(delta('web_sessions_total{event="created"}'), 1);
+      assert.ok(after.has('process_cpu_user_seconds_total'), 'default process metrics');
+      assert.ok(after.has('nodejs_eventloop_lag_seconds'), 'default Node.js metrics');
+    });
+
+    it('/healthz, /readyz and /metrics never touch a session: no store call, no cookie, no forged-cookie warning, even with a cookie', async () => {
+      const { base, counted, logs } = await site();
+      const jar = new CookieJarClient(base);
+      await jar.page();
+      counted.calls.length = 0;
+      for (const cookie of [`sid=${jar.cookies.get('sid')}`, 'sid=forged.value']) {
+        for (const path of ['/healthz', '/readyz', '/metrics']) {
+          const res = await fetch(base + path, { headers: { cookie } });
+          assert.equal(res.status, 200, path);
+          assert.deepEqual(res.headers.getSetCookie(), [], `${path}: no cookie`);
+          await res.text();
+        }
+      }
+      assert.deepEqual(counted.calls, [], 'no store call');
+      assert.equal(logs.entries().filter((e) => String(e.msg).startsWith('suspicious')).length, 0);
+    });
+
+    it('/readyz is 200 while the store serves, 503 within its timeout once the store stops, and 200 again by itself after a restart; /healthz stays 200', async () => {
+      const own = await startStoreWithClient();
+      const check = createStoreReadiness({ address: own.address, timeoutMs: 500 });
+      const logs = memoryLogger('info');
+      const metrics = new WebMetrics({ defaultMetrics: false });
+      const app = createApp({ store: own.client, session: { keys: [TEST_KEY] }, logger: logs.logger, metrics, readiness: check });
+      const served = await serveApp(app);
+      try {
+        const ready = await fetch(served.base + '/readyz');
+        assert.equal(ready.status, 200);
+        assert.deepEqual(await ready.json(), { status: 'ready', store: 'SERVING' });
+        const port = own.proc.port;
+        await own.proc.stop();
+        const started = Date.now();
+        const down = await fetch(served.base + '/readyz');
+        assert.equal(down.status, 503);
+        assert.deepEqual(await down.json(), { status: 'not ready', store: 'UNREACHABLE' });
+        assert.ok(Date.now() - started < 1500, 'answered within the timeout');
+        assert.equal((await fetch(served.base + '/healthz')).status, 200, 'alive while not ready');
+        const page = await fetch(served.base + '/');
+        assert.equal(page.status, 503);
+        assert.match(parsePrometheus(await metrics.registry.metrics()).get('web_store_call_errors_total{method="put",kind="unavailable"}')?.toString() ?? '', /^[1-9]/);
+        const again = await startStore(own.dir, { STORE_SYNCHRONOUS: 'NORMAL' }, port);
+        try {
+          await waitFor('/readyz to be 200 again', async () => (await fetch(served.base + '/readyz')).status === 200);
+        } finally {
+          await again.stop();
+        }
+      } finally {
+        await served.close();
+        check.close();
+        await own.stop();
+      }
+    });
+  });
+});
+
+describe('request id reaches the store as x-request-id metadata (in-process store server)', () => {
+  it('every store call made for a page carries the request id of that page', async () => {
+    const tmp = tempDir();
+    const seen: Array<{ path: string; requestId: unknown }> = [];
+    const capture: ServerInterceptor = (method, call) =>
+      new ServerInterceptingCall(call, {
+        start: (next) =>
+          next({
+            onReceiveMetadata: (metadata, pass) => {
+              seen.push({ path: method.path, requestId: metadata.get('x-request-id')[0] });
+              pass(metadata);
+            },
+          }),
+      });
+    const config = loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_SYNCHRONOUS: 'NORMAL' });
+    const backend = new SqliteBackend(config.sqlite);
+    const server: Server = createStoreServer({ backend, limits: config.limits, logger: pino({ level: 'silent' }) }, { interceptors: [capture] });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+    );
+    const client = createStoreClient({ address: `127.0.0.1:${port}`, deadlineMs: 2000 });
+    const served = await serveApp(createApp({ store: client, session: { keys: [TEST_KEY] }, logger: pino({ level: 'silent' }) }));
+    try {
+      const first = await fetch(served.base + '/', { headers: { 'x-request-id': 'trace-1' } });
+      await first.text();
+      const cookie = first.headers.getSetCookie()[0].split(';')[0];
+      const second = await fetch(served.base + '/', { headers: { 'x-request-id': 'trace-2', cookie } });
+      await second.text();
+      assert.deepEqual(seen, [
+        { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-1' },
+        { path: '/sessions.kv.v1.SessionStore/Get', requestId: 'trace-2' },
+        { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-2' },
+      ]);
+    } finally {
+      await served.close();
+      client.close();
+      server.forceShutdown();
+      await backend.close();
+      tmp.remove();
+    }
+  });
+});

@@ -1,0 +1,189 @@
+import assert from 'node:assert/strict';
+import { CookieJarClient } from './helpers/browser';
+import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+import { idOf, waitFor } from './helpers/web-app';
+
+const FAST_STORE = { STORE_SYNCHRONOUS: 'NORMAL' };
+
+describe('counter site under load and failure (real web + real store processes)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let web: Proc;
+  let base: string;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, FAST_STORE);
+    web = await startWeb(store.port, tmp.dir);
+    base = `http://127.0.0.1:${web.port}`;
+  });
+  after(async () => {
+    await web?.stop();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  /** n cookie jars that all hold the same session, like n tabs or browsers sharing it. */
+  async function sharedSession(n: number): Promise<{ jars: CookieJarClient[]; csrf: string }> {
+    const first = new CookieJarClient(base);
+    const { csrf } = await first.page();
+    const jars = [first];
+    for (let i = 1; i < n; i += 1) {
+      const jar = new CookieJarClient(base);
+      jar.cookies.set('sid', first.cookies.get('sid')!);
+      jars.push(jar);
+    }
+    return { jars, csrf };
+  }
+
+  it('zero lost updates: 8 clients × 250 concurrent increments on one session count exactly 2000', async function () {
+    this.timeout(120_000);
+    const { jars, csrf } = await sharedSession(8);
+    const results = await Promise.all(
+      jars.flatMap((jar) => Array.from({ length: 250 }, () => jar.post('/increment', { _csrf: csrf }, false).then((r) => r.status))),
+    );
+    assert.deepEqual([...new Set(results)], [303], web.lines.filter((l) => l.includes('"level":40') || l.includes('"level":50')).slice(0, 5).join('\n'));
+    const page = await jars[0].page();
+    assert.equal(page.count2, 2000);
+    assert.equal(page.count1, 1, 'no redirect was followed, so counter 1 only saw the two page views');
+  });
+
+  it('two cookie jars on one session, each sending POSTs and page views in parallel: both counters are exact', async function () {
+    this.timeout(60_000);
+    const { jars, csrf } = await sharedSession(2);
+    const work = jars.flatMap((jar) => [
+      ...Array.from({ length: 100 }, () => jar.post('/increment', { _csrf: csrf }, false).then((r) => r.status)),
+      ...Array.from({ length: 50 }, () => jar.get('/').then(async (r) => (await r.text(), r.status))),
+    ]);
+    const statuses = await Promise.all(work);
+    assert.deepEqual([...new Set(statuses)].sort(), [200, 303]);
+    const page = await jars[1].page();
+    assert.equal(page.count2, 200, '2 × 100 increments');
+    assert.equal(page.count1, 100 + 1, '2 × 50 views and this one (the first view started the session at 0)');
+  });
+
+  it('store stopped: pages and POSTs are 503 with Retry-After within the deadline and change nothing, /healthz stays 200, /readyz is 503; the process lives on and recovers by itself', async function () {
+    this.timeout(60_000);
+    const jar = new CookieJarClient(base);
+    await jar.page();
+    const { csrf } = await jar.page();
+    const port = store.port;
+    await store.stop();
+    try {
+      const started = Date.now();
+      const down = await jar.get('/');
+      assert.equal(down.status, 503);
+      assert.equal(down.headers.get('retry-after'), '1');
+      assert.equal(down.headers.get('cache-control'), 'no-store');
+      await down.text();
+      assert.ok(Date.now() - started < 1500, `answered within the deadline (${Date.now() - started} ms)`);
+      const post = await jar.post('/increment', { _csrf: csrf }, false);
+      assert.equal(post.status, 503);
+      await post.text();
+      assert.equal((await fetch(base + '/healthz')).status, 200);
+      const ready = await fetch(base + '/readyz');
+      assert.equal(ready.status, 503);
+      assert.equal(((await ready.json()) as { store: string }).store, 'UNREACHABLE');
+      const burst = await Promise.all(Array.from({ length: 50 }, () => jar.get('/').then(async (r) => (await r.text(), r.status))));
+      assert.deepEqual([...new Set(burst)], [503], 'a burst during the outage: all 503, no 500');
+      assert.equal(web.child.exitCode, null, 'the web process is still running');
+    } finally {
+      store = await startStore(tmp.dir, FAST_STORE, port);
+    }
+    await waitFor('/readyz to be 200', async () => (await fetch(base + '/readyz')).status === 200);
+    await waitFor('pages to work', async () => (await jar.get('/').then(async (r) => (await r.text(), r.status))) === 200);
+    const page = await jar.page();
+    assert.equal(page.count2, 0, 'the POST during the outage changed nothing');
+    assert.ok(page.count1 >= 3, 'the session survived the outage');
+  });
+});
+
+describe('web process settings and logs', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, FAST_STORE);
+  });
+  after(async () => {
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it('with LOG_LEVEL=debug, a whole flow (visits, increment, forged cookie, reset, 404, static) writes no raw session id in any log line', async () => {
+    const web = await startWeb(store.port, tmp.dir, { LOG_LEVEL: 'debug' });
+    const base = `http://127.0.0.1:${web.port}`;
+    const ids = new Set<string>();
+    const jar = new CookieJarClient(base);
+    const remember = () => {
+      const value = jar.cookies.get('sid');
+      if (value) ids.add(idOf(value));
+    };
+    try {
+      const { csrf } = await jar.page();
+      remember();
+      await jar.post('/increment', { _csrf: csrf });
+      const again = await jar.page();
+      await jar.get('/static/style.css');
+      await jar.get('/nowhere');
+      await fetch(base + '/', { headers: { cookie: `sid=${[...ids][0].slice(0, 23)}x.AAAAAAAAAAAAAAAAAAAAAA` } });
+      await jar.post('/reset', { _csrf: again.csrf });
+      await jar.page();
+      remember();
+      await fetch(base + '/metrics');
+      const requestLines = web.lines.filter((l) => l.includes('"msg":"request"'));
+      assert.ok(requestLines.length >= 9, `request lines were logged (${requestLines.length})`);
+      assert.ok(web.lines.some((l) => l.includes('suspicious session cookie')), 'the forged cookie was logged');
+      assert.equal(ids.size, 2);
+      for (const id of ids) {
+        const leaking = web.lines.filter((l) => l.includes(id) || l.includes(id.slice(0, 16)));
+        assert.deepEqual(leaking, [], 'no line contains a session id or a long part of one');
+      }
+    } finally {
+      await web.stop();
+    }
+  });
+
+  it('TRUST_PROXY=true: a request forwarded as HTTPS gets a __Host-sid cookie with Secure; SESSION_SECURE=never turns that off', async () => {
+    const proxied = await startWeb(store.port, tmp.dir, { TRUST_PROXY: 'true' });
+    const never = await startWeb(store.port, tmp.dir, { TRUST_PROXY: 'true', SESSION_SECURE: 'never' });
+    try {
+      const res = await fetch(`http://127.0.0.1:${proxied.port}/`, { headers: { 'x-forwarded-proto': 'https' } });
+      await res.text();
+      const cookie = res.headers.getSetCookie()[0] ?? '';
+      assert.match(cookie, /^__Host-sid=[A-Za-z0-9_-]{24}\.[A-Za-z0-9_-]{22}; path=\/; samesite=lax; secure; httponly$/);
+      const plain = await fetch(`http://127.0.0.1:${never.port}/`, { headers: { 'x-forwarded-proto': 'https' } });
+      await plain.text();
+      assert.match(plain.headers.getSetCookie()[0] ?? '', /^sid=[^;]+; path=\/; samesite=lax; httponly$/);
+    } finally {
+      await proxied.stop();
+      await never.stop();
+    }
+  });
+
+  const badValues: Array<[string, Record<string, string>, RegExp]> = [
+    ['SESSION_SECURE=maybe', { SESSION_SECURE: 'maybe' }, /SESSION_SECURE="maybe": expected one of auto, always, never/],
+    ['PORT=x', { PORT: 'x' }, /PORT="x": expected a TCP port number 0-65535/],
+    ['SESSION_IDLE_TTL_MS=soon', { SESSION_IDLE_TTL_MS: 'soon' }, /SESSION_IDLE_TTL_MS="soon": expected an integer/],
+    ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
+    ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],
+    ['a short SESSION_KEYS (value not echoed)', { SESSION_KEYS: 'too-short-secret' }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
+    ['an absolute lifetime below the idle timeout', { SESSION_IDLE_TTL_MS: '60000', SESSION_ABSOLUTE_TTL_MS: '1000' }, /SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS/],
+  ];
+  for (const [what, env, message] of badValues) {
+    it(`${what} stops the web at start with exit code 1 and a message naming the variable`, async () => {
+      const failure = await startWeb(store.port, tmp.dir, env).then(
+        async (web) => {
+          await web.stop();
+          return undefined;
+        },
+        (err: Error) => err.message,
+      );
+      assert.ok(failure, 'the web did not start');
+      assert.match(failure, /exited with 1 before listening/);
+      assert.match(failure, message);
+      if (env.SESSION_KEYS) assert.ok(!failure.includes(env.SESSION_KEYS), 'the secret is not printed');
+    });
+  }
+});
