@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { gzipSync } from 'node:zlib';
 import { Server, ServerCredentials, ServerInterceptingCall, type ServerInterceptor } from '@grpc/grpc-js';
 import pino from 'pino';
-import { createStoreClient } from '../services/client/store-client';
+import { createPipeClient } from '../services/client/pipe-client';
+import { createStoreClient, type StoreClient } from '../services/client/store-client';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { loadStoreConfig } from '../services/store/config';
 import { createStoreServer } from '../services/store/server';
@@ -212,45 +213,76 @@ describe('web over HTTP (createApp over a real store process)', function () {
   });
 });
 
-describe('request id reaches the store as x-request-id metadata (in-process store server)', () => {
-  it('every store call made for a page carries the request id of that page', async () => {
-    const tmp = tempDir();
-    const seen: Array<{ path: string; requestId: unknown }> = [];
+describe('request id reaches the store (in-process store server watching what arrives)', () => {
+  let tmp: ReturnType<typeof tempDir>;
+  let backend: SqliteBackend;
+  let server: Server;
+  let address: string;
+  const metadataIds: Array<{ path: string; requestId: unknown }> = [];
+  const batchedIds: Array<[string | undefined, string]> = [];
+
+  before(async () => {
+    tmp = tempDir();
     const capture: ServerInterceptor = (method, call) =>
       new ServerInterceptingCall(call, {
         start: (next) =>
           next({
             onReceiveMetadata: (metadata, pass) => {
-              seen.push({ path: method.path, requestId: metadata.get('x-request-id')[0] });
+              metadataIds.push({ path: method.path, requestId: metadata.get('x-request-id')[0] });
               pass(metadata);
+            },
+            onReceiveMessage: (message: { ops?: Array<{ op?: { $case: string }; requestId: string }> }, pass) => {
+              for (const op of message.ops ?? []) batchedIds.push([op.op?.$case, op.requestId]);
+              pass(message);
             },
           }),
       });
     const config = loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_SYNCHRONOUS: 'NORMAL' });
-    const backend = new SqliteBackend(config.sqlite);
-    const server: Server = createStoreServer({ backend, limits: config.limits, logger: pino({ level: 'silent' }) }, { interceptors: [capture] });
+    backend = new SqliteBackend(config.sqlite);
+    server = createStoreServer({ backend, limits: config.limits, logger: pino({ level: 'silent' }) }, { interceptors: [capture] });
     const port = await new Promise<number>((resolve, reject) =>
       server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
     );
-    const client = createStoreClient({ address: `127.0.0.1:${port}`, deadlineMs: 2000 });
-    const served = await serveApp(createApp({ store: client, session: { keys: [TEST_KEY] }, logger: pino({ level: 'silent' }) }));
+    address = `127.0.0.1:${port}`;
+  });
+  after(async () => {
+    server?.forceShutdown();
+    await backend?.close();
+    tmp?.remove();
+  });
+
+  /** A new visit with one request id, then a second visit of that session with another. */
+  async function twoVisits(store: StoreClient): Promise<void> {
+    const served = await serveApp(createApp({ store, session: { keys: [TEST_KEY] }, logger: pino({ level: 'silent' }) }));
     try {
       const first = await fetch(served.base + '/', { headers: { 'x-request-id': 'trace-1' } });
       await first.text();
       const cookie = first.headers.getSetCookie()[0].split(';')[0];
       const second = await fetch(served.base + '/', { headers: { 'x-request-id': 'trace-2', cookie } });
       await second.text();
-      assert.deepEqual(seen, [
-        { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-1' },
-        { path: '/sessions.kv.v1.SessionStore/Get', requestId: 'trace-2' },
-        { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-2' },
-      ]);
     } finally {
       await served.close();
-      client.close();
-      server.forceShutdown();
-      await backend.close();
-      tmp.remove();
+      store.close();
     }
+  }
+
+  it('unary client: every store call made for a page carries that page\'s request id as x-request-id metadata', async () => {
+    metadataIds.length = 0;
+    await twoVisits(createStoreClient({ address, deadlineMs: 2000 }));
+    assert.deepEqual(metadataIds, [
+      { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-1' },
+      { path: '/sessions.kv.v1.SessionStore/Get', requestId: 'trace-2' },
+      { path: '/sessions.kv.v1.SessionStore/Put', requestId: 'trace-2' },
+    ]);
+  });
+
+  it('pipe client: every operation made for a page carries that page\'s request id in Op.request_id', async () => {
+    batchedIds.length = 0;
+    await twoVisits(createPipeClient({ address, deadlineMs: 2000 }));
+    assert.deepEqual(batchedIds, [
+      ['put', 'trace-1'],
+      ['get', 'trace-2'],
+      ['put', 'trace-2'],
+    ]);
   });
 });

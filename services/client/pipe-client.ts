@@ -47,7 +47,7 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
   const run = (op: Op) => transport.enqueue(op);
   return {
     async get(key, opts = {}) {
-      const result = await run({ op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: '' });
+      const result = await run({ op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       const get = result.result?.$case === 'get' ? result.result.value : undefined;
       return get?.found && get.entry ? get.entry : null;
     },
@@ -55,13 +55,13 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
       const result = await run({
         op: { $case: 'put', value: { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion } },
         timeoutMs: options.deadlineMs,
-        requestId: '',
+        requestId: opts.requestId ?? '',
       });
       if (result.result?.$case !== 'put' || !result.result.value.entry) throw toClientError(status.INTERNAL, 'malformed put result');
       return result.result.value.entry;
     },
     async delete(key, opts = {}) {
-      const result = await run({ op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: '' });
+      const result = await run({ op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       return result.result?.$case === 'delete' ? result.result.value.deleted : false;
     },
     list(opts = {}) {
