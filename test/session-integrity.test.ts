@@ -97,6 +97,20 @@ describe('session middleware (createApp over a real store process)', function ()
     });
   });
 
+  describe('parallel requests of one session', () => {
+    it('50 page views at once on one session in one process: exact count, and one store read in all (each update hands its write to the next)', async () => {
+      const { base, counted } = await site();
+      const jar = new CookieJarClient(base);
+      await jar.page();
+      counted.calls.length = 0;
+      const statuses = await Promise.all(Array.from({ length: 50 }, () => jar.get('/').then(async (r) => (await r.text(), r.status))));
+      assert.deepEqual([...new Set(statuses)], [200]);
+      assert.equal(counted.calls.filter((c) => c.method === 'put').length, 50, 'one write per view');
+      assert.equal(counted.calls.filter((c) => c.method === 'get').length, 1, 'one read for the whole queue');
+      assert.equal((await jar.page()).count1, 51);
+    });
+  });
+
   describe('CSRF', () => {
     it('a POST with no token, a wrong token or another session\'s token gets the 403 page, writes nothing to the store and changes no counter', async () => {
       const { base, counted } = await site();
