@@ -222,6 +222,16 @@ export class Session<T extends SessionData = SessionData> {
     return { ...last, data, refreshed: true };
   }
 
+  /** What an update starts from: what this request already read, else what the previous queued update wrote, else a fresh read. */
+  private async startingPoint(firstTry: boolean): Promise<Loaded | null> {
+    if (firstTry) {
+      if (this.loaded !== undefined) return this.loaded;
+      const handedOver = this.fromHandoff();
+      if (handedOver) return handedOver;
+    }
+    return this.load(false);
+  }
+
   private remember(loaded: Loaded | null): void {
     if (this.handoff) this.handoff.last = loaded ? { id: loaded.id, version: loaded.version, createdAtMs: loaded.createdAtMs, raw: loaded.raw } : undefined;
   }
@@ -229,7 +239,7 @@ export class Session<T extends SessionData = SessionData> {
   private async tryUpdate<U extends SessionData>(fn: (current: U | null) => U): Promise<U> {
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
-      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : ((attempt === 0 && this.fromHandoff()) || (await this.load(false)));
+      const current = await this.startingPoint(attempt === 0);
       const next = fn((current?.data as U | undefined) ?? null);
       if (next === null || typeof next !== 'object' || Array.isArray(next)) {
         throw new TypeError('session update function must return a plain object (the new session data)');
