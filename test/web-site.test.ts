@@ -62,6 +62,29 @@ describe('counter site under load and failure (real web + real store processes)'
     assert.equal(page.count1, 100 + 1, '2 × 50 views and this one (the first view started the session at 0)');
   });
 
+  it('store frozen (SIGSTOP, as a hung or overloaded store): 503 with Retry-After after the 1 s deadline, not later; /readyz 503; thawed, pages work again', async function () {
+    this.timeout(60_000);
+    const jar = new CookieJarClient(base);
+    await jar.page();
+    store.child.kill('SIGSTOP');
+    try {
+      const started = Date.now();
+      const [page, ready] = await Promise.all([jar.get('/'), fetch(base + '/readyz')]);
+      const took = Date.now() - started;
+      assert.equal(page.status, 503);
+      assert.equal(page.headers.get('retry-after'), '1');
+      await page.text();
+      assert.equal(ready.status, 503);
+      await ready.text();
+      assert.ok(took >= 900 && took < 2500, `answered at the deadline (${took} ms)`);
+      assert.equal(web.child.exitCode, null, 'the web process is still running');
+    } finally {
+      store.child.kill('SIGCONT');
+    }
+    await waitFor('pages to work', async () => (await jar.get('/').then(async (r) => (await r.text(), r.status))) === 200);
+    assert.ok((await jar.page()).count1 >= 1, 'the session is still there');
+  });
+
   it('store stopped: pages and POSTs are 503 with Retry-After within the deadline and change nothing, /healthz stays 200, /readyz is 503; the process lives on and recovers by itself', async function () {
     this.timeout(60_000);
     const jar = new CookieJarClient(base);
