@@ -27,6 +27,7 @@ describe('session middleware options are checked at creation', () => {
     ['an unknown secure policy', { secure: 'sometimes' as 'auto' }, /secure must be 'auto', 'always' or 'never' \(got "sometimes"\)/],
     ['rolling as a string', { rolling: 'yes' as unknown as boolean }, /rolling must be true or false/],
     ['a misspelt option', { idleTTL: 5 }, /option idleTTL is not known; the options are: store, keys, cookieName, idleTtlMs/],
+    ['a negative number of remembered sessions', { recentSessions: -1 }, /recentSessions must be a non-negative integer \(got -1\)/],
     ['a callback that is not a function', { onForgedCookie: 'log' as unknown as () => void }, /onForgedCookie must be a function/],
   ];
   for (const [name, override, message] of bad) {
@@ -51,6 +52,7 @@ describe('session middleware options are checked at creation', () => {
       secure: 'always',
       maxUpdateTries: 3,
       regenerateGraceMs: 500,
+      recentSessions: 100,
       requestId: () => 'r1',
       onForgedCookie: () => undefined,
       onEvent: () => undefined,

@@ -36,6 +36,13 @@ export interface SessionOptions {
   maxUpdateTries?: number;
   /** After regenerate(), how long in ms the old id still leads to the new session (default 10 s). */
   regenerateGraceMs?: number;
+  /**
+   * How many sessions this process remembers the last written version of (default 10,000; 0 = none).
+   * The next update of a remembered session writes with compare-and-set straight away, without
+   * reading first: one store round trip instead of two. Another process's write makes the version
+   * mismatch and the update re-reads, so this saves a read and risks nothing.
+   */
+  recentSessions?: number;
   /** The request's id, passed to the store with every call for its logs (default: none). */
   requestId?: (ctx: Context) => string | undefined;
   /** Called for a cookie whose MAC does not verify (forged or tampered), before and instead of any store call. Gets a hash, never the value. */
@@ -63,6 +70,8 @@ interface Loaded {
   raw: Buffer;
   /** The idle timeout was already slid by this request. */
   refreshed: boolean;
+  /** Taken from what this process wrote in an earlier request, not read from the store. */
+  remembered?: boolean;
 }
 
 /**
@@ -148,6 +157,7 @@ export class Session<T extends SessionData = SessionData> {
   /** Deletes the session from the store (following a regeneration to where it went) and clears the cookie. */
   async destroy(): Promise<void> {
     const current = this.loaded !== undefined ? this.loaded : await this.load(false);
+    if (current) this.cfg.locks.forget(current.id);
     if (current && (await this.cfg.store.delete(current.id, this.callOptions()))) this.cfg.onEvent('destroyed', this.ctx);
     this.loaded = null;
     this.currentId = undefined;
@@ -219,7 +229,8 @@ export class Session<T extends SessionData = SessionData> {
     const data = parseData(last.raw);
     if (!data) return undefined;
     this.markPrivate();
-    return { ...last, data, refreshed: true };
+    const remembered = last.remembered === true;
+    return { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw, data, refreshed: !remembered, remembered };
   }
 
   /** What an update starts from: what this request already read, else what the previous queued update wrote, else a fresh read. */
@@ -247,6 +258,12 @@ export class Session<T extends SessionData = SessionData> {
       const value = Buffer.from(JSON.stringify(next));
       try {
         if (current) {
+          if (current.remembered && value.equals(current.raw)) {
+            // Nothing to write, so no compare-and-set would catch a stale memory: read for real.
+            this.loaded = undefined;
+            this.remember(null);
+            continue;
+          }
           if (value.equals(current.raw)) {
             await this.slide(current);
             return next;
@@ -264,6 +281,7 @@ export class Session<T extends SessionData = SessionData> {
           this.useId(id, true);
           this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next, raw: value, refreshed: true };
           this.remember(this.loaded);
+          this.cfg.locks.prime(id, { id, version: entry.version, createdAtMs: entry.createdAtMs, raw: value });
           this.cfg.onEvent('created', this.ctx);
         }
         return next;
@@ -416,17 +434,40 @@ function backoff(attempt: number): Promise<void> {
 
 /** What queued updates of one session hand to each other: the last entry written. */
 export interface Handoff {
-  last?: { id: string; version: number; createdAtMs: number; raw: Buffer };
+  last?: { id: string; version: number; createdAtMs: number; raw: Buffer; remembered?: boolean };
 }
 
-/** Runs tasks of one key one after another within this process; tasks of a queue share its Handoff. */
+/**
+ * Runs tasks of one key one after another within this process; tasks of a queue share its Handoff.
+ * When a queue empties, its last entry is remembered (up to `recentMax` keys, least recently
+ * used out first) and handed to the key's next queue.
+ */
 export class KeyedLock {
   private readonly queues = new Map<string, { tail: Promise<unknown>; handoff: Handoff }>();
+  private readonly recent = new Map<string, NonNullable<Handoff['last']>>();
+
+  constructor(private readonly recentMax = 0) {}
+
+  /** Remembers the entry a new session was created with (creation runs outside any queue). */
+  prime(key: string, last: NonNullable<Handoff['last']>): void {
+    if (this.recentMax === 0 || this.queues.has(key)) return;
+    this.recent.delete(key);
+    this.recent.set(key, last);
+    if (this.recent.size > this.recentMax) this.recent.delete(this.recent.keys().next().value!);
+  }
+
+  /** Drops what is remembered of a key (its session was destroyed). */
+  forget(key: string): void {
+    this.recent.delete(key);
+    const queue = this.queues.get(key);
+    if (queue) queue.handoff.last = undefined;
+  }
 
   run<R>(key: string, fn: (handoff: Handoff) => Promise<R>): Promise<R> {
     let queue = this.queues.get(key);
     if (!queue) {
-      queue = { tail: Promise.resolve(), handoff: {} };
+      const remembered = this.recent.get(key);
+      queue = { tail: Promise.resolve(), handoff: { last: remembered && { ...remembered, remembered: true } } };
       this.queues.set(key, queue);
     }
     const q = queue;
@@ -438,7 +479,11 @@ export class KeyedLock {
     );
     q.tail = tail;
     void tail.then(() => {
-      if (q.tail === tail) this.queues.delete(key);
+      if (q.tail !== tail) return;
+      this.queues.delete(key);
+      this.recent.delete(key);
+      const last = q.handoff.last;
+      if (last && last.id === key) this.prime(key, { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw });
     });
     return result;
   }
@@ -541,6 +586,7 @@ const KNOWN_OPTIONS = new Set<string>([
   'secure',
   'maxUpdateTries',
   'regenerateGraceMs',
+  'recentSessions',
   'requestId',
   'onForgedCookie',
   'onEvent',
@@ -560,6 +606,13 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     if (value === undefined) return fallback;
     if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
       throw new TypeError(`session option ${name} must be a positive integer${name.endsWith('Ms') ? ' of milliseconds' : ''} (got ${String(value)})`);
+    }
+    return value;
+  };
+  const nonNegative = (name: string, value: unknown, fallback: number): number => {
+    if (value === undefined) return fallback;
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+      throw new TypeError(`session option ${name} must be a non-negative integer (got ${String(value)})`);
     }
     return value;
   };
@@ -596,7 +649,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
     onEvent: callback('onEvent', options.onEvent, () => undefined),
-    locks: new KeyedLock(),
+    locks: new KeyedLock(nonNegative('recentSessions', options.recentSessions, 10_000)),
     moves: new RecentMoves(),
   };
 }
