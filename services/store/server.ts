@@ -8,6 +8,7 @@ import {
   type ServerDuplexStream,
   type sendUnaryData,
   type Metadata,
+  type ServiceError,
   status,
 } from '@grpc/grpc-js';
 import {
@@ -165,7 +166,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         } catch (err) {
           logUnexpected(logger, err, call.getPath());
           const error = toServiceError(err);
-          if (!call.cancelled) call.destroy(error as Error);
+          if (!call.cancelled) failStream(call, error);
           observe('List', call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
         }
       })();
@@ -176,7 +177,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         admit(call.metadata, null);
       } catch (err) {
         const error = toServiceError(err);
-        call.destroy(error as Error);
+        failStream(call, error);
         observe('Pipe', error.code!, performance.now(), call.metadata);
         return;
       }
@@ -200,7 +201,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         if (closed) return;
         if (UNDECODABLE in request) {
           const error = toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`));
-          call.destroy(error as Error);
+          failStream(call, error);
           observe('Pipe', error.code!, startedAt, call.metadata);
           return;
         }
@@ -261,7 +262,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           // A watcher that stops reading must not make the store buffer changes for ever.
           if (!flowing && call.writableLength > MAX_UNSENT_EVENTS) {
             const error = toServiceError(new StoreError('too_large', `the watcher fell behind by more than ${MAX_UNSENT_EVENTS} events`));
-            call.destroy(error as Error);
+            failStream(call, error);
             finish(error.code!);
           }
         });
@@ -271,7 +272,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         if (stopping?.aborted) onStop();
       } catch (err) {
         const error = toServiceError(err);
-        call.destroy(error as Error);
+        failStream(call, error);
         finish(error.code!);
       }
     },
@@ -305,6 +306,14 @@ function succeeded(op: BackendOp, value: unknown): OpResult {
 function failed(err: unknown): OpResult {
   const mapped = toStatus(err);
   return { code: mapped.code, message: mapped.details, result: undefined };
+}
+
+/**
+ * Ends a stream with an error status. (destroy() would drop the status: grpc-js sends it only
+ * from the 'error' event, which sets the status and ends the stream.)
+ */
+function failStream(call: NodeJS.EventEmitter, error: Partial<ServiceError>): void {
+  call.emit('error', error);
 }
 
 function opsOf(request: unknown): readonly Op[] | undefined {

@@ -69,7 +69,7 @@ export function callRaw(
   const deadline = Date.now() + (options.deadlineMs ?? 5000);
   return new Promise((resolve) => {
     let messages = 0;
-    const fn = client[method.charAt(0).toLowerCase() + method.slice(1)].bind(client);
+    const fn = client[method].bind(client);
     const shape = METHODS[method];
     if (!shape.requestStream && !shape.responseStream) {
       fn(requests[0] ?? Buffer.alloc(0), metadata, { deadline }, (err: ServiceError | null) => {
