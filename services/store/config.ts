@@ -1,7 +1,6 @@
-import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { ConfigError, envs, parseEnv, readEnv } from '../shared/env';
+import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -54,7 +53,7 @@ export function loadStoreConfig(raw = readEnv()) {
   }
   const tls =
     env.STORE_TLS_CERT && env.STORE_TLS_KEY
-      ? Object.freeze({ cert: readPem('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPem('STORE_TLS_KEY', env.STORE_TLS_KEY) })
+      ? Object.freeze({ cert: readPemFile('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPemFile('STORE_TLS_KEY', env.STORE_TLS_KEY) })
       : undefined;
   return Object.freeze({
     port: env.PORT,
@@ -89,16 +88,4 @@ export type StoreConfig = ReturnType<typeof loadStoreConfig>;
 export function isLoopback(host: string): boolean {
   const bare = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
   return bare === 'localhost' || bare === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(bare);
-}
-
-/** Reads a PEM file named by a variable; a missing or unreadable file is a ConfigError naming it. */
-export function readPem(variable: string, file: string): Buffer {
-  let pem: Buffer;
-  try {
-    pem = readFileSync(file);
-  } catch (err) {
-    throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(file)}: cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
-  }
-  if (!pem.includes('-----BEGIN ')) throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(file)}: expected a PEM file`);
-  return pem;
 }
