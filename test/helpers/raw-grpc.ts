@@ -157,7 +157,7 @@ export function reflectionClient(address: string) {
     oneofs: true,
   });
   const pkg = loadPackageDefinition(definition) as unknown as {
-    grpc: { reflection: { v1: { ServerReflection: new (address: string, creds: ChannelCredentials) => Client & { ServerReflectionInfo(): NodeJS.ReadWriteStream & { end(): void; cancel(): void } } } } };
+    grpc: { reflection: { v1: { ServerReflection: new (address: string, creds: ChannelCredentials) => Client & { ServerReflectionInfo(): NodeJS.EventEmitter & { write(message: object): boolean; end(): void; cancel(): void } } } } };
   };
   return new pkg.grpc.reflection.v1.ServerReflection(address, credentials.createInsecure());
 }
