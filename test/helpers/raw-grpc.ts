@@ -99,14 +99,29 @@ export function frame(message: Buffer, declaredLength = message.length): Buffer 
   return Buffer.concat([header, message]);
 }
 
+export interface Http2Outcome {
+  /** grpc-status, if the server sent one. */
+  code: number | undefined;
+  details: string;
+  /** True when the test gave up waiting (a streaming call that was still open). */
+  cancelled: boolean;
+}
+
 /**
- * Sends arbitrary bytes as the body of one gRPC call over a plain HTTP/2 connection (so frames
- * can be truncated or lie about their length) and resolves with grpc-status and grpc-message.
+ * Sends arbitrary bytes as the body of one gRPC call over plain HTTP/2 (so frames can be
+ * truncated or lie about their length) and resolves with grpc-status and grpc-message. Pass a
+ * session to reuse one connection for many calls.
  */
-export function http2Call(port: number, method: MethodName, body: Buffer, headers: Record<string, string> = {}, waitMs = 2000): Promise<{ code: number | undefined; details: string }> {
+export function http2Call(
+  target: number | http2.ClientHttp2Session,
+  method: MethodName,
+  body: Buffer,
+  headers: Record<string, string> = {},
+  waitMs = 2000,
+): Promise<Http2Outcome> {
   return new Promise((resolve, reject) => {
-    const session = http2.connect(`http://127.0.0.1:${port}`);
-    session.on('error', reject);
+    const session = typeof target === 'number' ? http2.connect(`http://127.0.0.1:${target}`) : target;
+    if (typeof target === 'number') session.on('error', reject);
     const stream = session.request({
       ':method': 'POST',
       ':path': `/sessions.kv.v1.SessionStore/${method}`,
@@ -116,6 +131,7 @@ export function http2Call(port: number, method: MethodName, body: Buffer, header
     });
     let code: number | undefined;
     let details = '';
+    let cancelled = false;
     const take = (h: http2.IncomingHttpHeaders) => {
       if (h['grpc-status'] !== undefined) code = Number(h['grpc-status']);
       if (h['grpc-message'] !== undefined) details = decodeURIComponent(String(h['grpc-message']));
@@ -123,15 +139,17 @@ export function http2Call(port: number, method: MethodName, body: Buffer, header
     stream.on('response', take);
     stream.on('trailers', take);
     stream.on('data', () => undefined);
-    const done = () => {
-      clearTimeout(timer);
-      session.close();
-      resolve({ code, details });
-    };
-    stream.on('close', done);
     stream.on('error', () => undefined);
+    stream.on('close', () => {
+      clearTimeout(timer);
+      if (typeof target === 'number') session.close();
+      resolve({ code, details, cancelled });
+    });
     // A streaming method may legitimately wait for more: give up after waitMs.
-    const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), waitMs);
+    const timer = setTimeout(() => {
+      cancelled = true;
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+    }, waitMs);
     stream.end(body);
   });
 }
