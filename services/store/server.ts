@@ -251,20 +251,22 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       try {
         admit(call.metadata, call.request);
         const prefix = checkPrefix(call.request.prefix, limits);
+        let unsentBytes = 0;
         unsubscribe = backend.watch(prefix, (event) => {
-          const flowing = call.write({
-            kind: KINDS[event.kind],
-            key: event.key,
-            version: event.version,
-            value: event.value,
-            expiresAtMs: event.expiresAtMs,
-          });
-          // A watcher that stops reading must not make the store buffer changes for ever.
-          if (!flowing && call.writableLength > MAX_UNSENT_EVENTS) {
-            const error = toServiceError(new StoreError('too_large', `the watcher fell behind by more than ${MAX_UNSENT_EVENTS} events`));
-            failStream(call, error);
+          // A watcher that stops reading must not make the store buffer changes for ever: past
+          // the limit it gets no more events, then RESOURCE_EXHAUSTED after those already queued.
+          if (call.writableLength >= MAX_UNSENT_EVENTS || unsentBytes >= MAX_UNSENT_BYTES) {
+            const error = toServiceError(new StoreError('too_large', `the watcher fell behind by more than ${MAX_UNSENT_EVENTS} events or ${MAX_UNSENT_BYTES} bytes`));
             finish(error.code!);
+            failStream(call, error);
+            return;
           }
+          const size = event.key.length + event.value.length;
+          unsentBytes += size;
+          call.write(
+            { kind: KINDS[event.kind], key: event.key, version: event.version, value: event.value, expiresAtMs: event.expiresAtMs },
+            () => (unsentBytes -= size),
+          );
         });
         call.on('cancelled', () => finish(status.CANCELLED));
         call.on('close', () => finish(call.cancelled ? status.CANCELLED : status.OK));
@@ -279,8 +281,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
   });
 }
 
-/** Change events a Watch stream may have queued for a slow client before it is cut off. */
+/** Change events (and their bytes) a Watch stream may have queued for a slow client before it is cut off. */
 const MAX_UNSENT_EVENTS = 10_000;
+const MAX_UNSENT_BYTES = 16 * 1024 * 1024;
 
 const KINDS = { put: WatchEvent_Kind.PUT, delete: WatchEvent_Kind.DELETE, expire: WatchEvent_Kind.EXPIRE } as const;
 
