@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import path from 'node:path';
-import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
+import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
 import { createRawClient } from '../services/client/store-client';
 import type { BatchRequest, BatchResponse, Entry, SessionStoreClient, WatchEvent } from '../services/generated/kv';
 import { loadStoreConfig } from '../services/store/config';
-import { SERVICE_NAME } from '../services/store/health';
+import { SqliteBackend } from '../services/store/backends/sqlite';
+import { SERVICE_NAME, StoreHealth } from '../services/store/health';
 import { healthClient } from './helpers/raw-grpc';
 import { type Proc, root, startStore, tempDir } from './helpers/procs';
 
@@ -85,6 +86,32 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.deepEqual(await check(''), { status: 'SERVING' });
     assert.deepEqual(await check(SERVICE_NAME), { status: 'SERVING' });
     assert.deepEqual(await check('no.such.Service'), { code: status.NOT_FOUND });
+  });
+
+  it('health follows the backend: NOT_SERVING for "" and SessionStore once the database is unusable', async () => {
+    const backend = new SqliteBackend({ dataDir: tmp.dir, synchronous: 'FULL', sweepIntervalMs: 0, sweepBatch: 200, maxOpsPerCommit: 2000 });
+    const health = new StoreHealth(backend, 20);
+    const server = new Server();
+    health.addToServer(server);
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const client = healthClient(`127.0.0.1:${port}`);
+    const check = (service: string) =>
+      new Promise<string>((resolve, reject) => client.check({ service }, (err, res) => (err ? reject(err) : resolve(res.status))));
+    try {
+      await health.start();
+      assert.deepEqual([await check(''), await check(SERVICE_NAME)], ['SERVING', 'SERVING']);
+      await backend.close();
+      const end = Date.now() + 5000;
+      while ((await check('')) === 'SERVING' && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+      assert.deepEqual([await check(''), await check(SERVICE_NAME)], ['NOT_SERVING', 'NOT_SERVING']);
+    } finally {
+      health.stop();
+      client.close();
+      server.forceShutdown();
+      await backend.close();
+    }
   });
 
   it('SIGTERM during a List: health watchers see NOT_SERVING, the List in flight still delivers every entry, then exit 0', async () => {
