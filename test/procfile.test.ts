@@ -71,6 +71,7 @@ for (const [name, command, args, program, pkg, signal] of [
           HOME: process.env.HOME ?? tmp.dir,
           STORE_ADDRESS: `127.0.0.1:${base + 100}`,
           STORE_DATA_DIR: tmp.dir,
+          STORE_METRICS_PORT: '0',
           WEB_DATA_DIR: tmp.dir,
           SESSION_KEYS: TEST_KEY,
         },
