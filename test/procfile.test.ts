@@ -31,7 +31,8 @@ async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<vo
   const end = Date.now() + timeoutMs;
   for (;;) {
     try {
-      if ((await jar.get('/healthz')).status === 200) return;
+      // Up means the page works: the web and the store both (they start independently).
+      if ((await jar.get('/healthz')).status === 200 && (await fetch(jar.base + '/')).status === 200) return;
     } catch {
       // not listening yet
     }
