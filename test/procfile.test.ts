@@ -31,7 +31,8 @@ async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<vo
   const end = Date.now() + timeoutMs;
   for (;;) {
     try {
-      if ((await jar.get('/healthz')).status === 200) return;
+      // Up means the page works: the web and the store both (they start independently).
+      if ((await jar.get('/healthz')).status === 200 && (await fetch(jar.base + '/')).status === 200) return;
     } catch {
       // not listening yet
     }
@@ -71,6 +72,7 @@ for (const [name, command, args, program, pkg, signal] of [
           HOME: process.env.HOME ?? tmp.dir,
           STORE_ADDRESS: `127.0.0.1:${base + 100}`,
           STORE_DATA_DIR: tmp.dir,
+          STORE_METRICS_PORT: '0',
           WEB_DATA_DIR: tmp.dir,
           SESSION_KEYS: TEST_KEY,
         },

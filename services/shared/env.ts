@@ -80,3 +80,20 @@ export const envs = {
       .default('info'),
   optionalString: () => z.string().optional(),
 };
+
+/**
+ * Reads a PEM file whose path is in a variable (TLS certificates, keys, CAs); a missing,
+ * unreadable or non-PEM file is a ConfigError naming the variable.
+ */
+export function readPemFile(variable: string, file: string): Buffer {
+  let pem: Buffer;
+  try {
+    pem = readFileSync(file);
+  } catch (err) {
+    throw new ConfigError(
+      `invalid configuration: ${variable}=${JSON.stringify(file)}: cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
+    );
+  }
+  if (!pem.includes('-----BEGIN ')) throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(file)}: expected a PEM file`);
+  return pem;
+}

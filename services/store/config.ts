@@ -1,9 +1,10 @@
 import path from 'node:path';
 import { z } from 'zod';
-import { envs, parseEnv, readEnv } from '../shared/env';
+import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
+const MIB = 1024 * 1024;
 
 /** Every setting of the SessionStore service, read once from the environment (and .env). */
 export function loadStoreConfig(raw = readEnv()) {
@@ -14,25 +15,55 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_BACKEND: envs.oneOf(['sqlite'] as const, 'sqlite'),
       STORE_DATA_DIR: z.string().default('var'),
       STORE_SYNCHRONOUS: envs.oneOf(['FULL', 'NORMAL'] as const, 'FULL'),
-      STORE_TOKEN: envs.optionalString(),
+      STORE_TOKEN: z
+        .string()
+        .regex(/^[\x21-\x7e]{16,}$/, { message: 'expected at least 16 printable ASCII characters without spaces' })
+        .optional(),
+      STORE_TLS_CERT: envs.optionalString(),
+      STORE_TLS_KEY: envs.optionalString(),
       STORE_MAX_KEY_BYTES: envs.int(256, 1, 4096, ' bytes'),
-      STORE_MAX_VALUE_BYTES: envs.int(64 * 1024, 1, 4 * 1024 * 1024, ' bytes'),
+      STORE_MAX_VALUE_BYTES: envs.int(64 * 1024, 1, 4 * MIB, ' bytes'),
+      STORE_MAX_MESSAGE_BYTES: envs.int(4 * MIB, 64 * 1024, 64 * MIB, ' bytes'),
       STORE_DEFAULT_TTL_MS: envs.int(30 * MINUTE, 1, 365 * DAY, ' ms'),
       STORE_MAX_TTL_MS: envs.int(30 * DAY, 1, 365 * DAY, ' ms'),
       STORE_MAX_BATCH_OPS: envs.int(1000, 1, 100_000),
       STORE_SWEEP_INTERVAL_MS: envs.int(1000, 0, 3_600_000, ' ms'),
-      STORE_SWEEP_BATCH: envs.int(500, 1, 100_000),
+      STORE_SWEEP_BATCH: envs.int(200, 1, 100_000),
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
+      STORE_METRICS_PORT: envs.port(9100),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,
   );
+  if (!env.STORE_TOKEN && !isLoopback(env.STORE_HOST)) {
+    throw new ConfigError(
+      `invalid configuration: STORE_HOST=${JSON.stringify(env.STORE_HOST)} is reachable from other machines but STORE_TOKEN is not set, ` +
+        'so anyone who can reach the port could read and change every session. Set STORE_TOKEN (and give the same token to the web service), ' +
+        'or bind a loopback address such as STORE_HOST=127.0.0.1',
+    );
+  }
+  if (env.STORE_MAX_MESSAGE_BYTES < env.STORE_MAX_VALUE_BYTES + env.STORE_MAX_KEY_BYTES + 64) {
+    throw new ConfigError(
+      `invalid configuration: STORE_MAX_MESSAGE_BYTES=${env.STORE_MAX_MESSAGE_BYTES} must leave room for one entry ` +
+        `(STORE_MAX_VALUE_BYTES + STORE_MAX_KEY_BYTES + 64 = ${env.STORE_MAX_VALUE_BYTES + env.STORE_MAX_KEY_BYTES + 64})`,
+    );
+  }
+  if (Boolean(env.STORE_TLS_CERT) !== Boolean(env.STORE_TLS_KEY)) {
+    throw new ConfigError('invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY must be set together (PEM file paths), or neither');
+  }
+  const tls =
+    env.STORE_TLS_CERT && env.STORE_TLS_KEY
+      ? Object.freeze({ cert: readPemFile('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPemFile('STORE_TLS_KEY', env.STORE_TLS_KEY) })
+      : undefined;
   return Object.freeze({
     port: env.PORT,
     host: env.STORE_HOST,
     backend: env.STORE_BACKEND,
     token: env.STORE_TOKEN,
+    tls,
     graceMs: env.STORE_GRACE_MS,
+    metricsPort: env.STORE_METRICS_PORT,
+    maxMessageBytes: env.STORE_MAX_MESSAGE_BYTES,
     logLevel: env.LOG_LEVEL,
     sqlite: Object.freeze({
       dataDir: path.resolve(env.STORE_DATA_DIR),
@@ -52,3 +83,9 @@ export function loadStoreConfig(raw = readEnv()) {
 }
 
 export type StoreConfig = ReturnType<typeof loadStoreConfig>;
+
+/** Addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost. */
+export function isLoopback(host: string): boolean {
+  const bare = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  return bare === 'localhost' || bare === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(bare);
+}

@@ -1,3 +1,4 @@
+import type { Server, ServerWritableStream, UntypedServiceImplementation } from '@grpc/grpc-js';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Backend } from './backends/backend';
 
@@ -5,10 +6,12 @@ export const SERVICE_NAME = 'sessions.kv.v1.SessionStore';
 
 /**
  * grpc.health.v1 state for the whole server ('') and the SessionStore service. It follows the
- * backend: a periodic ping sets SERVING or NOT_SERVING; shutdown sets NOT_SERVING for good.
+ * backend: a periodic ping sets SERVING or NOT_SERVING; stop() sets NOT_SERVING for good and
+ * ends the Watch streams (after they have been told), so they do not hold up a graceful stop.
  */
 export class StoreHealth {
   readonly implementation = new HealthImplementation({ '': 'NOT_SERVING', [SERVICE_NAME]: 'NOT_SERVING' });
+  private readonly watchers = new Set<ServerWritableStream<unknown, unknown>>();
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
 
@@ -17,6 +20,25 @@ export class StoreHealth {
     private readonly intervalMs = 1000,
   ) {}
 
+  /** Adds grpc.health.v1.Health to the server, keeping track of open Watch streams. */
+  addToServer(server: Server): void {
+    const tracking = {
+      addService: (service: Parameters<Server['addService']>[0], handlers: UntypedServiceImplementation) => {
+        const watch = handlers.watch as (call: ServerWritableStream<unknown, unknown>) => void;
+        server.addService(service, {
+          ...handlers,
+          watch: (call: ServerWritableStream<unknown, unknown>) => {
+            this.watchers.add(call);
+            call.on('cancelled', () => this.watchers.delete(call));
+            watch(call);
+            if (this.stopped) this.endWatchers();
+          },
+        });
+      },
+    };
+    this.implementation.addToServer(tracking as unknown as Server);
+  }
+
   /** Checks the backend now and then every intervalMs. */
   async start(): Promise<void> {
     await this.check();
@@ -24,11 +46,17 @@ export class StoreHealth {
     this.timer.unref();
   }
 
-  /** NOT_SERVING from now on (graceful shutdown). */
+  /** NOT_SERVING from now on (graceful shutdown); open Watch streams get it and end. */
   stop(): void {
     this.stopped = true;
     if (this.timer) clearInterval(this.timer);
     this.set('NOT_SERVING');
+    this.endWatchers();
+  }
+
+  private endWatchers(): void {
+    for (const call of this.watchers) call.end();
+    this.watchers.clear();
   }
 
   private async check(): Promise<void> {

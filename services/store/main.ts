@@ -1,47 +1,89 @@
-import { ServerCredentials } from '@grpc/grpc-js';
+import type { Server } from '@grpc/grpc-js';
 import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { SqliteBackend } from './backends/sqlite';
 import { loadStoreConfig } from './config';
 import { StoreHealth } from './health';
+import { serveMetrics, StoreMetrics } from './metrics';
+import { addReflection } from './reflection';
 import { createStoreServer } from './server';
+import { createRpcObserver } from './telemetry';
+import { storeCredentials, storeServerOptions } from './transport';
 
-/** Entry point: config → backend → server → listen; SIGTERM/SIGINT → graceful stop. */
+/**
+ * Entry point: config → backend → server → listen. The first SIGTERM/SIGINT stops gracefully
+ * (NOT_SERVING, no new calls, in-flight calls get STORE_GRACE_MS, database closed, exit 0); a
+ * second one stops at once (exit 1).
+ */
 async function main(): Promise<void> {
   const config = loadStoreConfig();
   const logger = createLogger('store', config.logLevel);
   const backend = new SqliteBackend(config.sqlite);
-  const server = createStoreServer({ backend, limits: config.limits, token: config.token, logger });
-  const health = new StoreHealth(backend);
-  health.implementation.addToServer(server);
-  await health.start();
-  const address = `${config.host}:${config.port}`;
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(address, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+  const metrics = new StoreMetrics(backend);
+  const stopping = new AbortController();
+  const server = createStoreServer(
+    {
+      backend: metrics.instrument(backend),
+      limits: config.limits,
+      token: config.token,
+      logger,
+      observe: createRpcObserver(logger, metrics),
+      stopping: stopping.signal,
+    },
+    storeServerOptions(config.maxMessageBytes),
   );
-  logger.info({ host: config.host, port, backend: backend.name, dataDir: config.sqlite.dataDir }, 'listening');
+  const health = new StoreHealth(backend);
+  health.addToServer(server);
+  addReflection(server);
+  await health.start();
 
-  let stopping = false;
+  const metricsServer = await serveMetrics(metrics.registry, config.host, config.metricsPort);
+  logger.info({ host: config.host, port: metricsServer.port, path: '/metrics' }, 'metrics listening');
+  const port = await bind(server, `${config.host}:${config.port}`, config);
+  logger.info(
+    { host: config.host, port, backend: backend.name, dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous, tls: Boolean(config.tls), auth: Boolean(config.token) },
+    'listening',
+  );
+
+  let stopRequested = false;
   const stop = (signal: string) => {
-    if (stopping) {
-      logger.warn({ signal }, 'second signal: forcing stop');
+    if (stopRequested) {
+      logger.warn({ signal }, 'second signal: stopping now, cancelling calls in flight');
       server.forceShutdown();
-      process.exit(1);
+      void backend.close().finally(() => process.exit(1));
+      return;
     }
-    stopping = true;
+    stopRequested = true;
+    logger.info({ signal, graceMs: config.graceMs }, 'stopping: NOT_SERVING, no new calls, finishing the calls in flight');
     health.stop();
-    logger.info({ signal, graceMs: config.graceMs }, 'stopping');
-    const force = setTimeout(() => server.forceShutdown(), config.graceMs).unref();
-    server.tryShutdown(() => {
+    stopping.abort();
+    let finished = false;
+    const finish = () => {
+      if (finished) return;
+      finished = true;
       clearTimeout(force);
+      metrics.close();
+      metricsServer.server.close();
       void backend.close().then(() => {
         logger.info('stopped');
         process.exit(0);
       });
-    });
+    };
+    const force = setTimeout(() => {
+      logger.warn({ graceMs: config.graceMs }, 'grace period over: cancelling the calls still in flight');
+      server.forceShutdown();
+      finish();
+    }, config.graceMs);
+    server.tryShutdown(finish);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+}
+
+function bind(server: Server, address: string, config: { tls?: { cert: Buffer; key: Buffer } }): Promise<number> {
+  return new Promise((resolve, reject) =>
+    server.bindAsync(address, storeCredentials(config.tls), (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))),
+  );
 }
 
 main().catch((err) => {

@@ -1,4 +1,5 @@
 import { timingSafeEqual, createHash } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import {
   Server,
   type ServerOptions,
@@ -7,6 +8,7 @@ import {
   type ServerDuplexStream,
   type sendUnaryData,
   type Metadata,
+  type ServiceError,
   status,
 } from '@grpc/grpc-js';
 import {
@@ -16,6 +18,7 @@ import {
   type Entry,
   type GetResponse,
   type ListRequest,
+  type Op,
   type OpResult,
   type PutResponse,
   SessionStoreService,
@@ -27,6 +30,7 @@ import type { Logger } from '../shared/log';
 import { type Backend, type BackendOp, type BackendResult, type StoredEntry, StoreError } from './backends/backend';
 import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
 import { toServiceError, toStatus } from './errors';
+import type { RpcMethod, RpcObserver } from './telemetry';
 
 export interface StoreServiceOptions {
   backend: Backend;
@@ -34,6 +38,13 @@ export interface StoreServiceOptions {
   /** When set, every call needs `authorization: Bearer <token>`. */
   token?: string;
   logger: Logger;
+  /** Told about every finished call, for logs and metrics. */
+  observe?: RpcObserver;
+  /**
+   * Aborted when the store begins to stop: Watch streams end, Pipe streams answer what they
+   * carry (later batches get UNAVAILABLE) and end, so that a graceful stop is not held up by them.
+   */
+  stopping?: AbortSignal;
 }
 
 /** Marks a request whose bytes did not decode, so the handler answers INVALID_ARGUMENT (not INTERNAL). */
@@ -53,7 +64,8 @@ export function createStoreServer(options: StoreServiceOptions, serverOptions: S
 }
 
 export function addStoreService(server: Server, options: StoreServiceOptions): void {
-  const { backend, limits, logger } = options;
+  const { backend, limits, logger, stopping } = options;
+  const observe: RpcObserver = options.observe ?? (() => undefined);
   const authorize = createAuthorizer(options.token);
 
   /** Pre-call checks shared by every handler; throws a StoreError. */
@@ -67,8 +79,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
 
   const runOne = async (op: BackendOp): Promise<BackendResult> => (await backend.batch([op]))[0];
 
-  function unary<Req, Res>(handle: (req: Req) => Promise<Res>) {
+  function unary<Req, Res>(method: RpcMethod, handle: (req: Req) => Promise<Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      const startedAt = performance.now();
       let promise: Promise<Res>;
       try {
         admit(call.metadata, call.request, deadlineOf(call));
@@ -77,10 +90,15 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         promise = Promise.reject(err);
       }
       promise.then(
-        (res) => callback(null, res),
+        (res) => {
+          callback(null, res);
+          observe(method, status.OK, startedAt, call.metadata, opsOf(call.request));
+        },
         (err) => {
           logUnexpected(logger, err, call.getPath());
-          callback(toServiceError(err));
+          const error = toServiceError(err);
+          callback(error);
+          observe(method, error.code!, startedAt, call.metadata, opsOf(call.request));
         },
       );
     };
@@ -112,36 +130,44 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
   };
 
   server.addService(withSafeDecoding(SessionStoreService), {
-    get: unary(async (req: Parameters<typeof checkGet>[0]): Promise<GetResponse> => {
+    get: unary('Get', async (req: Parameters<typeof checkGet>[0]): Promise<GetResponse> => {
       const answer = await runOne(checkGet(req, limits));
       if (!answer.ok) throw answer.error;
       return toGetResponse(answer.value as StoredEntry | null);
     }),
-    put: unary(async (req: Parameters<typeof checkPut>[0]): Promise<PutResponse> => {
+    put: unary('Put', async (req: Parameters<typeof checkPut>[0]): Promise<PutResponse> => {
       const answer = await runOne(checkPut(req, limits));
       if (!answer.ok) throw answer.error;
       return { entry: toEntry(answer.value as StoredEntry) };
     }),
-    delete: unary(async (req: Parameters<typeof checkDelete>[0]): Promise<DeleteResponse> => {
+    delete: unary('Delete', async (req: Parameters<typeof checkDelete>[0]): Promise<DeleteResponse> => {
       const answer = await runOne(checkDelete(req, limits));
       if (!answer.ok) throw answer.error;
       return { deleted: answer.value as boolean };
     }),
-    batch: unary((request: BatchRequest) => runBatch(request)),
+    batch: unary('Batch', (request: BatchRequest) => runBatch(request)),
 
     list: (call: ServerWritableStream<ListRequest, Entry>) => {
+      const startedAt = performance.now();
       void (async () => {
         try {
           admit(call.metadata, call.request, deadlineOf(call));
           const options = checkList(call.request, limits);
           for await (const entry of backend.list(options)) {
-            if (call.cancelled) return;
+            if (call.cancelled) break;
             if (!call.write(toEntry(entry))) await waitForDrain(call);
           }
+          if (call.cancelled) {
+            observe('List', status.CANCELLED, startedAt, call.metadata);
+            return;
+          }
           call.end();
+          observe('List', status.OK, startedAt, call.metadata);
         } catch (err) {
           logUnexpected(logger, err, call.getPath());
-          if (!call.cancelled) call.destroy(toServiceError(err) as Error);
+          const error = toServiceError(err);
+          if (!call.cancelled) failStream(call, error);
+          observe('List', call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
         }
       })();
     },
@@ -150,25 +176,48 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       try {
         admit(call.metadata, null);
       } catch (err) {
-        call.destroy(toServiceError(err) as Error);
+        const error = toServiceError(err);
+        failStream(call, error);
+        observe('Pipe', error.code!, performance.now(), call.metadata);
         return;
       }
       let inFlight = 0;
       let ended = false;
+      let closed = false;
       const finish = () => {
-        if (ended && inFlight === 0 && !call.cancelled) call.end();
+        if (ended && inFlight === 0 && !closed && !call.cancelled) {
+          closed = true;
+          call.end();
+        }
       };
+      const onStop = () => {
+        ended = true;
+        finish();
+      };
+      stopping?.addEventListener('abort', onStop, { once: true });
+      call.once('close', () => stopping?.removeEventListener('abort', onStop));
       call.on('data', (request: BatchRequest | Undecodable) => {
+        const startedAt = performance.now();
+        if (closed) return;
         if (UNDECODABLE in request) {
-          call.destroy(toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`)) as Error);
+          const error = toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`));
+          failStream(call, error);
+          observe('Pipe', error.code!, startedAt, call.metadata);
           return;
         }
         inFlight += 1;
-        runBatch(request, Date.now())
-          .catch((err): BatchResponse => ({ id: request.id, results: request.ops.map(() => failed(err)) }))
-          .then((response) => {
+        const answer = stopping?.aborted
+          ? Promise.reject(new StoreError('unavailable', 'the store is stopping; retry on a new connection'))
+          : runBatch(request, Date.now());
+        answer
+          .then(
+            (response): [BatchResponse, status] => [response, status.OK],
+            (err): [BatchResponse, status] => [{ id: request.id, results: request.ops.map(() => failed(err)) }, toStatus(err).code],
+          )
+          .then(([response, code]) => {
             inFlight -= 1;
-            if (call.cancelled) return;
+            observe('Pipe', code, startedAt, call.metadata, request.ops);
+            if (call.cancelled || closed) return;
             // Backpressure: stop reading new batches until the client reads our answers.
             if (!call.write(response)) {
               call.pause();
@@ -185,26 +234,56 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     },
 
     watch: (call: ServerWritableStream<WatchRequest, WatchEvent>) => {
+      const startedAt = performance.now();
+      let unsubscribe = (): void => undefined;
+      let done = false;
+      const finish = (code: status) => {
+        if (done) return;
+        done = true;
+        unsubscribe();
+        stopping?.removeEventListener('abort', onStop);
+        observe('Watch', code, startedAt, call.metadata);
+      };
+      const onStop = () => {
+        call.end();
+        finish(status.OK);
+      };
       try {
         admit(call.metadata, call.request);
         const prefix = checkPrefix(call.request.prefix, limits);
-        const unsubscribe = backend.watch(prefix, (event) => {
-          call.write({
-            kind: KINDS[event.kind],
-            key: event.key,
-            version: event.version,
-            value: event.value,
-            expiresAtMs: event.expiresAtMs,
-          });
+        let unsentBytes = 0;
+        unsubscribe = backend.watch(prefix, (event) => {
+          // A watcher that stops reading must not make the store buffer changes for ever: past
+          // the limit it gets no more events, then RESOURCE_EXHAUSTED after those already queued.
+          if (call.writableLength >= MAX_UNSENT_EVENTS || unsentBytes >= MAX_UNSENT_BYTES) {
+            const error = toServiceError(new StoreError('too_large', `the watcher fell behind by more than ${MAX_UNSENT_EVENTS} events or ${MAX_UNSENT_BYTES} bytes`));
+            finish(error.code!);
+            failStream(call, error);
+            return;
+          }
+          const size = event.key.length + event.value.length;
+          unsentBytes += size;
+          call.write(
+            { kind: KINDS[event.kind], key: event.key, version: event.version, value: event.value, expiresAtMs: event.expiresAtMs },
+            () => (unsentBytes -= size),
+          );
         });
-        call.on('cancelled', unsubscribe);
-        call.on('close', unsubscribe);
+        call.on('cancelled', () => finish(status.CANCELLED));
+        call.on('close', () => finish(call.cancelled ? status.CANCELLED : status.OK));
+        stopping?.addEventListener('abort', onStop, { once: true });
+        if (stopping?.aborted) onStop();
       } catch (err) {
-        call.destroy(toServiceError(err) as Error);
+        const error = toServiceError(err);
+        failStream(call, error);
+        finish(error.code!);
       }
     },
   });
 }
+
+/** Change events (and their bytes) a Watch stream may have queued for a slow client before it is cut off. */
+const MAX_UNSENT_EVENTS = 10_000;
+const MAX_UNSENT_BYTES = 16 * 1024 * 1024;
 
 const KINDS = { put: WatchEvent_Kind.PUT, delete: WatchEvent_Kind.DELETE, expire: WatchEvent_Kind.EXPIRE } as const;
 
@@ -230,6 +309,18 @@ function succeeded(op: BackendOp, value: unknown): OpResult {
 function failed(err: unknown): OpResult {
   const mapped = toStatus(err);
   return { code: mapped.code, message: mapped.details, result: undefined };
+}
+
+/**
+ * Ends a stream with an error status. (destroy() would drop the status: grpc-js sends it only
+ * from the 'error' event, which sets the status and ends the stream.)
+ */
+function failStream(call: NodeJS.EventEmitter, error: Partial<ServiceError>): void {
+  call.emit('error', error);
+}
+
+function opsOf(request: unknown): readonly Op[] | undefined {
+  return (request as Partial<BatchRequest>).ops;
 }
 
 function deadlineOf(call: { getDeadline(): Date | number }): number | undefined {

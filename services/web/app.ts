@@ -156,7 +156,9 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
     } catch (err) {
       let status = 500;
       if (err instanceof StoreClientError) {
-        status = err.kind === 'unavailable' ? 503 : 500;
+        // A refused token is the operator's to fix (logged below), but to the visitor it is a store they cannot reach.
+        status = err.kind === 'unavailable' || err.kind === 'unauthenticated' ? 503 : 500;
+        if (err.kind === 'unauthenticated') logger.error({ reason: err.message }, 'the store refused STORE_TOKEN');
       } else if (err instanceof SessionConflictError) {
         status = 503;
       } else if (typeof (err as { status?: unknown }).status === 'number') {

@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { normalizeAddress } from '../client/store-client';
-import { ConfigError, envs, parseEnv, readEnv } from '../shared/env';
+import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
 
@@ -19,6 +19,7 @@ export function loadWebConfig(raw = readEnv()) {
         .refine(isStoreAddress, { message: 'expected host:port or http://host:port, e.g. 127.0.0.1:5100' })
         .default('127.0.0.1:5100'),
       STORE_TOKEN: envs.optionalString(),
+      STORE_TLS_CA: envs.optionalString(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
       STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
       SESSION_KEYS: z
@@ -49,6 +50,8 @@ export function loadWebConfig(raw = readEnv()) {
       token: env.STORE_TOKEN,
       deadlineMs: env.STORE_DEADLINE_MS,
       transport: env.STORE_TRANSPORT,
+      // TLS to the store: the PEM of the CA that signed its certificate (plaintext when unset).
+      tlsCa: env.STORE_TLS_CA ? readPemFile('STORE_TLS_CA', env.STORE_TLS_CA) : undefined,
     }),
     session: Object.freeze({
       keys: env.SESSION_KEYS ? env.SESSION_KEYS.split(',') : [localKey(dataDir)],

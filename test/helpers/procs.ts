@@ -62,7 +62,7 @@ export function tempDir(prefix = 'sessions-test-'): { dir: string; remove(): voi
 export const TEST_KEY = 'test-key-0123456789-0123456789-0123456789';
 
 export function startStore(dataDir: string, env: Record<string, string> = {}, port = 0): Promise<Proc> {
-  return startProcess('dist/services/store/main.js', { PORT: String(port), STORE_DATA_DIR: dataDir, ...env });
+  return startProcess('dist/services/store/main.js', { PORT: String(port), STORE_DATA_DIR: dataDir, STORE_METRICS_PORT: '0', ...env });
 }
 
 export function startWeb(storePort: number, dataDir: string, env: Record<string, string> = {}): Promise<Proc> {

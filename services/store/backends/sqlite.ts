@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import {
   type Backend,
@@ -12,6 +13,7 @@ import {
   StoreError,
   nextVersion,
 } from './backend';
+import type { CheckpointerSettings } from './sqlite-checkpointer';
 
 export interface SqliteOptions {
   /** Directory holding sessions.db (created if missing). */
@@ -24,6 +26,14 @@ export interface SqliteOptions {
   sweepBatch: number;
   /** Most operations committed in one transaction; more wait for the next turn of the loop. */
   maxOpsPerCommit: number;
+  /**
+   * Where WAL checkpoints run. 'worker' (default): a worker thread with its own connection, off
+   * the request path. 'inline': SQLite's automatic checkpoint inside the commit that crosses
+   * 1000 pages (stalls that request; kept for comparison and as the fallback).
+   */
+  checkpoint?: 'worker' | 'inline';
+  /** How often the checkpoint worker runs (default 100 ms). */
+  checkpointIntervalMs?: number;
 }
 
 interface Row {
@@ -54,6 +64,8 @@ export class SqliteBackend implements Backend {
   private flushScheduled = false;
   private closed = false;
   private sweeper: NodeJS.Timeout | undefined;
+  private checkpointer: Worker | undefined;
+  private catchUp = false;
   private readonly stmt: {
     get: Database.Statement<[string], Row>;
     upsert: Database.Statement<[string, Buffer, number, number, number]>;
@@ -71,7 +83,10 @@ export class SqliteBackend implements Backend {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma(`synchronous = ${options.synchronous}`);
     this.db.pragma('busy_timeout = 5000');
+    // Bounds the WAL file left on disk after SQLite restarts writing it from the beginning.
+    this.db.pragma(`journal_size_limit = ${64 * 1024 * 1024}`);
     migrate(this.db);
+    if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.stmt = {
       get: this.db.prepare('SELECT value, version, expires_at, created_at FROM entries WHERE key = ?'),
       upsert: this.db.prepare(
@@ -153,7 +168,56 @@ export class SqliteBackend implements Backend {
     if (this.sweeper) clearInterval(this.sweeper);
     this.flush(Infinity);
     this.closed = true;
+    await this.stopCheckpointer();
+    // The last connection to close checkpoints everything and removes the WAL.
     this.db.close();
+  }
+
+  /** Turns SQLite's automatic checkpoints off and runs them in a worker thread instead. */
+  private startCheckpointer(): void {
+    const settings: CheckpointerSettings = {
+      file: this.db.name,
+      synchronous: this.options.synchronous,
+      intervalMs: this.options.checkpointIntervalMs ?? 100,
+      catchUpFrames: 4096,
+    };
+    const worker = new Worker(path.join(__dirname, `sqlite-checkpointer${path.extname(__filename)}`), { workerData: settings });
+    this.db.pragma('wal_autocheckpoint = 0');
+    this.checkpointer = worker;
+    worker.unref();
+    worker.on('message', (message) => {
+      if (message === 'catch-up') this.catchUp = true;
+    });
+    const fallBack = () => {
+      if (this.checkpointer !== worker) return;
+      // Without the worker the WAL would grow for ever: go back to checkpoints on commit.
+      this.checkpointer = undefined;
+      if (!this.closed) this.db.pragma('wal_autocheckpoint = 1000');
+    };
+    worker.once('error', fallBack);
+    worker.once('exit', fallBack);
+  }
+
+  /** Copies the few frames the worker's last pass left, so that the next write starts the WAL over. */
+  private finishCheckpoint(): void {
+    this.catchUp = false;
+    try {
+      this.db.pragma('wal_checkpoint(PASSIVE)');
+    } catch {
+      // The worker is checkpointing right now; it will ask again.
+    }
+  }
+
+  private async stopCheckpointer(): Promise<void> {
+    const worker = this.checkpointer;
+    if (!worker) return;
+    this.checkpointer = undefined;
+    const exited = new Promise((resolve) => worker.once('exit', resolve));
+    worker.postMessage('close');
+    // A worker stuck in a long checkpoint is not worth a hung shutdown.
+    const timer = setTimeout(() => void worker.terminate(), 2000);
+    await exited;
+    clearTimeout(timer);
   }
 
   /** Deletes up to sweepBatch expired rows; continues on the next turn while there are more. */
@@ -186,6 +250,7 @@ export class SqliteBackend implements Backend {
       taken += 1;
     }
     if (taken === 0) return;
+    if (this.catchUp) this.finishCheckpoint();
     const batches = this.queue.splice(0, taken);
     const changes: ChangeEvent[] = [];
     let answers: BackendResult[][];

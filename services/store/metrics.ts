@@ -1,0 +1,133 @@
+import { createServer, type Server as HttpServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import { status } from '@grpc/grpc-js';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Backend, BackendOp, BackendResult } from './backends/backend';
+
+/** The RPCs of the SessionStore, as they appear in logs and metric labels. */
+export type RpcMethod = 'Get' | 'Put' | 'Delete' | 'List' | 'Batch' | 'Pipe' | 'Watch';
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+
+/**
+ * The store's Prometheus metrics, in a registry of their own:
+ * - store_rpc_handled_total{method,code} and store_rpc_duration_seconds{method,code}: one per
+ *   call; a Pipe stream counts each batch it carries as one call;
+ * - store_backend_duration_seconds{op}: backend batches (op = get, put or delete for a single
+ *   operation, batch for several);
+ * - store_batch_ops: operations per Batch call or Pipe batch;
+ * - store_live_entries: unexpired entries, counted when scraped;
+ * - store_expired_swept_total: entries deleted by the expiry sweeper;
+ * - the default process metrics of prom-client (CPU, memory, event-loop lag, handles).
+ */
+export class StoreMetrics {
+  readonly registry = new Registry();
+  private readonly handled: Counter<'method' | 'code'>;
+  private readonly duration: Histogram<'method' | 'code'>;
+  private readonly backendDuration: Histogram<'op'>;
+  private readonly batchOps: Histogram;
+  private readonly unwatch: () => void;
+  /** Label children by method and code, so that recording a call allocates nothing. */
+  private readonly children = new Map<RpcMethod, Array<{ handled: Counter.Internal; duration: Histogram.Internal<'method' | 'code'> }>>();
+
+  constructor(backend: Backend) {
+    const registers = [this.registry];
+    this.handled = new Counter({ name: 'store_rpc_handled_total', help: 'RPCs completed, by method and status code', labelNames: ['method', 'code'], registers });
+    this.duration = new Histogram({
+      name: 'store_rpc_duration_seconds',
+      help: 'RPC latency, by method and status code',
+      labelNames: ['method', 'code'],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.backendDuration = new Histogram({
+      name: 'store_backend_duration_seconds',
+      help: 'Backend batch latency (op: get, put or delete for one operation, batch for several)',
+      labelNames: ['op'],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.batchOps = new Histogram({
+      name: 'store_batch_ops',
+      help: 'Operations per Batch call or Pipe batch',
+      buckets: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+      registers,
+    });
+    new Gauge({
+      name: 'store_live_entries',
+      help: 'Unexpired entries in the store (counted when scraped)',
+      registers,
+      async collect() {
+        this.set(await backend.countLive());
+      },
+    });
+    const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries deleted by the sweeper', registers });
+    this.unwatch = backend.watch('', (event) => {
+      if (event.kind === 'expire') swept.inc();
+    });
+    collectDefaultMetrics({ register: this.registry });
+  }
+
+  /** Records one finished call; `ops` is the operation count of a Batch call or Pipe batch. */
+  recordRpc(method: RpcMethod, code: status, seconds: number, ops?: number): void {
+    let byCode = this.children.get(method);
+    if (!byCode) this.children.set(method, (byCode = []));
+    let child = byCode[code];
+    if (!child) {
+      const name = status[code] ?? String(code);
+      child = byCode[code] = { handled: this.handled.labels(method, name), duration: this.duration.labels(method, name) };
+    }
+    child.handled.inc();
+    child.duration.observe(seconds);
+    if (ops !== undefined) this.batchOps.observe(ops);
+  }
+
+  /** The backend with the latency of every batch recorded. */
+  instrument(backend: Backend): Backend {
+    const byOp = {
+      get: this.backendDuration.labels('get'),
+      put: this.backendDuration.labels('put'),
+      delete: this.backendDuration.labels('delete'),
+      batch: this.backendDuration.labels('batch'),
+    };
+    return {
+      name: backend.name,
+      batch: (ops: readonly BackendOp[]): Promise<BackendResult[]> => {
+        const started = performance.now();
+        const timer = byOp[ops.length === 1 ? ops[0].kind : 'batch'];
+        return backend.batch(ops).then((results) => {
+          timer.observe((performance.now() - started) / 1000);
+          return results;
+        });
+      },
+      list: (options) => backend.list(options),
+      watch: (prefix, onEvent) => backend.watch(prefix, onEvent),
+      ping: () => backend.ping(),
+      countLive: () => backend.countLive(),
+      close: () => backend.close(),
+    };
+  }
+
+  close(): void {
+    this.unwatch();
+  }
+}
+
+/** Serves GET /metrics in the Prometheus text format; resolves with the server and its port. */
+export function serveMetrics(registry: Registry, host: string, port: number): Promise<{ server: HttpServer; port: number }> {
+  const server = createServer((req, res) => {
+    if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: the metrics are at /metrics\n');
+      return;
+    }
+    registry.metrics().then(
+      (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(text),
+      (err: Error) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics failed: ${err.message}\n`),
+    );
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', (err) => reject(new Error(`cannot serve metrics on ${host}:${port} (STORE_METRICS_PORT): ${err.message}`)));
+    server.listen(port, host, () => resolve({ server, port: (server.address() as AddressInfo).port }));
+  });
+}

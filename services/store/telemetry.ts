@@ -1,0 +1,62 @@
+import { performance } from 'node:perf_hooks';
+import { type Metadata, status } from '@grpc/grpc-js';
+import type { Op } from '../generated/kv';
+import type { Logger } from '../shared/log';
+import type { RpcMethod, StoreMetrics } from './metrics';
+
+export type { RpcMethod };
+
+/**
+ * Called once per finished call (once per batch on a Pipe stream). `startedAt` is a
+ * performance.now() reading; `metadata` carries the call's x-request-id; `ops` are the
+ * operations of a Batch call or Pipe batch, which carry their own request ids.
+ */
+export type RpcObserver = (method: RpcMethod, code: status, startedAt: number, metadata: Metadata, ops?: readonly Op[]) => void;
+
+/**
+ * One log line and one metrics sample per call. Successful calls (and the routine ABORTED of a
+ * compare-and-set and CANCELLED of a client that hung up) log at debug, since at info they would
+ * be one line per page view; refused calls log at info, UNAUTHENTICATED and UNAVAILABLE at warn,
+ * INTERNAL and UNKNOWN at error. Nothing is formatted when the level is off.
+ */
+export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObserver {
+  return (method, code, startedAt, metadata, ops) => {
+    const ms = performance.now() - startedAt;
+    metrics.recordRpc(method, code, ms / 1000, ops?.length);
+    const level = levelOf(code);
+    if (!logger.isLevelEnabled(level)) return;
+    const line: Record<string, unknown> = { method, code: status[code] ?? code, ms: Math.round(ms * 100) / 100 };
+    const requestId = requestIdOf(metadata);
+    if (requestId) line.requestId = requestId;
+    if (ops) {
+      line.ops = ops.length;
+      const ids = [...new Set(ops.map((op) => op.requestId.slice(0, 128)).filter(Boolean))];
+      if (ids.length === 1) line.requestId = ids[0];
+      else if (ids.length > 1) line.requestIds = ids;
+    }
+    logger[level](line, 'rpc');
+  };
+}
+
+function levelOf(code: status): 'debug' | 'info' | 'warn' | 'error' {
+  switch (code) {
+    case status.OK:
+    case status.ABORTED:
+    case status.CANCELLED:
+      return 'debug';
+    case status.UNAUTHENTICATED:
+    case status.UNAVAILABLE:
+      return 'warn';
+    case status.INTERNAL:
+    case status.UNKNOWN:
+      return 'error';
+    default:
+      return 'info';
+  }
+}
+
+/** The x-request-id metadata of a call, if any (bounded, so a client cannot flood the logs). */
+function requestIdOf(metadata: Metadata): string | undefined {
+  const value = metadata.get('x-request-id')[0];
+  return typeof value === 'string' && value.length > 0 ? value.slice(0, 128) : undefined;
+}

@@ -1,0 +1,33 @@
+import { type ServerOptions, ServerCredentials } from '@grpc/grpc-js';
+
+/**
+ * Connection settings of the store's gRPC server, chosen on purpose (grpc-js ignores options it
+ * does not know, so only options it honours are listed):
+ *
+ * - keepalive 60 s / 20 s: the server pings every connection each minute and drops one that does
+ *   not answer within 20 s, so a client whose host died stops holding streams (and Watch
+ *   subscriptions) within about 80 s. Clients may ping as they like (grpc-js has no ping policing;
+ *   our client pings every 30 s only while calls are active).
+ * - 1000 concurrent streams per connection: far above what the web needs (it multiplexes
+ *   everything over one Pipe stream), low enough that one client cannot pin unbounded memory.
+ * - idle connections closed after 10 minutes without a call.
+ * - no maximum connection age: the web keeps one long-lived Pipe stream, and cutting it would
+ *   fail the operations in flight on it; balance load by restarting clients instead.
+ * - max receive message: STORE_MAX_MESSAGE_BYTES; a larger request is refused with
+ *   RESOURCE_EXHAUSTED before it is decoded.
+ */
+export function storeServerOptions(maxMessageBytes: number): ServerOptions {
+  return {
+    'grpc.keepalive_time_ms': 60_000,
+    'grpc.keepalive_timeout_ms': 20_000,
+    'grpc.max_concurrent_streams': 1000,
+    'grpc.max_connection_idle_ms': 10 * 60_000,
+    'grpc.max_receive_message_length': maxMessageBytes,
+  };
+}
+
+/** TLS when a certificate and key are configured, plaintext otherwise. */
+export function storeCredentials(tls: { cert: Buffer; key: Buffer } | undefined): ServerCredentials {
+  if (!tls) return ServerCredentials.createInsecure();
+  return ServerCredentials.createSsl(null, [{ cert_chain: tls.cert, private_key: tls.key }], false);
+}

@@ -1,0 +1,112 @@
+import assert from 'node:assert/strict';
+import { Metadata, status } from '@grpc/grpc-js';
+import { authMetadata, createRawClient, createStoreClient } from '../services/client/store-client';
+import { BatchRequest, DeleteRequest, GetRequest, ListRequest, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
+import { callRaw, METHODS, type MethodName, rawStoreClient } from './helpers/raw-grpc';
+import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+
+const TOKEN = 'store-token-0123456789-abcdefghij';
+
+/** One valid request per method, as protobuf bytes. */
+const REQUESTS: Record<MethodName, Buffer[]> = {
+  Get: [Buffer.from(GetRequest.encode({ key: 'auth', refreshTtlMs: 0 }).finish())],
+  Put: [Buffer.from(PutRequest.encode({ key: 'auth', value: Buffer.from('v'), ttlMs: 60_000, expectedVersion: undefined }).finish())],
+  Delete: [Buffer.from(DeleteRequest.encode({ key: 'auth-other', expectedVersion: undefined }).finish())],
+  Batch: [Buffer.from(BatchRequest.encode({ id: 1, ops: [{ op: { $case: 'get', value: { key: 'auth', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' }] }).finish())],
+  List: [Buffer.from(ListRequest.encode({ prefix: '', limit: 0, startAfter: '', keysOnly: false }).finish())],
+  Watch: [Buffer.from(WatchRequest.encode({ prefix: '' }).finish())],
+  Pipe: [Buffer.from(BatchRequest.encode({ id: 1, ops: [{ op: { $case: 'get', value: { key: 'auth', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' }] }).finish())],
+};
+
+function bearer(value: string | undefined): Metadata {
+  const metadata = new Metadata();
+  if (value !== undefined) metadata.set('authorization', value);
+  return metadata;
+}
+
+describe('store authentication with STORE_TOKEN (real store and web processes)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let raw: ReturnType<typeof rawStoreClient>;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, { STORE_TOKEN: TOKEN });
+    raw = rawStoreClient(`127.0.0.1:${store.port}`);
+  });
+  after(async () => {
+    raw?.close();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  const refused: Array<[string, string | undefined]> = [
+    ['no authorization metadata', undefined],
+    ['a wrong token', `Bearer ${TOKEN.replace(/.$/, 'X')}`],
+    ['the right token without "Bearer "', TOKEN],
+    ['an empty bearer token', 'Bearer '],
+  ];
+  for (const method of Object.keys(METHODS) as MethodName[]) {
+    for (const [what, header] of refused) {
+      it(`${method} with ${what} is UNAUTHENTICATED`, async () => {
+        const outcome = await callRaw(raw, method, REQUESTS[method], bearer(header), { streamMs: 2000 });
+        assert.equal(outcome.code, status.UNAUTHENTICATED, outcome.details);
+        assert.equal(outcome.messages, 0, 'nothing was answered');
+      });
+    }
+  }
+
+  it('every unary RPC and List and Pipe with the right token succeed', async () => {
+    for (const method of ['Put', 'Get', 'Delete', 'Batch', 'List', 'Pipe'] as const) {
+      const outcome = await callRaw(raw, method, REQUESTS[method], bearer(`Bearer ${TOKEN}`), { streamMs: 2000 });
+      assert.equal(outcome.code, status.OK, `${method}: ${outcome.details}`);
+      assert.ok(outcome.messages >= 1, `${method} answered`);
+    }
+  });
+
+  it('Watch with the right token streams changes', async () => {
+    const client = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });
+    const writer = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });
+    try {
+      const watch = client.watch({ prefix: 'w-auth' }, authMetadata(TOKEN));
+      watch.on('error', () => undefined);
+      const event = new Promise<WatchEvent>((resolve) => watch.once('data', resolve));
+      await new Promise((r) => setTimeout(r, 100));
+      await writer.put('w-auth', Buffer.from('x'), { ttlMs: 60_000 });
+      assert.equal((await event).key, 'w-auth');
+      watch.cancel();
+    } finally {
+      client.close();
+      writer.close();
+    }
+  });
+
+  describe('the web service sends STORE_TOKEN', () => {
+    let web: Proc | undefined;
+    afterEach(async () => {
+      await web?.stop();
+      web = undefined;
+    });
+
+    it('with the right token the counter page works', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_TOKEN: TOKEN });
+      const res = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(res.status, 200);
+      assert.match(await res.text(), /Counter 1: 0\b/);
+    });
+
+    for (const [name, env] of [
+      ['with a wrong token', { STORE_TOKEN: 'a-wrong-token-0123456789' }],
+      ['without a token', {}],
+    ] as const) {
+      it(`${name} the page is the 503 "store unavailable" page, never a 500`, async () => {
+        web = await startWeb(store.port, tmp.dir, env);
+        const res = await fetch(`http://127.0.0.1:${web.port}/`);
+        assert.equal(res.status, 503);
+        assert.match(await res.text(), /session store cannot be reached/);
+        assert.ok(web.lines.some((l) => l.includes('the store refused STORE_TOKEN')), 'the operator is told why');
+      });
+    }
+  });
+});

@@ -1,0 +1,157 @@
+import assert from 'node:assert/strict';
+import { Metadata, status } from '@grpc/grpc-js';
+import { createRawClient, createStoreClient, type StoreClient } from '../services/client/store-client';
+import { BatchRequest, GetRequest, PutRequest } from '../services/generated/kv';
+import { callRaw, frame, http2Call, rawStoreClient, reflectionClient } from './helpers/raw-grpc';
+import { type Proc, startStore, tempDir } from './helpers/procs';
+
+interface ReflectionResponse {
+  list_services_response?: { service: Array<{ name: string }> };
+  file_descriptor_response?: { file_descriptor_proto: Buffer[] };
+  error_response?: { error_code: number; error_message: string };
+}
+
+describe('store gRPC manners: reflection, deadlines, message size, request logs (real store process)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let client: StoreClient;
+  let address: string;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, { STORE_MAX_VALUE_BYTES: '65536', STORE_MAX_MESSAGE_BYTES: '100000', LOG_LEVEL: 'debug' });
+    address = `127.0.0.1:${store.port}`;
+    client = createStoreClient({ address, deadlineMs: 3000 });
+  });
+  after(async () => {
+    client?.close();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it('server reflection lists sessions.kv.v1.SessionStore and grpc.health.v1.Health and describes SessionStore', async () => {
+    const reflection = reflectionClient(address);
+    try {
+      const stream = reflection.ServerReflectionInfo();
+      const responses: ReflectionResponse[] = [];
+      const done = new Promise<void>((resolve, reject) => {
+        stream.on('data', (r: ReflectionResponse) => {
+          responses.push(r);
+          if (responses.length === 2) stream.end();
+        });
+        stream.on('end', resolve);
+        stream.on('error', reject);
+      });
+      stream.write({ list_services: '' });
+      stream.write({ file_containing_symbol: 'sessions.kv.v1.SessionStore' });
+      await done;
+      const names = responses[0].list_services_response!.service.map((s) => s.name);
+      assert.ok(names.includes('sessions.kv.v1.SessionStore'), names.join(', '));
+      assert.ok(names.includes('grpc.health.v1.Health'), names.join(', '));
+      const files = Buffer.concat(responses[1].file_descriptor_response!.file_descriptor_proto).toString('latin1');
+      for (const word of ['SessionStore', 'Pipe', 'Watch', 'PutRequest']) assert.ok(files.includes(word), `descriptor mentions ${word}`);
+    } finally {
+      reflection.close();
+    }
+  });
+
+  it('a call whose deadline has already passed when it arrives is skipped: DEADLINE_EXCEEDED and nothing written', async () => {
+    const put = PutRequest.encode({ key: 'late', value: Buffer.from('x'), ttlMs: 60_000, expectedVersion: undefined }).finish();
+    // grpc-timeout 1n: one nanosecond, gone before the server looks at the call.
+    const outcome = await http2Call(store.port, 'Put', frame(Buffer.from(put)), { 'grpc-timeout': '1n' });
+    assert.equal(outcome.code, status.DEADLINE_EXCEEDED);
+    assert.equal(await client.get('late'), null, 'the Put was not executed');
+    // The same call with time to spare is executed.
+    const ok = await http2Call(store.port, 'Put', frame(Buffer.from(put)), { 'grpc-timeout': '5S' });
+    assert.equal(ok.code, status.OK);
+    assert.ok(await client.get('late'));
+  });
+
+  it('a request over STORE_MAX_MESSAGE_BYTES is RESOURCE_EXHAUSTED before it is decoded; a full-size value still fits', async () => {
+    const raw = rawStoreClient(address);
+    try {
+      const huge = PutRequest.encode({ key: 'big', value: Buffer.alloc(150_000), ttlMs: 0, expectedVersion: undefined }).finish();
+      const refused = await callRaw(raw, 'Put', [Buffer.from(huge)]);
+      assert.equal(refused.code, status.RESOURCE_EXHAUSTED, refused.details);
+      const full = PutRequest.encode({ key: 'big', value: Buffer.alloc(65_536), ttlMs: 0, expectedVersion: undefined }).finish();
+      assert.equal((await callRaw(raw, 'Put', [Buffer.from(full)])).code, status.OK);
+      const over = PutRequest.encode({ key: 'big', value: Buffer.alloc(65_537), ttlMs: 0, expectedVersion: undefined }).finish();
+      const tooBig = await callRaw(raw, 'Put', [Buffer.from(over)]);
+      assert.equal(tooBig.code, status.RESOURCE_EXHAUSTED);
+      assert.match(tooBig.details, /STORE_MAX_VALUE_BYTES/);
+    } finally {
+      raw.close();
+    }
+  });
+
+  it('a Watch client that stops reading is cut off with RESOURCE_EXHAUSTED once 10,000 events wait for it', async () => {
+    const typed = createRawClient({ address, deadlineMs: 10_000 });
+    try {
+      const watch = typed.watch({ prefix: 'slow:' });
+      let received = 0;
+      watch.on('data', () => {
+        if (received++ === 0) watch.pause(); // read nothing more until all the writes are done
+      });
+      watch.on('error', () => undefined);
+      const ended = new Promise<{ code: number; details: string }>((resolve) => watch.on('status', resolve));
+      await new Promise((r) => setTimeout(r, 100));
+      const value = Buffer.alloc(16, 1);
+      for (let round = 0; round < 12; round += 1) {
+        const request = {
+          id: round,
+          ops: Array.from({ length: 1000 }, (_, i) => ({
+            op: { $case: 'put' as const, value: { key: `slow:${round}:${i}`, value, ttlMs: 60_000, expectedVersion: undefined } },
+            timeoutMs: 0,
+            requestId: '',
+          })),
+        };
+        await new Promise((resolve, reject) => typed.batch(request, (err, res) => (err ? reject(err) : resolve(res))));
+      }
+      watch.resume();
+      const outcome = await ended;
+      assert.equal(outcome.code, status.RESOURCE_EXHAUSTED, outcome.details);
+      assert.match(outcome.details, /fell behind by more than 10000 events/);
+      assert.ok(received >= 10_000 && received < 12_000, `${received} events before the cut`);
+    } finally {
+      typed.close();
+    }
+  });
+
+  it('each RPC is logged once with method, code, duration and the x-request-id (per op for Batch and Pipe)', async () => {
+    const raw = rawStoreClient(address);
+    try {
+      const metadata = new Metadata();
+      metadata.set('x-request-id', 'req-unary-1');
+      await callRaw(raw, 'Get', [Buffer.from(GetRequest.encode({ key: 'logged', refreshTtlMs: 0 }).finish())], metadata);
+      await callRaw(raw, 'Get', [Buffer.from(GetRequest.encode({ key: '', refreshTtlMs: 0 }).finish())], metadata);
+      const batch = Buffer.from(
+        BatchRequest.encode({
+          id: 9,
+          ops: [
+            { op: { $case: 'get', value: { key: 'a', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: 'req-op-A' },
+            { op: { $case: 'get', value: { key: 'b', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: 'req-op-B' },
+          ],
+        }).finish(),
+      );
+      assert.equal((await callRaw(raw, 'Batch', [batch])).code, status.OK);
+      assert.equal((await callRaw(raw, 'Pipe', [batch, batch])).code, status.OK);
+    } finally {
+      raw.close();
+    }
+    const rpcs = () => store.lines.filter((l) => l.includes('"msg":"rpc"')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const deadline = Date.now() + 5000;
+    while (!rpcs().some((r) => r.method === 'Pipe') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    const lines = rpcs();
+    assert.equal(lines.filter((r) => r.requestId === 'req-unary-1' && r.code === 'OK').length, 1, 'one line per call');
+    const ok = lines.find((r) => r.requestId === 'req-unary-1' && r.code === 'OK');
+    assert.ok(ok && ok.method === 'Get' && typeof ok.ms === 'number' && ok.level === 20, 'OK calls log at debug');
+    const bad = lines.find((r) => r.requestId === 'req-unary-1' && r.code === 'INVALID_ARGUMENT');
+    assert.ok(bad && bad.level === 30, 'refused calls log at info');
+    const batchLine = lines.find((r) => r.method === 'Batch' && r.ops === 2);
+    assert.deepEqual([batchLine?.code, batchLine?.ops, batchLine?.requestIds], ['OK', 2, ['req-op-A', 'req-op-B']]);
+    const pipeLines = lines.filter((r) => r.method === 'Pipe' && r.ops === 2);
+    assert.equal(pipeLines.length, 2, 'one line per batch on the stream');
+    assert.deepEqual(pipeLines[0].requestIds, ['req-op-A', 'req-op-B']);
+  });
+});

@@ -1,0 +1,257 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
+import { createRawClient } from '../services/client/store-client';
+import type { BatchRequest, BatchResponse, Entry, SessionStoreClient, WatchEvent } from '../services/generated/kv';
+import { loadStoreConfig } from '../services/store/config';
+import { SqliteBackend } from '../services/store/backends/sqlite';
+import { SERVICE_NAME, StoreHealth } from '../services/store/health';
+import { healthClient } from './helpers/raw-grpc';
+import { type Proc, root, startStore, tempDir } from './helpers/procs';
+
+const exitOf = (proc: Proc) =>
+  proc.child.exitCode !== null || proc.child.signalCode !== null
+    ? Promise.resolve(proc.child.exitCode)
+    : new Promise<number | null>((resolve) => proc.child.once('exit', (code) => resolve(code)));
+
+const until = async (check: () => boolean, what: string, timeoutMs = 10_000) => {
+  const end = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+};
+
+const logged = (proc: Proc, msg: string) => proc.lines.some((line) => line.includes(`"msg":"${msg}`));
+
+/** Fills the store with `count` entries of `size` bytes through Batch. */
+async function fill(client: SessionStoreClient, count: number, size: number): Promise<void> {
+  const value = Buffer.alloc(size, 'v');
+  for (let i = 0; i < count; i += 500) {
+    const request: BatchRequest = {
+      id: i,
+      ops: Array.from({ length: Math.min(500, count - i) }, (_, j) => ({
+        op: { $case: 'put' as const, value: { key: `fill:${String(i + j).padStart(6, '0')}`, value, ttlMs: 600_000, expectedVersion: undefined } },
+        timeoutMs: 0,
+        requestId: '',
+      })),
+    };
+    await new Promise<BatchResponse>((resolve, reject) => client.batch(request, (err, res) => (err ? reject(err) : resolve(res))));
+  }
+}
+
+/** Starts the store's main.js with `env` and returns its exit code and stderr (it must not start). */
+function runStore(env: Record<string, string>): { code: number | null; stderr: string } {
+  const result = spawnSync(process.execPath, [path.join(root, 'dist/services/store/main.js')], {
+    cwd: root,
+    env: { PATH: process.env.PATH ?? '', STORE_METRICS_PORT: '0', PORT: '0', ...env },
+    encoding: 'utf8',
+    timeout: 15_000,
+  });
+  return { code: result.status, stderr: result.stderr };
+}
+
+describe('store lifecycle: graceful stop, health, start-up checks (real store processes)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc | undefined;
+  const clients: Array<{ close(): void }> = [];
+
+  beforeEach(() => {
+    tmp = tempDir();
+  });
+  afterEach(async () => {
+    for (const c of clients.splice(0)) c.close();
+    if (store) await store.stop('SIGKILL');
+    store = undefined;
+    tmp.remove();
+  });
+
+  const connect = async (env: Record<string, string> = {}) => {
+    store = await startStore(tmp.dir, env);
+    const address = `127.0.0.1:${store.port}`;
+    const client = createRawClient({ address, deadlineMs: 10_000 });
+    const health = healthClient(address);
+    clients.push(client, health);
+    return { client, health, proc: store };
+  };
+
+  it('health is SERVING for the server ("") and for sessions.kv.v1.SessionStore; an unknown service is NOT_FOUND', async () => {
+    const { health } = await connect();
+    const check = (service: string) =>
+      new Promise<{ status?: string; code?: number }>((resolve) =>
+        health.check({ service }, (err, res) => resolve(err ? { code: err.code } : { status: res.status })),
+      );
+    assert.deepEqual(await check(''), { status: 'SERVING' });
+    assert.deepEqual(await check(SERVICE_NAME), { status: 'SERVING' });
+    assert.deepEqual(await check('no.such.Service'), { code: status.NOT_FOUND });
+  });
+
+  it('health follows the backend: NOT_SERVING for "" and SessionStore once the database is unusable', async () => {
+    const backend = new SqliteBackend({ dataDir: tmp.dir, synchronous: 'FULL', sweepIntervalMs: 0, sweepBatch: 200, maxOpsPerCommit: 2000 });
+    const health = new StoreHealth(backend, 20);
+    const server = new Server();
+    health.addToServer(server);
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const client = healthClient(`127.0.0.1:${port}`);
+    const check = (service: string) =>
+      new Promise<string>((resolve, reject) => client.check({ service }, (err, res) => (err ? reject(err) : resolve(res.status))));
+    try {
+      await health.start();
+      assert.deepEqual([await check(''), await check(SERVICE_NAME)], ['SERVING', 'SERVING']);
+      await backend.close();
+      const end = Date.now() + 5000;
+      while ((await check('')) === 'SERVING' && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+      assert.deepEqual([await check(''), await check(SERVICE_NAME)], ['NOT_SERVING', 'NOT_SERVING']);
+    } finally {
+      health.stop();
+      client.close();
+      server.forceShutdown();
+      await backend.close();
+    }
+  });
+
+  it('SIGTERM during a List: health watchers see NOT_SERVING, the List in flight still delivers every entry, then exit 0', async () => {
+    const { client, health, proc } = await connect({ STORE_GRACE_MS: '20000' });
+    await fill(client, 3000, 1000);
+    const statuses: string[] = [];
+    const watch = health.watch({ service: SERVICE_NAME });
+    watch.on('data', (m: { status: string }) => statuses.push(m.status));
+    watch.on('error', () => undefined);
+    await until(() => statuses.includes('SERVING'), 'SERVING');
+
+    // Start a List and stop reading it: the store is now blocked on flow control, mid-call.
+    const list = client.list({ prefix: 'fill:', limit: 0, startAfter: '', keysOnly: false });
+    const keys: string[] = [];
+    list.on('data', (e: Entry) => keys.push(e.key));
+    const listStatus = new Promise<number>((resolve) => list.on('status', (s: { code: number }) => resolve(s.code)));
+    list.on('error', () => undefined);
+    await until(() => keys.length > 0, 'the first entry');
+    list.pause();
+
+    proc.child.kill('SIGTERM');
+    await until(() => statuses.at(-1) === 'NOT_SERVING', 'NOT_SERVING on the health watch');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(proc.child.exitCode, null, 'the store waits for the List in flight');
+
+    list.resume();
+    assert.equal(await listStatus, status.OK);
+    assert.equal(keys.length, 3000, 'every entry arrived');
+    assert.equal(await exitOf(proc), 0);
+    assert.ok(logged(proc, 'stopping') && logged(proc, 'stopped'));
+  });
+
+  it('open Watch, Pipe and health Watch streams do not hold up a stop: exit 0 long before STORE_GRACE_MS', async () => {
+    const { client, health, proc } = await connect({ STORE_GRACE_MS: '20000' });
+    const watch = client.watch({ prefix: '' });
+    const events: WatchEvent[] = [];
+    watch.on('data', (e: WatchEvent) => events.push(e));
+    watch.on('error', () => undefined);
+    const watchStatus = new Promise<number>((resolve) => watch.on('status', (s: { code: number }) => resolve(s.code)));
+    const pipe = client.pipe(new Metadata());
+    const answers: BatchResponse[] = [];
+    pipe.on('data', (r: BatchResponse) => answers.push(r));
+    pipe.on('error', () => undefined);
+    const healthWatch = health.watch({ service: '' });
+    healthWatch.on('data', () => undefined);
+    healthWatch.on('error', () => undefined);
+    pipe.write({ id: 1, ops: [{ op: { $case: 'put', value: { key: 'p', value: Buffer.from('1'), ttlMs: 60_000, expectedVersion: undefined } }, timeoutMs: 0, requestId: '' }] });
+    await until(() => answers.length === 1 && events.length === 1, 'the pipe answer and the watch event');
+
+    const started = Date.now();
+    proc.child.kill('SIGTERM');
+    assert.equal(await exitOf(proc), 0);
+    assert.ok(Date.now() - started < 5000, `stopped after ${Date.now() - started} ms`);
+    assert.equal(await watchStatus, status.OK, 'the Watch stream was ended, not cut');
+  });
+
+  it('a call still running when STORE_GRACE_MS runs out is cancelled, and the store still exits 0', async () => {
+    const { client, proc } = await connect({ STORE_GRACE_MS: '300' });
+    await fill(client, 2000, 1000);
+    const list = client.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false });
+    let first = false;
+    list.on('data', () => {
+      first = true;
+      list.pause(); // never read again
+    });
+    list.on('error', () => undefined);
+    await until(() => first, 'the first entry');
+    const started = Date.now();
+    proc.child.kill('SIGTERM');
+    assert.equal(await exitOf(proc), 0);
+    const took = Date.now() - started;
+    assert.ok(took >= 250 && took < 5000, `stopped after ${took} ms`);
+    assert.ok(logged(proc, 'grace period over'));
+  });
+
+  it('a second signal stops at once with exit code 1', async () => {
+    const { client, proc } = await connect({ STORE_GRACE_MS: '60000' });
+    await fill(client, 2000, 1000);
+    const list = client.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false });
+    let first = false;
+    list.on('data', () => {
+      first = true;
+      list.pause();
+    });
+    list.on('error', () => undefined);
+    await until(() => first, 'the first entry');
+    proc.child.kill('SIGTERM');
+    await until(() => logged(proc, 'stopping'), 'the stopping log line');
+    const started = Date.now();
+    proc.child.kill('SIGINT');
+    assert.equal(await exitOf(proc), 1);
+    assert.ok(Date.now() - started < 5000);
+  });
+
+  it('after a graceful stop the data is on disk: a new store on the same directory reads it', async () => {
+    const { client, proc } = await connect();
+    await fill(client, 100, 10);
+    proc.child.kill('SIGTERM');
+    assert.equal(await exitOf(proc), 0);
+    const again = await connect();
+    const value = await new Promise<Entry | undefined>((resolve, reject) =>
+      again.client.get({ key: 'fill:000099', refreshTtlMs: 0 }, (err: ServiceError | null, res) => (err ? reject(err) : resolve(res.entry))),
+    );
+    assert.equal(value?.value.length, 10);
+  });
+
+  describe('bad configuration stops the store with a message naming the variable (exit code != 0)', () => {
+    const cases: Array<[string, Record<string, string>, RegExp]> = [
+      ['PORT=abc', { PORT: 'abc' }, /PORT="abc": expected a TCP port number/],
+      ['STORE_SYNCHRONOUS=maybe', { STORE_SYNCHRONOUS: 'maybe' }, /STORE_SYNCHRONOUS="maybe": expected one of FULL, NORMAL/],
+      ['STORE_METRICS_PORT=99999', { STORE_METRICS_PORT: '99999' }, /STORE_METRICS_PORT="99999"/],
+      ['STORE_MAX_MESSAGE_BYTES below one value', { STORE_MAX_MESSAGE_BYTES: '65536' }, /STORE_MAX_MESSAGE_BYTES=65536 must leave room for one entry/],
+      ['STORE_TLS_CERT without STORE_TLS_KEY', { STORE_TLS_CERT: '/etc/hostname' }, /STORE_TLS_CERT and STORE_TLS_KEY must be set together/],
+      ['STORE_TLS_CERT naming a missing file', { STORE_TLS_CERT: '/no/such/cert.pem', STORE_TLS_KEY: '/no/such/key.pem' }, /STORE_TLS_CERT="\/no\/such\/cert.pem": cannot read the file \(ENOENT\)/],
+      ['STORE_TOKEN too short', { STORE_TOKEN: 'secret' }, /STORE_TOKEN="secret": expected at least 16 printable ASCII characters/],
+    ];
+    for (const [name, env, message] of cases) {
+      it(name, () => {
+        const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, ...env });
+        assert.notEqual(code, 0);
+        assert.match(stderr, message);
+        assert.doesNotMatch(stderr, /\n\s+at /, 'one clear line, no stack trace');
+      });
+    }
+  });
+
+  it('refuses to start on a non-loopback STORE_HOST without STORE_TOKEN, saying why', () => {
+    const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, STORE_HOST: '0.0.0.0' });
+    assert.equal(code, 1);
+    assert.match(stderr, /STORE_HOST="0.0.0.0" is reachable from other machines but STORE_TOKEN is not set/);
+    assert.match(stderr, /Set STORE_TOKEN/);
+  });
+
+  it('loopback hosts need no token; any other host is accepted once a token is set (configuration only, nothing is bound)', () => {
+    for (const host of ['127.0.0.1', '127.1.2.3', 'localhost', '::1', '[::1]']) {
+      assert.equal(loadStoreConfig({ STORE_HOST: host }).host, host);
+    }
+    for (const host of ['0.0.0.0', '::', '10.0.0.5', 'store.internal']) {
+      assert.throws(() => loadStoreConfig({ STORE_HOST: host }), /STORE_TOKEN is not set/);
+      assert.equal(loadStoreConfig({ STORE_HOST: host, STORE_TOKEN: 't'.repeat(32) }).host, host);
+    }
+  });
+});

@@ -1,0 +1,97 @@
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { generate } from 'selfsigned';
+import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
+import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+
+/** A self-signed certificate for localhost and 127.0.0.1, written as PEM files. */
+async function selfSigned(dir: string, name: string): Promise<{ cert: string; key: string }> {
+  const pems = await generate([{ name: 'commonName', value: 'localhost' }], {
+    keyType: 'ec',
+    algorithm: 'sha256',
+    extensions: [
+      { name: 'basicConstraints', cA: true },
+      { name: 'keyUsage', digitalSignature: true, keyCertSign: true },
+      { name: 'extKeyUsage', serverAuth: true },
+      { name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] },
+    ],
+  });
+  const cert = path.join(dir, `${name}-cert.pem`);
+  const key = path.join(dir, `${name}-key.pem`);
+  writeFileSync(cert, pems.cert);
+  writeFileSync(key, pems.private, { mode: 0o600 });
+  return { cert, key };
+}
+
+describe('store over TLS (self-signed certificate made by the test, real processes)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let pki: { cert: string; key: string };
+  let stranger: { cert: string; key: string };
+  let address: string;
+
+  before(async () => {
+    tmp = tempDir();
+    pki = await selfSigned(tmp.dir, 'store');
+    stranger = await selfSigned(tmp.dir, 'stranger');
+    store = await startStore(tmp.dir, { STORE_TLS_CERT: pki.cert, STORE_TLS_KEY: pki.key });
+    // A host name, not an IP: TLS servername (SNI) must not be an IP address (RFC 6066).
+    address = `localhost:${store.port}`;
+  });
+  after(async () => {
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  const use = async (client: StoreClient, run: (c: StoreClient) => Promise<void>) => {
+    try {
+      await run(client);
+    } finally {
+      client.close();
+    }
+  };
+  const readPem = (file: string) => readFileSync(file);
+
+  it('the store says it serves TLS, and a client trusting its CA reads and writes', async () => {
+    assert.ok(store.lines.some((l) => l.includes('"msg":"listening"') && l.includes('"tls":true')));
+    await use(createStoreClient({ address, deadlineMs: 3000, tlsCa: readPem(pki.cert) }), async (client) => {
+      await client.put('tls', Buffer.from('secret'), { ttlMs: 60_000 });
+      assert.equal((await client.get('tls'))?.value.toString(), 'secret');
+    });
+  });
+
+  it('a plaintext client cannot talk to it (UNAVAILABLE)', async () => {
+    await use(createStoreClient({ address, deadlineMs: 1500 }), async (client) => {
+      await assert.rejects(client.get('tls'), (err: StoreClientError) => err.kind === 'unavailable');
+    });
+  });
+
+  it('a client trusting another CA refuses the certificate (UNAVAILABLE)', async () => {
+    await use(createStoreClient({ address, deadlineMs: 1500, tlsCa: readPem(stranger.cert) }), async (client) => {
+      await assert.rejects(client.get('tls'), (err: StoreClientError) => err.kind === 'unavailable');
+    });
+  });
+
+  describe('the web service with STORE_TLS_CA', () => {
+    let web: Proc | undefined;
+    afterEach(async () => {
+      await web?.stop();
+      web = undefined;
+    });
+
+    it('serves the counter page through the TLS store', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_TLS_CA: pki.cert, STORE_ADDRESS: address });
+      const res = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(res.status, 200);
+      assert.match(await res.text(), /Counter 1: 0\b/);
+    });
+
+    it('without it the page is a 503, not a 500', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '500' });
+      const res = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(res.status, 503);
+    });
+  });
+});
