@@ -59,6 +59,10 @@ async function dump(settings: DumpSettings): Promise<void> {
   }
 }
 
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ').trim();
+}
+
 /** bin/dump. Exit codes: 0 ok, 1 store error, 2 usage. Every error is one line on stderr. */
 export async function run(argv: string[]): Promise<number> {
   const version = (require('../../../package.json') as { version: string }).version;
@@ -69,7 +73,7 @@ export async function run(argv: string[]): Promise<number> {
     settings = parsed;
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;
-    process.stderr.write(`dump: ${err.message}\n`);
+    process.stderr.write(`dump: ${oneLine(err.message)}\n`);
     return EXIT.usage;
   }
   try {
@@ -77,12 +81,14 @@ export async function run(argv: string[]): Promise<number> {
     return EXIT.ok;
   } catch (err) {
     const reason = err instanceof StoreUnreachableError ? err.message : `unexpected error: ${(err as Error).message}`;
-    process.stderr.write(`dump: cannot dump the store at ${settings.target}: ${reason}\n`);
+    process.stderr.write(`dump: cannot dump the store at ${settings.target}: ${oneLine(reason)}\n`);
     return EXIT.storeError;
   }
 }
 
 if (require.main === module) {
+  // Node's warnings (e.g. TLS to an IP address) are not ours to print: stderr carries one error line.
+  process.noDeprecation = true;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     // `dump | head` closes the pipe early: that is a normal way to stop reading.
     process.exit(err.code === 'EPIPE' ? EXIT.ok : EXIT.storeError);

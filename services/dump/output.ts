@@ -22,7 +22,7 @@ const REDRAW_MS = 250;
 /** "1,234,567 entries  123,456/s" redrawn in place on a terminal's stderr while a listing runs. */
 export class Progress {
   private readonly started = Date.now();
-  private lastDrawn = 0;
+  private lastDrawn = this.started;
   private drawn = false;
 
   constructor(private readonly stream: NodeJS.WriteStream) {}

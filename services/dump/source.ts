@@ -156,9 +156,12 @@ function credentialsFor(options: SourceOptions): ChannelCredentials {
 
 /** grpc-js wraps the socket error in a long sentence; keep the part a person acts on. */
 function describeUnavailable(details: string, options: SourceOptions): string {
-  if (/ECONNREFUSED/.test(details)) return 'connection refused (is the store running and listening there?)';
-  if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(details)) return 'cannot resolve the host name';
-  const lastError = /Last error: (?:Error: )?(.*?)(?:\. Resolution note:.*)?$/.exec(details)?.[1];
-  const hint = options.tls ? ' (is TLS right? --tls-ca must name the CA that signed the store certificate)' : '';
-  return `unavailable: ${lastError ?? details}${hint}`;
+  const text = details.replace(/\s+/g, ' ').trim();
+  if (/ECONNREFUSED/.test(text)) return 'connection refused (is the store running and listening there?)';
+  if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(text)) return 'cannot resolve the host name';
+  const ssl = /SSL routines:[^:]*:([^:]+)/.exec(text)?.[1];
+  if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out --tls and --tls-ca)';
+  const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
+  const hint = options.tls ? ' (with TLS: does --tls-ca name the CA that signed the store certificate?)' : '';
+  return `unavailable: ${ssl ? `TLS handshake failed: ${ssl}` : lastError}${hint}`;
 }

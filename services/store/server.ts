@@ -142,7 +142,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           call.end();
         } catch (err) {
           logUnexpected(logger, err, call.getPath());
-          if (!call.cancelled) call.destroy(toServiceError(err) as Error);
+          if (!call.cancelled) failStream(call, err);
         }
       })();
     },
@@ -171,7 +171,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           call.end();
         } catch (err) {
           logUnexpected(logger, err, call.getPath());
-          if (!call.cancelled) call.destroy(toServiceError(err) as Error);
+          if (!call.cancelled) failStream(call, err);
         }
       })();
     },
@@ -180,7 +180,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       try {
         admit(call.metadata, null);
       } catch (err) {
-        call.destroy(toServiceError(err) as Error);
+        failStream(call, err);
         return;
       }
       let inFlight = 0;
@@ -190,7 +190,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       };
       call.on('data', (request: BatchRequest | Undecodable) => {
         if (UNDECODABLE in request) {
-          call.destroy(toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`)) as Error);
+          failStream(call, new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`));
           return;
         }
         inFlight += 1;
@@ -230,7 +230,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         call.on('cancelled', unsubscribe);
         call.on('close', unsubscribe);
       } catch (err) {
-        call.destroy(toServiceError(err) as Error);
+        failStream(call, err);
       }
     },
   });
@@ -270,6 +270,14 @@ function deadlineOf(call: { getDeadline(): Date | number }): number | undefined 
   const deadline = call.getDeadline();
   const ms = deadline instanceof Date ? deadline.getTime() : deadline;
   return Number.isFinite(ms) ? ms : undefined;
+}
+
+/**
+ * Ends a streaming call with the error's status. Not call.destroy(err): grpc-js then never sends
+ * the status and the client waits forever; an 'error' event is what makes it send the status.
+ */
+function failStream(call: NodeJS.EventEmitter, err: unknown): void {
+  call.emit('error', toServiceError(err));
 }
 
 function waitForDrain(call: ServerWritableStream<unknown, unknown>): Promise<void> {

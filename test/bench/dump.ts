@@ -1,9 +1,10 @@
 /**
  * bin/dump benchmark (not part of npm test). Fills a temp SQLite store with session-like entries,
  * starts the real store process on it, and runs bin/dump with stdout to /dev/null in each output
- * form, measuring entries/s and the dump process's peak RSS. The baseline in the same run is a bare
- * List consumer in its own process (the gRPC stream with no formatting or output), the ceiling dump
- * can approach.
+ * form, measuring entries/s, the dump process's peak RSS, and the CPU each side spends per entry
+ * (wall time on a shared machine is noisy; CPU per entry is not). The baselines in the same run
+ * are bare consumers that print nothing: List (one message per entry) and ListPages with the
+ * generated decoder.
  *
  *   npm run build && node dist/test/bench/dump.js [entries]   (default 1,000,000)
  *
@@ -25,6 +26,8 @@ const RUNS = 2;
 interface Measured {
   seconds: number;
   peakRssMb: number;
+  /** CPU seconds of the measured process (user + system), when GNU time reports them. */
+  cpuSeconds: number;
   code: number | null;
   stderr: string;
 }
@@ -80,10 +83,17 @@ function measure(args: string[]): Promise<Measured> {
       if (poll) clearInterval(poll);
       const timed = /Maximum resident set size \(kbytes\): (\d+)/.exec(stderr);
       const kb = timed ? Number(timed[1]) : polledKb;
+      const cpu = (label: string) => Number(new RegExp(`${label} time \\(seconds\\): ([\\d.]+)`).exec(stderr)?.[1] ?? NaN);
       const ownStderr = gnuTime ? stderr.split('\n\tCommand being timed')[0] : stderr;
-      resolve({ seconds, peakRssMb: kb / 1024, code, stderr: ownStderr.trim() });
+      resolve({ seconds, peakRssMb: kb / 1024, cpuSeconds: cpu('User') + cpu('System'), code, stderr: ownStderr.trim() });
     });
   });
+}
+
+/** CPU seconds (user + system) a process has used so far, from /proc. */
+function cpuSecondsOf(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 function median(values: number[]): number {
@@ -112,16 +122,25 @@ async function main(): Promise<void> {
       { name: 'bin/dump --keys-only', args: [dump, address, '--keys-only'] },
       { name: 'bin/dump --count', args: [dump, address, '--count'] },
     ];
-    const rows: Array<{ name: string; rate: number; rss: number }> = [];
+    const rows: Array<{ name: string; rate: number; rss: number; clientUs: number; storeUs: number }> = [];
     try {
       for (const c of cases) {
         const runs: Measured[] = [];
+        const storeCpu: number[] = [];
         for (let i = 0; i < RUNS; i++) {
+          const before = cpuSecondsOf(store.child.pid!);
           const run = await measure(c.args);
+          storeCpu.push(cpuSecondsOf(store.child.pid!) - before);
           if (run.code !== 0) throw new Error(`${c.name} exited with ${run.code}: ${run.stderr}`);
           runs.push(run);
         }
-        rows.push({ name: c.name, rate: entries / median(runs.map((r) => r.seconds)), rss: Math.max(...runs.map((r) => r.peakRssMb)) });
+        rows.push({
+          name: c.name,
+          rate: entries / median(runs.map((r) => r.seconds)),
+          rss: Math.max(...runs.map((r) => r.peakRssMb)),
+          clientUs: (median(runs.map((r) => r.cpuSeconds)) * 1e6) / entries,
+          storeUs: (median(storeCpu) * 1e6) / entries,
+        });
       }
     } finally {
       await store.stop();
@@ -129,11 +148,13 @@ async function main(): Promise<void> {
     const baseline = rows[0].rate;
     const pad = (s: string, n: number) => s.padEnd(n);
     console.log(`\n${entries.toLocaleString('en')} entries, node ${process.version}, ${cpus().length} cores, median of ${RUNS} runs (wall time incl. start-up)`);
-    console.log(`${pad('case', 40)} ${'entries/s'.padStart(10)} ${'vs bare'.padStart(8)} ${'peak RSS'.padStart(9)}  target`);
+    console.log(
+      `${pad('case', 40)} ${'entries/s'.padStart(10)} ${'vs List'.padStart(8)} ${'peak RSS'.padStart(9)} ${'CPU us/entry: client'.padStart(21)} ${'store'.padStart(6)}  target`,
+    );
     for (const row of rows) {
-      const ok = row.rate >= TARGET_RATE && row.rss < TARGET_RSS_MB ? 'ok' : 'MISSED';
+      const target = !row.name.startsWith('bin/dump') ? '' : row.rate >= TARGET_RATE && row.rss < TARGET_RSS_MB ? 'ok' : 'MISSED';
       console.log(
-        `${pad(row.name, 40)} ${Math.round(row.rate).toLocaleString('en').padStart(10)} ${(row.rate / baseline).toFixed(2).padStart(7)}x ${row.rss.toFixed(0).padStart(6)} MB  ${row === rows[0] ? '' : ok}`,
+        `${pad(row.name, 40)} ${Math.round(row.rate).toLocaleString('en').padStart(10)} ${(row.rate / baseline).toFixed(2).padStart(7)}x ${row.rss.toFixed(0).padStart(6)} MB ${row.clientUs.toFixed(2).padStart(21)} ${row.storeUs.toFixed(2).padStart(6)}  ${target}`,
       );
     }
     console.log(`targets: >= ${TARGET_RATE.toLocaleString('en')} entries/s, peak RSS < ${TARGET_RSS_MB} MB`);
