@@ -339,8 +339,9 @@ describe('bin/dump (child process against a real store)', function () {
     });
 
     it('--help documents the options and exit codes, exit 0; --version prints the version, exit 0', async () => {
-      const help = await runDump(['--help'], {}, tmp.dir);
+      const help = await runDump(['--help'], { STORE_TOKEN: 'secret-token-in-env' }, tmp.dir);
       assert.equal(help.code, 0);
+      assert.ok(!help.stdout.includes('secret-token-in-env'), '--help never shows the token');
       for (const option of ['--prefix', '--limit', '--keys-only', '--count', '--json', '--redact', '--watch', '--token', '--tls-ca', '--table']) {
         assert.ok(help.stdout.includes(option), `--help mentions ${option}`);
       }

@@ -74,7 +74,7 @@ function positiveInt(value: string): number {
   return n;
 }
 
-function buildProgram(defaults: { address: string; token?: string; tlsCa?: string }, version: string): Command {
+function buildProgram(defaults: { address: string; tlsCa?: string }, version: string): Command {
   return new Command()
     .name('dump')
     .description('Print the entries of a SessionStore, and optionally follow its changes.')
@@ -92,7 +92,8 @@ function buildProgram(defaults: { address: string; token?: string; tlsCa?: strin
     .option('--watch', 'after the entries, print changes (put, delete, expire) until Ctrl-C')
     .option('--progress', 'progress on stderr even when stderr is not a terminal')
     .option('--no-progress', 'no progress on stderr')
-    .option('--token <token>', 'bearer token (default: STORE_TOKEN)', defaults.token)
+    // No commander default here: it would print the token in --help.
+    .option('--token <token>', 'bearer token (default: STORE_TOKEN)')
     .option('--tls', 'connect with TLS, trusting the system CAs')
     .option('--tls-ca <file>', 'connect with TLS, trusting the CA certificate in this PEM file (default: STORE_TLS_CA)', defaults.tlsCa)
     .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', positiveInt, 5000)
@@ -151,7 +152,7 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   const form: Form = opts.json ? 'json' : (opts.table ?? terminal.stdoutIsTTY) ? 'table' : 'lines';
   return {
     target,
-    token: opts.token || undefined,
+    token: opts.token ?? config.token,
     tls: Boolean(opts.tls || tlsCa || /^https:\/\//i.test(address.trim())),
     tlsCa,
     connectTimeoutMs: opts.connectTimeout,

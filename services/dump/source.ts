@@ -144,6 +144,7 @@ export class StoreSource {
       return new StoreUnreachableError(`unauthenticated: ${text} (pass --token or set STORE_TOKEN)`);
     }
     if (code === status.UNAVAILABLE) return new StoreUnreachableError(describeUnavailable(text, this.options));
+    if (code === status.CANCELLED) return new StoreUnreachableError('the store closed the call (is it stopping?)');
     if (code === status.UNIMPLEMENTED) return new StoreUnreachableError(`the store does not support this call (${text})`);
     return new StoreUnreachableError(`${status[code] ?? 'error'}: ${text}`);
   }
