@@ -1,20 +1,32 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
-import { createStoreClient } from '../services/client/store-client';
+import { createInterface } from 'node:readline';
+import { Server, ServerCredentials, type ServerWritableStream } from '@grpc/grpc-js';
+import { createStoreClient, type StoreClient } from '../services/client/store-client';
+import { decodeEntryPage } from '../services/dump/entry-page';
+import { type Entry, EntryPage, type ListRequest, SessionStoreService } from '../services/generated/kv';
+import { SqliteBackend } from '../services/store/backends/sqlite';
+import { shortHash } from '../services/shared/log';
 import { type Proc, root, startStore, tempDir } from './helpers/procs';
+
+const dumpBin = path.join(root, 'bin', 'dump');
 
 interface Run {
   code: number | null;
   stdout: string;
   stderr: string;
+  ms: number;
 }
 
-export function runDump(args: string[], env: Record<string, string> = {}): Promise<Run> {
+/** Runs bin/dump with stdout and stderr piped, in an empty directory (no .env), with only PATH set. */
+export function runDump(args: string[], env: Record<string, string>, cwd: string): Promise<Run> {
+  const started = Date.now();
   return new Promise((resolve) => {
-    execFile(path.join(root, 'bin', 'dump'), args, { cwd: root, env: { PATH: process.env.PATH ?? '', ...env }, timeout: 20_000 }, (err, stdout, stderr) =>
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    execFile(dumpBin, args, { cwd, env: { PATH: process.env.PATH ?? '', ...env }, timeout: 20_000 }, (err, stdout, stderr) =>
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr, ms: Date.now() - started }),
     );
   });
 }
@@ -28,57 +40,427 @@ export async function deadPort(): Promise<number> {
   return port;
 }
 
+function lines(text: string): string[] {
+  return text.split('\n').filter(Boolean);
+}
+
+/** A long-running bin/dump (for --watch) whose stdout lines are collected as they come. */
+function startDump(args: string[], cwd: string) {
+  const child: ChildProcess = spawn(dumpBin, args, { cwd, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const out: string[] = [];
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  createInterface({ input: child.stdout! }).on('line', (line) => out.push(line));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return {
+    out,
+    stderr: () => stderr,
+    /** Resolves once a line matches; fails after timeoutMs with what was seen. */
+    async waitFor(match: (line: string) => boolean, timeoutMs = 10_000): Promise<string> {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const found = out.find(match);
+        if (found !== undefined) return found;
+        if (Date.now() > deadline) throw new Error(`no matching line within ${timeoutMs} ms; got:\n${out.join('\n')}\n${stderr}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    },
+    exited,
+    stop(signal: NodeJS.Signals = 'SIGINT'): Promise<number | null> {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+}
+
+function hasProgram(name: string): boolean {
+  try {
+    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 describe('bin/dump (child process against a real store)', function () {
   let tmp: ReturnType<typeof tempDir>;
   let store: Proc;
   let address: string;
+  let client: StoreClient;
 
   before(async () => {
     tmp = tempDir();
-    store = await startStore(tmp.dir);
+    // A fast sweeper so the --watch test sees an expiry within a second.
+    store = await startStore(tmp.dir, { STORE_SWEEP_INTERVAL_MS: '50' });
     address = `127.0.0.1:${store.port}`;
-    const client = createStoreClient({ address, deadlineMs: 2000 });
-    await client.put('sess-b', Buffer.from('{"count1":3,"count2":1}'), { ttlMs: 60_000 });
-    await client.put('sess-a', Buffer.from('{"count1":0,"count2":0}'), { ttlMs: 60_000 });
-    client.close();
+    client = createStoreClient({ address, deadlineMs: 2000 });
+    await client.put('sess-b', Buffer.from('{"count1":3,"count2":1}'), { ttlMs: 30 * 60_000 });
+    await client.put('sess-a', Buffer.from('{"count1":0,"count2":0}'), { ttlMs: 30 * 60_000 });
+    await client.put('other-1', Buffer.from('x'), { ttlMs: 30 * 60_000 });
+    await client.put('other-2', Buffer.from('y'), { ttlMs: 30 * 60_000 });
+    await client.put('other-3', Buffer.from('z'), { ttlMs: 30 * 60_000 });
   });
   after(async () => {
+    client?.close();
     await store?.stop();
     tmp?.remove();
   });
 
-  it('prints every entry, one "<key> <value>" per line, in key order', async () => {
-    const run = await runDump([address]);
+  describe('output', () => {
+    it('piped: prints every entry, one "<key> <value>" per line, in key order, nothing on stderr', async () => {
+      const run = await runDump([address, '--prefix', 'sess-'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout, 'sess-a {"count1":0,"count2":0}\nsess-b {"count1":3,"count2":1}\n');
+      assert.equal(run.stderr, '', 'no progress or other noise on a piped stderr');
+    });
+
+    it('accepts http://host:port', async () => {
+      const run = await runDump([`http://${address}`, '--prefix', 'sess-'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(lines(run.stdout).length, 2);
+    });
+
+    it('--json prints JSON Lines with key, value, version, expiresAt and createdAt', async () => {
+      const run = await runDump([address, '--json', '--prefix', 'sess-'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      const rows = lines(run.stdout).map((l) => JSON.parse(l));
+      assert.deepEqual(
+        rows.map((r) => r.key),
+        ['sess-a', 'sess-b'],
+      );
+      assert.deepEqual(JSON.parse(rows[1].value), { count1: 3, count2: 1 });
+      assert.ok(Number.isSafeInteger(rows[1].version) && rows[1].version > 0);
+      assert.ok(Date.parse(rows[1].expiresAt) > Date.now() + 25 * 60_000);
+      assert.ok(Date.parse(rows[1].createdAt) <= Date.now());
+      assert.match(rows[1].expiresAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    });
+
+    it('--keys-only prints keys without values, also with --json', async () => {
+      const plain = await runDump([address, '--keys-only', '--prefix', 'sess-'], {}, tmp.dir);
+      assert.equal(plain.stdout, 'sess-a\nsess-b\n');
+      const json = await runDump([address, '--keys-only', '--json', '--prefix', 'sess-'], {}, tmp.dir);
+      const rows = lines(json.stdout).map((l) => JSON.parse(l));
+      assert.equal(rows.length, 2);
+      assert.ok(rows.every((r) => r.key && !('value' in r) && r.version > 0));
+    });
+
+    it('--prefix selects keys by prefix and --limit caps the count, in key order', async () => {
+      const run = await runDump([address, '--prefix', 'other-', '--limit', '2', '--keys-only'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout, 'other-1\nother-2\n');
+      const all = await runDump([address, '--limit', '0', '--keys-only'], {}, tmp.dir);
+      assert.ok(lines(all.stdout).length >= 5);
+    });
+
+    it('--count prints only the number of entries (with --prefix: of those)', async () => {
+      const run = await runDump([address, '--count', '--prefix', 'other-'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout, '3\n');
+      const limited = await runDump([address, '--count', '--prefix', 'other-', '--limit', '1'], {}, tmp.dir);
+      assert.equal(limited.stdout, '1\n');
+    });
+
+    it('--redact prints a short hash instead of each key and keeps the value', async () => {
+      const run = await runDump([address, '--redact', '--prefix', 'sess-'], {}, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      assert.doesNotMatch(run.stdout, /sess-a|sess-b/);
+      assert.equal(run.stdout, `${shortHash('sess-a')} {"count1":0,"count2":0}\n${shortHash('sess-b')} {"count1":3,"count2":1}\n`);
+      const json = await runDump([address, '--redact', '--json', '--prefix', 'sess-'], {}, tmp.dir);
+      assert.doesNotMatch(json.stdout, /sess-a|sess-b/);
+      assert.equal(JSON.parse(lines(json.stdout)[0]).key, shortHash('sess-a'));
+    });
+
+    it('a value with a line break stays on one line, as a JSON string', async () => {
+      await client.put('nl-1', Buffer.from('two\nlines'), { ttlMs: 60_000 });
+      const run = await runDump([address, '--prefix', 'nl-'], {}, tmp.dir);
+      assert.equal(run.stdout, 'nl-1 "two\\nlines"\n');
+    });
+
+    it('--table prints aligned columns ID, VALUE, VERSION, EXPIRES IN with the time left', async () => {
+      const run = await runDump([address, '--table', '--prefix', 'sess-'], { COLUMNS: '100' }, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      const [header, ...rows] = lines(run.stdout);
+      assert.match(header, /^ID\s+VALUE\s+VERSION\s+EXPIRES IN$/);
+      assert.equal(rows.length, 3);
+      assert.equal(rows[2], '(2 entries)');
+      assert.match(rows[0], /^sess-a\s+\{"count1":0,"count2":0\}\s+\d+\s+(2\dm \d\d|30m 00)s$/);
+      // Aligned: every row ends where the header ends, and the value column starts at one place.
+      assert.equal(rows[0].length, header.length);
+      assert.equal(rows[1].length, header.length);
+      assert.equal(rows[0].indexOf('{'), header.indexOf('VALUE'));
+      assert.equal(rows[1].indexOf('{'), header.indexOf('VALUE'));
+    });
+
+    it('on a terminal the table is the default, and a dump to a file shows progress on the terminal', async function () {
+      if (!hasProgram('script')) {
+        if (process.env.CI) throw new Error('script (Debian package bsdutils) is required in CI');
+        this.skip();
+      }
+      // `script` runs the command on a pseudo-terminal and copies what it shows to our pipe.
+      const onTerminal = execFileSync('script', ['-qec', `${dumpBin} ${address} --prefix sess-`, '/dev/null'], {
+        cwd: tmp.dir,
+        env: { PATH: process.env.PATH ?? '', COLUMNS: '100' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      }).toString();
+      assert.match(onTerminal, /^ID\s+VALUE\s+VERSION\s+EXPIRES IN\r?$/m);
+      assert.match(onTerminal, /^sess-a\s+\{"count1":0/m);
+
+      const file = path.join(tmp.dir, 'dump.txt');
+      const terminal = execFileSync('script', ['-qec', `${dumpBin} ${address} --prefix sess- > ${file}`, '/dev/null'], {
+        cwd: tmp.dir,
+        env: { PATH: process.env.PATH ?? '' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      }).toString();
+      assert.match(terminal, /2 entries in \d+\.\d s \([\d,]+\/s\)/);
+      assert.equal(readFileSync(file, 'utf8'), 'sess-a {"count1":0,"count2":0}\nsess-b {"count1":3,"count2":1}\n');
+    });
+
+    it('--progress forces the progress summary on a piped stderr', async () => {
+      const run = await runDump([address, '--prefix', 'sess-', '--progress'], {}, tmp.dir);
+      assert.equal(run.code, 0);
+      // A redraw may come first on a slow machine; the last line is the summary.
+      assert.match(run.stderr, /(^|\x1b\[K)2 entries in \d+\.\d s \([\d,]+\/s\)\n$/);
+    });
+  });
+
+  describe('--watch', () => {
+    it('after the entries, prints a put, a delete and an expiry as they happen; Ctrl-C exits 0', async () => {
+      await client.put('w-0', Buffer.from('{"n":0}'), { ttlMs: 60_000 });
+      const plain = startDump([address, '--watch', '--prefix', 'w-'], tmp.dir);
+      const json = startDump([address, '--watch', '--json', '--prefix', 'w-'], tmp.dir);
+      try {
+        // The listing comes first; the change feed was opened before it, so nothing after is missed.
+        await plain.waitFor((l) => l === 'w-0 {"n":0}');
+        await json.waitFor((l) => l.includes('"key":"w-0"'));
+
+        await client.put('w-1', Buffer.from('{"n":1}'), { ttlMs: 60_000 });
+        await client.delete('w-1');
+        await client.put('w-2', Buffer.from('{"n":2}'), { ttlMs: 150 });
+        await client.put('x-0', Buffer.from('outside the prefix'), { ttlMs: 60_000 });
+
+        await plain.waitFor((l) => l === 'expire w-2');
+        assert.deepEqual(plain.out, ['w-0 {"n":0}', 'put w-1 {"n":1}', 'delete w-1', 'put w-2 {"n":2}', 'expire w-2']);
+
+        await json.waitFor((l) => l.includes('"event":"expire"'));
+        const events = json.out.slice(1).map((l) => JSON.parse(l));
+        assert.deepEqual(
+          events.map((e) => [e.event, e.key]),
+          [
+            ['put', 'w-1'],
+            ['delete', 'w-1'],
+            ['put', 'w-2'],
+            ['expire', 'w-2'],
+          ],
+        );
+        assert.equal(JSON.parse(events[0].value).n, 1);
+        assert.ok(events[0].version > 0 && events[1].version === events[0].version);
+        assert.ok(Date.parse(events[2].expiresAt) > 0);
+      } finally {
+        assert.equal(await plain.stop('SIGINT'), 0, plain.stderr());
+        assert.equal(await json.stop('SIGINT'), 0, json.stderr());
+      }
+      assert.equal(plain.stderr(), '');
+      assert.equal(json.stderr(), '');
+    });
+
+    it('the store going away ends --watch with one line and exit 1', async () => {
+      const own = tempDir();
+      const shortLived = await startStore(own.dir, { STORE_GRACE_MS: '0' });
+      const watcher = startDump([`127.0.0.1:${shortLived.port}`, '--watch', '--table'], tmp.dir);
+      try {
+        await watcher.waitFor((l) => l.startsWith('watching for changes'));
+        await shortLived.stop();
+        assert.equal(await watcher.exited, 1);
+        assert.equal(lines(watcher.stderr()).length, 1, watcher.stderr());
+        assert.match(watcher.stderr(), /^dump: cannot dump the store at 127\.0\.0\.1:\d+: /);
+      } finally {
+        await watcher.stop('SIGKILL');
+        await shortLived.stop();
+        own.remove();
+      }
+    });
+  });
+
+  describe('exit codes and errors', () => {
+    it('an unreachable store: one line naming the address, exit 1, without waiting for the connect timeout', async () => {
+      const port = await deadPort();
+      const run = await runDump([`127.0.0.1:${port}`, '--connect-timeout', '15000'], {}, tmp.dir);
+      assert.equal(run.code, 1);
+      assert.equal(lines(run.stderr).length, 1, run.stderr);
+      assert.match(run.stderr, new RegExp(`^dump: cannot dump the store at 127\\.0\\.0\\.1:${port}: connection refused`));
+      assert.ok(run.ms < 7000, `took ${run.ms} ms`);
+    });
+
+    it('a store that accepts TCP but never answers: gives up after --connect-timeout, exit 1', async () => {
+      const silent = createServer(() => undefined);
+      await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+      const { port } = silent.address() as { port: number };
+      try {
+        const run = await runDump([`127.0.0.1:${port}`, '--connect-timeout', '300'], {}, tmp.dir);
+        assert.equal(run.code, 1);
+        assert.equal(lines(run.stderr).length, 1, run.stderr);
+        assert.match(run.stderr, /no connection within 300 ms/);
+      } finally {
+        silent.close();
+      }
+    });
+
+    it('--tls against a plaintext store: one line, exit 1', async () => {
+      const run = await runDump([address, '--tls'], {}, tmp.dir);
+      assert.equal(run.code, 1);
+      assert.equal(lines(run.stderr).length, 1, run.stderr);
+      assert.match(run.stderr, /TLS handshake failed/);
+    });
+
+    it('usage errors exit 2 with one line on stderr', async () => {
+      const cases = [
+        [address, '--no-such-option'],
+        ['not an address'],
+        [address, '--limit', '-1'],
+        [address, '--limit', 'many'],
+        [address, '--count', '--watch'],
+        [address, '--json', '--table'],
+        [address, '--tls-ca', path.join(tmp.dir, 'missing.pem')],
+        [address, '--connect-timeout', '0'],
+      ];
+      const runs = await Promise.all(cases.map((args) => runDump(args, {}, tmp.dir)));
+      for (const [i, args] of cases.entries()) {
+        const run = runs[i];
+        assert.equal(run.code, 2, `${args.join(' ')}: ${run.stderr}`);
+        assert.equal(lines(run.stderr).length, 1, `${args.join(' ')}: ${run.stderr}`);
+        assert.match(run.stderr, /^dump: /);
+        assert.equal(run.stdout, '');
+      }
+    });
+
+    it('a bad STORE_TLS_CA in the environment is a usage error naming the file', async () => {
+      const run = await runDump([address], { STORE_TLS_CA: path.join(tmp.dir, 'nope.pem') }, tmp.dir);
+      assert.equal(run.code, 2);
+      assert.match(run.stderr, /^dump: cannot read the TLS CA file .*nope\.pem: ENOENT\n$/);
+    });
+
+    it('--help documents the options and exit codes, exit 0; --version prints the version, exit 0', async () => {
+      const help = await runDump(['--help'], { STORE_TOKEN: 'secret-token-in-env' }, tmp.dir);
+      assert.equal(help.code, 0);
+      assert.ok(!help.stdout.includes('secret-token-in-env'), '--help never shows the token');
+      for (const option of ['--prefix', '--limit', '--keys-only', '--count', '--json', '--redact', '--watch', '--token', '--tls-ca', '--table']) {
+        assert.ok(help.stdout.includes(option), `--help mentions ${option}`);
+      }
+      assert.match(help.stdout, /Exit codes:\n\s+0 .*\n\s+1 .*store.*\n\s+2 .*usage/);
+      const version = await runDump(['--version'], {}, tmp.dir);
+      assert.equal(version.code, 0);
+      assert.equal(version.stdout.trim(), JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')).version);
+    });
+  });
+
+  describe('against a store that requires a token', () => {
+    let secured: Proc;
+    let dir: ReturnType<typeof tempDir>;
+    before(async () => {
+      dir = tempDir();
+      secured = await startStore(dir.dir, { STORE_TOKEN: 'test-token-1234' });
+    });
+    after(async () => {
+      await secured?.stop();
+      dir?.remove();
+    });
+
+    it('without a token: one line saying unauthenticated and how to fix it, exit 1', async () => {
+      const run = await runDump([`127.0.0.1:${secured.port}`], {}, tmp.dir);
+      assert.equal(run.code, 1);
+      assert.equal(lines(run.stderr).length, 1, run.stderr);
+      assert.match(run.stderr, /unauthenticated: .*--token/);
+    });
+
+    it('with --token, STORE_TOKEN in the environment or in .env: exit 0', async () => {
+      const target = `127.0.0.1:${secured.port}`;
+      assert.equal((await runDump([target, '--token', 'test-token-1234'], {}, tmp.dir)).code, 0);
+      assert.equal((await runDump([target], { STORE_TOKEN: 'test-token-1234' }, tmp.dir)).code, 0);
+      const withEnvFile = tempDir();
+      try {
+        writeFileSync(path.join(withEnvFile.dir, '.env'), 'STORE_TOKEN=test-token-1234\n');
+        assert.equal((await runDump([target], {}, withEnvFile.dir)).code, 0);
+      } finally {
+        withEnvFile.remove();
+      }
+      const wrong = await runDump([target, '--token', 'wrong'], {}, tmp.dir);
+      assert.equal(wrong.code, 1);
+    });
+  });
+});
+
+describe('bin/dump against a store without ListPages (older stores)', () => {
+  let dir: ReturnType<typeof tempDir>;
+  let backend: SqliteBackend;
+  let server: Server;
+  let port: number;
+
+  before(async () => {
+    dir = tempDir();
+    backend = new SqliteBackend({ dataDir: dir.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 1000 });
+    const ops = Array.from({ length: 1100 }, (_, i) => ({ kind: 'put' as const, key: `k-${String(i).padStart(4, '0')}`, value: Buffer.from(`v${i}`), ttlMs: 60_000 }));
+    await backend.batch(ops);
+    // Only List is implemented; grpc-js answers every other method with UNIMPLEMENTED.
+    server = new Server();
+    server.addService(SessionStoreService, {
+      list: (call: ServerWritableStream<ListRequest, Entry>) => {
+        void (async () => {
+          for await (const entry of backend.list({ prefix: call.request.prefix, startAfter: '', limit: call.request.limit, keysOnly: call.request.keysOnly })) {
+            call.write(entry);
+          }
+          call.end();
+        })();
+      },
+    } as never);
+    port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+  });
+  after(async () => {
+    server?.forceShutdown();
+    await backend?.close();
+    dir?.remove();
+  });
+
+  it('falls back to List and prints every entry', async () => {
+    const run = await runDump([`127.0.0.1:${port}`], {}, dir.dir);
     assert.equal(run.code, 0, run.stderr);
-    assert.equal(run.stdout, 'sess-a {"count1":0,"count2":0}\nsess-b {"count1":3,"count2":1}\n');
+    const out = lines(run.stdout);
+    assert.equal(out.length, 1100);
+    assert.equal(out[0], 'k-0000 v0');
+    assert.equal(out[1099], 'k-1099 v1099');
+  });
+});
+
+describe('EntryPage decoder of bin/dump', () => {
+  it('reads what the generated encoder writes: unicode keys, empty values, 53-bit versions, negative times', () => {
+    const entries: Entry[] = [
+      { key: 'é-ключ-🔑', value: Buffer.alloc(0), version: 0, expiresAtMs: -5, createdAtMs: -1_795_628_592_013 },
+      { key: '', value: Buffer.alloc(300, 7), version: 2 ** 53 - 1, expiresAtMs: 2 ** 32, createdAtMs: 2 ** 31 },
+    ];
+    for (let i = 0; i < 500; i++) {
+      entries.push({
+        key: `k${i}`,
+        value: Buffer.alloc(i % 200, i),
+        version: Math.floor(Math.random() * 2 ** 53),
+        expiresAtMs: Math.floor((Math.random() - 0.5) * 2 ** 52),
+        createdAtMs: Math.floor(Math.random() * 2 ** 42),
+      });
+    }
+    const bytes = Buffer.from(EntryPage.encode({ entries }).finish());
+    assert.deepEqual(decodeEntryPage(bytes), EntryPage.decode(bytes).entries);
   });
 
-  it('accepts http://host:port', async () => {
-    const run = await runDump([`http://${address}`]);
-    assert.equal(run.code, 0, run.stderr);
-    assert.equal(run.stdout.split('\n').filter(Boolean).length, 2);
+  it('skips unknown fields of the page and of an entry', () => {
+    const entry = Buffer.from(EntryPage.encode({ entries: [{ key: 'a', value: Buffer.from('b'), version: 3, expiresAtMs: 4, createdAtMs: 5 }] }).finish());
+    // Inside the entry: field 9 (varint) and field 10 (bytes); after it, page field 2 (varint).
+    const inner = Buffer.concat([entry.subarray(2), Buffer.from([0x48, 0x01, 0x52, 0x02, 0x68, 0x69])]);
+    const page = Buffer.concat([Buffer.from([0x0a, inner.length]), inner, Buffer.from([0x10, 0x05])]);
+    assert.deepEqual(decodeEntryPage(page), [{ key: 'a', value: Buffer.from('b'), version: 3, expiresAtMs: 4, createdAtMs: 5 }]);
   });
 
-  it('--json prints JSON Lines with key, value, version and expiry', async () => {
-    const run = await runDump([address, '--json']);
-    const lines = run.stdout.trim().split('\n').map((l) => JSON.parse(l));
-    assert.equal(lines.length, 2);
-    assert.equal(lines[1].key, 'sess-b');
-    assert.deepEqual(JSON.parse(lines[1].value), { count1: 3, count2: 1 });
-    assert.ok(lines[1].version > 0);
-    assert.ok(Date.parse(lines[1].expiresAt) > Date.now());
-  });
-
-  it('an unreachable store: one clear line naming the address, exit 1', async () => {
-    const port = await deadPort();
-    const run = await runDump([`127.0.0.1:${port}`]);
-    assert.equal(run.code, 1);
-    assert.equal(run.stderr.trim().split('\n').length, 1);
-    assert.match(run.stderr, new RegExp(`cannot dump the store at 127\\.0\\.0\\.1:${port}`));
-  });
-
-  it('usage errors exit 2', async () => {
-    assert.equal((await runDump(['--no-such-option'])).code, 2);
-    assert.equal((await runDump(['not an address'])).code, 2);
+  it('refuses a truncated page instead of inventing entries', () => {
+    const bytes = Buffer.from(EntryPage.encode({ entries: [{ key: 'abc', value: Buffer.from('v'), version: 1, expiresAtMs: 2, createdAtMs: 3 }] }).finish());
+    assert.throws(() => decodeEntryPage(bytes.subarray(0, bytes.length - 3)), /malformed EntryPage/);
   });
 });

@@ -1,113 +1,105 @@
-import { Command, CommanderError, InvalidArgumentError } from 'commander';
-import { authMetadata, createRawClient, type Entry, listEntries, normalizeAddress, StoreClientError } from '../client/store-client';
-import { readEnv } from '../shared/env';
+import type { WatchEvent } from '../generated/kv';
+import { type DumpSettings, EXIT, parseArgs, UsageError } from './cli';
+import { createFormatter } from './format';
+import { Output, Progress } from './output';
+import { StoreSource, StoreUnreachableError } from './source';
 
-const CONNECT_TIMEOUT_MS = 5000;
+const DEFAULT_COLUMNS = 120;
 
-interface Options {
-  json?: boolean;
-  prefix: string;
-  limit: number;
-  keysOnly?: boolean;
-  count?: boolean;
-  token?: string;
-}
-
-function positiveInt(value: string): number {
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a non-negative integer');
-  return n;
-}
-
-/** Writes a line, waiting for stdout to drain so a dump of any size runs in constant memory. */
-async function writeLine(line: string): Promise<void> {
-  if (!process.stdout.write(line + '\n')) await new Promise((resolve) => process.stdout.once('drain', resolve));
-}
-
-function formatLine(entry: Entry, options: Options): string {
-  if (options.json) {
-    return JSON.stringify({
-      key: entry.key,
-      value: options.keysOnly ? undefined : entry.value.toString('utf8'),
-      version: entry.version,
-      expiresAt: new Date(entry.expiresAtMs).toISOString(),
-      createdAt: new Date(entry.createdAtMs).toISOString(),
-    });
-  }
-  return options.keysOnly ? entry.key : `${entry.key} ${entry.value.toString('utf8')}`;
-}
-
-async function dump(address: string, options: Options): Promise<void> {
-  const target = normalizeAddress(address);
-  const client = createRawClient({ address: target, deadlineMs: CONNECT_TIMEOUT_MS });
+/**
+ * Lists the store to stdout, then (with --watch) follows its changes until SIGINT or SIGTERM.
+ * Resolves when done; rejects with a StoreUnreachableError.
+ */
+async function dump(settings: DumpSettings): Promise<void> {
+  const source = new StoreSource(settings);
+  const out = new Output(process.stdout);
+  const formatter = createFormatter({
+    form: settings.form,
+    keysOnly: settings.keysOnly,
+    redact: settings.redact,
+    columns: process.stdout.columns || Number(process.env.COLUMNS) || DEFAULT_COLUMNS,
+  });
+  let stopped = false;
+  const stop = () => {
+    stopped = true;
+    source.close();
+  };
   try {
-    await new Promise<void>((resolve, reject) =>
-      client.waitForReady(Date.now() + CONNECT_TIMEOUT_MS, (err) =>
-        err ? reject(new StoreClientError('unavailable', 14, `no answer within ${CONNECT_TIMEOUT_MS} ms (is the store running?)`)) : resolve(),
-      ),
-    );
-    let n = 0;
-    const entries = listEntries(client, authMetadata(options.token), {
-      prefix: options.prefix,
-      limit: options.limit,
-      keysOnly: options.keysOnly || options.count,
-    });
-    for await (const entry of entries) {
-      n += 1;
-      if (!options.count) await writeLine(formatLine(entry, options));
+    // The feed starts before the listing so no change falls between the two; changes that arrive
+    // while the listing runs wait in `early` and are printed after it.
+    let early: WatchEvent[] | undefined = [];
+    let feed: Promise<void> | undefined;
+    if (settings.watch) {
+      process.once('SIGINT', stop).once('SIGTERM', stop);
+      feed = source.watch(settings.prefix, (event) => (early ? early.push(event) : out.writeNow(formatter.event(event))));
+      feed.catch(() => undefined); // observed below, after the listing
     }
-    if (options.count) await writeLine(String(n));
+
+    const progress = settings.progress ? new Progress(process.stderr) : undefined;
+    let count = 0;
+    for await (const page of source.list({ prefix: settings.prefix, limit: settings.limit, keysOnly: settings.keysOnly || settings.count })) {
+      count += page.length;
+      if (!settings.count) await out.write(formatter.page(page));
+      progress?.update(count);
+    }
+    progress?.finish(count);
+    await out.write(settings.count ? `${count}\n` : formatter.end(count));
+
+    if (feed) {
+      if (settings.form === 'table') await out.write('watching for changes (Ctrl-C to stop)\n');
+      for (const event of early!) out.writeNow(formatter.event(event));
+      early = undefined;
+      await feed;
+    }
   } catch (err) {
-    const cause = err instanceof StoreClientError ? err.message : (err as Error).message;
-    throw new Error(`cannot dump the store at ${target}: ${cause}`);
+    if (!stopped) throw err;
   } finally {
-    client.close();
+    process.off('SIGINT', stop).off('SIGTERM', stop);
+    source.close();
   }
 }
 
-/** bin/dump: prints every entry of a SessionStore. Exit codes: 0 ok, 1 store error, 2 usage. */
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ').trim();
+}
+
+/** bin/dump. Exit codes: 0 ok, 1 store error, 2 usage. Every error is one line on stderr. */
 export async function run(argv: string[]): Promise<number> {
-  const env = readEnv();
-  const program = new Command()
-    .name('dump')
-    .description('Print every entry of a SessionStore, one per line: "<key> <value>"')
-    .version(require('../../../package.json').version)
-    .argument('[address]', 'store address: host:port or http://host:port', 'localhost:5100')
-    .option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt')
-    .option('--prefix <prefix>', 'only keys starting with this prefix', '')
-    .option('--limit <n>', 'at most n entries (0 = all)', positiveInt, 0)
-    .option('--keys-only', 'print keys only')
-    .option('--count', 'print only the number of entries')
-    .option('--token <token>', 'bearer token (default: STORE_TOKEN from the environment or .env)', env.STORE_TOKEN)
-    .exitOverride()
-    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  const version = (require('../../../package.json') as { version: string }).version;
+  let settings: DumpSettings;
   try {
-    program.parse(argv, { from: 'user' });
+    const parsed = parseArgs(argv, { stdoutIsTTY: process.stdout.isTTY === true, stderrIsTTY: process.stderr.isTTY === true }, version);
+    if (typeof parsed === 'number') return parsed;
+    settings = parsed;
   } catch (err) {
-    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
-    throw err;
-  }
-  const [address] = program.processedArgs as [string];
-  try {
-    normalizeAddress(address);
-  } catch (err) {
-    process.stderr.write(`dump: ${(err as Error).message}\n`);
-    return 2;
+    if (!(err instanceof UsageError)) throw err;
+    process.stderr.write(`dump: ${oneLine(err.message)}\n`);
+    return EXIT.usage;
   }
   try {
-    await dump(address, program.opts<Options>());
-    return 0;
+    await dump(settings);
+    return EXIT.ok;
   } catch (err) {
-    process.stderr.write(`dump: ${(err as Error).message}\n`);
-    return 1;
+    const reason = err instanceof StoreUnreachableError ? err.message : `unexpected error: ${(err as Error).message}`;
+    process.stderr.write(`dump: cannot dump the store at ${settings.target}: ${oneLine(reason)}\n`);
+    return EXIT.storeError;
   }
 }
 
 if (require.main === module) {
+  // Node's warnings (e.g. TLS to an IP address) are not ours to print: stderr carries one error line.
+  process.noDeprecation = true;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') process.exit(0); // `bin/dump | head` is fine
+    // `dump | head` closes the pipe early: that is a normal way to stop reading.
+    process.exit(err.code === 'EPIPE' ? EXIT.ok : EXIT.storeError);
   });
-  run(process.argv.slice(2)).then((code) => {
-    process.exitCode = code;
-  });
+  run(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err: Error) => {
+      process.stderr.write(`dump: unexpected error: ${err.message}\n`);
+      process.exitCode = EXIT.storeError;
+    },
+  );
 }

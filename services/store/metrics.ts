@@ -6,7 +6,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import type { Backend, BackendOp, BackendResult } from './backends/backend';
 
 /** The RPCs of the SessionStore, as they appear in logs and metric labels. */
-export type RpcMethod = 'Get' | 'Put' | 'Delete' | 'List' | 'Batch' | 'Pipe' | 'Watch';
+export type RpcMethod = 'Get' | 'Put' | 'Delete' | 'List' | 'ListPages' | 'Batch' | 'Pipe' | 'Watch';
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 

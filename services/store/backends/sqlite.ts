@@ -49,7 +49,11 @@ interface Pending {
 }
 
 const SCHEMA_VERSION = 1;
-const LIST_PAGE = 256;
+/**
+ * Rows per List query: each page is a fresh indexed seek (no read transaction held between pages),
+ * so bigger pages cost fewer seeks; 1000 rows take a few ms of synchronous work.
+ */
+const LIST_PAGE = 1000;
 
 /**
  * The embedded default backend: one SQLite file in WAL mode. Every operation goes through one
@@ -71,8 +75,8 @@ export class SqliteBackend implements Backend {
     upsert: Database.Statement<[string, Buffer, number, number, number]>;
     refresh: Database.Statement<[number, string]>;
     remove: Database.Statement<[string]>;
-    list: Database.Statement<[string, string, number, number], StoredEntryRow>;
-    listKeys: Database.Statement<[string, string, number, number], StoredEntryRow>;
+    list: Database.Statement<[string, string, number, number], ListRow>;
+    listKeys: Database.Statement<[string, string, number, number], ListRow>;
     sweep: Database.Statement<[number, number], { key: string; version: number }>;
     countLive: Database.Statement<[number], { n: number }>;
   };
@@ -96,14 +100,19 @@ export class SqliteBackend implements Backend {
       ),
       refresh: this.db.prepare('UPDATE entries SET expires_at = ? WHERE key = ?'),
       remove: this.db.prepare('DELETE FROM entries WHERE key = ?'),
-      list: this.db.prepare(
-        `SELECT key, value, version, expires_at, created_at FROM entries
-         WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
-      ),
-      listKeys: this.db.prepare(
-        `SELECT key, NULL AS value, version, expires_at, created_at FROM entries
-         WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
-      ),
+      // Raw rows (arrays, not objects): a third cheaper to read, which matters for big listings.
+      list: this.db
+        .prepare(
+          `SELECT key, value, version, expires_at, created_at FROM entries
+           WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
+        )
+        .raw(true) as Database.Statement<[string, string, number, number], ListRow>,
+      listKeys: this.db
+        .prepare(
+          `SELECT key, NULL AS value, version, expires_at, created_at FROM entries
+           WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
+        )
+        .raw(true) as Database.Statement<[string, string, number, number], ListRow>,
       sweep: this.db.prepare(
         `DELETE FROM entries WHERE key IN
            (SELECT key FROM entries WHERE expires_at <= ? LIMIT ?) RETURNING key, version`,
@@ -132,13 +141,13 @@ export class SqliteBackend implements Backend {
     while (remaining > 0) {
       if (this.closed) throw new StoreError('unavailable', 'the store is closing');
       const rows = stmt.all(after, options.prefix, Date.now(), Math.min(LIST_PAGE, remaining));
-      for (const row of rows) {
-        if (!row.key.startsWith(options.prefix)) return;
-        yield toEntry(row);
+      for (const [key, value, version, expiresAtMs, createdAtMs] of rows) {
+        if (!key.startsWith(options.prefix)) return;
+        yield { key, value: value ?? EMPTY, version, expiresAtMs, createdAtMs };
         remaining -= 1;
       }
       if (rows.length < LIST_PAGE || remaining <= 0) return;
-      after = rows[rows.length - 1].key;
+      after = rows[rows.length - 1][0];
     }
   }
 
@@ -307,6 +316,9 @@ export class SqliteBackend implements Backend {
     }
   }
 }
+
+/** A List row in raw mode: key, value (null for keys only), version, expires_at, created_at. */
+type ListRow = [string, Buffer | null, number, number, number];
 
 interface StoredEntryRow {
   key: string;

@@ -1,0 +1,177 @@
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { normalizeAddress } from '../client/store-client';
+import { ConfigError } from '../shared/env';
+import { loadDumpConfig } from './config';
+import type { Form } from './format';
+
+/** A mistake in the command line or the environment (exit code 2). */
+export class UsageError extends Error {
+  override name = 'UsageError';
+}
+
+/** What to dump and how, fully checked. */
+export interface DumpSettings {
+  /** gRPC target, host:port. */
+  target: string;
+  token?: string;
+  tls: boolean;
+  tlsCa?: Buffer;
+  connectTimeoutMs: number;
+  prefix: string;
+  limit: number;
+  keysOnly: boolean;
+  count: boolean;
+  redact: boolean;
+  watch: boolean;
+  form: Form;
+  progress: boolean;
+}
+
+/** Where the output goes decides its default form: a table for a person, lines for a pipe. */
+export interface Terminal {
+  stdoutIsTTY: boolean;
+  stderrIsTTY: boolean;
+}
+
+export const EXIT = { ok: 0, storeError: 1, usage: 2 } as const;
+
+const HELP_AFTER = `
+Output:
+  On a terminal: an aligned table (ID, VALUE, VERSION, EXPIRES IN).
+  Piped or redirected: one entry per line, "<key> <value>" (a value with a line break is printed
+  as a JSON string), so grep, awk and cut work; --json gives JSON Lines for jq.
+  --watch then prints one line per change: "put <key> <value>", "delete <key>", "expire <key>"
+  (with --json: {"event":"put","key":...}). Changes made while the listing runs are printed after it.
+  A long dump to a file shows its progress on stderr when stderr is a terminal.
+
+Environment (and .env): STORE_ADDRESS, STORE_TOKEN, STORE_TLS_CA.
+
+Exit codes:
+  0  done (or --watch stopped with Ctrl-C)
+  1  store error: unreachable, refused, unauthenticated, failed mid-stream
+  2  usage error: bad option, argument or environment value
+
+Examples:
+  dump localhost:5100
+  dump --prefix 4QPh --limit 10
+  dump --json | jq -r 'select(.value | fromjson | .count1 > 10) | .key'
+  dump --redact --watch`;
+
+function nonNegativeInt(max: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n > max) {
+      throw new InvalidArgumentError(`expected a whole number from 0 to ${max}`);
+    }
+    return n;
+  };
+}
+
+function positiveInt(value: string): number {
+  const n = nonNegativeInt(3_600_000)(value);
+  if (n === 0) throw new InvalidArgumentError('expected a whole number above 0');
+  return n;
+}
+
+function buildProgram(defaults: { address: string; tlsCa?: string }, version: string): Command {
+  return new Command()
+    .name('dump')
+    .description('Print the entries of a SessionStore, and optionally follow its changes.')
+    .version(version, '-V, --version', 'print the version and exit')
+    .helpOption('-h, --help', 'print this help and exit')
+    .argument('[address]', 'store address: host:port, http://host:port or https://host:port (TLS)', defaults.address)
+    .option('--prefix <prefix>', 'only keys starting with this prefix', '')
+    .option('--limit <n>', 'at most n entries (0 = all)', nonNegativeInt(0xffff_ffff), 0)
+    .option('--keys-only', 'keys without values')
+    .addOption(new Option('--count', 'print only the number of entries').conflicts('watch'))
+    .addOption(new Option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt').conflicts('table'))
+    .option('--table', 'an aligned table even when not on a terminal')
+    .option('--no-table', 'one line per entry even on a terminal')
+    .option('--redact', 'print a short hash of each key instead of the key (the value stays)')
+    .option('--watch', 'after the entries, print changes (put, delete, expire) until Ctrl-C')
+    .option('--progress', 'progress on stderr even when stderr is not a terminal')
+    .option('--no-progress', 'no progress on stderr')
+    // No commander default here: it would print the token in --help.
+    .option('--token <token>', 'bearer token (default: STORE_TOKEN)')
+    .option('--tls', 'connect with TLS, trusting the system CAs')
+    .option('--tls-ca <file>', 'connect with TLS, trusting the CA certificate in this PEM file (default: STORE_TLS_CA)', defaults.tlsCa)
+    .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', positiveInt, 5000)
+    .addHelpText('after', HELP_AFTER)
+    .exitOverride()
+    .configureOutput({
+      // Commander's errors, as one line in the same form as every other error of dump.
+      outputError: (message, write) => write(`dump: ${message.replace(/^error: /, '').replace(/\s*\n\s*(?=\S)/g, ' ').trimEnd()} (see dump --help)\n`),
+    });
+}
+
+interface ParsedOptions {
+  prefix: string;
+  limit: number;
+  keysOnly?: boolean;
+  count?: boolean;
+  json?: boolean;
+  table?: boolean;
+  redact?: boolean;
+  watch?: boolean;
+  progress?: boolean;
+  token?: string;
+  tls?: boolean;
+  tlsCa?: string;
+  connectTimeout: number;
+}
+
+/**
+ * Parses argv into settings. Returns an exit code instead when commander already answered
+ * (--help, --version: 0) or reported a usage error (2); throws UsageError for other usage errors.
+ */
+export function parseArgs(argv: string[], terminal: Terminal, version: string): DumpSettings | number {
+  let config;
+  try {
+    config = loadDumpConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) throw new UsageError(err.message);
+    throw err;
+  }
+  const program = buildProgram(config, version);
+  try {
+    program.parse(argv, { from: 'user' });
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    throw err;
+  }
+  const [address] = program.processedArgs as [string];
+  const opts = program.opts<ParsedOptions>();
+  let target: string;
+  try {
+    target = normalizeAddress(address);
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  const tlsCa = opts.tlsCa ? readCa(opts.tlsCa) : undefined;
+  const form: Form = opts.json ? 'json' : (opts.table ?? terminal.stdoutIsTTY) ? 'table' : 'lines';
+  return {
+    target,
+    token: opts.token ?? config.token,
+    tls: Boolean(opts.tls || tlsCa || /^https:\/\//i.test(address.trim())),
+    tlsCa,
+    connectTimeoutMs: opts.connectTimeout,
+    prefix: opts.prefix,
+    limit: opts.limit,
+    keysOnly: Boolean(opts.keysOnly),
+    count: Boolean(opts.count),
+    redact: Boolean(opts.redact),
+    watch: Boolean(opts.watch),
+    form,
+    // Progress is for a long dump to a file or pipe watched from a terminal, never mixed into a table.
+    progress: opts.progress ?? (terminal.stderrIsTTY && !terminal.stdoutIsTTY),
+  };
+}
+
+function readCa(file: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (err) {
+    throw new UsageError(`cannot read the TLS CA file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}

@@ -1,0 +1,168 @@
+import {
+  type ChannelCredentials,
+  type ClientReadableStream,
+  connectivityState,
+  credentials,
+  type Metadata,
+  type ServiceError,
+  status,
+} from '@grpc/grpc-js';
+import { authMetadata, CHANNEL_OPTIONS } from '../client/store-client';
+import { type Entry, type ListRequest, SessionStoreClient, SessionStoreService, type WatchEvent } from '../generated/kv';
+import { decodeEntryPage } from './entry-page';
+
+/** A failure talking to the store (exit code 1); the message is one line meant for a person. */
+export class StoreUnreachableError extends Error {
+  override name = 'StoreUnreachableError';
+}
+
+export interface SourceOptions {
+  /** The gRPC target, already normalized to host:port. */
+  target: string;
+  token?: string;
+  /** TLS with the system's CAs, or with tlsCa when given. */
+  tls: boolean;
+  tlsCa?: Buffer;
+  /** How long the store gets to accept the connection; a refused connection fails at once. */
+  connectTimeoutMs: number;
+}
+
+export interface ListQuery {
+  prefix: string;
+  limit: number;
+  keysOnly: boolean;
+}
+
+/** Entries grouped as they arrive; formatting a page at a time keeps per-entry work small. */
+export type Page = readonly Entry[];
+
+const FALLBACK_PAGE = 512;
+
+const DUMP_CHANNEL_OPTIONS = {
+  ...CHANNEL_OPTIONS,
+  // A bigger HTTP/2 window than the 64 KB default: the store can send several pages ahead.
+  'grpc-node.flow_control_window': 1024 * 1024,
+};
+
+/**
+ * The store as bin/dump sees it: a listing (pages of entries) and a change feed. Calls start at
+ * once without waitForReady, so a refused connection fails immediately (grpc-js fails pending
+ * calls when the channel reaches TRANSIENT_FAILURE); a store that does not accept the connection
+ * within connectTimeoutMs is given up on.
+ */
+export class StoreSource {
+  private readonly client: SessionStoreClient;
+  private readonly metadata: Metadata;
+  private readonly calls = new Set<ClientReadableStream<unknown>>();
+  private timedOut = false;
+  private closing = false;
+  private readonly connectTimer: NodeJS.Timeout;
+
+  constructor(private readonly options: SourceOptions) {
+    this.client = new SessionStoreClient(options.target, credentialsFor(options), DUMP_CHANNEL_OPTIONS);
+    this.metadata = authMetadata(options.token);
+    this.connectTimer = setTimeout(() => this.giveUpIfNotConnected(), options.connectTimeoutMs);
+  }
+
+  /** Live entries in key order, a page at a time; uses List when the store has no ListPages. */
+  async *list(query: ListQuery): AsyncIterable<Page> {
+    const request: ListRequest = { prefix: query.prefix, limit: query.limit, startAfter: '', keysOnly: query.keysOnly };
+    let received = false;
+    try {
+      for await (const entries of this.track(this.listPages(request)) as AsyncIterable<Entry[]>) {
+        received = true;
+        yield entries;
+      }
+      return;
+    } catch (err) {
+      if (received || (err as ServiceError).code !== status.UNIMPLEMENTED) throw this.translate(err);
+    }
+    try {
+      let page: Entry[] = [];
+      for await (const entry of this.track(this.client.list(request, this.metadata)) as AsyncIterable<Entry>) {
+        page.push(entry);
+        if (page.length === FALLBACK_PAGE) {
+          yield page;
+          page = [];
+        }
+      }
+      if (page.length > 0) yield page;
+    } catch (err) {
+      throw this.translate(err);
+    }
+  }
+
+  /**
+   * Subscribes to changes of keys with the prefix. Events go to onEvent; the returned promise
+   * rejects with a StoreUnreachableError when the feed fails and resolves when it is cancelled.
+   */
+  watch(prefix: string, onEvent: (event: WatchEvent) => void): Promise<void> {
+    const call = this.track(this.client.watch({ prefix }, this.metadata));
+    call.on('data', onEvent);
+    return new Promise((resolve, reject) => {
+      call.on('error', (err: ServiceError) => (err.code === status.CANCELLED && this.closing ? resolve() : reject(this.translate(err))));
+      call.on('end', () => reject(new StoreUnreachableError('the store ended the change feed (is it stopping?)')));
+    });
+  }
+
+  /** Cancels every call and closes the channel. */
+  close(): void {
+    this.closing = true;
+    clearTimeout(this.connectTimer);
+    for (const call of this.calls) call.cancel();
+    this.client.close();
+  }
+
+  /** ListPages with the fast page decoder in place of the generated one. */
+  private listPages(request: ListRequest): ClientReadableStream<Entry[]> {
+    const method = SessionStoreService.listPages;
+    return this.client.makeServerStreamRequest(method.path, method.requestSerialize, decodeEntryPage, request, this.metadata);
+  }
+
+  private track<T extends ClientReadableStream<unknown>>(call: T): T {
+    this.calls.add(call);
+    call.once('metadata', () => clearTimeout(this.connectTimer));
+    call.once('close', () => this.calls.delete(call));
+    return call;
+  }
+
+  private giveUpIfNotConnected(): void {
+    if (this.client.getChannel().getConnectivityState(false) === connectivityState.READY) return;
+    this.timedOut = true;
+    for (const call of this.calls) call.cancel();
+  }
+
+  /** One line that says what went wrong and, where it helps, what to do. */
+  private translate(err: unknown): StoreUnreachableError {
+    if (err instanceof StoreUnreachableError) return err;
+    if (this.timedOut) {
+      return new StoreUnreachableError(`no connection within ${this.options.connectTimeoutMs} ms (is the store running and listening there?)`);
+    }
+    const { code, details } = err as ServiceError;
+    const text = details || (err as Error).message || 'unknown error';
+    if (code === status.UNAUTHENTICATED) {
+      return new StoreUnreachableError(`unauthenticated: ${text} (pass --token or set STORE_TOKEN)`);
+    }
+    if (code === status.UNAVAILABLE) return new StoreUnreachableError(describeUnavailable(text, this.options));
+    if (code === status.CANCELLED) return new StoreUnreachableError('the store closed the call (is it stopping?)');
+    if (code === status.UNIMPLEMENTED) return new StoreUnreachableError(`the store does not support this call (${text})`);
+    return new StoreUnreachableError(`${status[code] ?? 'error'}: ${text}`);
+  }
+}
+
+function credentialsFor(options: SourceOptions): ChannelCredentials {
+  if (options.tlsCa) return credentials.createSsl(options.tlsCa);
+  return options.tls ? credentials.createSsl() : credentials.createInsecure();
+}
+
+/** grpc-js wraps the socket error in a long sentence; keep the part a person acts on. */
+function describeUnavailable(details: string, options: SourceOptions): string {
+  const text = details.replace(/\s+/g, ' ').trim();
+  if (/ECONNREFUSED/.test(text)) return 'connection refused (is the store running and listening there?)';
+  if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(text)) return 'cannot resolve the host name';
+  const ssl = /SSL routines:[^:]*:([^:]+)/.exec(text)?.[1];
+  if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out --tls and --tls-ca)';
+  const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
+  const hint = options.tls ? ' (with TLS: does --tls-ca name the CA that signed the store certificate?)' : '';
+  return `unavailable: ${ssl ? `TLS handshake failed: ${ssl}` : lastError}${hint}`;
+}
