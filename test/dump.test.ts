@@ -358,7 +358,7 @@ describe('bin/dump (child process against a real store)', function () {
     let dir: ReturnType<typeof tempDir>;
     before(async () => {
       dir = tempDir();
-      secured = await startStore(dir.dir, { STORE_TOKEN: 'test-token-1234' });
+      secured = await startStore(dir.dir, { STORE_TOKEN: 'test-token-12345' });
     });
     after(async () => {
       await secured?.stop();
@@ -374,11 +374,11 @@ describe('bin/dump (child process against a real store)', function () {
 
     it('with --token, STORE_TOKEN in the environment or in .env: exit 0', async () => {
       const target = `127.0.0.1:${secured.port}`;
-      assert.equal((await runDump([target, '--token', 'test-token-1234'], {}, tmp.dir)).code, 0);
-      assert.equal((await runDump([target], { STORE_TOKEN: 'test-token-1234' }, tmp.dir)).code, 0);
+      assert.equal((await runDump([target, '--token', 'test-token-12345'], {}, tmp.dir)).code, 0);
+      assert.equal((await runDump([target], { STORE_TOKEN: 'test-token-12345' }, tmp.dir)).code, 0);
       const withEnvFile = tempDir();
       try {
-        writeFileSync(path.join(withEnvFile.dir, '.env'), 'STORE_TOKEN=test-token-1234\n');
+        writeFileSync(path.join(withEnvFile.dir, '.env'), 'STORE_TOKEN=test-token-12345\n');
         assert.equal((await runDump([target], {}, withEnvFile.dir)).code, 0);
       } finally {
         withEnvFile.remove();

@@ -35,7 +35,8 @@ function parsePrometheus(text: string): Map<string, number> {
     assert.ok(match, `a valid sample line: ${JSON.stringify(line)}`);
     const [, name, labels, raw] = match;
     const value = raw === '+Inf' ? Infinity : raw === '-Inf' ? -Infinity : Number(raw);
-    assert.ok(raw === 'NaN' || !Number.isNaN(value), `numeric value in: ${line}`);
+    // prom-client writes NaN as "Nan" (e.g. an event-loop mean before any sample); parsers accept any case.
+    assert.ok(/^nan$/i.test(raw) || !Number.isNaN(value), `numeric value in: ${line}`);
     const family = families.has(name) ? name : name.replace(/_(bucket|sum|count)$/, '');
     assert.ok(families.has(family), `sample ${name} belongs to a declared family`);
     samples.set(labels ? `${name}{${labels}}` : name, value);
