@@ -170,7 +170,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
 
   it('a call still running when STORE_GRACE_MS runs out is cancelled, and the store still exits 0', async () => {
     const { client, proc } = await connect({ STORE_GRACE_MS: '300' });
-    await fill(client, 2000, 1000);
+    await fill(client, 2000, 4000); // 8 MB: more than any socket and HTTP/2 window hold
     const list = client.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false });
     let first = false;
     list.on('data', () => {
@@ -189,7 +189,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
 
   it('a second signal stops at once with exit code 1', async () => {
     const { client, proc } = await connect({ STORE_GRACE_MS: '60000' });
-    await fill(client, 2000, 1000);
+    await fill(client, 2000, 4000); // 8 MB: more than any socket and HTTP/2 window hold
     const list = client.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false });
     let first = false;
     list.on('data', () => {
@@ -202,7 +202,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     await until(() => logged(proc, 'stopping'), 'the stopping log line');
     const started = Date.now();
     proc.child.kill('SIGINT');
-    assert.equal(await exitOf(proc), 1);
+    assert.equal(await exitOf(proc), 1, proc.lines.join('\n'));
     assert.ok(Date.now() - started < 5000);
   });
 

@@ -46,30 +46,34 @@ async function main(): Promise<void> {
   );
 
   let stopRequested = false;
+  let exitCode = 0;
+  let force: NodeJS.Timeout | undefined;
+  let finished = false;
+  /** Closes the database and exits; runs once, whichever way the stop ends. */
+  const finish = () => {
+    if (finished) return;
+    finished = true;
+    clearTimeout(force);
+    metrics.close();
+    metricsServer.server.close();
+    void backend.close().then(() => {
+      logger.info({ exitCode }, 'stopped');
+      process.exit(exitCode);
+    });
+  };
   const stop = (signal: string) => {
     if (stopRequested) {
       logger.warn({ signal }, 'second signal: stopping now, cancelling calls in flight');
+      exitCode = 1;
       server.forceShutdown();
-      void backend.close().finally(() => process.exit(1));
+      finish();
       return;
     }
     stopRequested = true;
     logger.info({ signal, graceMs: config.graceMs }, 'stopping: NOT_SERVING, no new calls, finishing the calls in flight');
     health.stop();
     stopping.abort();
-    let finished = false;
-    const finish = () => {
-      if (finished) return;
-      finished = true;
-      clearTimeout(force);
-      metrics.close();
-      metricsServer.server.close();
-      void backend.close().then(() => {
-        logger.info('stopped');
-        process.exit(0);
-      });
-    };
-    const force = setTimeout(() => {
+    force = setTimeout(() => {
       logger.warn({ graceMs: config.graceMs }, 'grace period over: cancelling the calls still in flight');
       server.forceShutdown();
       finish();
