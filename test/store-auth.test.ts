@@ -14,6 +14,7 @@ const REQUESTS: Record<MethodName, Buffer[]> = {
   Delete: [Buffer.from(DeleteRequest.encode({ key: 'auth-other', expectedVersion: undefined }).finish())],
   Batch: [Buffer.from(BatchRequest.encode({ id: 1, ops: [{ op: { $case: 'get', value: { key: 'auth', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' }] }).finish())],
   List: [Buffer.from(ListRequest.encode({ prefix: '', limit: 0, startAfter: '', keysOnly: false }).finish())],
+  ListPages: [Buffer.from(ListRequest.encode({ prefix: '', limit: 0, startAfter: '', keysOnly: false }).finish())],
   Watch: [Buffer.from(WatchRequest.encode({ prefix: '' }).finish())],
   Pipe: [Buffer.from(BatchRequest.encode({ id: 1, ops: [{ op: { $case: 'get', value: { key: 'auth', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' }] }).finish())],
 };
@@ -57,8 +58,8 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     }
   }
 
-  it('every unary RPC and List and Pipe with the right token succeed', async () => {
-    for (const method of ['Put', 'Get', 'Delete', 'Batch', 'List', 'Pipe'] as const) {
+  it('every unary RPC, List, ListPages and Pipe with the right token succeed', async () => {
+    for (const method of ['Put', 'Get', 'Delete', 'Batch', 'List', 'ListPages', 'Pipe'] as const) {
       const outcome = await callRaw(raw, method, REQUESTS[method], bearer(`Bearer ${TOKEN}`), { streamMs: 2000 });
       assert.equal(outcome.code, status.OK, `${method}: ${outcome.details}`);
       assert.ok(outcome.messages >= 1, `${method} answered`);

@@ -93,6 +93,10 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   fc.record({ timeoutMs: fc.integer({ min: -10, max: 10 }) }).map((r): Op => ({ op: undefined, ...r, requestId: '' })),
 );
 
+const listRequest = fc
+  .record({ prefix: fc.oneof(key, fc.constant('fz')), limit: fc.nat({ max: 5 }), startAfter: fc.oneof(key, fc.constant('')), keysOnly: fc.boolean() })
+  .map((r) => Buffer.from(ListRequest.encode(r).finish()));
+
 /** Well-formed requests with hostile values (empty and long keys, negative and huge numbers). */
 const wellFormed: Record<MethodName, fc.Arbitrary<Buffer>> = {
   Get: fc.record({ key, refreshTtlMs: ttl }).map((r) => Buffer.from(GetRequest.encode(r).finish())),
@@ -100,9 +104,8 @@ const wellFormed: Record<MethodName, fc.Arbitrary<Buffer>> = {
     .record({ key, value: fc.oneof(fc.uint8Array({ maxLength: 600 }), fc.constant(new Uint8Array(5000))).map((a) => Buffer.from(a)), ttlMs: ttl, expectedVersion: version })
     .map((r) => Buffer.from(PutRequest.encode(r).finish())),
   Delete: fc.record({ key, expectedVersion: version }).map((r) => Buffer.from(DeleteRequest.encode(r).finish())),
-  List: fc
-    .record({ prefix: fc.oneof(key, fc.constant('fz')), limit: fc.nat({ max: 5 }), startAfter: fc.oneof(key, fc.constant('')), keysOnly: fc.boolean() })
-    .map((r) => Buffer.from(ListRequest.encode(r).finish())),
+  List: listRequest,
+  ListPages: listRequest,
   Watch: fc.record({ prefix: key }).map((r) => Buffer.from(WatchRequest.encode(r).finish())),
   Batch: fc.record({ id: fc.nat(), ops: fc.array(op, { maxLength: 8 }) }).map((r) => Buffer.from(BatchRequest.encode(r).finish())),
   Pipe: fc.record({ id: fc.nat(), ops: fc.array(op, { maxLength: 8 }) }).map((r) => Buffer.from(BatchRequest.encode(r).finish())),
@@ -178,7 +181,7 @@ describe('fuzz: thousands of random and hostile requests to every RPC (real stor
         for (const item of outcomes) {
           if (!item) continue;
           const { c, outcome } = item;
-          const hungUp = outcome.code === status.CANCELLED && (c.method === 'Watch' || c.method === 'Pipe' || c.method === 'List');
+          const hungUp = outcome.code === status.CANCELLED && METHODS[c.method].responseStream;
           seen.set(`${c.method} ${status[outcome.code]}`, (seen.get(`${c.method} ${status[outcome.code]}`) ?? 0) + 1);
           assert.ok(ACCEPTABLE.has(outcome.code) || hungUp, `${c.method} answered ${status[outcome.code]} (${outcome.details}) to ${c.requests.map((r) => r.subarray(0, 64).toString('hex')).join(' | ')}`);
         }

@@ -184,7 +184,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           let entries: Entry[] = [];
           let bytes = 0;
           for await (const entry of backend.list(options)) {
-            if (call.cancelled) return;
+            if (call.cancelled) break;
             entries.push(toEntry(entry));
             bytes += entry.key.length + entry.value.length;
             if (entries.length >= PAGE_ENTRIES || bytes >= PAGE_BYTES) {
@@ -194,7 +194,11 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
               if (!written) await waitForDrain(call);
             }
           }
-          if (entries.length > 0 && !call.cancelled) call.write({ entries });
+          if (call.cancelled) {
+            observe('ListPages', status.CANCELLED, startedAt, call.metadata);
+            return;
+          }
+          if (entries.length > 0) call.write({ entries });
           call.end();
           observe('ListPages', status.OK, startedAt, call.metadata);
         } catch (err) {

@@ -21,6 +21,7 @@ export const METHODS = {
   Delete: { requestStream: false, responseStream: false },
   Batch: { requestStream: false, responseStream: false },
   List: { requestStream: false, responseStream: true },
+  ListPages: { requestStream: false, responseStream: true },
   Watch: { requestStream: false, responseStream: true },
   Pipe: { requestStream: true, responseStream: true },
 } as const;
