@@ -15,6 +15,9 @@ export interface Proc {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
+/** keep = false: drop a process's log lines once it listens (benchmarks: no parsing on the load generator). */
+export const logCapture = { keep: true };
+
 /** Starts `node <script>` and resolves once it logs "listening" with its port (no fixed sleeps). */
 export function startProcess(script: string, env: Record<string, string>, timeoutMs = 15_000): Promise<Proc> {
   const child = spawn(process.execPath, [path.join(root, script)], {
@@ -34,12 +37,17 @@ export function startProcess(script: string, env: Record<string, string>, timeou
       child.kill('SIGKILL');
       reject(new Error(`${script} did not start within ${timeoutMs} ms:\n${lines.join('\n')}`));
     }, timeoutMs);
-    createInterface({ input: child.stdout! }).on('line', (line) => {
+    const stdout = createInterface({ input: child.stdout! });
+    stdout.on('line', (line) => {
       lines.push(line);
       try {
         const entry = JSON.parse(line) as { msg?: string; port?: number };
         if (entry.msg === 'listening' && typeof entry.port === 'number') {
           clearTimeout(timer);
+          if (!logCapture.keep) {
+            stdout.close();
+            child.stdout!.resume();
+          }
           resolve({ child, port: entry.port, lines, stop });
         }
       } catch {
