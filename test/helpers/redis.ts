@@ -1,0 +1,234 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { accessSync, constants, mkdirSync } from 'node:fs';
+import { createConnection, createServer } from 'node:net';
+import path from 'node:path';
+import { tempDir } from './procs';
+
+/**
+ * Throw-away redis-server processes for tests and benchmarks: a single server or a Redis Cluster
+ * of masters, on free loopback ports, in temp dirs, without persistence. Readiness is polled
+ * (PING, CLUSTER INFO), never slept for.
+ */
+
+const HOST = '127.0.0.1';
+
+/** True when a program is on PATH. */
+function onPath(program: string): boolean {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    try {
+      accessSync(path.join(dir, program), constants.X_OK);
+      return true;
+    } catch {
+      // not in this directory
+    }
+  }
+  return false;
+}
+
+/** The Debian packages that provide what these helpers run, or [] when all are installed. */
+export function missingRedisPackages(): string[] {
+  const missing: string[] = [];
+  if (!onPath('redis-server')) missing.push('redis-server');
+  if (!onPath('redis-cli')) missing.push('redis-tools');
+  return missing;
+}
+
+/**
+ * For a mocha `before` hook: skips the suite with one line naming the Debian packages when
+ * redis-server or redis-cli is missing, or fails it when CI is set (CI installs them).
+ */
+export function requireRedis(ctx: Mocha.Context): void {
+  const missing = missingRedisPackages();
+  if (missing.length === 0) return;
+  const line = `needs the Debian package(s) ${missing.join(' and ')} (apt-get install ${missing.join(' ')})`;
+  if (process.env.CI) throw new Error(line);
+  process.stdout.write(`  skipped: ${line}\n`);
+  ctx.skip();
+}
+
+/** A free loopback TCP port (probed by binding port 0). */
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, HOST, resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/**
+ * Sends one command and resolves with its reply as text: "+OK" → "OK", a bulk string → its
+ * contents, an integer → its digits; an error reply rejects. Enough for PING and CLUSTER INFO.
+ */
+export function redisCommand(port: number, ...args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = createConnection({ port, host: HOST });
+    let buffer = Buffer.alloc(0);
+    const done = (err: Error | null, reply?: string) => {
+      socket.destroy();
+      if (err) reject(err);
+      else resolve(reply!);
+    };
+    socket.setTimeout(2000, () => done(new Error(`redis on port ${port}: no reply`)));
+    socket.once('error', (err) => done(err));
+    socket.once('connect', () => {
+      const parts = [`*${args.length}\r\n`, ...args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`)];
+      socket.write(parts.join(''));
+    });
+    socket.on('data', (chunk) => {
+      buffer = Buffer.concat([buffer, chunk]);
+      const end = buffer.indexOf('\r\n');
+      if (end < 0) return;
+      const head = buffer.subarray(0, end).toString();
+      if (head[0] === '-') return done(new Error(head.slice(1)));
+      if (head[0] !== '$') return done(null, head.slice(1));
+      const length = Number(head.slice(1));
+      if (length < 0) return done(null, '');
+      if (buffer.length >= end + 2 + length + 2) done(null, buffer.subarray(end + 2, end + 2 + length).toString());
+    });
+  });
+}
+
+async function until(what: string, check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (await check().catch(() => false)) return;
+    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+}
+
+export interface RedisServer {
+  port: number;
+  /** redis://127.0.0.1:<port> */
+  url: string;
+  /** Every line the server printed so far. */
+  output: string[];
+  /** Stops it (SIGTERM, or SIGKILL for a crash) and waits for the exit; its data is gone. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+  /** Starts it again on the same port; resolves once it answers PING. */
+  start(): Promise<void>;
+}
+
+interface ServerOptions {
+  /** Extra redis-server arguments, e.g. ['--cluster-enabled', 'yes']. */
+  args?: string[];
+  /** Directory for its files (default: a new temp dir removed on stop). */
+  dir?: string;
+}
+
+/** Starts a redis-server on a free port (retrying when another process took the port first). */
+export async function startRedisServer(options: ServerOptions = {}): Promise<RedisServer> {
+  let lastError: Error | undefined;
+  for (let attempt = 0; attempt < 5; attempt += 1) {
+    try {
+      return await launch(await freePort(), options);
+    } catch (err) {
+      lastError = err as Error;
+    }
+  }
+  throw lastError;
+}
+
+async function launch(port: number, options: ServerOptions): Promise<RedisServer> {
+  const tmp = options.dir ? undefined : tempDir('sessions-redis-');
+  const dir = options.dir ?? tmp!.dir;
+  const args = [
+    '--port', String(port), '--bind', HOST, '--dir', dir, '--save', '', '--appendonly', 'no',
+    '--loglevel', 'warning', '--logfile', '', ...(options.args ?? []),
+  ];
+  const output: string[] = [];
+  let child: ChildProcess | undefined;
+  let exited: Promise<void> = Promise.resolve();
+
+  const start = async () => {
+    mkdirSync(dir, { recursive: true });
+    const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    child = proc;
+    exited = new Promise((resolve) => proc.once('exit', () => resolve()));
+    proc.stdout!.on('data', (d: Buffer) => output.push(...d.toString().split('\n').filter(Boolean)));
+    proc.stderr!.on('data', (d: Buffer) => output.push(...d.toString().split('\n').filter(Boolean)));
+    try {
+      await until(`redis-server on port ${port}`, async () => {
+        if (proc.exitCode !== null) throw new Error(`redis-server exited: ${output.join('\n')}`);
+        return (await redisCommand(port, 'PING')) === 'PONG';
+      });
+    } catch (err) {
+      proc.kill('SIGKILL');
+      await exited;
+      throw new Error(`${(err as Error).message}\n${output.join('\n')}`);
+    }
+  };
+  const stopChild = async (signal: NodeJS.Signals) => {
+    if (child && child.exitCode === null && child.signalCode === null) child.kill(signal);
+    await exited;
+  };
+
+  try {
+    await start();
+  } catch (err) {
+    tmp?.remove();
+    throw err;
+  }
+  return {
+    port,
+    url: `redis://${HOST}:${port}`,
+    output,
+    start,
+    stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
+      await stopChild(signal);
+      tmp?.remove();
+    },
+  };
+}
+
+export interface RedisClusterProcs {
+  masters: RedisServer[];
+  /** Seed nodes as REDIS_CLUSTER_NODES expects them: 127.0.0.1:p1,127.0.0.1:p2,... */
+  seeds: string;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a Redis Cluster of `masters` masters without replicas (`redis-server --cluster-enabled yes`
+ * on free ports, joined by `redis-cli --cluster create`) and resolves once every node reports
+ * cluster_state:ok with all 16384 slots and every node known.
+ */
+export async function startRedisCluster(masters = 3): Promise<RedisClusterProcs> {
+  const tmp = tempDir('sessions-redis-cluster-');
+  const nodes: RedisServer[] = [];
+  const stop = async () => {
+    await Promise.all(nodes.map((n) => n.stop()));
+    tmp.remove();
+  };
+  try {
+    for (let i = 0; i < masters; i += 1) {
+      nodes.push(
+        await startRedisServer({
+          dir: path.join(tmp.dir, `node${i}`),
+          args: [
+            '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '2000',
+            '--cluster-port', String(await freePort()),
+          ],
+        }),
+      );
+    }
+    const addresses = nodes.map((n) => `${HOST}:${n.port}`);
+    await new Promise<void>((resolve, reject) =>
+      execFile('redis-cli', ['--cluster', 'create', ...addresses, '--cluster-replicas', '0', '--cluster-yes'], { timeout: 30_000 }, (err, stdout, stderr) =>
+        err ? reject(new Error(`redis-cli --cluster create failed: ${stderr || stdout}`)) : resolve(),
+      ),
+    );
+    await until('cluster_state:ok on every node', async () => {
+      for (const node of nodes) {
+        const info = await redisCommand(node.port, 'CLUSTER', 'INFO');
+        const ok = /cluster_state:ok/.test(info) && /cluster_slots_ok:16384/.test(info) && new RegExp(`cluster_known_nodes:${masters}\\b`).test(info);
+        if (!ok) return false;
+      }
+      return true;
+    });
+    return { masters: nodes, seeds: addresses.join(','), stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
