@@ -1,8 +1,9 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { accessSync, constants, mkdirSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import path from 'node:path';
 import { tempDir } from './procs';
+import { requireProgram } from './system';
 
 /**
  * Throw-away redis-server processes for tests and benchmarks: a single server or a Redis Cluster
@@ -12,38 +13,13 @@ import { tempDir } from './procs';
 
 const HOST = '127.0.0.1';
 
-/** True when a program is on PATH. */
-function onPath(program: string): boolean {
-  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
-    try {
-      accessSync(path.join(dir, program), constants.X_OK);
-      return true;
-    } catch {
-      // not in this directory
-    }
-  }
-  return false;
-}
-
-/** The Debian packages that provide what these helpers run, or [] when all are installed. */
-export function missingRedisPackages(): string[] {
-  const missing: string[] = [];
-  if (!onPath('redis-server')) missing.push('redis-server');
-  if (!onPath('redis-cli')) missing.push('redis-tools');
-  return missing;
-}
-
 /**
- * For a mocha `before` hook: skips the suite with one line naming the Debian packages when
+ * For a mocha `before` hook: skips the suite with one line naming the Debian package when
  * redis-server or redis-cli is missing, or fails it when CI is set (CI installs them).
  */
 export function requireRedis(ctx: Mocha.Context): void {
-  const missing = missingRedisPackages();
-  if (missing.length === 0) return;
-  const line = `needs the Debian package(s) ${missing.join(' and ')} (apt-get install ${missing.join(' ')})`;
-  if (process.env.CI) throw new Error(line);
-  process.stdout.write(`  skipped: ${line}\n`);
-  ctx.skip();
+  requireProgram(ctx, 'redis-server', 'redis-server');
+  requireProgram(ctx, 'redis-cli', 'redis-tools');
 }
 
 /** A free loopback TCP port (probed by binding port 0). */
@@ -107,9 +83,14 @@ export interface RedisServer {
   stop(signal?: NodeJS.Signals): Promise<void>;
   /** Starts it again on the same port; resolves once it answers PING. */
   start(): Promise<void>;
+  /** Freezes (SIGSTOP) or thaws (SIGCONT) the process: connections stay open, replies stop. */
+  pause(): void;
+  resume(): void;
 }
 
 interface ServerOptions {
+  /** Port to listen on (default: a free one). */
+  port?: number;
   /** Extra redis-server arguments, e.g. ['--cluster-enabled', 'yes']. */
   args?: string[];
   /** Directory for its files (default: a new temp dir removed on stop). */
@@ -118,6 +99,7 @@ interface ServerOptions {
 
 /** Starts a redis-server on a free port (retrying when another process took the port first). */
 export async function startRedisServer(options: ServerOptions = {}): Promise<RedisServer> {
+  if (options.port) return launch(options.port, options);
   let lastError: Error | undefined;
   for (let attempt = 0; attempt < 5; attempt += 1) {
     try {
@@ -159,6 +141,7 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
     }
   };
   const stopChild = async (signal: NodeJS.Signals) => {
+    child?.kill('SIGCONT');
     if (child && child.exitCode === null && child.signalCode === null) child.kill(signal);
     await exited;
   };
@@ -174,6 +157,8 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
     url: `redis://${HOST}:${port}`,
     output,
     start,
+    pause: () => child?.kill('SIGSTOP'),
+    resume: () => child?.kill('SIGCONT'),
     stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
       await stopChild(signal);
       tmp?.remove();
