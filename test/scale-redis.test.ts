@@ -102,6 +102,35 @@ describe('at scale: 2 web and 2 store instances over one 3-master Redis Cluster 
       assert.deepEqual(keys, expected, `store on port ${store.port}`);
     }
   });
+
+  it('a Redis master killed: pages answer 503 with Retry-After, never 500; the master back: pages answer 200 on both webs again, for sessions on every master', async () => {
+    const victim = cluster!.masters[0];
+    await victim.stop('SIGKILL');
+    const statuses = new Set<number>();
+    const deadline = Date.now() + 15_000;
+    while (!statuses.has(503)) {
+      assert.ok(Date.now() < deadline, `no 503 while a master was down: ${[...statuses]}`);
+      const res = await new CookieJarClient(bases[statuses.size % 2]).get('/');
+      statuses.add(res.status);
+      if (res.status === 503) assert.equal(res.headers.get('retry-after'), '1');
+      await res.arrayBuffer();
+    }
+    assert.ok(!statuses.has(500), `statuses: ${[...statuses]}`);
+
+    await victim.start();
+    // 20 fresh sessions in a row answered 200 on each web: their random slots cover every master.
+    for (const base of bases) {
+      const back = Date.now() + 20_000;
+      for (let inARow = 0; inARow < 20; ) {
+        const res = await new CookieJarClient(base).get('/');
+        await res.arrayBuffer();
+        assert.notEqual(res.status, 500);
+        inARow = res.status === 200 ? inARow + 1 : 0;
+        assert.ok(inARow > 0 || Date.now() < back, `${base} still answers ${res.status}`);
+        if (inARow === 0) await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  });
 });
 
 function pick(page: { count1: number; count2: number }): [number, number] {
