@@ -1,5 +1,5 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import path from 'node:path';
 import { tempDir } from './procs';
@@ -95,6 +95,8 @@ interface ServerOptions {
   args?: string[];
   /** Directory for its files (default: a new temp dir removed on stop). */
   dir?: string;
+  /** A configuration file to start from (a Sentinel needs one it can rewrite). */
+  configFile?: string;
 }
 
 /** Starts a redis-server on a free port (retrying when another process took the port first). */
@@ -115,6 +117,7 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
   const tmp = options.dir ? undefined : tempDir('sessions-redis-');
   const dir = options.dir ?? tmp!.dir;
   const args = [
+    ...(options.configFile ? [options.configFile] : []),
     '--port', String(port), '--bind', HOST, '--dir', dir, '--save', '', '--appendonly', 'no',
     '--loglevel', 'warning', '--logfile', '', ...(options.args ?? []),
   ];
@@ -212,6 +215,76 @@ export async function startRedisCluster(masters = 3): Promise<RedisClusterProcs>
       return true;
     });
     return { masters: nodes, seeds: addresses.join(','), stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+/** Runs redis-cli with the arguments and resolves with its output (trimmed). */
+export function redisCli(...args: string[]): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile('redis-cli', args, { timeout: 10_000 }, (err, stdout, stderr) => (err ? reject(new Error(stderr || err.message)) : resolve(stdout.trim()))),
+  );
+}
+
+export interface RedisSentinelProcs {
+  master: RedisServer;
+  replica: RedisServer;
+  /** The Sentinel's port; it watches the master under the name `mymaster`. */
+  sentinelPort: number;
+  /** host:port of the master the Sentinel currently names. */
+  currentMaster(): Promise<string>;
+  /** Asks the Sentinel for a failover and resolves once it names the replica as master. */
+  failover(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+/** A master, one replica of it and one Sentinel (quorum 1) watching them as `mymaster`. */
+export async function startRedisSentinel(): Promise<RedisSentinelProcs> {
+  const tmp = tempDir('sessions-redis-sentinel-');
+  const procs: RedisServer[] = [];
+  const stop = async () => {
+    await Promise.all(procs.map((p) => p.stop()));
+    tmp.remove();
+  };
+  try {
+    const master = await startRedisServer({ dir: path.join(tmp.dir, 'master') });
+    procs.push(master);
+    const replica = await startRedisServer({ dir: path.join(tmp.dir, 'replica'), args: ['--replicaof', HOST, String(master.port)] });
+    procs.push(replica);
+    await until('replica in sync', async () => /master_link_status:up/.test(await redisCommand(replica.port, 'INFO', 'replication')));
+    const sentinelPort = await freePort();
+    const conf = path.join(tmp.dir, 'sentinel.conf');
+    writeFileSync(
+      conf,
+      [
+        `port ${sentinelPort}`,
+        `bind ${HOST}`,
+        `dir ${tmp.dir}`,
+        `sentinel monitor mymaster ${HOST} ${master.port} 1`,
+        'sentinel down-after-milliseconds mymaster 1000',
+        'sentinel failover-timeout mymaster 10000',
+        '',
+      ].join('\n'),
+    );
+    const sentinel = await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'] });
+    procs.push(sentinel);
+    const currentMaster = async () => (await redisCli('-p', String(sentinelPort), 'SENTINEL', 'get-master-addr-by-name', 'mymaster')).split('\n').join(':');
+    await until('sentinel knows the replica', async () =>
+      /num-slaves\n1\b/.test(await redisCli('-p', String(sentinelPort), 'SENTINEL', 'master', 'mymaster')),
+    );
+    return {
+      master,
+      replica,
+      sentinelPort,
+      currentMaster,
+      failover: async () => {
+        await redisCli('-p', String(sentinelPort), 'SENTINEL', 'FAILOVER', 'mymaster');
+        await until('the replica promoted', async () => (await currentMaster()) === `${HOST}:${replica.port}`, 20_000);
+      },
+      stop,
+    };
   } catch (err) {
     await stop();
     throw err;

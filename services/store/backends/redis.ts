@@ -115,9 +115,17 @@ export class RedisBackend implements Backend {
     } else {
       const where: RedisOptions =
         options.sentinels.length > 0
-          ? { sentinels: [...options.sentinels], name: options.sentinelMaster }
+          ? { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true }
           : { host: url.hostname || '127.0.0.1', port: Number(url.port || 6379) };
-      this.client = new Redis({ ...failFast, ...where, db, enableOfflineQueue: false, retryStrategy: reconnect });
+      this.client = new Redis({
+        ...failFast,
+        ...where,
+        db,
+        enableOfflineQueue: false,
+        retryStrategy: reconnect,
+        // A master demoted by a failover answers READONLY: reconnect (via the Sentinels) to the new one.
+        reconnectOnError: (err) => err.message.startsWith('READONLY'),
+      });
     }
     this.client.defineCommand('sessionRead', { numberOfKeys: 1, lua: READ });
     this.client.defineCommand('sessionWrite', { numberOfKeys: 1, lua: WRITE });
