@@ -271,8 +271,9 @@ export async function startRedisSentinel(): Promise<RedisSentinelProcs> {
     const sentinel = await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'] });
     procs.push(sentinel);
     const currentMaster = async () => (await redisCli('-p', String(sentinelPort), 'SENTINEL', 'get-master-addr-by-name', 'mymaster')).split('\n').join(':');
-    await until('sentinel knows the replica', async () =>
-      /num-slaves\n1\b/.test(await redisCli('-p', String(sentinelPort), 'SENTINEL', 'master', 'mymaster')),
+    // Sentinel promotes only a replica it has read INFO from (its link status comes from there).
+    await until('sentinel has seen the replica in sync', async () =>
+      /master-link-status\nok\b/.test(await redisCli('-p', String(sentinelPort), 'SENTINEL', 'replicas', 'mymaster')),
     );
     return {
       master,
@@ -280,7 +281,8 @@ export async function startRedisSentinel(): Promise<RedisSentinelProcs> {
       sentinelPort,
       currentMaster,
       failover: async () => {
-        await redisCli('-p', String(sentinelPort), 'SENTINEL', 'FAILOVER', 'mymaster');
+        const answer = await redisCli('-p', String(sentinelPort), 'SENTINEL', 'FAILOVER', 'mymaster');
+        if (answer !== 'OK') throw new Error(`SENTINEL FAILOVER: ${answer}`);
         await until('the replica promoted', async () => (await currentMaster()) === `${HOST}:${replica.port}`, 20_000);
       },
       stop,
