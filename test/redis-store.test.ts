@@ -7,7 +7,7 @@ import { freePort, type RedisServer, requireRedis, startRedisServer } from './he
 
 const isUnavailable = (err: StoreClientError) => err.code === status.UNAVAILABLE;
 
-describe('SessionStore on Redis: outage and recovery (real store process, real redis-server)', function () {
+describe('SessionStore on Redis (real store process, real redis-server): outage, recovery and settings', function () {
   let tmp: ReturnType<typeof tempDir>;
   let redis: RedisServer | undefined;
   let store: Proc | undefined;
@@ -72,6 +72,17 @@ describe('SessionStore on Redis: outage and recovery (real store process, real r
     await waitForHealth(store.port, 'SERVING', 10_000);
     assert.equal((await client.get('k'))?.value.toString(), 'x');
   });
+
+  for (const [name, env, variable] of [
+    ['REDIS_CLUSTER_NODES not host:port', { REDIS_CLUSTER_NODES: '127.0.0.1' }, /REDIS_CLUSTER_NODES="127.0.0.1": expected host:port/],
+    ['cluster and Sentinel together', { REDIS_CLUSTER_NODES: '127.0.0.1:7001', REDIS_SENTINELS: '127.0.0.1:26379' }, /REDIS_CLUSTER_NODES and REDIS_SENTINELS/],
+    ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX="\{s\}:"/],
+    ['STORE_BACKEND unknown', { STORE_BACKEND: 'memcached' }, /STORE_BACKEND="memcached": expected one of sqlite, redis/],
+  ] as const) {
+    it(`a bad setting stops the store with a message naming the variable: ${name}`, async () => {
+      await assert.rejects(startStore(tmp.dir, { STORE_BACKEND: 'redis', ...env }), (err: Error) => variable.test(err.message));
+    });
+  }
 
   it('a store started while Redis is down answers UNAVAILABLE and is NOT_SERVING, then SERVING once Redis is up', async () => {
     const port = await freePort();
