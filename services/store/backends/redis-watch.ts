@@ -29,8 +29,10 @@ export interface WatchDeps {
   keyPrefix: string;
   /** The logical database (always 0 in a cluster). */
   db: number;
-  /** A new subscriber connection to the master at host:port (null: the single/Sentinel master). */
-  connect(node: { host: string; port: number } | null): Redis;
+  /** The masters now: host:port in a cluster, [null] for the single or Sentinel-managed master. */
+  masters(): Array<MasterNode | null>;
+  /** A new subscriber connection to a master of masters(). */
+  connect(node: MasterNode | null): Redis;
   /** Reads a live entry (without refreshing it), for the value and version of a put event. */
   read(key: string): Promise<StoredEntry | null>;
   warn(detail: object, message: string): void;
@@ -39,6 +41,7 @@ export interface WatchDeps {
 }
 
 type Listener = (event: ChangeEvent) => void;
+type MasterNode = { host: string; port: number };
 
 interface Subscriber {
   connection: Redis;
@@ -56,7 +59,6 @@ export class KeyspaceWatch {
   private delivery: Promise<void> = Promise.resolve();
   private pendingReads = 0;
   private warnedConfig = false;
-  private nodes: Array<{ host: string; port: number } | null> = [null];
   private waiters: Array<() => void> = [];
   private settleUntil = 0;
 
@@ -74,21 +76,21 @@ export class KeyspaceWatch {
     }
     set.add(onEvent);
     this.settleUntil = Date.now() + this.deps.settleMs;
-    this.sync(this.nodes);
+    this.sync();
     return () => {
       set.delete(onEvent);
       if (set.size === 0 && this.listeners.get(pattern) === set) this.listeners.delete(pattern);
-      this.sync(this.nodes);
+      this.sync();
     };
   }
 
   /**
-   * Makes the subscribers match the masters (null = the single server) and the watched patterns.
-   * Connections are opened only while something is watched.
+   * Makes the subscribers match the masters and the watched patterns (call it when the masters
+   * change). Connections are open only while something is watched.
    */
-  sync(nodes: Array<{ host: string; port: number } | null>): void {
-    this.nodes = nodes;
-    const wanted = new Map(this.listeners.size === 0 ? [] : nodes.map((n) => [n ? `${n.host}:${n.port}` : '', n] as const));
+  sync(): void {
+    const nodes = this.listeners.size === 0 ? [] : this.deps.masters();
+    const wanted = new Map(nodes.map((n) => [n ? `${n.host}:${n.port}` : '', n] as const));
     for (const [id, sub] of this.subscribers) {
       if (!wanted.has(id)) {
         this.subscribers.delete(id);
@@ -103,7 +105,7 @@ export class KeyspaceWatch {
 
   close(): void {
     this.listeners.clear();
-    this.sync([]);
+    this.sync();
     this.release();
   }
 
@@ -137,7 +139,7 @@ export class KeyspaceWatch {
     if (this.waiters.length > 0 && this.isSettled()) [...this.waiters].forEach((done) => done());
   }
 
-  private open(node: { host: string; port: number } | null): Subscriber {
+  private open(node: MasterNode | null): Subscriber {
     const connection = this.deps.connect(node);
     const sub: Subscriber = { connection, configured: false, subscribed: new Set(), acked: new Set() };
     connection.on('error', () => undefined);

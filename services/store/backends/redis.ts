@@ -148,6 +148,7 @@ export class RedisBackend implements Backend {
     this.watcher = new KeyspaceWatch({
       keyPrefix: options.keyPrefix,
       db: this.cluster ? 0 : db,
+      masters: () => (this.cluster ? this.cluster.nodes('master').map((n) => ({ host: n.options.host!, port: n.options.port! })) : [null]),
       connect: (node) => {
         const subscriberOptions: RedisOptions = { autoResubscribe: false, maxRetriesPerRequest: null, retryStrategy: reconnect, enableOfflineQueue: true };
         if (node) return new Redis({ ...auth, ...subscriberOptions, host: node.host, port: node.port });
@@ -396,9 +397,7 @@ export class RedisBackend implements Backend {
   }
 
   private syncWatch(): void {
-    if (this.closed) return;
-    if (!this.cluster) return this.watcher.sync([null]);
-    this.watcher.sync(this.cluster.nodes('master').map((n) => ({ host: n.options.host!, port: n.options.port! })));
+    if (!this.closed) this.watcher.sync();
   }
 }
 
