@@ -103,7 +103,7 @@ describe('at scale: 2 web and 2 store instances over one 3-master Redis Cluster 
     }
   });
 
-  it('a Redis master killed: pages answer 503 with Retry-After, never 500; the master back: pages answer 200 on both webs again, for sessions on every master', async () => {
+  it('a Redis master killed: pages answer 503 with Retry-After, never 500, and /readyz reports the store NOT_SERVING; the master back: pages answer 200 on both webs for sessions on every master, /readyz ready', async () => {
     const victim = cluster!.masters[0];
     await victim.stop('SIGKILL');
     const statuses = new Set<number>();
@@ -116,6 +116,7 @@ describe('at scale: 2 web and 2 store instances over one 3-master Redis Cluster 
       await res.arrayBuffer();
     }
     assert.ok(!statuses.has(500), `statuses: ${[...statuses]}`);
+    await readyz(bases[1], 503, 'NOT_SERVING');
 
     await victim.start();
     // 20 fresh sessions in a row answered 200 on each web: their random slots cover every master.
@@ -130,8 +131,22 @@ describe('at scale: 2 web and 2 store instances over one 3-master Redis Cluster 
         if (inARow === 0) await new Promise((r) => setTimeout(r, 100));
       }
     }
+    await readyz(bases[0], 200, 'SERVING');
   });
 });
+
+/** Polls the web's /readyz until it answers `status` with the store's health `store`. */
+async function readyz(base: string, status: number, store: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  let last = '';
+  for (;;) {
+    const res = await fetch(`${base}/readyz`);
+    last = `${res.status} ${await res.text()}`;
+    if (res.status === status && last.includes(`"store":"${store}"`)) return;
+    assert.ok(Date.now() < deadline, `/readyz stayed ${last}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
 
 function pick(page: { count1: number; count2: number }): [number, number] {
   return [page.count1, page.count2];
