@@ -76,7 +76,8 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
   for (const [name, env, variable] of [
     ['REDIS_CLUSTER_NODES not host:port', { REDIS_CLUSTER_NODES: '127.0.0.1' }, /REDIS_CLUSTER_NODES="127.0.0.1": expected host:port/],
     ['cluster and Sentinel together', { REDIS_CLUSTER_NODES: '127.0.0.1:7001', REDIS_SENTINELS: '127.0.0.1:26379' }, /REDIS_CLUSTER_NODES and REDIS_SENTINELS/],
-    ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX="\{s\}:"/],
+    ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX=.*expected no \{ or \}/],
+    ['REDIS_URL not redis://, its value (maybe a password) not shown', { REDIS_URL: 'http://user:s3cret@host' }, /^(?!.*s3cret).*REDIS_URL=\(hidden\): expected redis:\/\//s],
     ['STORE_BACKEND unknown', { STORE_BACKEND: 'memcached' }, /STORE_BACKEND="memcached": expected one of sqlite, redis/],
   ] as const) {
     it(`a bad setting stops the store with a message naming the variable: ${name}`, async () => {
