@@ -37,7 +37,7 @@ async function keys(backend: Backend, prefix: string, startAfter = ''): Promise<
 }
 
 /** What only a Redis backend can get wrong: glob characters in prefixes, UTF-16 vs byte order. */
-function describeRedisSpecifics(create: (overrides?: Partial<RedisBackendOptions>) => RedisBackend): void {
+function describeRedisSpecifics(create: (overrides?: Partial<RedisBackendOptions>) => RedisBackend, ports: () => number[]): void {
   let backend: RedisBackend;
   beforeEach(() => (backend = create()));
   afterEach(async () => backend.close());
@@ -52,6 +52,21 @@ function describeRedisSpecifics(create: (overrides?: Partial<RedisBackendOptions
       const deadline = Date.now() + 5000;
       while (seen.length < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
       assert.deepEqual(seen.sort(), ['a*[b]?1', 'a*[b]?2', 'a*[b]?3'], 'events of keys on different masters come in any order');
+    } finally {
+      stop();
+    }
+  });
+
+  it('a watcher of expiries only gets the expiries of its prefix over keyevent channels (no pattern, so no message per write)', async () => {
+    const seen: string[] = [];
+    const stop = backend.watch('e:', (e: ChangeEvent) => seen.push(`${e.kind} ${e.key}`), { kinds: ['expire'] });
+    try {
+      await backend.batch([put('e:kept'), { kind: 'put', key: 'e:short', value: Buffer.from('x'), ttlMs: 50 }, { kind: 'put', key: 'other', value: Buffer.from('x'), ttlMs: 50 }]);
+      await backend.batch([{ kind: 'delete', key: 'e:kept' }]);
+      for (const port of ports()) assert.equal(await redisCommand(port, 'PUBSUB', 'NUMPAT'), '0');
+      const deadline = Date.now() + 10_000;
+      while (!seen.includes('expire e:short') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(seen, ['expire e:short']);
     } finally {
       stop();
     }
@@ -113,7 +128,7 @@ describe('Redis backend on a single redis-server', function () {
   after(async () => server?.stop());
 
   describe('Redis specifics (single server)', () =>
-    describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides }))),
+    describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides })), () => [server!.port]),
   );
 
   describeBackendContract('redis (single server)', async () => {
@@ -139,6 +154,7 @@ describe('Redis backend on a 3-master Redis Cluster', function () {
   describe('Redis specifics (cluster)', () =>
     describeRedisSpecifics((overrides) =>
       new RedisBackend(backendOptions({ clusterNodes: cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port })), ...overrides })),
+      () => cluster!.masters.map((m) => m.port),
     ),
   );
 

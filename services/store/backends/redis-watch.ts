@@ -7,22 +7,27 @@ import type { ChangeEvent, ChangeKind, StoredEntry } from './backend';
  * server or a Sentinel-managed master); the backend calls sync() when the cluster's masters change.
  *
  * Each subscriber, whenever it (re)connects, first makes sure the node publishes the events we
- * need (CONFIG SET notify-keyspace-events: K = keyspace channel, g = del, h = hset, x = expired,
- * e = evicted; flags already set are kept), then subscribes to one pattern per watched prefix.
- * Where CONFIG is not allowed (managed Redis), the operator must set these flags.
+ * need (CONFIG SET notify-keyspace-events: K/E = keyspace/keyevent channels, g = del, h = hset,
+ * x = expired, e = evicted; flags already set are kept), then subscribes. Where CONFIG is not
+ * allowed (managed Redis), the operator must set these flags.
  *
- * A write is the script's "hset"; a refresh only moves the expiry ("expire", ignored). The event
- * does not carry the value, so a put event reads the entry back: value and version are those of
- * the entry at that moment (0 and empty when it is already gone). Events of one key arrive in
- * order; events are delivered in arrival order. Notifications are fire-and-forget in Redis: a
- * watcher misses what happens while its connection to a master is down.
+ * A watcher of every kind subscribes to one keyspace pattern per prefix; a write is the script's
+ * "hset" (a refresh only moves the expiry: "expire", ignored). That event does not carry the
+ * value, so a put event reads the entry back: value and version are those of the entry at that
+ * moment (0 and empty when it is already gone). A watcher of expiries only (metrics) subscribes to
+ * the "expired" and "evicted" keyevent channels instead: no message per write, no read-back.
+ *
+ * Events of one key arrive in order; events are delivered in arrival order. Notifications are
+ * fire-and-forget in Redis: a watcher misses what happens while its connection to a master is down.
  */
 
-const REQUIRED_FLAGS = ['K', 'g', 'h', 'x', 'e'];
+const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
 /** Put events beyond this many unanswered read-backs are delivered without value and version. */
 const MAX_PENDING_READS = 1000;
 const EMPTY = Buffer.alloc(0);
 const KINDS: Record<string, ChangeKind | undefined> = { hset: 'put', del: 'delete', expired: 'expire', evicted: 'expire' };
+
+type MasterNode = { host: string; port: number };
 
 export interface WatchDeps {
   /** The keyspace prefix of the backend (REDIS_KEY_PREFIX). */
@@ -40,22 +45,32 @@ export interface WatchDeps {
   settleMs: number;
 }
 
-type Listener = (event: ChangeEvent) => void;
-type MasterNode = { host: string; port: number };
+interface Listener {
+  prefix: string;
+  onEvent: (event: ChangeEvent) => void;
+}
+
+/** A Redis pattern (keyspace, per prefix) or channel (keyevent, expiries) and who listens to it. */
+interface Subscription {
+  type: 'pattern' | 'channel';
+  listeners: Set<Listener>;
+}
 
 interface Subscriber {
   connection: Redis;
   /** Set once the node's notification flags were checked on this connection (before it subscribes). */
   configured: boolean;
-  /** Patterns sent to the node; `acked` those it confirmed. */
-  subscribed: Set<string>;
+  /** Names sent to the node (with their type); `acked` those it confirmed. */
+  subscribed: Map<string, Subscription['type']>;
   acked: Set<string>;
 }
 
 export class KeyspaceWatch {
   private readonly subscribers = new Map<string, Subscriber>();
-  private readonly listeners = new Map<string, Set<Listener>>();
-  private readonly channelPrefix: Buffer;
+  private readonly subscriptions = new Map<string, Subscription>();
+  private readonly keyspace: string;
+  private readonly keyevent: string;
+  private readonly keyPrefix: Buffer;
   private delivery: Promise<void> = Promise.resolve();
   private pendingReads = 0;
   private warnedConfig = false;
@@ -63,33 +78,46 @@ export class KeyspaceWatch {
   private settleUntil = 0;
 
   constructor(private readonly deps: WatchDeps) {
-    this.channelPrefix = Buffer.from(`__keyspace@${deps.db}__:${deps.keyPrefix}`);
+    this.keyspace = `__keyspace@${deps.db}__:`;
+    this.keyevent = `__keyevent@${deps.db}__:`;
+    this.keyPrefix = Buffer.from(deps.keyPrefix);
   }
 
-  /** Starts delivering events of keys with the prefix to onEvent; returns the unsubscribe function. */
-  add(prefix: string, onEvent: Listener): () => void {
-    const pattern = `__keyspace@${this.deps.db}__:${escapeGlob(this.deps.keyPrefix + prefix)}*`;
-    let set = this.listeners.get(pattern);
-    if (!set) {
-      set = new Set();
-      this.listeners.set(pattern, set);
+  /**
+   * Starts delivering changes of keys with the prefix to onEvent (only expiries when expireOnly);
+   * returns the unsubscribe function.
+   */
+  add(prefix: string, onEvent: (event: ChangeEvent) => void, expireOnly = false): () => void {
+    const listener: Listener = { prefix, onEvent };
+    const names = expireOnly
+      ? [`${this.keyevent}expired`, `${this.keyevent}evicted`]
+      : [`${this.keyspace}${escapeGlob(this.deps.keyPrefix + prefix)}*`];
+    for (const name of names) {
+      let subscription = this.subscriptions.get(name);
+      if (!subscription) {
+        subscription = { type: expireOnly ? 'channel' : 'pattern', listeners: new Set() };
+        this.subscriptions.set(name, subscription);
+      }
+      subscription.listeners.add(listener);
     }
-    set.add(onEvent);
     this.settleUntil = Date.now() + this.deps.settleMs;
     this.sync();
     return () => {
-      set.delete(onEvent);
-      if (set.size === 0 && this.listeners.get(pattern) === set) this.listeners.delete(pattern);
+      for (const name of names) {
+        const subscription = this.subscriptions.get(name);
+        subscription?.listeners.delete(listener);
+        if (subscription?.listeners.size === 0) this.subscriptions.delete(name);
+      }
       this.sync();
     };
   }
 
   /**
-   * Makes the subscribers match the masters and the watched patterns (call it when the masters
+   * Makes the subscribers match the masters and the subscriptions (call it when the masters
    * change). Connections are open only while something is watched.
    */
   sync(): void {
-    const nodes = this.listeners.size === 0 ? [] : this.deps.masters();
+    const nodes = this.subscriptions.size === 0 ? [] : this.deps.masters();
     const wanted = new Map(nodes.map((n) => [n ? `${n.host}:${n.port}` : '', n] as const));
     for (const [id, sub] of this.subscribers) {
       if (!wanted.has(id)) {
@@ -104,13 +132,13 @@ export class KeyspaceWatch {
   }
 
   close(): void {
-    this.listeners.clear();
+    this.subscriptions.clear();
     this.sync();
     this.release();
   }
 
   /**
-   * Resolves once every master confirmed every watched pattern, so that a write sent after watch()
+   * Resolves once every master confirmed every subscription, so that a write sent after watch()
    * returned is seen by the watcher. Waits at most `settleMs` after the last watch() call: a node
    * that never confirms does not hold writes back for longer.
    */
@@ -130,7 +158,7 @@ export class KeyspaceWatch {
 
   private isSettled(): boolean {
     for (const sub of this.subscribers.values()) {
-      for (const pattern of this.listeners.keys()) if (!sub.acked.has(pattern)) return false;
+      for (const name of this.subscriptions.keys()) if (!sub.acked.has(name)) return false;
     }
     return true;
   }
@@ -141,7 +169,7 @@ export class KeyspaceWatch {
 
   private open(node: MasterNode | null): Subscriber {
     const connection = this.deps.connect(node);
-    const sub: Subscriber = { connection, configured: false, subscribed: new Set(), acked: new Set() };
+    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set() };
     connection.on('error', () => undefined);
     connection.on('close', () => {
       sub.configured = false;
@@ -153,9 +181,16 @@ export class KeyspaceWatch {
       sub.configured = true;
       await this.resubscribe(sub);
     });
-    connection.on('pmessageBuffer', (pattern: Buffer, channel: Buffer, message: Buffer) =>
-      this.onMessage(pattern.toString(), channel, message.toString()),
-    );
+    connection.on('pmessageBuffer', (pattern: Buffer, channel: Buffer, event: Buffer) => {
+      const subscription = this.subscriptions.get(pattern.toString());
+      const key = channel.subarray(Buffer.byteLength(this.keyspace));
+      if (subscription) this.deliver(subscription, KINDS[event.toString()], key);
+    });
+    connection.on('messageBuffer', (channel: Buffer, key: Buffer) => {
+      const name = channel.toString();
+      const subscription = this.subscriptions.get(name);
+      if (subscription) this.deliver(subscription, KINDS[name.slice(this.keyevent.length)], key);
+    });
     return sub;
   }
 
@@ -180,28 +215,35 @@ export class KeyspaceWatch {
 
   private async resubscribe(sub: Subscriber): Promise<void> {
     if (!sub.configured || sub.connection.status !== 'ready') return;
-    const add = [...this.listeners.keys()].filter((p) => !sub.subscribed.has(p));
-    const remove = [...sub.subscribed].filter((p) => !this.listeners.has(p));
-    add.forEach((p) => sub.subscribed.add(p));
-    remove.forEach((p) => {
-      sub.subscribed.delete(p);
-      sub.acked.delete(p);
+    const add = [...this.subscriptions].filter(([name]) => !sub.subscribed.has(name)).map(([name, s]) => [name, s.type] as const);
+    const remove = [...sub.subscribed].filter(([name]) => !this.subscriptions.has(name));
+    add.forEach(([name, type]) => sub.subscribed.set(name, type));
+    remove.forEach(([name]) => {
+      sub.subscribed.delete(name);
+      sub.acked.delete(name);
     });
+    const names = (list: ReadonlyArray<readonly [string, Subscription['type']]>, type: Subscription['type']) =>
+      list.filter(([, t]) => t === type).map(([name]) => name);
     try {
-      if (add.length > 0) await sub.connection.psubscribe(...add);
-      add.forEach((p) => sub.subscribed.has(p) && sub.acked.add(p));
-      if (remove.length > 0) await sub.connection.punsubscribe(...remove);
+      const [patterns, channels] = [names(add, 'pattern'), names(add, 'channel')];
+      if (patterns.length > 0) await sub.connection.psubscribe(...patterns);
+      if (channels.length > 0) await sub.connection.subscribe(...channels);
+      add.forEach(([name]) => sub.subscribed.has(name) && sub.acked.add(name));
+      const [oldPatterns, oldChannels] = [names(remove, 'pattern'), names(remove, 'channel')];
+      if (oldPatterns.length > 0) await sub.connection.punsubscribe(...oldPatterns);
+      if (oldChannels.length > 0) await sub.connection.unsubscribe(...oldChannels);
     } catch {
-      add.forEach((p) => sub.subscribed.delete(p));
+      add.forEach(([name]) => sub.subscribed.delete(name));
     }
     this.release();
   }
 
-  private onMessage(pattern: string, channel: Buffer, event: string): void {
-    const listeners = this.listeners.get(pattern);
-    const kind = KINDS[event];
-    if (!listeners || !kind || !channel.subarray(0, this.channelPrefix.length).equals(this.channelPrefix)) return;
-    const key = channel.subarray(this.channelPrefix.length).toString('utf8');
+  /** Turns one notification (a key with our prefix, as bytes) into events for the subscription's listeners. */
+  private deliver(subscription: Subscription, kind: ChangeKind | undefined, redisKey: Buffer): void {
+    if (!kind || !redisKey.subarray(0, this.keyPrefix.length).equals(this.keyPrefix)) return;
+    const key = redisKey.subarray(this.keyPrefix.length).toString('utf8');
+    const listeners = [...subscription.listeners].filter((l) => key.startsWith(l.prefix));
+    if (listeners.length === 0) return;
     const base: ChangeEvent = { kind, key, version: 0, value: EMPTY, expiresAtMs: 0 };
     let ready: Promise<ChangeEvent> = Promise.resolve(base);
     if (kind === 'put' && this.pendingReads < MAX_PENDING_READS) {
@@ -217,7 +259,7 @@ export class KeyspaceWatch {
       const event = await ready;
       for (const listener of listeners) {
         try {
-          listener(event);
+          listener.onEvent(event);
         } catch (err) {
           this.deps.warn({ err: (err as Error).message }, 'a watch listener threw');
         }

@@ -8,6 +8,7 @@ import {
   type ListOptions,
   type StoredEntry,
   StoreError,
+  type WatchOptions,
 } from './backend';
 import { KeyWindow } from './key-window';
 import { DELETE, READ, WRITE } from './redis-scripts';
@@ -218,8 +219,9 @@ export class RedisBackend implements Backend {
     }
   }
 
-  watch(prefix: string, onEvent: (event: ChangeEvent) => void): () => void {
-    return this.watcher.add(prefix, onEvent);
+  watch(prefix: string, onEvent: (event: ChangeEvent) => void, options: WatchOptions = {}): () => void {
+    const expireOnly = options.kinds !== undefined && options.kinds.every((kind) => kind === 'expire');
+    return this.watcher.add(prefix, onEvent, expireOnly);
   }
 
   async ping(): Promise<void> {
