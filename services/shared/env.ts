@@ -21,8 +21,8 @@ export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, st
   return { ...fromFile, ...env };
 }
 
-/** Variables whose values never appear in an error message. */
-const SECRET_NAME = /KEY|TOKEN|SECRET|PASSWORD/i;
+/** Variables whose values never appear in an error message (a URL may carry a password). */
+const SECRET_NAME = /KEY|TOKEN|SECRET|PASSWORD|URL/i;
 
 /**
  * Validates raw variables against a zod object schema whose keys are variable names and returns a

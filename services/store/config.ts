@@ -6,13 +6,26 @@ const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
 const MIB = 1024 * 1024;
 
+/** host:port,host:port,... (IPv6 hosts in brackets) → [{host, port}]; unset → []. */
+const hostPorts = () =>
+  z
+    .string()
+    .regex(/^(\[[^\]]+\]|[^\s,:[\]]+):\d{1,5}(,(\[[^\]]+\]|[^\s,:[\]]+):\d{1,5})*$/, { message: 'expected host:port,host:port,...' })
+    .optional()
+    .transform((list) =>
+      (list ? list.split(',') : []).map((item) => {
+        const colon = item.lastIndexOf(':');
+        return { host: item.slice(0, colon).replace(/^\[(.*)\]$/, '$1'), port: Number(item.slice(colon + 1)) };
+      }),
+    );
+
 /** Every setting of the SessionStore service, read once from the environment (and .env). */
 export function loadStoreConfig(raw = readEnv()) {
   const env = parseEnv(
     {
       PORT: envs.port(5100),
       STORE_HOST: z.string().default('127.0.0.1'),
-      STORE_BACKEND: envs.oneOf(['sqlite'] as const, 'sqlite'),
+      STORE_BACKEND: envs.oneOf(['sqlite', 'redis'] as const, 'sqlite'),
       STORE_DATA_DIR: z.string().default('var'),
       STORE_SYNCHRONOUS: envs.oneOf(['FULL', 'NORMAL'] as const, 'FULL'),
       STORE_TOKEN: z
@@ -31,6 +44,13 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_SWEEP_BATCH: envs.int(200, 1, 100_000),
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
       STORE_METRICS_PORT: envs.port(9100),
+      REDIS_URL: z.string().regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }).default('redis://127.0.0.1:6379'),
+      REDIS_CLUSTER_NODES: hostPorts(),
+      REDIS_SENTINELS: hostPorts(),
+      REDIS_SENTINEL_MASTER: z.string().default('mymaster'),
+      REDIS_KEY_PREFIX: z.string().regex(/^[^{}]*$/, { message: 'expected no { or } (a hash tag would put every session in one cluster slot)' }).default('sessions:'),
+      REDIS_COMMAND_TIMEOUT_MS: envs.int(500, 10, 60_000, ' ms'),
+      REDIS_LIST_WINDOW: envs.int(10_000, 1, 1_000_000, ' keys'),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,
@@ -55,6 +75,12 @@ export function loadStoreConfig(raw = readEnv()) {
     env.STORE_TLS_CERT && env.STORE_TLS_KEY
       ? Object.freeze({ cert: readPemFile('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPemFile('STORE_TLS_KEY', env.STORE_TLS_KEY) })
       : undefined;
+  if (env.REDIS_CLUSTER_NODES.length > 0 && env.REDIS_SENTINELS.length > 0) {
+    throw new ConfigError('invalid configuration: REDIS_CLUSTER_NODES and REDIS_SENTINELS: set one of them, not both');
+  }
+  if (env.REDIS_CLUSTER_NODES.length > 0 && !/^rediss?:\/\/[^/]*\/?0?$/.test(env.REDIS_URL)) {
+    throw new ConfigError('invalid configuration: REDIS_URL: a Redis Cluster has only database 0');
+  }
   return Object.freeze({
     port: env.PORT,
     host: env.STORE_HOST,
@@ -71,6 +97,15 @@ export function loadStoreConfig(raw = readEnv()) {
       sweepIntervalMs: env.STORE_SWEEP_INTERVAL_MS,
       sweepBatch: env.STORE_SWEEP_BATCH,
       maxOpsPerCommit: 2000,
+    }),
+    redis: Object.freeze({
+      url: env.REDIS_URL,
+      clusterNodes: env.REDIS_CLUSTER_NODES,
+      sentinels: env.REDIS_SENTINELS,
+      sentinelMaster: env.REDIS_SENTINEL_MASTER,
+      keyPrefix: env.REDIS_KEY_PREFIX,
+      commandTimeoutMs: env.REDIS_COMMAND_TIMEOUT_MS,
+      listWindow: env.REDIS_LIST_WINDOW,
     }),
     limits: Object.freeze({
       maxKeyBytes: env.STORE_MAX_KEY_BYTES,

@@ -18,7 +18,11 @@ import { storeCredentials, storeServerOptions } from './transport';
 async function main(): Promise<void> {
   const config = loadStoreConfig();
   const logger = createLogger('store', config.logLevel);
-  const backend = new SqliteBackend(config.sqlite);
+  // ioredis is loaded only when used: a SQLite store starts without it.
+  const backend =
+    config.backend === 'redis'
+      ? new (await import('./backends/redis.js')).RedisBackend({ ...config.redis, log: logger })
+      : new SqliteBackend(config.sqlite);
   const metrics = new StoreMetrics(backend);
   const stopping = new AbortController();
   const server = createStoreServer(

@@ -63,9 +63,13 @@ export class StoreMetrics {
       },
     });
     const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries deleted by the sweeper', registers });
-    this.unwatch = backend.watch('', (event) => {
-      if (event.kind === 'expire') swept.inc();
-    });
+    this.unwatch = backend.watch(
+      '',
+      (event) => {
+        if (event.kind === 'expire') swept.inc();
+      },
+      { kinds: ['expire'] },
+    );
     collectDefaultMetrics({ register: this.registry });
   }
 
@@ -102,7 +106,7 @@ export class StoreMetrics {
         });
       },
       list: (options) => backend.list(options),
-      watch: (prefix, onEvent) => backend.watch(prefix, onEvent),
+      watch: (prefix, onEvent, options) => backend.watch(prefix, onEvent, options),
       ping: () => backend.ping(),
       countLive: () => backend.countLive(),
       close: () => backend.close(),

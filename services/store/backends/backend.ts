@@ -40,6 +40,15 @@ export interface ChangeEvent {
   expiresAtMs: number;
 }
 
+export interface WatchOptions {
+  /**
+   * The kinds of change the subscriber wants (default: all). A backend may skip work for the
+   * others (Redis: no per-write notifications for an expire-only watcher); events of other kinds
+   * may still arrive.
+   */
+  kinds?: readonly ChangeKind[];
+}
+
 export interface Backend {
   readonly name: string;
   /** Runs operations in order; writes of one call are committed together. Never rejects for a per-op failure. */
@@ -47,7 +56,7 @@ export interface Backend {
   /** Streams live entries in ascending key order, page by page (constant memory). */
   list(options: ListOptions): AsyncIterable<StoredEntry>;
   /** Subscribes to changes of keys with the prefix; returns the unsubscribe function. */
-  watch(prefix: string, onEvent: (event: ChangeEvent) => void): () => void;
+  watch(prefix: string, onEvent: (event: ChangeEvent) => void, options?: WatchOptions): () => void;
   /** Resolves when the backend can serve; rejects with a StoreError('unavailable') when it cannot. */
   ping(): Promise<void>;
   /** Number of live (unexpired) entries, for metrics. */

@@ -1,0 +1,274 @@
+import type Redis from 'ioredis';
+import type { ChangeEvent, ChangeKind, StoredEntry } from './backend';
+
+/**
+ * watch() for the Redis backend, over keyspace notifications. Redis publishes them on the node
+ * that changed the key only, so there is one subscriber connection per master (one for a single
+ * server or a Sentinel-managed master); the backend calls sync() when the cluster's masters change.
+ *
+ * Each subscriber, whenever it (re)connects, first makes sure the node publishes the events we
+ * need (CONFIG SET notify-keyspace-events: K/E = keyspace/keyevent channels, g = del, h = hset,
+ * x = expired, e = evicted; flags already set are kept), then subscribes. Where CONFIG is not
+ * allowed (managed Redis), the operator must set these flags.
+ *
+ * A watcher of every kind subscribes to one keyspace pattern per prefix; a write is the script's
+ * "hset" (a refresh only moves the expiry: "expire", ignored). That event does not carry the
+ * value, so a put event reads the entry back: value and version are those of the entry at that
+ * moment (0 and empty when it is already gone). A watcher of expiries only (metrics) subscribes to
+ * the "expired" and "evicted" keyevent channels instead: no message per write, no read-back.
+ *
+ * Events of one key arrive in order; events are delivered in arrival order. Notifications are
+ * fire-and-forget in Redis: a watcher misses what happens while its connection to a master is down.
+ */
+
+const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
+/** Put events beyond this many unanswered read-backs are delivered without value and version. */
+const MAX_PENDING_READS = 1000;
+const EMPTY = Buffer.alloc(0);
+const KINDS: Record<string, ChangeKind | undefined> = { hset: 'put', del: 'delete', expired: 'expire', evicted: 'expire' };
+
+type MasterNode = { host: string; port: number };
+
+export interface WatchDeps {
+  /** The keyspace prefix of the backend (REDIS_KEY_PREFIX). */
+  keyPrefix: string;
+  /** The logical database (always 0 in a cluster). */
+  db: number;
+  /** The masters now: host:port in a cluster, [null] for the single or Sentinel-managed master. */
+  masters(): Array<MasterNode | null>;
+  /** A new subscriber connection to a master of masters(). */
+  connect(node: MasterNode | null): Redis;
+  /** Reads a live entry (without refreshing it), for the value and version of a put event. */
+  read(key: string): Promise<StoredEntry | null>;
+  warn(detail: object, message: string): void;
+  /** How long writes wait for a new watch subscription to be confirmed (see settled()). */
+  settleMs: number;
+}
+
+interface Listener {
+  prefix: string;
+  onEvent: (event: ChangeEvent) => void;
+}
+
+/** A Redis pattern (keyspace, per prefix) or channel (keyevent, expiries) and who listens to it. */
+interface Subscription {
+  type: 'pattern' | 'channel';
+  listeners: Set<Listener>;
+}
+
+interface Subscriber {
+  connection: Redis;
+  /** Set once the node's notification flags were checked on this connection (before it subscribes). */
+  configured: boolean;
+  /** Names sent to the node (with their type); `acked` those it confirmed. */
+  subscribed: Map<string, Subscription['type']>;
+  acked: Set<string>;
+}
+
+export class KeyspaceWatch {
+  private readonly subscribers = new Map<string, Subscriber>();
+  private readonly subscriptions = new Map<string, Subscription>();
+  private readonly keyspace: string;
+  private readonly keyevent: string;
+  private readonly keyPrefix: Buffer;
+  private delivery: Promise<void> = Promise.resolve();
+  private pendingReads = 0;
+  private warnedConfig = false;
+  private waiters: Array<() => void> = [];
+  private settleUntil = 0;
+
+  constructor(private readonly deps: WatchDeps) {
+    this.keyspace = `__keyspace@${deps.db}__:`;
+    this.keyevent = `__keyevent@${deps.db}__:`;
+    this.keyPrefix = Buffer.from(deps.keyPrefix);
+  }
+
+  /**
+   * Starts delivering changes of keys with the prefix to onEvent (only expiries when expireOnly);
+   * returns the unsubscribe function.
+   */
+  add(prefix: string, onEvent: (event: ChangeEvent) => void, expireOnly = false): () => void {
+    const listener: Listener = { prefix, onEvent };
+    const names = expireOnly
+      ? [`${this.keyevent}expired`, `${this.keyevent}evicted`]
+      : [`${this.keyspace}${escapeGlob(this.deps.keyPrefix + prefix)}*`];
+    for (const name of names) {
+      let subscription = this.subscriptions.get(name);
+      if (!subscription) {
+        subscription = { type: expireOnly ? 'channel' : 'pattern', listeners: new Set() };
+        this.subscriptions.set(name, subscription);
+      }
+      subscription.listeners.add(listener);
+    }
+    this.settleUntil = Date.now() + this.deps.settleMs;
+    this.sync();
+    return () => {
+      for (const name of names) {
+        const subscription = this.subscriptions.get(name);
+        subscription?.listeners.delete(listener);
+        if (subscription?.listeners.size === 0) this.subscriptions.delete(name);
+      }
+      this.sync();
+    };
+  }
+
+  /**
+   * Makes the subscribers match the masters and the subscriptions (call it when the masters
+   * change). Connections are open only while something is watched.
+   */
+  sync(): void {
+    const nodes = this.subscriptions.size === 0 ? [] : this.deps.masters();
+    const wanted = new Map(nodes.map((n) => [n ? `${n.host}:${n.port}` : '', n] as const));
+    for (const [id, sub] of this.subscribers) {
+      if (!wanted.has(id)) {
+        this.subscribers.delete(id);
+        sub.connection.disconnect();
+      }
+    }
+    for (const [id, node] of wanted) {
+      if (!this.subscribers.has(id)) this.subscribers.set(id, this.open(node));
+    }
+    for (const sub of this.subscribers.values()) void this.resubscribe(sub);
+  }
+
+  close(): void {
+    this.subscriptions.clear();
+    this.sync();
+    this.release();
+  }
+
+  /**
+   * Resolves once every master confirmed every subscription, so that a write sent after watch()
+   * returned is seen by the watcher. Waits at most `settleMs` after the last watch() call: a node
+   * that never confirms does not hold writes back for longer.
+   */
+  async settled(): Promise<void> {
+    const wait = this.settleUntil - Date.now();
+    if (wait <= 0 || this.isSettled()) return;
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.waiters = this.waiters.filter((w) => w !== done);
+        resolve();
+      };
+      const timer = setTimeout(done, wait);
+      this.waiters.push(done);
+    });
+  }
+
+  private isSettled(): boolean {
+    for (const sub of this.subscribers.values()) {
+      for (const name of this.subscriptions.keys()) if (!sub.acked.has(name)) return false;
+    }
+    return true;
+  }
+
+  private release(): void {
+    if (this.waiters.length > 0 && this.isSettled()) [...this.waiters].forEach((done) => done());
+  }
+
+  private open(node: MasterNode | null): Subscriber {
+    const connection = this.deps.connect(node);
+    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set() };
+    connection.on('error', () => undefined);
+    connection.on('close', () => {
+      sub.configured = false;
+      sub.subscribed.clear();
+      sub.acked.clear();
+    });
+    connection.on('ready', async () => {
+      await this.configure(sub);
+      sub.configured = true;
+      await this.resubscribe(sub);
+    });
+    connection.on('pmessageBuffer', (pattern: Buffer, channel: Buffer, event: Buffer) => {
+      const subscription = this.subscriptions.get(pattern.toString());
+      const key = channel.subarray(Buffer.byteLength(this.keyspace));
+      if (subscription) this.deliver(subscription, KINDS[event.toString()], key);
+    });
+    connection.on('messageBuffer', (channel: Buffer, key: Buffer) => {
+      const name = channel.toString();
+      const subscription = this.subscriptions.get(name);
+      if (subscription) this.deliver(subscription, KINDS[name.slice(this.keyevent.length)], key);
+    });
+    return sub;
+  }
+
+  /** Adds the notification flags we need to the node's configuration (before subscribing). */
+  private async configure(sub: Subscriber): Promise<void> {
+    try {
+      const [, current = ''] = (await sub.connection.config('GET', 'notify-keyspace-events')) as string[];
+      const flags = new Set(current.split(''));
+      const has = (flag: string) => flags.has(flag) || (flag !== 'K' && flag !== 'E' && flags.has('A'));
+      const missing = REQUIRED_FLAGS.filter((flag) => !has(flag));
+      if (missing.length > 0) await sub.connection.config('SET', 'notify-keyspace-events', current + missing.join(''));
+    } catch (err) {
+      if (!this.warnedConfig) {
+        this.warnedConfig = true;
+        this.deps.warn(
+          { err: (err as Error).message },
+          `cannot set notify-keyspace-events; set it to include ${REQUIRED_FLAGS.join('')} on every master for Watch`,
+        );
+      }
+    }
+  }
+
+  private async resubscribe(sub: Subscriber): Promise<void> {
+    if (!sub.configured || sub.connection.status !== 'ready') return;
+    const add = [...this.subscriptions].filter(([name]) => !sub.subscribed.has(name)).map(([name, s]) => [name, s.type] as const);
+    const remove = [...sub.subscribed].filter(([name]) => !this.subscriptions.has(name));
+    add.forEach(([name, type]) => sub.subscribed.set(name, type));
+    remove.forEach(([name]) => {
+      sub.subscribed.delete(name);
+      sub.acked.delete(name);
+    });
+    const names = (list: ReadonlyArray<readonly [string, Subscription['type']]>, type: Subscription['type']) =>
+      list.filter(([, t]) => t === type).map(([name]) => name);
+    try {
+      const [patterns, channels] = [names(add, 'pattern'), names(add, 'channel')];
+      if (patterns.length > 0) await sub.connection.psubscribe(...patterns);
+      if (channels.length > 0) await sub.connection.subscribe(...channels);
+      add.forEach(([name]) => sub.subscribed.has(name) && sub.acked.add(name));
+      const [oldPatterns, oldChannels] = [names(remove, 'pattern'), names(remove, 'channel')];
+      if (oldPatterns.length > 0) await sub.connection.punsubscribe(...oldPatterns);
+      if (oldChannels.length > 0) await sub.connection.unsubscribe(...oldChannels);
+    } catch {
+      add.forEach(([name]) => sub.subscribed.delete(name));
+    }
+    this.release();
+  }
+
+  /** Turns one notification (a key with our prefix, as bytes) into events for the subscription's listeners. */
+  private deliver(subscription: Subscription, kind: ChangeKind | undefined, redisKey: Buffer): void {
+    if (!kind || !redisKey.subarray(0, this.keyPrefix.length).equals(this.keyPrefix)) return;
+    const key = redisKey.subarray(this.keyPrefix.length).toString('utf8');
+    const listeners = [...subscription.listeners].filter((l) => key.startsWith(l.prefix));
+    if (listeners.length === 0) return;
+    const base: ChangeEvent = { kind, key, version: 0, value: EMPTY, expiresAtMs: 0 };
+    let ready: Promise<ChangeEvent> = Promise.resolve(base);
+    if (kind === 'put' && this.pendingReads < MAX_PENDING_READS) {
+      this.pendingReads += 1;
+      ready = this.deps
+        .read(key)
+        .then((entry) => (entry ? { ...base, version: entry.version, value: entry.value, expiresAtMs: entry.expiresAtMs } : base))
+        .catch(() => base)
+        .finally(() => (this.pendingReads -= 1));
+    }
+    // Read-backs run in parallel; events are delivered in the order they arrived.
+    this.delivery = this.delivery.then(async () => {
+      const event = await ready;
+      for (const listener of listeners) {
+        try {
+          listener.onEvent(event);
+        } catch (err) {
+          this.deps.warn({ err: (err as Error).message }, 'a watch listener threw');
+        }
+      }
+    });
+  }
+}
+
+/** Escapes Redis glob characters so a prefix matches only itself. */
+export function escapeGlob(text: string): string {
+  return text.replace(/[\\*?[\]]/g, '\\$&');
+}

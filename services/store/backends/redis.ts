@@ -1,0 +1,425 @@
+import calculateSlot from 'cluster-key-slot';
+import { Cluster, Redis, type RedisOptions } from 'ioredis';
+import {
+  type Backend,
+  type BackendOp,
+  type BackendResult,
+  type ChangeEvent,
+  type ListOptions,
+  type StoredEntry,
+  StoreError,
+  type WatchOptions,
+} from './backend';
+import { KeyWindow } from './key-window';
+import { DELETE, READ, WRITE } from './redis-scripts';
+import { escapeGlob, KeyspaceWatch } from './redis-watch';
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+export interface RedisBackendOptions {
+  /**
+   * redis:// or rediss:// (TLS) URL. Single mode: the server. Every mode: the user, password, TLS
+   * and database (a cluster has only database 0) taken from it.
+   */
+  url: string;
+  /** Cluster mode when non-empty: seed nodes; the others are discovered. */
+  clusterNodes: readonly HostPort[];
+  /** Sentinel mode when non-empty: the Sentinels that know `sentinelMaster`. */
+  sentinels: readonly HostPort[];
+  sentinelMaster: string;
+  /** Prepended to every key in Redis, so the store can share a Redis with other data. */
+  keyPrefix: string;
+  /** No Redis command waits longer than this; a call past it fails as unavailable. */
+  commandTimeoutMs: number;
+  /** Keys held in memory per SCAN pass of a List (see list()). */
+  listWindow: number;
+  log?: { info(detail: object, message: string): void; warn(detail: object, message: string): void };
+}
+
+/** A reply of the pipeline or of a single command: [error, result]. */
+type Reply = [Error | null, unknown];
+
+interface ScriptCommands {
+  sessionReadBuffer(key: string, refreshTtlMs: number, withValue: '0' | '1'): Promise<Buffer[] | null>;
+  sessionWriteBuffer(key: string, value: Buffer, ttlMs: number, expected: string): Promise<Buffer[]>;
+  sessionDeleteBuffer(key: string, expected: string): Promise<Buffer[]>;
+}
+
+type Client = Redis | Cluster;
+
+/** Reply errors that mean "not now" (failover, loading, resharding, memory): retrying later is safe. */
+const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED)\b/;
+const SCAN_COUNT = 1000;
+const READ_PAGE = 500;
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * The backend for Redis: one server, a Sentinel-managed master, or a Redis Cluster (ioredis).
+ *
+ * - One Redis key per entry (a hash, see redis-scripts.ts) with the key's own expiry; get, put
+ *   and delete are Lua scripts on one key each, so versions and compare-and-set are atomic on the
+ *   server and work in a cluster.
+ * - batch() sends its operations as one pipeline (in a cluster: one pipeline per master, built
+ *   from the slot map); operations on one key keep their order.
+ * - list() turns SCAN (unordered, may repeat keys) into an ordered, duplicate-free stream with
+ *   bounded memory: each pass scans every master and keeps the `listWindow` smallest keys after
+ *   the resume point, then reads and yields them; the next pass starts after the last of them.
+ *   A listing of N keys costs about N / listWindow passes over the keyspace.
+ * - Failing fast: no offline queue, no resending after a reconnect, every command bounded by
+ *   commandTimeoutMs; any connection or failover error is StoreError('unavailable').
+ */
+export class RedisBackend implements Backend {
+  readonly name = 'redis';
+  private readonly client: Client;
+  private readonly cluster: Cluster | undefined;
+  private readonly watcher: KeyspaceWatch;
+  private readonly prefixBytes: number;
+  private readonly firstReady: Promise<void>;
+  private everReady = false;
+  private connected = false;
+  private closed = false;
+
+  constructor(private readonly options: RedisBackendOptions) {
+    if (options.clusterNodes.length > 0 && options.sentinels.length > 0) {
+      throw new Error('choose either cluster nodes or sentinels, not both');
+    }
+    this.prefixBytes = Buffer.byteLength(options.keyPrefix);
+    const url = new URL(options.url);
+    const db = Number(url.pathname.slice(1) || '0');
+    const auth: RedisOptions = {
+      username: decodeURIComponent(url.username) || undefined,
+      password: decodeURIComponent(url.password) || undefined,
+      tls: url.protocol === 'rediss:' ? {} : undefined,
+    };
+    const failFast: RedisOptions = {
+      ...auth,
+      commandTimeout: options.commandTimeoutMs,
+      connectTimeout: Math.max(options.commandTimeoutMs, 1000),
+      maxRetriesPerRequest: 0,
+      autoResendUnfulfilledCommands: false,
+    };
+    const reconnect = (attempt: number) => Math.min(50 * attempt, 1000);
+
+    if (options.clusterNodes.length > 0) {
+      this.cluster = new Cluster([...options.clusterNodes], {
+        redisOptions: failFast,
+        enableOfflineQueue: false,
+        clusterRetryStrategy: reconnect,
+        slotsRefreshTimeout: Math.max(options.commandTimeoutMs, 1000),
+        scaleReads: 'master',
+      });
+      this.client = this.cluster;
+      this.cluster.on('node error', () => undefined);
+    } else {
+      const where: RedisOptions =
+        options.sentinels.length > 0
+          ? { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true }
+          : { host: url.hostname || '127.0.0.1', port: Number(url.port || 6379) };
+      this.client = new Redis({
+        ...failFast,
+        ...where,
+        db,
+        enableOfflineQueue: false,
+        retryStrategy: reconnect,
+        // A master demoted by a failover answers READONLY: reconnect (via the Sentinels) to the new one.
+        reconnectOnError: (err) => err.message.startsWith('READONLY'),
+      });
+    }
+    this.client.defineCommand('sessionRead', { numberOfKeys: 1, lua: READ });
+    this.client.defineCommand('sessionWrite', { numberOfKeys: 1, lua: WRITE });
+    this.client.defineCommand('sessionDelete', { numberOfKeys: 1, lua: DELETE });
+
+    this.firstReady = new Promise((resolve) => this.client.once('ready', () => resolve()));
+    this.client.on('error', () => undefined);
+    this.client.on('ready', () => {
+      this.everReady = true;
+      if (!this.connected) options.log?.info({ mode: this.mode }, 'redis ready');
+      this.connected = true;
+      this.syncWatch();
+    });
+    this.client.on('close', () => {
+      if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
+      this.connected = false;
+    });
+    this.cluster?.on('refresh', () => this.syncWatch());
+
+    this.watcher = new KeyspaceWatch({
+      keyPrefix: options.keyPrefix,
+      db: this.cluster ? 0 : db,
+      masters: () => (this.cluster ? this.cluster.nodes('master').map((n) => ({ host: n.options.host!, port: n.options.port! })) : [null]),
+      connect: (node) => {
+        const subscriberOptions: RedisOptions = { autoResubscribe: false, maxRetriesPerRequest: null, retryStrategy: reconnect, enableOfflineQueue: true };
+        if (node) return new Redis({ ...auth, ...subscriberOptions, host: node.host, port: node.port });
+        return (this.client as Redis).duplicate(subscriberOptions);
+      },
+      read: async (key) => {
+        const [reply] = await this.run([{ kind: 'get', key, refreshTtlMs: 0 }]);
+        return reply[0] ? null : this.toEntry(key, reply[1], true);
+      },
+      warn: (detail, message) => options.log?.warn(detail, message),
+      settleMs: options.commandTimeoutMs,
+    });
+  }
+
+  /** 'single', 'sentinel' or 'cluster'. */
+  get mode(): 'single' | 'sentinel' | 'cluster' {
+    if (this.cluster) return 'cluster';
+    return this.options.sentinels.length > 0 ? 'sentinel' : 'single';
+  }
+
+  async batch(ops: readonly BackendOp[]): Promise<BackendResult[]> {
+    try {
+      await this.ready();
+      // A write sent after watch() returned must reach the new watcher: wait for its subscription.
+      await this.watcher.settled();
+    } catch (err) {
+      const error = toStoreError(err);
+      return ops.map(() => ({ ok: false, error }));
+    }
+    const replies = await this.run(ops);
+    return replies.map(([err, reply], i) => {
+      if (err) return { ok: false, error: toStoreError(err) };
+      return this.toResult(ops[i], reply);
+    });
+  }
+
+  async *list(options: ListOptions): AsyncIterable<StoredEntry> {
+    await this.ready();
+    const pattern = `${escapeGlob(this.options.keyPrefix + options.prefix)}*`;
+    let after = Buffer.from(this.options.keyPrefix + options.startAfter).toString('latin1');
+    let remaining = options.limit > 0 ? options.limit : Infinity;
+    while (remaining > 0) {
+      // Keys as latin1 renderings of their bytes: string order is then byte order, as in SQLite.
+      const window = new KeyWindow(Math.min(this.options.listWindow, remaining));
+      const floor = after;
+      await this.scan(pattern, (key) => {
+        const rendered = key.toString('latin1');
+        if (rendered > floor) window.offer(rendered);
+      });
+      const full = window.full;
+      const keys = window.drain().map((k) => Buffer.from(k, 'latin1').subarray(this.prefixBytes).toString('utf8'));
+      for (let i = 0; i < keys.length; i += READ_PAGE) {
+        const page = keys.slice(i, i + READ_PAGE);
+        const replies = await this.run(page.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), !options.keysOnly);
+        for (let j = 0; j < page.length; j += 1) {
+          const [err, reply] = replies[j];
+          if (err) throw toStoreError(err);
+          const entry = this.toEntry(page[j], reply, !options.keysOnly);
+          if (!entry) continue; // deleted or expired since the scan
+          yield entry;
+          remaining -= 1;
+          if (remaining <= 0) return;
+        }
+      }
+      if (!full || keys.length === 0) return;
+      after = Buffer.from(this.options.keyPrefix + keys[keys.length - 1]).toString('latin1');
+    }
+  }
+
+  watch(prefix: string, onEvent: (event: ChangeEvent) => void, options: WatchOptions = {}): () => void {
+    const expireOnly = options.kinds !== undefined && options.kinds.every((kind) => kind === 'expire');
+    return this.watcher.add(prefix, onEvent, expireOnly);
+  }
+
+  async ping(): Promise<void> {
+    try {
+      await this.ready();
+      if (!this.cluster) {
+        await (this.client as Redis).ping();
+        return;
+      }
+      if (this.cluster.status !== 'ready') throw new StoreError('unavailable', `redis cluster: ${this.cluster.status}`);
+      const masters = this.cluster.nodes('master');
+      if (masters.length === 0) throw new StoreError('unavailable', 'redis cluster: no master known');
+      await Promise.all(
+        masters.map(async (node) => {
+          const info = await node.cluster('INFO');
+          if (!/cluster_state:ok/.test(String(info))) throw new StoreError('unavailable', 'redis cluster: cluster_state is not ok');
+        }),
+      );
+    } catch (err) {
+      throw toStoreError(err);
+    }
+  }
+
+  /** Live entries with the key prefix: one SCAN pass over every master (SCAN skips expired keys). */
+  async countLive(): Promise<number> {
+    if (this.closed) return 0;
+    let count = 0;
+    await this.scan(`${escapeGlob(this.options.keyPrefix)}*`, () => (count += 1));
+    return count;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.watcher.close();
+    try {
+      await this.client.quit();
+    } catch {
+      this.client.disconnect();
+    }
+  }
+
+  /** Resolves when commands can be sent; at start-up it waits (bounded) for the first connection. */
+  private async ready(): Promise<void> {
+    if (this.closed) throw new StoreError('unavailable', 'the store is closing');
+    if (this.client.status === 'ready') return;
+    if (!this.everReady) {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.options.commandTimeoutMs)));
+      await Promise.race([this.firstReady, timeout]);
+      clearTimeout(timer);
+      if ((this.client.status as string) === 'ready') return;
+    }
+    throw new StoreError('unavailable', `redis is not connected (${this.client.status})`);
+  }
+
+  private redisKey(key: string): string {
+    return this.options.keyPrefix + key;
+  }
+
+  /** Runs the operations and answers [error, reply] for each, in order. */
+  private async run(ops: readonly BackendOp[], withValue = true): Promise<Reply[]> {
+    if (!this.cluster) return this.pipeline(this.client, ops, withValue);
+    // One pipeline per master. Operations on one key share a slot, hence a pipeline, in order.
+    const groups = new Map<string, number[]>();
+    ops.forEach((op, i) => {
+      const slot = calculateSlot(this.redisKey(op.key));
+      const group = this.cluster!.slots[slot]?.join(',') ?? `slot ${slot}`;
+      const members = groups.get(group);
+      if (members) members.push(i);
+      else groups.set(group, [i]);
+    });
+    const replies: Reply[] = new Array(ops.length);
+    await Promise.all(
+      [...groups.values()].map(async (members) => {
+        const answers = await this.pipeline(this.cluster!, members.map((i) => ops[i]), withValue);
+        members.forEach((i, j) => (replies[i] = answers[j]));
+      }),
+    );
+    // A slot that moved since the slot map was read sent MOVED/ASK and ran nothing: run those
+    // operations again one by one, in order, through the cluster's routing, which follows redirects.
+    for (let i = 0; i < ops.length; i += 1) {
+      if (!isRedirect(replies[i][0])) continue;
+      replies[i] = await this.single(ops[i], withValue).then(
+        (reply): Reply => [null, reply],
+        (err: Error): Reply => [err, null],
+      );
+    }
+    return replies;
+  }
+
+  private async pipeline(client: Client, ops: readonly BackendOp[], withValue: boolean): Promise<Reply[]> {
+    const pipeline = client.pipeline();
+    const scripts = pipeline as unknown as ScriptCommands;
+    for (const op of ops) void this.send(scripts, op, withValue);
+    try {
+      const replies = (await pipeline.exec()) as Reply[] | null;
+      if (replies && replies.length === ops.length) return replies;
+      throw new Error('redis: the pipeline answered no replies');
+    } catch (err) {
+      return ops.map((): Reply => [err as Error, null]);
+    }
+  }
+
+  private single(op: BackendOp, withValue: boolean): Promise<unknown> {
+    return this.send(this.client as unknown as ScriptCommands, op, withValue);
+  }
+
+  private send(target: ScriptCommands, op: BackendOp, withValue: boolean): Promise<unknown> {
+    const key = this.redisKey(op.key);
+    switch (op.kind) {
+      case 'get':
+        return target.sessionReadBuffer(key, op.refreshTtlMs, withValue ? '1' : '0');
+      case 'put':
+        return target.sessionWriteBuffer(key, op.value, op.ttlMs, op.expectedVersion === undefined ? '' : String(op.expectedVersion));
+      case 'delete':
+        return target.sessionDeleteBuffer(key, op.expectedVersion === undefined ? '' : String(op.expectedVersion));
+    }
+  }
+
+  private toResult(op: BackendOp, reply: unknown): BackendResult {
+    switch (op.kind) {
+      case 'get':
+        return { ok: true, value: this.toEntry(op.key, reply, true) };
+      case 'put': {
+        const [status, version, expiresAt, createdAt] = (reply as Buffer[]).map(String);
+        if (status === 'conflict') return conflict(op.expectedVersion!, Number(version));
+        const entry: StoredEntry = {
+          key: op.key,
+          value: op.value,
+          version: Number(version),
+          expiresAtMs: Number(expiresAt),
+          createdAtMs: Number(createdAt),
+        };
+        return { ok: true, value: entry };
+      }
+      case 'delete': {
+        const [status, version] = (reply as Buffer[]).map(String);
+        if (status === 'conflict') return conflict(op.expectedVersion!, Number(version));
+        return { ok: true, value: version !== '0' };
+      }
+    }
+  }
+
+  private toEntry(key: string, reply: unknown, withValue: boolean): StoredEntry | null {
+    if (!reply) return null;
+    const [value, version, expiresAt, createdAt] = reply as Buffer[];
+    return {
+      key,
+      value: withValue ? value : EMPTY,
+      version: Number(version.toString()),
+      expiresAtMs: Number(expiresAt.toString()),
+      createdAtMs: Number(createdAt.toString()),
+    };
+  }
+
+  /** Calls onKey for every key matching the pattern on every master (a key may come twice). */
+  private async scan(pattern: string, onKey: (key: Buffer) => void): Promise<void> {
+    const nodes = this.cluster ? this.cluster.nodes('master') : [this.client as Redis];
+    try {
+      await Promise.all(
+        nodes.map(async (node) => {
+          let cursor = '0';
+          do {
+            if (this.closed) throw new StoreError('unavailable', 'the store is closing');
+            const [next, keys] = await node.scanBuffer(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT);
+            cursor = next.toString();
+            for (const key of keys) onKey(key);
+          } while (cursor !== '0');
+        }),
+      );
+    } catch (err) {
+      throw toStoreError(err);
+    }
+  }
+
+  private syncWatch(): void {
+    if (!this.closed) this.watcher.sync();
+  }
+}
+
+function isRedirect(err: Error | null): boolean {
+  return err !== null && /^(MOVED|ASK) /.test(err.message);
+}
+
+/**
+ * Connection, timeout and failover errors become StoreError('unavailable'); any other reply error
+ * is a bug (a wrong script, a foreign key of another type under our prefix) and stays as it is.
+ */
+function toStoreError(err: unknown): StoreError {
+  if (err instanceof StoreError) return err;
+  const error = err as Error;
+  if (error.name === 'ReplyError' && !TRANSIENT.test(error.message)) throw error;
+  return new StoreError('unavailable', `redis: ${error.message}`);
+}
+
+function conflict(expected: number, actual: number): BackendResult {
+  const detail = actual === 0 ? 'the key does not exist' : `the current version is ${actual}`;
+  const wanted = expected === 0 ? 'the key must not exist yet' : `expected version ${expected}`;
+  return { ok: false, error: new StoreError('conflict', `version mismatch for this key: ${wanted}, but ${detail}`) };
+}

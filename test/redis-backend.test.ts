@@ -1,0 +1,172 @@
+import assert from 'node:assert/strict';
+import type { Backend, BackendOp, ChangeEvent, StoredEntry } from '../services/store/backends/backend';
+import { KeyWindow } from '../services/store/backends/key-window';
+import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
+import { SqliteBackend } from '../services/store/backends/sqlite';
+import { describeBackendContract } from './backend-contract';
+import { tempDir } from './helpers/procs';
+import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster, startRedisServer } from './helpers/redis';
+
+let run = 0;
+
+/** Options for a backend on its own key prefix; the Redis behind it is emptied after each test. */
+function backendOptions(overrides: Partial<RedisBackendOptions>): RedisBackendOptions {
+  run += 1;
+  return {
+    url: 'redis://127.0.0.1:6379',
+    clusterNodes: [],
+    sentinels: [],
+    sentinelMaster: 'mymaster',
+    keyPrefix: `contract${run}:`,
+    commandTimeoutMs: 2000,
+    listWindow: 300,
+    ...overrides,
+  };
+}
+
+async function flush(ports: number[]): Promise<void> {
+  await Promise.all(ports.map((port) => redisCommand(port, 'FLUSHALL')));
+}
+
+const put = (key: string): BackendOp => ({ kind: 'put', key, value: Buffer.from(key), ttlMs: 60_000 });
+
+async function keys(backend: Backend, prefix: string, startAfter = ''): Promise<string[]> {
+  const out: string[] = [];
+  for await (const entry of backend.list({ prefix, startAfter, limit: 0, keysOnly: true })) out.push((entry as StoredEntry).key);
+  return out;
+}
+
+/** What only a Redis backend can get wrong: glob characters in prefixes, UTF-16 vs byte order. */
+function describeRedisSpecifics(create: (overrides?: Partial<RedisBackendOptions>) => RedisBackend, ports: () => number[]): void {
+  let backend: RedisBackend;
+  beforeEach(() => (backend = create()));
+  afterEach(async () => backend.close());
+
+  it('list and watch take glob characters in the prefix literally', async () => {
+    const seen: string[] = [];
+    const stop = backend.watch('a*[b]?', (e: ChangeEvent) => seen.push(e.key));
+    try {
+      await backend.batch(['a*[b]?1', 'a*[b]?2', 'aX[b]?1', 'a*b?1', 'a*[b]x1', 'a\\*[b]?1'].map(put));
+      await backend.batch([put('a*[b]?3')]);
+      assert.deepEqual(await keys(backend, 'a*[b]?'), ['a*[b]?1', 'a*[b]?2', 'a*[b]?3']);
+      const deadline = Date.now() + 5000;
+      while (seen.length < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(seen.sort(), ['a*[b]?1', 'a*[b]?2', 'a*[b]?3'], 'events of keys on different masters come in any order');
+    } finally {
+      stop();
+    }
+  });
+
+  it('a watcher of expiries only gets the expiries of its prefix over keyevent channels (no pattern, so no message per write)', async () => {
+    const seen: string[] = [];
+    const stop = backend.watch('e:', (e: ChangeEvent) => seen.push(`${e.kind} ${e.key}`), { kinds: ['expire'] });
+    try {
+      await backend.batch([put('e:kept'), { kind: 'put', key: 'e:short', value: Buffer.from('x'), ttlMs: 50 }, { kind: 'put', key: 'other', value: Buffer.from('x'), ttlMs: 50 }]);
+      await backend.batch([{ kind: 'delete', key: 'e:kept' }]);
+      for (const port of ports()) assert.equal(await redisCommand(port, 'PUBSUB', 'NUMPAT'), '0');
+      const deadline = Date.now() + 10_000;
+      while (!seen.includes('expire e:short') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(seen, ['expire e:short']);
+    } finally {
+      stop();
+    }
+  });
+
+  it('list orders keys by their UTF-8 bytes exactly as SQLite does (not by UTF-16 code units), also when resuming', async () => {
+    const tricky = ['u:\u{1F600}', 'u:\uFF61', 'u:z', 'u:\u00E9', 'u:\uE000', 'u:A', 'u:\u{10000}', 'u:\uFFFF'];
+    const tmp = tempDir();
+    const sqlite = new SqliteBackend({ dataDir: tmp.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 2000 });
+    try {
+      await sqlite.batch(tricky.map(put));
+      await backend.batch(tricky.map(put));
+      const expected = await keys(sqlite, 'u:');
+      assert.deepEqual(await keys(backend, 'u:'), expected);
+      assert.deepEqual(await keys(backend, 'u:', 'u:\uFF61'), await keys(sqlite, 'u:', 'u:\uFF61'));
+      assert.notDeepEqual(expected, [...tricky].sort(), 'the sample really differs between the two orders');
+    } finally {
+      await sqlite.close();
+      tmp.remove();
+    }
+  });
+
+  it('list with a window of 2 keys still streams 25 keys in order, each once', async () => {
+    const small = create({ listWindow: 2 });
+    try {
+      const expected = Array.from({ length: 25 }, (_, i) => `w:${String(i).padStart(2, '0')}`);
+      await small.batch([...expected].reverse().map(put));
+      assert.deepEqual(await keys(small, 'w:'), expected);
+    } finally {
+      await small.close();
+    }
+  });
+}
+
+describe('KeyWindow: the smallest distinct keys of an unordered stream with repeats', () => {
+  it('keeps exactly the `capacity` smallest distinct items and drains them in order', () => {
+    const items = Array.from({ length: 2000 }, (_, i) => `k${String((i * 7919) % 500).padStart(4, '0')}`);
+    const window = new KeyWindow(50);
+    for (const item of items) window.offer(item);
+    assert.equal(window.full, true);
+    assert.deepEqual(window.drain(), [...new Set(items)].sort().slice(0, 50));
+    assert.equal(window.size, 0);
+  });
+
+  it('is not full when fewer distinct items than its capacity were offered', () => {
+    const window = new KeyWindow(10);
+    for (const item of ['b', 'a', 'b', 'a', 'c']) window.offer(item);
+    assert.equal(window.full, false);
+    assert.deepEqual(window.drain(), ['a', 'b', 'c']);
+  });
+});
+
+describe('Redis backend on a single redis-server', function () {
+  let server: RedisServer | undefined;
+  before(async function () {
+    requireRedis(this);
+    server = await startRedisServer();
+  });
+  after(async () => server?.stop());
+
+  describe('Redis specifics (single server)', () =>
+    describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides })), () => [server!.port]),
+  );
+
+  describeBackendContract('redis (single server)', async () => {
+    const backend = new RedisBackend(backendOptions({ url: server!.url }));
+    return {
+      backend,
+      close: async () => {
+        await backend.close();
+        await flush([server!.port]);
+      },
+    };
+  });
+});
+
+describe('Redis backend on a 3-master Redis Cluster', function () {
+  let cluster: RedisClusterProcs | undefined;
+  before(async function () {
+    requireRedis(this);
+    cluster = await startRedisCluster(3);
+  });
+  after(async () => cluster?.stop());
+
+  describe('Redis specifics (cluster)', () =>
+    describeRedisSpecifics((overrides) =>
+      new RedisBackend(backendOptions({ clusterNodes: cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port })), ...overrides })),
+      () => cluster!.masters.map((m) => m.port),
+    ),
+  );
+
+  describeBackendContract('redis cluster (3 masters)', async () => {
+    const seeds = cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port }));
+    const backend = new RedisBackend(backendOptions({ clusterNodes: seeds }));
+    return {
+      backend,
+      close: async () => {
+        await backend.close();
+        await flush(cluster!.masters.map((m) => m.port));
+      },
+    };
+  });
+});

@@ -1,0 +1,100 @@
+import assert from 'node:assert/strict';
+import { status } from '@grpc/grpc-js';
+import { createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
+import { checkHealth, waitForHealth } from './helpers/health';
+import { type Proc, startStore, tempDir } from './helpers/procs';
+import { freePort, type RedisServer, requireRedis, startRedisServer } from './helpers/redis';
+
+const isUnavailable = (err: StoreClientError) => err.code === status.UNAVAILABLE;
+
+describe('SessionStore on Redis (real store process, real redis-server): outage, recovery and settings', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let redis: RedisServer | undefined;
+  let store: Proc | undefined;
+  let client: StoreClient | undefined;
+
+  before(function () {
+    requireRedis(this);
+    tmp = tempDir();
+  });
+  afterEach(async () => {
+    client?.close();
+    await store?.stop();
+    await redis?.stop();
+    client = undefined;
+    store = undefined;
+    redis = undefined;
+  });
+  after(() => tmp?.remove());
+
+  const storeEnv = (url: string) => ({ STORE_BACKEND: 'redis', REDIS_URL: url, REDIS_COMMAND_TIMEOUT_MS: '500' });
+
+  it('Redis stopped: Get, Put and List answer UNAVAILABLE (never INTERNAL) within the timeout and health goes NOT_SERVING; Redis back: SERVING and calls work', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, storeEnv(redis.url));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    await client.put('before', Buffer.from('x'), { ttlMs: 60_000 });
+    assert.equal(await checkHealth(store.port), 'SERVING');
+
+    await redis.stop('SIGKILL');
+    const started = Date.now();
+    await assert.rejects(client.get('before'), isUnavailable);
+    await assert.rejects(client.put('during', Buffer.from('x'), { ttlMs: 60_000 }), isUnavailable);
+    await assert.rejects(
+      (async () => {
+        for await (const entry of client!.list()) void entry;
+      })(),
+      isUnavailable,
+    );
+    assert.ok(Date.now() - started < 2000, `answered in ${Date.now() - started} ms`);
+    await waitForHealth(store.port, 'NOT_SERVING', 5000);
+
+    await redis.start();
+    await waitForHealth(store.port, 'SERVING', 10_000);
+    const written = await client.put('after', Buffer.from('y'), { ttlMs: 60_000 });
+    assert.equal((await client.get('after'))?.version, written.version);
+  });
+
+  it('Redis hanging (SIGSTOP): calls answer UNAVAILABLE after REDIS_COMMAND_TIMEOUT_MS instead of waiting, health goes NOT_SERVING; thawed: SERVING', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, storeEnv(redis.url));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    await client.put('k', Buffer.from('x'), { ttlMs: 60_000 });
+
+    redis.pause();
+    const started = Date.now();
+    await assert.rejects(client.get('k'), isUnavailable);
+    const elapsed = Date.now() - started;
+    assert.ok(elapsed >= 400 && elapsed < 2500, `answered in ${elapsed} ms`);
+    await waitForHealth(store.port, 'NOT_SERVING', 5000);
+
+    redis.resume();
+    await waitForHealth(store.port, 'SERVING', 10_000);
+    assert.equal((await client.get('k'))?.value.toString(), 'x');
+  });
+
+  for (const [name, env, variable] of [
+    ['REDIS_CLUSTER_NODES not host:port', { REDIS_CLUSTER_NODES: '127.0.0.1' }, /REDIS_CLUSTER_NODES="127.0.0.1": expected host:port/],
+    ['cluster and Sentinel together', { REDIS_CLUSTER_NODES: '127.0.0.1:7001', REDIS_SENTINELS: '127.0.0.1:26379' }, /REDIS_CLUSTER_NODES and REDIS_SENTINELS/],
+    ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX=.*expected no \{ or \}/],
+    ['REDIS_URL not redis://, its value (maybe a password) not shown', { REDIS_URL: 'http://user:s3cret@host' }, /^(?!.*s3cret).*REDIS_URL=\(hidden\): expected redis:\/\//s],
+    ['STORE_BACKEND unknown', { STORE_BACKEND: 'memcached' }, /STORE_BACKEND="memcached": expected one of sqlite, redis/],
+  ] as const) {
+    it(`a bad setting stops the store with a message naming the variable: ${name}`, async () => {
+      await assert.rejects(startStore(tmp.dir, { STORE_BACKEND: 'redis', ...env }), (err: Error) => variable.test(err.message));
+    });
+  }
+
+  it('a store started while Redis is down answers UNAVAILABLE and is NOT_SERVING, then SERVING once Redis is up', async () => {
+    const port = await freePort();
+    store = await startStore(tmp.dir, storeEnv(`redis://127.0.0.1:${port}`));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    assert.equal(await checkHealth(store.port), 'NOT_SERVING');
+    await assert.rejects(client.get('k'), isUnavailable);
+
+    redis = await startRedisServer({ port });
+    await waitForHealth(store.port, 'SERVING', 10_000);
+    await client.put('k', Buffer.from('v'), { ttlMs: 60_000 });
+    assert.equal((await client.get('k'))?.value.toString(), 'v');
+  });
+});

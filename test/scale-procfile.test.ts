@@ -1,0 +1,94 @@
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import path from 'node:path';
+import { CookieJarClient } from './helpers/browser';
+import { root, TEST_KEY, tempDir } from './helpers/procs';
+import { requireRedis } from './helpers/redis';
+
+/** Ports of Procfile.redis from foreman's base: five lines, 100 apart, and the two stores' metrics. */
+const OFFSETS = [0, 100, 200, 300, 400, 4200, 4300];
+
+/** A base port P with every P + offset free. */
+async function freeBasePort(): Promise<number> {
+  for (let attempt = 0; attempt < 50; attempt += 1) {
+    const base = 20_000 + Math.floor(Math.random() * 20_000);
+    const free = await Promise.all(OFFSETS.map((offset) => isFree(base + offset)));
+    if (free.every(Boolean)) return base;
+  }
+  throw new Error('no free set of ports found');
+}
+
+function isFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
+}
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
+}
+
+async function waitForHealthz(jar: CookieJarClient, output: () => string, timeoutMs = 30_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      if ((await jar.get('/healthz')).status === 200) return;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > end) throw new Error(`${jar.base} did not come up under foreman:\n${output()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+describe('Procfile.redis under foreman (nf start -j Procfile.redis)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let child: ChildProcess | undefined;
+  let output = '';
+
+  before(function () {
+    requireRedis(this);
+    tmp = tempDir();
+  });
+  after(async () => {
+    if (child && child.exitCode === null) {
+      child.kill('SIGKILL');
+      await exited(child);
+    }
+    tmp?.remove();
+  });
+
+  it('runs two webs, two stores and redis-server; a cookie jar alternating between the webs keeps its counters; SIGINT stops all five', async () => {
+    const base = await freeBasePort();
+    child = spawn(path.join(root, 'node_modules', '.bin', 'nf'), ['start', '-j', 'Procfile.redis', '-p', String(base)], {
+      cwd: root,
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? tmp.dir, STORE_DATA_DIR: tmp.dir, WEB_DATA_DIR: tmp.dir, SESSION_KEYS: TEST_KEY },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+    const webs = [`http://127.0.0.1:${base}`, `http://127.0.0.1:${base + 100}`];
+    const jar = new CookieJarClient(webs[0]);
+    for (const web of webs) await waitForHealthz(new CookieJarClient(web), () => output);
+    // The stores may still be connecting to redis-server: the first page can be a 503.
+    const end = Date.now() + 15_000;
+    while ((await jar.get('/healthz')).status !== 200 || (await jar.page()).status !== 200) {
+      if (Date.now() > end) throw new Error(`the counter page never answered 200:\n${output}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    jar.cookies.clear();
+    const counts: number[] = [];
+    for (let i = 0; i < 4; i += 1) {
+      jar.base = webs[i % 2];
+      counts.push((await jar.page()).count1);
+    }
+    assert.deepEqual(counts, [0, 1, 2, 3]);
+
+    child.kill('SIGINT');
+    await exited(child);
+    for (const offset of OFFSETS) assert.equal(await isFree(base + offset), true, `port ${base + offset} released`);
+  });
+});
