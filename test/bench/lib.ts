@@ -28,7 +28,7 @@ export async function startRedisServer(): Promise<Stopper & { port: number; vers
     if (Date.now() > deadline || child.exitCode !== null) throw new Error(`redis-server did not start: ${output}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-  const version = /v=([^\s,]+)/.exec(output)?.[1] ?? /Redis version=(\S+)/.exec(output)?.[1] ?? 'unknown';
+  const version = (/v=(\S+)/.exec(output)?.[1] ?? /Redis version=(\S+)/.exec(output)?.[1] ?? 'unknown').replace(/,$/, '');
   return {
     port,
     version,

@@ -9,7 +9,8 @@ import path from 'node:path';
 import { createPipeClient } from '../../services/client/pipe-client';
 import { createStoreClient, type StoreClient } from '../../services/client/store-client';
 import { SqliteBackend } from '../../services/store/backends/sqlite';
-import { type Proc, root, startProcess, startStore, startWeb, tempDir } from '../helpers/procs';
+import Redis from 'ioredis';
+import { logCapture, type Proc, root, startProcess, startStore, startWeb, tempDir } from '../helpers/procs';
 import { barChart, type Measure, measureOps, measurePage, median, medianMeasure, startRedisServer } from './lib';
 
 const smoke = process.argv.includes('--smoke');
@@ -35,6 +36,7 @@ interface Row {
 const log = (s: string) => process.stderr.write(s + '\n');
 
 async function main(): Promise<void> {
+  logCapture.keep = false; // services log at info as in production; the load generator does not parse it
   const cleanups: Array<() => Promise<void> | void> = [];
   const rows: Row[] = [];
   try {
@@ -49,6 +51,11 @@ async function main(): Promise<void> {
     const webEnv = { LOG_LEVEL: 'info' };
     const web = await startWeb(store.port, path.join(tmp.dir, 'web'), { ...webEnv, STORE_TRANSPORT: 'pipe' });
     const webUnary = await startWeb(store.port, path.join(tmp.dir, 'web'), { ...webEnv, STORE_TRANSPORT: 'unary' });
+    const redisUrl = `redis://127.0.0.1:${redis.port}`;
+    const redisStore = await startStore(path.join(tmp.dir, 'redis-store-1'), { STORE_BACKEND: 'redis', REDIS_URL: redisUrl, REDIS_KEY_PREFIX: 'kv:' });
+    const redisStore2 = await startStore(path.join(tmp.dir, 'redis-store-2'), { STORE_BACKEND: 'redis', REDIS_URL: redisUrl, REDIS_KEY_PREFIX: 'kv:' });
+    const webRedis = await startWeb(redisStore.port, path.join(tmp.dir, 'web'), { ...webEnv, STORE_TRANSPORT: 'pipe' });
+    for (const p of [redisStore, redisStore2, webRedis]) cleanups.push(() => void p.stop());
     const peer = await startProcess('dist/test/bench/peer-app.js', { PORT: '0', REDIS_URL: `redis://127.0.0.1:${redis.port}` });
     const bare = await startProcess('dist/test/bench/bare-koa.js', { PORT: '0' });
     const echo = await startProcess('dist/test/bench/echo-server.js', { PORT: '0' });
@@ -58,6 +65,7 @@ async function main(): Promise<void> {
     const pages: Array<[string, Proc]> = [
       ['counter page: ours (SQLite FULL, pipe client)', web],
       ['counter page: express-session + connect-redis', peer],
+      ['counter page: ours (Redis backend, pipe client)', webRedis],
       ['counter page: ours, naive unary Get + Put', webUnary],
       ['bare Koa + nunjucks page, no store', bare],
     ];
@@ -77,14 +85,13 @@ async function main(): Promise<void> {
     const pipe = createPipeClient({ address, deadlineMs: 5000 });
     const unary = createStoreClient({ address, deadlineMs: 5000 });
     const echoClient = createStoreClient({ address: `127.0.0.1:${echo.port}`, deadlineMs: 5000 });
-    const { createClient } = await import('redis');
-    const redisClient = createClient({ url: `redis://127.0.0.1:${redis.port}` });
-    await redisClient.connect();
+    const onRedis = createPipeClient({ address: `127.0.0.1:${redisStore.port}`, deadlineMs: 5000 });
+    const onRedis2 = createPipeClient({ address: `127.0.0.1:${redisStore2.port}`, deadlineMs: 5000 });
+    // ioredis with its defaults (no auto-pipelining): the client connect-redis users typically pair.
+    const redisClient = new Redis(redis.port, '127.0.0.1');
     cleanups.push(() => {
-      pipe.close();
-      unary.close();
-      echoClient.close();
-      return void redisClient.quit();
+      for (const c of [pipe, unary, echoClient, onRedis, onRedis2]) c.close();
+      redisClient.disconnect();
     });
     const getPut = (client: StoreClient, prefix: string) => async (loop: number, i: number) => {
       const key = `${prefix}${loop}`;
@@ -94,13 +101,15 @@ async function main(): Promise<void> {
     const redisGetSet = async (loop: number, i: number) => {
       const key = `bench:${loop}`;
       if (i % 2 === 0) await redisClient.get(key);
-      else await redisClient.set(key, VALUE, { PX: 600_000 });
+      else await redisClient.set(key, VALUE, 'PX', 600_000);
     };
     const storeCases: Array<[string, (loop: number, i: number) => Promise<unknown>]> = [
       ['store Get/Put: ours, pipe client', getPut(pipe, 'ops-')],
       ['store Get/Put: ours, naive grpc-js unary', getPut(unary, 'ops-')],
       ['grpc-js unary echo (no storage)', async () => echoClient.get('x')],
-      ['redis GET/SET (node-redis, redis-server)', redisGetSet],
+      ['redis GET/SET (ioredis, redis-server)', redisGetSet],
+      ['store Get/Put: ours on Redis, 1 store instance', getPut(onRedis, 'ops-')],
+      ['store Get/Put: ours on Redis, 2 store instances', (loop, i) => getPut(loop % 2 ? onRedis2 : onRedis, 'ops-')(loop, i)],
     ];
     const opsRuns = new Map<string, Measure[]>(storeCases.map(([n]) => [n, []]));
     for (let round = 0; round < ROUNDS; round += 1) {
@@ -176,7 +185,9 @@ function report(rows: Row[], redisVersion: string): void {
     ['counter page req/s, ours ÷ express-session + connect-redis', ours.rate / peer.rate, '≥ 3'],
     ['counter page p99, ours ÷ peer (lower is better)', ours.p99 / peer.p99, '≤ 1'],
     ['store Get/Put, pipe client ÷ naive grpc-js unary', by('store Get/Put: ours, pipe').rate / by('store Get/Put: ours, naive').rate, '≥ 5'],
-    ['store Get/Put, pipe client ÷ redis GET/SET', by('store Get/Put: ours, pipe').rate / by('redis GET/SET').rate, '≥ 0.5'],
+    ['store Get/Put, pipe client ÷ ioredis GET/SET', by('store Get/Put: ours, pipe').rate / by('redis GET/SET').rate, '≥ 0.5'],
+    ['counter page req/s, Redis backend ÷ SQLite backend', by('counter page: ours (Redis').rate / ours.rate, '(report)'],
+    ['store Get/Put, 2 ÷ 1 store instances on Redis', by('store Get/Put: ours on Redis, 2').rate / by('store Get/Put: ours on Redis, 1').rate, '(report)'],
     [
       `store Get/Put, ${GROWTH_N.toLocaleString('en-US')} ÷ 1,000 live sessions`,
       by(`store Get/Put, ${GROWTH_N.toLocaleString('en-US')}`).rate / by('store Get/Put, 1,000 live').rate,
@@ -193,7 +204,8 @@ function report(rows: Row[], redisVersion: string): void {
     `express ${pkg('express')}`,
     `express-session ${pkg('express-session')}`,
     `connect-redis ${pkg('connect-redis')}`,
-    `redis (node) ${pkg('redis')}`,
+    `redis (node, peer) ${pkg('redis')}`,
+    `ioredis ${pkg('ioredis')}`,
     `redis-server ${redisVersion}`,
     `autocannon ${pkg('autocannon')}`,
   ];
