@@ -32,7 +32,7 @@ export interface SessionOptions {
    * HTTPS (ctx.secure, which honours X-Forwarded-Proto when app.proxy is set), 'always', or 'never'.
    */
   secure?: 'auto' | 'always' | 'never';
-  /** How many times update() re-reads and re-applies on a version conflict before a SessionConflictError (default 10). */
+  /** How many times update() re-reads and re-applies on a version conflict before a SessionConflictError (default 30: other processes writing the same session can win several rounds). */
   maxUpdateTries?: number;
   /** After regenerate(), how long in ms the old id still leads to the new session (default 10 s). */
   regenerateGraceMs?: number;
@@ -644,7 +644,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     absoluteTtlMs,
     rolling,
     secure,
-    maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 10),
+    maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 30),
     regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs, 10_000),
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
