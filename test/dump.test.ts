@@ -11,6 +11,7 @@ import { type Entry, EntryPage, type ListRequest, SessionStoreService } from '..
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { shortHash } from '../services/shared/log';
 import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { selfSigned } from './helpers/tls';
 
 const dumpBin = path.join(root, 'bin', 'dump');
 
@@ -386,6 +387,56 @@ describe('bin/dump (child process against a real store)', function () {
       const wrong = await runDump([target, '--token', 'wrong'], {}, tmp.dir);
       assert.equal(wrong.code, 1);
     });
+  });
+});
+
+describe('bin/dump against a store serving TLS (self-signed certificate made by the test)', function () {
+  let dir: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let pki: { cert: string; key: string };
+  let stranger: { cert: string; key: string };
+  let address: string;
+
+  before(async () => {
+    dir = tempDir();
+    pki = await selfSigned(dir.dir, 'store');
+    stranger = await selfSigned(dir.dir, 'stranger');
+    store = await startStore(dir.dir, { STORE_TLS_CERT: pki.cert, STORE_TLS_KEY: pki.key });
+    address = `localhost:${store.port}`;
+    const client = createStoreClient({ address, deadlineMs: 3000, tlsCa: readFileSync(pki.cert) });
+    await client.put('tls-1', Buffer.from('over TLS'), { ttlMs: 60_000 });
+    client.close();
+  });
+  after(async () => {
+    await store?.stop();
+    dir?.remove();
+  });
+
+  it('--tls-ca, STORE_TLS_CA or https:// with the CA: lists the entries, exit 0', async () => {
+    const runs = await Promise.all([
+      runDump([address, '--tls-ca', pki.cert], {}, dir.dir),
+      runDump([address], { STORE_TLS_CA: pki.cert }, dir.dir),
+      runDump([`https://${address}`], { STORE_TLS_CA: pki.cert }, dir.dir),
+    ]);
+    for (const run of runs) {
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout, 'tls-1 over TLS\n');
+      assert.equal(run.stderr, '');
+    }
+  });
+
+  it('a CA that did not sign the certificate, or no TLS at all: one line, exit 1', async () => {
+    const [wrongCa, plaintext] = await Promise.all([
+      runDump([address, '--tls-ca', stranger.cert], {}, dir.dir),
+      runDump([address], {}, dir.dir),
+    ]);
+    for (const run of [wrongCa, plaintext]) {
+      assert.equal(run.code, 1);
+      assert.equal(lines(run.stderr).length, 1, run.stderr);
+      assert.match(run.stderr, /^dump: cannot dump the store at localhost:\d+: /);
+    }
+    assert.match(wrongCa.stderr, /TLS handshake failed: self-signed certificate/);
+    assert.match(plaintext.stderr, /if the store uses TLS, pass --tls-ca/);
   });
 });
 

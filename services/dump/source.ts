@@ -163,6 +163,6 @@ function describeUnavailable(details: string, options: SourceOptions): string {
   const ssl = /SSL routines:[^:]*:([^:]+)/.exec(text)?.[1];
   if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out --tls and --tls-ca)';
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
-  const hint = options.tls ? ' (with TLS: does --tls-ca name the CA that signed the store certificate?)' : '';
-  return `unavailable: ${ssl ? `TLS handshake failed: ${ssl}` : lastError}${hint}`;
+  if (options.tls) return `TLS handshake failed: ${ssl ?? lastError} (does --tls-ca name the CA that signed the store certificate?)`;
+  return `unavailable: ${lastError} (if the store uses TLS, pass --tls-ca <file> or --tls)`;
 }
