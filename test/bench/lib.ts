@@ -67,23 +67,18 @@ export async function measurePage(url: string, connections: number, durationS: n
     url,
     connections,
     duration: durationS,
-    requests: [
-      {
-        method: 'GET',
-        path: '/',
-        setupRequest: (req: autocannon.Request, context: Record<string, string>) => {
-          if (context.cookie) req.headers = { ...req.headers, cookie: context.cookie };
-          return req;
-        },
-        onResponse: (_status: number, _body: string, context: Record<string, string>, headers: Record<string, string | string[]>) => {
-          for (const [name, value] of Object.entries(headers)) {
-            if (name.toLowerCase() !== 'set-cookie') continue;
-            const first = Array.isArray(value) ? value[0] : value;
-            context.cookie = first.split(';')[0];
-          }
-        },
-      },
-    ],
+    // Each connection is one browser: it keeps the cookie its first response set. (autocannon's
+    // per-request context is reset after every request of a one-request sequence, so the cookie
+    // is kept on the connection's client instead.)
+    setupClient: (raw: autocannon.Client) => {
+      // The 'headers' event carries the parser's raw [name, value, ...] list (the typings say otherwise).
+      const client = raw as unknown as { on(event: 'headers', cb: (info: { headers: string[] }) => void): void; setHeaders(h: Record<string, string>): void };
+      client.on('headers', (info) => {
+        for (let i = 0; i < info.headers.length; i += 2) {
+          if (info.headers[i].toLowerCase() === 'set-cookie') client.setHeaders({ cookie: info.headers[i + 1].split(';')[0] });
+        }
+      });
+    },
   } as autocannon.Options);
   return {
     rate: result.requests.average,
