@@ -1,31 +1,10 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireProgram } from './helpers/system';
-
-/** A base port P with P and P+100 free (foreman gives the web P and the store P+100). */
-async function freeBasePort(): Promise<number> {
-  for (let attempt = 0; attempt < 50; attempt += 1) {
-    const base = 20_000 + Math.floor(Math.random() * 20_000);
-    if ((await isFree(base)) && (await isFree(base + 100))) return base;
-  }
-  throw new Error('no free port pair found');
-}
-
-function isFree(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const server = createServer();
-    server.once('error', () => resolve(false));
-    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
-  });
-}
-
-function exited(child: ChildProcess): Promise<number | null> {
-  return child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
-}
+import { exited, freeBasePort, isFree } from './helpers/ports';
 
 async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs;
@@ -64,7 +43,7 @@ for (const [name, command, args, program, pkg, signal] of [
     });
 
     it(`starts the web on the base port and the store on base+100; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
-      const base = await freeBasePort();
+      const base = await freeBasePort([0, 100]);
       child = spawn(command, [...args, '-p', String(base)], {
         cwd: root,
         env: {

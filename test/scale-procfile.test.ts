@@ -1,35 +1,13 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireRedis } from './helpers/redis';
+import { exited, freeBasePort, isFree } from './helpers/ports';
 
 /** Ports of Procfile.redis from foreman's base: five lines, 100 apart, and the two stores' metrics. */
 const OFFSETS = [0, 100, 200, 300, 400, 4200, 4300];
-
-/** A base port P with every P + offset free. */
-async function freeBasePort(): Promise<number> {
-  for (let attempt = 0; attempt < 50; attempt += 1) {
-    const base = 20_000 + Math.floor(Math.random() * 20_000);
-    const free = await Promise.all(OFFSETS.map((offset) => isFree(base + offset)));
-    if (free.every(Boolean)) return base;
-  }
-  throw new Error('no free set of ports found');
-}
-
-function isFree(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const server = createServer();
-    server.once('error', () => resolve(false));
-    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
-  });
-}
-
-function exited(child: ChildProcess): Promise<number | null> {
-  return child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
-}
 
 async function waitForHealthz(jar: CookieJarClient, output: () => string, timeoutMs = 30_000): Promise<void> {
   const end = Date.now() + timeoutMs;
@@ -62,7 +40,7 @@ describe('Procfile.redis under foreman (nf start -j Procfile.redis)', function (
   });
 
   it('runs two webs, two stores and redis-server; a cookie jar alternating between the webs keeps its counters; SIGINT stops all five', async () => {
-    const base = await freeBasePort();
+    const base = await freeBasePort(OFFSETS);
     child = spawn(path.join(root, 'node_modules', '.bin', 'nf'), ['start', '-j', 'Procfile.redis', '-p', String(base)], {
       cwd: root,
       env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? tmp.dir, STORE_DATA_DIR: tmp.dir, WEB_DATA_DIR: tmp.dir, SESSION_KEYS: TEST_KEY },
