@@ -13,22 +13,7 @@ import { createStoreReadiness, type ReadinessCheck } from '../services/web/readi
 import { CookieJarClient } from './helpers/browser';
 import { startStore, TEST_KEY, tempDir } from './helpers/procs';
 import { countingStore, memoryLogger, serveApp, startStoreWithClient, waitFor } from './helpers/web-app';
-
-/**
- * Parses Prometheus text exposition; throws on any line that is not a comment, a blank or a sample.
- * Values as Prometheus reads them (Go's ParseFloat: NaN and Inf in any case; prom-client writes "Nan").
- */
-export function parsePrometheus(text: string): Map<string, number> {
-  const samples = new Map<string, number>();
-  const sample = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? ([+-]?(?:\d+(?:\.\d+)?(?:e[+-]?\d+)?|nan|inf))( -?\d+)?$/i;
-  for (const line of text.split('\n')) {
-    if (line === '' || /^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* /.test(line)) continue;
-    const match = sample.exec(line);
-    if (!match) throw new Error(`not Prometheus text: ${JSON.stringify(line)}`);
-    samples.set(`${match[1]}${match[2] ?? ''}`, Number(match[3]));
-  }
-  return samples;
-}
+import { parsePrometheus } from './helpers/prometheus';
 
 describe('web over HTTP (createApp over a real store process)', function () {
   let store: Awaited<ReturnType<typeof startStoreWithClient>>;
