@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import bodyParser from '@koa/bodyparser';
 import Koa from 'koa';
-import helmet from 'koa-helmet';
 import serve from 'koa-static';
 import nunjucks from 'nunjucks';
 import { StoreClientError } from '../client/store-client';
@@ -12,6 +11,7 @@ import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
+import { securityHeaders } from './security-headers';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
@@ -50,7 +50,7 @@ export function createApp(deps: AppDeps): Koa {
   app.use(observeRequests(logger, metrics));
   app.use(errorPages(logger, render));
   app.use(
-    helmet({
+    securityHeaders({
       contentSecurityPolicy: {
         useDefaults: false,
         directives: {
@@ -66,11 +66,15 @@ export function createApp(deps: AppDeps): Koa {
       strictTransportSecurity: false,
     }),
   );
-  const operations = createOperationRoutes({ metrics, readiness: deps.readiness });
-  app.use(operations.routes());
+  // Operations and static files are told apart by path here, once: pages pay no router pass for
+  // them, and only /static/ reaches the file system (pages cost no stat() call).
+  const operations = createOperationRoutes({ metrics, readiness: deps.readiness }).routes() as Koa.Middleware;
   const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
-  // Only /static/ reaches the file system: the pages themselves cost no stat() call.
-  app.use((ctx, next) => (ctx.path.startsWith('/static/') ? assets(ctx, next) : next()));
+  app.use((ctx, next) => {
+    if (OPERATION_PATHS.has(ctx.path)) return operations(ctx, next);
+    if (ctx.path.startsWith('/static/')) return assets(ctx, next);
+    return next();
+  });
   const warnForged = rateLimited(10, 10_000, (ctx: Koa.Context, info: { cookieHash: string }, suppressed: number) =>
     logger.warn({ cookieHash: info.cookieHash, remote: ctx.ip, reqId: ctx.state.requestId, suppressed }, 'suspicious session cookie: signature does not verify'),
   );
@@ -86,7 +90,9 @@ export function createApp(deps: AppDeps): Koa {
       onEvent: (event) => metrics.observeSessionEvent(event),
     }),
   );
-  app.use(bodyParser({ enableTypes: ['form'], formLimit: FORM_LIMIT, encoding: 'utf-8', onError: rejectUnreadableBody }));
+  const parseForm = bodyParser({ enableTypes: ['form'], formLimit: FORM_LIMIT, encoding: 'utf-8', onError: rejectUnreadableBody });
+  // Only the forms' POSTs carry a body; the page's GETs skip the parser altogether.
+  app.use((ctx, next) => (ctx.method === 'POST' ? parseForm(ctx, next) : next()));
   const router = createRoutes(render);
   app.use(router.routes());
   app.use(router.allowedMethods());

@@ -432,6 +432,8 @@ function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+const SETTLED: Promise<unknown> = Promise.resolve();
+
 /** What queued updates of one session hand to each other: the last entry written. */
 export interface Handoff {
   last?: { id: string; version: number; createdAtMs: number; raw: Buffer; remembered?: boolean };
@@ -465,26 +467,29 @@ export class KeyedLock {
 
   run<R>(key: string, fn: (handoff: Handoff) => Promise<R>): Promise<R> {
     let queue = this.queues.get(key);
+    let result: Promise<R>;
     if (!queue) {
+      // Nothing queued for this key (the usual case): start at once, without a hop through a promise.
       const remembered = this.recent.get(key);
-      queue = { tail: Promise.resolve(), handoff: { last: remembered && { ...remembered, remembered: true } } };
+      queue = { tail: SETTLED, handoff: { last: remembered && { ...remembered, remembered: true } } };
       this.queues.set(key, queue);
+      result = fn(queue.handoff);
+    } else {
+      const q = queue;
+      const start = () => fn(q.handoff);
+      result = q.tail.then(start, start);
     }
     const q = queue;
-    const start = () => fn(q.handoff);
-    const result = q.tail.then(start, start);
-    const tail = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    q.tail = tail;
-    void tail.then(() => {
-      if (q.tail !== tail) return;
+    const settled = (): undefined => {
+      if (q.tail !== tail) return undefined;
       this.queues.delete(key);
       this.recent.delete(key);
       const last = q.handoff.last;
       if (last && last.id === key) this.prime(key, { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw });
-    });
+      return undefined;
+    };
+    const tail: Promise<unknown> = result.then(settled, settled);
+    q.tail = tail;
     return result;
   }
 }

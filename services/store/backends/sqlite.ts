@@ -90,6 +90,10 @@ export class SqliteBackend implements Backend {
     // SQLite's default page cache is 2 MiB: with a million sessions nearly every lookup missed it.
     // 64 MiB keeps the B-tree's inner pages (and many leaves) in memory; the OS caches the rest.
     this.db.pragma('cache_size = -65536');
+    // Reads of pages outside that cache come from the OS page cache through a memory map instead
+    // of a read() each: with a million sessions most Gets need such a page (measured: the 1M ÷ 1k
+    // Get/Put ratio went from ~0.6 to ~0.7-0.8). This reserves address space, not memory.
+    this.db.pragma(`mmap_size = ${1024 * 1024 * 1024}`);
     // Bounds the WAL file left on disk after SQLite restarts writing it from the beginning.
     this.db.pragma(`journal_size_limit = ${64 * 1024 * 1024}`);
     migrate(this.db);
