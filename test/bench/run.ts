@@ -11,7 +11,7 @@ import { createStoreClient, type StoreClient } from '../../services/client/store
 import { SqliteBackend } from '../../services/store/backends/sqlite';
 import Redis from 'ioredis';
 import { logCapture, type Proc, root, startProcess, startStore, startWeb, tempDir } from '../helpers/procs';
-import { barChart, type Measure, measureOps, measurePage, median, medianMeasure, startRedisServer } from './lib';
+import { barChart, type Measure, measureOps, measurePage, median, medianMeasure, processCpuUs, startRedisServer } from './lib';
 
 const smoke = process.argv.includes('--smoke');
 const arg = (name: string, fallback: number) => {
@@ -73,8 +73,10 @@ async function main(): Promise<void> {
     for (const [, proc] of pages) await measurePage(`http://127.0.0.1:${proc.port}`, CONNECTIONS, 1); // warm-up
     for (let round = 0; round < ROUNDS; round += 1) {
       for (const [name, proc] of pages) {
+        const cpuBefore = processCpuUs(proc.child.pid);
         const m = await measurePage(`http://127.0.0.1:${proc.port}`, CONNECTIONS, DURATION_S);
-        log(`round ${round + 1}: ${name}: ${Math.round(m.rate)} req/s, p99 ${m.p99} ms, errors ${m.errors}`);
+        m.cpuUs = (processCpuUs(proc.child.pid) - cpuBefore) / (m.rate * DURATION_S);
+        log(`round ${round + 1}: ${name}: ${Math.round(m.rate)} req/s, p99 ${m.p99} ms, errors ${m.errors}, ${Math.round(m.cpuUs)} µs CPU/request`);
         pageRuns.get(name)!.push(m);
       }
     }
@@ -184,6 +186,8 @@ function report(rows: Row[], redisVersion: string): void {
   const ratios: Array<[string, number, string]> = [
     ['counter page req/s, ours ÷ express-session + connect-redis', ours.rate / peer.rate, '≥ 3'],
     ['counter page p99, ours ÷ peer (lower is better)', ours.p99 / peer.p99, '≤ 1'],
+    ['bare Koa page (no session, no store) ÷ peer: the most any Koa page reaches here', by('bare Koa').rate / peer.rate, '(ceiling)'],
+    ['CPU of the page-serving process per page, ours ÷ peer (store and redis-server not counted)', ours.cpuUs! / peer.cpuUs!, '(report)'],
     ['store Get/Put, pipe client ÷ naive grpc-js unary', by('store Get/Put: ours, pipe').rate / by('store Get/Put: ours, naive').rate, '≥ 5'],
     ['store Get/Put, pipe client ÷ ioredis GET/SET', by('store Get/Put: ours, pipe').rate / by('redis GET/SET').rate, '≥ 0.5'],
     ['counter page req/s, Redis backend ÷ SQLite backend', by('counter page: ours (Redis').rate / ours.rate, '(report)'],
@@ -212,9 +216,12 @@ function report(rows: Row[], redisVersion: string): void {
   const lines = [
     `Medians of ${ROUNDS} round(s) of ${DURATION_S} s; ${CONNECTIONS} connections (one session each) for pages, ${IN_FLIGHT} operations in flight for the store.`,
     '',
-    '| system | rate | p50 ms | p99 ms | errors |',
-    '|---|---:|---:|---:|---:|',
-    ...rows.map((r) => `| ${r.name} | ${Math.round(r.m.rate).toLocaleString('en-US')} ${r.unit} | ${r.m.p50.toFixed(2)} | ${r.m.p99.toFixed(2)} | ${r.m.errors} |`),
+    '| system | rate | p50 ms | p99 ms | errors | web process CPU µs per request |',
+    '|---|---:|---:|---:|---:|---:|',
+    ...rows.map(
+      (r) =>
+        `| ${r.name} | ${Math.round(r.m.rate).toLocaleString('en-US')} ${r.unit} | ${r.m.p50.toFixed(2)} | ${r.m.p99.toFixed(2)} | ${r.m.errors} | ${Number.isFinite(r.m.cpuUs) ? Math.round(r.m.cpuUs!) : '–'} |`,
+    ),
     '',
     '| ratio | measured | goal |',
     '|---|---:|---:|',
