@@ -45,7 +45,17 @@ async function main(): Promise<void> {
   logger.info({ host: config.host, port: metricsServer.port, path: '/metrics' }, 'metrics listening');
   const port = await bind(server, `${config.host}:${config.port}`, config);
   logger.info(
-    { host: config.host, port, backend: backend.name, dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous, tls: Boolean(config.tls), auth: Boolean(config.token) },
+    {
+      host: config.host,
+      port,
+      backend: backend.name,
+      // What locates the data: the SQLite directory and its durability, or the Redis topology (never the URL: it may hold a password).
+      ...(config.backend === 'redis'
+        ? { redis: config.redis.clusterNodes.length > 0 ? 'cluster' : config.redis.sentinels.length > 0 ? 'sentinel' : 'single' }
+        : { dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous }),
+      tls: Boolean(config.tls),
+      auth: Boolean(config.token),
+    },
     'listening',
   );
 
