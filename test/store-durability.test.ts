@@ -121,4 +121,27 @@ describe('store durability (real store process, SIGKILL mid-load)', function () 
       tmp.remove();
     }
   });
+  it('countLive counted in the worker thread equals the count made inline, live entries only, and is 0 once closed', async () => {
+    const tmp = tempDir();
+    const options = { dataDir: tmp.dir, synchronous: 'NORMAL' as const, sweepIntervalMs: 0, sweepBatch: 200, maxOpsPerCommit: 100_000 };
+    const backend = new SqliteBackend(options);
+    try {
+      const value = Buffer.from('{}');
+      await backend.batch(Array.from({ length: 50_000 }, (_, i) => ({ kind: 'put' as const, key: `c:${i}`, value, ttlMs: 60_000 })));
+      await backend.batch(Array.from({ length: 100 }, (_, i) => ({ kind: 'put' as const, key: `d:${i}`, value, ttlMs: 1 })));
+      await new Promise((r) => setTimeout(r, 20));
+      // Two counts in flight at once each get their own answer from the worker.
+      assert.deepEqual(await Promise.all([backend.countLive(), backend.countLive()]), [50_000, 50_000]);
+      const inline = new SqliteBackend({ ...options, checkpoint: 'inline' });
+      try {
+        assert.equal(await inline.countLive(), 50_000);
+      } finally {
+        await inline.close();
+      }
+    } finally {
+      await backend.close();
+    }
+    assert.equal(await backend.countLive(), 0);
+    tmp.remove();
+  });
 });

@@ -13,7 +13,7 @@ import {
   StoreError,
   nextVersion,
 } from './backend';
-import type { CheckpointerSettings } from './sqlite-checkpointer';
+import type { CheckpointerSettings, CountAnswer, CountRequest } from './sqlite-checkpointer';
 
 export interface SqliteOptions {
   /** Directory holding sessions.db (created if missing). */
@@ -70,6 +70,9 @@ export class SqliteBackend implements Backend {
   private sweeper: NodeJS.Timeout | undefined;
   private checkpointer: Worker | undefined;
   private catchUp = false;
+  /** countLive() calls the worker is answering. */
+  private readonly counts = new Map<number, (n: number) => void>();
+  private nextCountId = 1;
   private readonly stmt: {
     get: Database.Statement<[string], Row>;
     upsert: Database.Statement<[string, Buffer, number, number, number]>;
@@ -175,8 +178,28 @@ export class SqliteBackend implements Backend {
     }
   }
 
+  /** Counted by the worker thread when there is one (off the request path), else here. */
   async countLive(): Promise<number> {
+    if (this.closed) return 0;
+    const worker = this.checkpointer;
+    if (!worker) return this.countHere();
+    return new Promise((resolve) => {
+      const request: CountRequest = { type: 'count', id: this.nextCountId++, nowMs: Date.now() };
+      this.counts.set(request.id, resolve);
+      worker.postMessage(request);
+    });
+  }
+
+  private countHere(): number {
     return this.closed ? 0 : this.stmt.countLive.get(Date.now())!.n;
+  }
+
+  /** Answers the counts a stopped or failed worker left unanswered. */
+  private answerPendingCounts(): void {
+    for (const [id, resolve] of this.counts) {
+      this.counts.delete(id);
+      resolve(this.countHere());
+    }
   }
 
   async close(): Promise<void> {
@@ -201,14 +224,23 @@ export class SqliteBackend implements Backend {
     this.db.pragma('wal_autocheckpoint = 0');
     this.checkpointer = worker;
     worker.unref();
-    worker.on('message', (message) => {
-      if (message === 'catch-up') this.catchUp = true;
+    worker.on('message', (message: 'catch-up' | CountAnswer) => {
+      if (message === 'catch-up') {
+        this.catchUp = true;
+        return;
+      }
+      const resolve = this.counts.get(message.id);
+      if (!resolve) return;
+      this.counts.delete(message.id);
+      resolve(message.n ?? this.countHere());
     });
     const fallBack = () => {
-      if (this.checkpointer !== worker) return;
-      // Without the worker the WAL would grow for ever: go back to checkpoints on commit.
-      this.checkpointer = undefined;
-      if (!this.closed) this.db.pragma('wal_autocheckpoint = 1000');
+      if (this.checkpointer === worker) {
+        // Without the worker the WAL would grow for ever: go back to checkpoints on commit.
+        this.checkpointer = undefined;
+        if (!this.closed) this.db.pragma('wal_autocheckpoint = 1000');
+      }
+      this.answerPendingCounts();
     };
     worker.once('error', fallBack);
     worker.once('exit', fallBack);
