@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { IdSigner, newSessionId } from '../services/web/signed-id';
-import { RecentMoves, type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
+import { KeyedLock, RecentMoves, type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
 
 const KEY_A = 'key-a-0123456789-0123456789-0123456789';
 const KEY_B = 'key-b-0123456789-0123456789-0123456789';
@@ -108,5 +108,36 @@ describe('recent moves (regenerations known to this process)', () => {
     assert.equal(moves.resolve('x'), 'x');
     await new Promise((resolve) => setTimeout(resolve, 50));
     assert.equal(moves.resolve('a'), 'b');
+  });
+});
+
+describe('per-session lock (updates of one session within a process run one after another)', () => {
+  it('runs tasks of one key in order, never two at once, and tasks of other keys alongside', async () => {
+    const lock = new KeyedLock();
+    const log: string[] = [];
+    let running = 0;
+    const task = (name: string, ms: number) => async () => {
+      running += 1;
+      assert.equal(running <= 2, true);
+      log.push(`start ${name}`);
+      await new Promise((r) => setTimeout(r, ms));
+      log.push(`end ${name}`);
+      running -= 1;
+      return name;
+    };
+    const results = await Promise.all([lock.run('a', task('a1', 20)), lock.run('a', task('a2', 1)), lock.run('b', task('b1', 5))]);
+    assert.deepEqual(results, ['a1', 'a2', 'b1']);
+    assert.ok(log.indexOf('end a1') < log.indexOf('start a2'), log.join(', '));
+    assert.ok(log.indexOf('start b1') < log.indexOf('end a1'), log.join(', '));
+  });
+
+  it('a task that throws, even before returning a promise, fails alone and frees the key for the next', async () => {
+    const lock = new KeyedLock();
+    const thrower = (() => {
+      throw new Error('boom');
+    }) as unknown as () => Promise<string>;
+    await assert.rejects(lock.run('k', thrower), /boom/);
+    await assert.rejects(lock.run('k', () => Promise.reject(new Error('later'))), /later/);
+    assert.equal(await lock.run('k', async () => 'next'), 'next');
   });
 });

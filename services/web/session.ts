@@ -471,11 +471,16 @@ export class KeyedLock {
     if (!queue) {
       // Nothing queued for this key (the usual case): start at once, without a hop through a promise.
       const remembered = this.recent.get(key);
-      // Built field by field: an object spread here showed up as one of the hottest lines of a page.
+      // Built field by field: in a CPU profile of the page the object spread here was among the hottest lines.
       const last = remembered && { id: remembered.id, version: remembered.version, createdAtMs: remembered.createdAtMs, raw: remembered.raw, remembered: true };
       queue = { tail: SETTLED, handoff: { last } };
       this.queues.set(key, queue);
-      result = fn(queue.handoff);
+      try {
+        result = fn(queue.handoff);
+      } catch (err) {
+        // A task that throws before it returns a promise still has to release the queue.
+        result = Promise.reject(err);
+      }
     } else {
       const q = queue;
       const start = () => fn(q.handoff);
