@@ -115,14 +115,15 @@ describe('per-session lock (updates of one session within a process run one afte
   it('runs tasks of one key in order, never two at once, and tasks of other keys alongside', async () => {
     const lock = new KeyedLock();
     const log: string[] = [];
-    let running = 0;
+    const running = new Map<string, number>();
     const task = (name: string, ms: number) => async () => {
-      running += 1;
-      assert.equal(running <= 2, true);
+      const key = name[0];
+      running.set(key, (running.get(key) ?? 0) + 1);
+      assert.equal(running.get(key), 1, `two tasks of key ${key} ran at once`);
       log.push(`start ${name}`);
       await new Promise((r) => setTimeout(r, ms));
       log.push(`end ${name}`);
-      running -= 1;
+      running.set(key, running.get(key)! - 1);
       return name;
     };
     const results = await Promise.all([lock.run('a', task('a1', 20)), lock.run('a', task('a2', 1)), lock.run('b', task('b1', 5))]);

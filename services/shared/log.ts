@@ -9,9 +9,9 @@ export type { Logger };
  *
  * JSON lines are written asynchronously: a line goes out at once when stdout is free, and lines
  * logged while a write is still in flight go out together in the next write(2), instead of one
- * system call per request line (measured: ~7% of the web's CPU per page under load). pino flushes
- * what is pending when the process exits, also after an uncaught error; only a SIGKILL can lose
- * the last few milliseconds of lines.
+ * system call per request line (measured: ~7% of the web's CPU per page under load). pino
+ * registers a synchronous flush of what is pending on process exit; a SIGKILL skips it and can
+ * lose the last few milliseconds of lines.
  */
 export function createLogger(name: string, level: string): Logger {
   const options = { name, level, base: { service: name } };

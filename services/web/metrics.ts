@@ -84,8 +84,9 @@ export class WebMetrics {
     const timed = (method: string) => {
       // The successful series is looked up once, not per call (label hashing on every call shows in profiles).
       const okSeconds = this.storeSeconds.labels({ method, outcome: 'ok' });
-      return <R>(call: Promise<R>, start: bigint): Promise<R> =>
-        call.then(
+      return <R>(call: () => Promise<R>): Promise<R> => {
+        const start = process.hrtime.bigint();
+        return call().then(
           (result) => {
             okSeconds.observe(Number(process.hrtime.bigint() - start) / 1e9);
             return result;
@@ -97,23 +98,15 @@ export class WebMetrics {
             throw err;
           },
         );
+      };
     };
     const get = timed('get');
     const put = timed('put');
     const del = timed('delete');
     return {
-      get: (key, options) => {
-        const start = process.hrtime.bigint();
-        return get(store.get(key, options), start);
-      },
-      put: (key, value, options) => {
-        const start = process.hrtime.bigint();
-        return put(store.put(key, value, options), start);
-      },
-      delete: (key, options) => {
-        const start = process.hrtime.bigint();
-        return del(store.delete(key, options), start);
-      },
+      get: (key, options) => get(() => store.get(key, options)),
+      put: (key, value, options) => put(() => store.put(key, value, options)),
+      delete: (key, options) => del(() => store.delete(key, options)),
     };
   }
 

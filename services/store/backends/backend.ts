@@ -95,6 +95,16 @@ export function nextVersion(previous: number, nowMs: number): number {
   return lastIssued;
 }
 
+/** An empty value: what deletes, expiries and key-only listings carry. */
+export const EMPTY_VALUE = Buffer.alloc(0);
+
+/** The result of a compare-and-set whose expected version (0 = must not exist) is not the current one (0 = none). */
+export function versionConflict(expected: number, actual: number): BackendResult {
+  const detail = actual === 0 ? 'the key does not exist' : `the current version is ${actual}`;
+  const wanted = expected === 0 ? 'the key must not exist yet' : `expected version ${expected}`;
+  return { ok: false, error: new StoreError('conflict', `version mismatch for this key: ${wanted}, but ${detail}`) };
+}
+
 /** Convenience wrappers for callers that run one operation. */
 export async function runOne(backend: Backend, op: BackendOp): Promise<BackendValue> {
   const [result] = await backend.batch([op]);

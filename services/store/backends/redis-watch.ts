@@ -1,5 +1,5 @@
 import type Redis from 'ioredis';
-import type { ChangeEvent, ChangeKind, StoredEntry } from './backend';
+import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry } from './backend';
 
 /**
  * watch() for the Redis backend, over keyspace notifications. Redis publishes them on the node
@@ -24,7 +24,6 @@ import type { ChangeEvent, ChangeKind, StoredEntry } from './backend';
 const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
 /** Put events beyond this many unanswered read-backs are delivered without value and version. */
 const MAX_PENDING_READS = 1000;
-const EMPTY = Buffer.alloc(0);
 const KINDS: Record<string, ChangeKind | undefined> = { hset: 'put', del: 'delete', expired: 'expire', evicted: 'expire' };
 
 type MasterNode = { host: string; port: number };
@@ -244,7 +243,7 @@ export class KeyspaceWatch {
     const key = redisKey.subarray(this.keyPrefix.length).toString('utf8');
     const listeners = [...subscription.listeners].filter((l) => key.startsWith(l.prefix));
     if (listeners.length === 0) return;
-    const base: ChangeEvent = { kind, key, version: 0, value: EMPTY, expiresAtMs: 0 };
+    const base: ChangeEvent = { kind, key, version: 0, value: EMPTY_VALUE, expiresAtMs: 0 };
     let ready: Promise<ChangeEvent> = Promise.resolve(base);
     if (kind === 'put' && this.pendingReads < MAX_PENDING_READS) {
       this.pendingReads += 1;

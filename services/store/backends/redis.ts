@@ -7,7 +7,9 @@ import {
   type ChangeEvent,
   type ListOptions,
   type StoredEntry,
+  EMPTY_VALUE,
   StoreError,
+  versionConflict,
   type WatchOptions,
 } from './backend';
 import { KeyWindow } from './key-window';
@@ -54,7 +56,6 @@ type Client = Redis | Cluster;
 const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED)\b/;
 const SCAN_COUNT = 1000;
 const READ_PAGE = 500;
-const EMPTY = Buffer.alloc(0);
 
 /**
  * The backend for Redis: one server, a Sentinel-managed master, or a Redis Cluster (ioredis).
@@ -348,7 +349,7 @@ export class RedisBackend implements Backend {
         return { ok: true, value: this.toEntry(op.key, reply, true) };
       case 'put': {
         const [status, version, expiresAt, createdAt] = (reply as Buffer[]).map(String);
-        if (status === 'conflict') return conflict(op.expectedVersion!, Number(version));
+        if (status === 'conflict') return versionConflict(op.expectedVersion!, Number(version));
         const entry: StoredEntry = {
           key: op.key,
           value: op.value,
@@ -360,7 +361,7 @@ export class RedisBackend implements Backend {
       }
       case 'delete': {
         const [status, version] = (reply as Buffer[]).map(String);
-        if (status === 'conflict') return conflict(op.expectedVersion!, Number(version));
+        if (status === 'conflict') return versionConflict(op.expectedVersion!, Number(version));
         return { ok: true, value: version !== '0' };
       }
     }
@@ -371,7 +372,7 @@ export class RedisBackend implements Backend {
     const [value, version, expiresAt, createdAt] = reply as Buffer[];
     return {
       key,
-      value: withValue ? value : EMPTY,
+      value: withValue ? value : EMPTY_VALUE,
       version: Number(version.toString()),
       expiresAtMs: Number(expiresAt.toString()),
       createdAtMs: Number(createdAt.toString()),
@@ -418,8 +419,3 @@ function toStoreError(err: unknown): StoreError {
   return new StoreError('unavailable', `redis: ${error.message}`);
 }
 
-function conflict(expected: number, actual: number): BackendResult {
-  const detail = actual === 0 ? 'the key does not exist' : `the current version is ${actual}`;
-  const wanted = expected === 0 ? 'the key must not exist yet' : `expected version ${expected}`;
-  return { ok: false, error: new StoreError('conflict', `version mismatch for this key: ${wanted}, but ${detail}`) };
-}

@@ -10,7 +10,9 @@ import {
   type ChangeEvent,
   type ListOptions,
   type StoredEntry,
+  EMPTY_VALUE,
   StoreError,
+  versionConflict,
   nextVersion,
 } from './backend';
 import type { CheckpointerSettings, CountAnswer, CountRequest } from './sqlite-checkpointer';
@@ -153,7 +155,7 @@ export class SqliteBackend implements Backend {
       const rows = stmt.all(after, options.prefix, Date.now(), Math.min(LIST_PAGE, remaining));
       for (const [key, value, version, expiresAtMs, createdAtMs] of rows) {
         if (!key.startsWith(options.prefix)) return;
-        yield { key, value: value ?? EMPTY, version, expiresAtMs, createdAtMs };
+        yield { key, value: value ?? EMPTY_VALUE, version, expiresAtMs, createdAtMs };
         remaining -= 1;
       }
       if (rows.length < LIST_PAGE || remaining <= 0) return;
@@ -273,7 +275,7 @@ export class SqliteBackend implements Backend {
     if (this.closed) return 0;
     const swept = this.db.transaction(() => this.stmt.sweep.all(Date.now(), this.options.sweepBatch))();
     for (const row of swept) {
-      this.events.emit('change', { kind: 'expire', key: row.key, version: row.version, value: EMPTY, expiresAtMs: 0 });
+      this.events.emit('change', { kind: 'expire', key: row.key, version: row.version, value: EMPTY_VALUE, expiresAtMs: 0 });
     }
     if (swept.length === this.options.sweepBatch) setImmediate(() => this.sweep());
     return swept.length;
@@ -330,7 +332,7 @@ export class SqliteBackend implements Backend {
       }
       case 'put': {
         if (op.expectedVersion !== undefined && (live?.version ?? 0) !== op.expectedVersion) {
-          return conflict(op.key, op.expectedVersion, live?.version ?? 0);
+          return versionConflict(op.expectedVersion, live?.version ?? 0);
         }
         const entry: StoredEntry = {
           key: op.key,
@@ -345,11 +347,11 @@ export class SqliteBackend implements Backend {
       }
       case 'delete': {
         if (op.expectedVersion !== undefined && (live?.version ?? 0) !== op.expectedVersion) {
-          return conflict(op.key, op.expectedVersion, live?.version ?? 0);
+          return versionConflict(op.expectedVersion, live?.version ?? 0);
         }
         if (row) this.stmt.remove.run(op.key);
         if (!live) return { ok: true, value: false };
-        changes.push({ kind: 'delete', key: op.key, version: live.version, value: EMPTY, expiresAtMs: 0 });
+        changes.push({ kind: 'delete', key: op.key, version: live.version, value: EMPTY_VALUE, expiresAtMs: 0 });
         return { ok: true, value: true };
       }
     }
@@ -367,22 +369,15 @@ interface StoredEntryRow {
   created_at: number;
 }
 
-const EMPTY = Buffer.alloc(0);
 
 function toEntry(row: StoredEntryRow): StoredEntry {
   return {
     key: row.key,
-    value: row.value ?? EMPTY,
+    value: row.value ?? EMPTY_VALUE,
     version: row.version,
     expiresAtMs: row.expires_at,
     createdAtMs: row.created_at,
   };
-}
-
-function conflict(key: string, expected: number, actual: number): BackendResult {
-  const detail = actual === 0 ? 'the key does not exist' : `the current version is ${actual}`;
-  const wanted = expected === 0 ? 'the key must not exist yet' : `expected version ${expected}`;
-  return { ok: false, error: new StoreError('conflict', `version mismatch for this key: ${wanted}, but ${detail}`) };
 }
 
 function unavailable(message: string): BackendResult {
