@@ -105,6 +105,42 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     };
   }
 
+  /**
+   * A listing on a server stream, for List and ListPages: check, read the backend's entries in key
+   * order, hand each to the sink (which decides how they are written and may ask to wait for the
+   * stream to drain), end; cancellation, errors and metrics in one place.
+   */
+  function streamListing<Res>(
+    call: ServerWritableStream<ListRequest, Res>,
+    method: RpcMethod,
+    sink: { add(entry: StoredEntry): Promise<void> | undefined; finish(): void },
+  ): void {
+    const startedAt = performance.now();
+    void (async () => {
+      try {
+        admit(call.metadata, call.request, deadlineOf(call));
+        const options = checkList(call.request, limits);
+        for await (const entry of backend.list(options)) {
+          if (call.cancelled) break;
+          const drained = sink.add(entry);
+          if (drained) await drained;
+        }
+        if (call.cancelled) {
+          observe(method, status.CANCELLED, startedAt, call.metadata);
+          return;
+        }
+        sink.finish();
+        call.end();
+        observe(method, status.OK, startedAt, call.metadata);
+      } catch (err) {
+        logUnexpected(logger, err, call.getPath());
+        const error = toServiceError(err);
+        if (!call.cancelled) failStream(call, error);
+        observe(method, call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
+      }
+    })();
+  }
+
   /** receivedAt: when the batch arrived; an op's timeout_ms counts from then. */
   const runBatch = async (request: BatchRequest, receivedAt = Date.now()): Promise<BatchResponse> => {
     checkBatchSize(request.ops.length, limits);
@@ -149,65 +185,31 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     batch: unary('Batch', (request: BatchRequest) => runBatch(request)),
 
     list: (call: ServerWritableStream<ListRequest, Entry>) => {
-      const startedAt = performance.now();
-      void (async () => {
-        try {
-          admit(call.metadata, call.request, deadlineOf(call));
-          const options = checkList(call.request, limits);
-          for await (const entry of backend.list(options)) {
-            if (call.cancelled) break;
-            if (!call.write(toEntry(entry))) await waitForDrain(call);
-          }
-          if (call.cancelled) {
-            observe('List', status.CANCELLED, startedAt, call.metadata);
-            return;
-          }
-          call.end();
-          observe('List', status.OK, startedAt, call.metadata);
-        } catch (err) {
-          logUnexpected(logger, err, call.getPath());
-          const error = toServiceError(err);
-          if (!call.cancelled) failStream(call, error);
-          observe('List', call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
-        }
-      })();
+      streamListing(call, 'List', {
+        add: (entry) => (call.write(toEntry(entry)) ? undefined : waitForDrain(call)),
+        finish: () => undefined,
+      });
     },
 
     // List with many entries per message: grpc-js pays per message, so one message per entry
     // caps a big listing at a few tens of thousands of entries/s; pages lift that cap.
     listPages: (call: ServerWritableStream<ListRequest, EntryPage>) => {
-      const startedAt = performance.now();
-      void (async () => {
-        try {
-          admit(call.metadata, call.request, deadlineOf(call));
-          const options = checkList(call.request, limits);
-          let entries: Entry[] = [];
-          let bytes = 0;
-          for await (const entry of backend.list(options)) {
-            if (call.cancelled) break;
-            entries.push(toEntry(entry));
-            bytes += entry.key.length + entry.value.length;
-            if (entries.length >= PAGE_ENTRIES || bytes >= PAGE_BYTES) {
-              const written = call.write({ entries });
-              entries = [];
-              bytes = 0;
-              if (!written) await waitForDrain(call);
-            }
-          }
-          if (call.cancelled) {
-            observe('ListPages', status.CANCELLED, startedAt, call.metadata);
-            return;
-          }
+      let entries: Entry[] = [];
+      let bytes = 0;
+      streamListing(call, 'ListPages', {
+        add: (entry) => {
+          entries.push(toEntry(entry));
+          bytes += entry.key.length + entry.value.length;
+          if (entries.length < PAGE_ENTRIES && bytes < PAGE_BYTES) return undefined;
+          const written = call.write({ entries });
+          entries = [];
+          bytes = 0;
+          return written ? undefined : waitForDrain(call);
+        },
+        finish: () => {
           if (entries.length > 0) call.write({ entries });
-          call.end();
-          observe('ListPages', status.OK, startedAt, call.metadata);
-        } catch (err) {
-          logUnexpected(logger, err, call.getPath());
-          const error = toServiceError(err);
-          if (!call.cancelled) failStream(call, error);
-          observe('ListPages', call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
-        }
-      })();
+        },
+      });
     },
 
     pipe: (call: ServerDuplexStream<BatchRequest, BatchResponse>) => {
