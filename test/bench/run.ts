@@ -146,8 +146,15 @@ async function measureGrowth(dir: string, cleanups: Array<() => Promise<void> | 
       for (let j = i; j < Math.min(n, i + 20_000); j += 1) ops.push({ kind: 'put' as const, key: sessionKey(j), value: VALUE, ttlMs: 3_600_000 });
       await backend.batch(ops);
     }
+    // Then overwrite at random, twice as many times, so that the log holds superseded rows and
+    // compaction runs during the measurement as it would in a store that has been up for a while.
+    for (let i = 0; i < 2 * n; i += 20_000) {
+      const ops = [];
+      for (let j = 0; j < 20_000; j += 1) ops.push({ kind: 'put' as const, key: sessionKey(Math.floor(Math.random() * n)), value: VALUE, ttlMs: 3_600_000 });
+      await backend.batch(ops);
+    }
     await backend.close();
-    log(`filled ${n} sessions in ${Date.now() - started} ms`);
+    log(`filled ${n} sessions and overwrote ${2 * n} at random in ${Date.now() - started} ms`);
     const proc = await startStore(dataDir, { LOG_LEVEL: 'info', STORE_SYNCHRONOUS: 'FULL', STORE_SWEEP_INTERVAL_MS: '0' });
     const client = createPipeClient({ address: `127.0.0.1:${proc.port}`, deadlineMs: 5000 });
     cleanups.push(async () => {

@@ -10,20 +10,6 @@ export interface CheckpointerSettings {
   catchUpFrames: number;
 }
 
-/** The writer asks the worker to count live entries; the worker answers with the same id. */
-export interface CountRequest {
-  type: 'count';
-  id: number;
-  nowMs: number;
-}
-
-export interface CountAnswer {
-  type: 'count';
-  id: number;
-  n?: number;
-  error?: string;
-}
-
 interface CheckpointResult {
   busy: number;
   log: number;
@@ -63,29 +49,12 @@ function run(settings: CheckpointerSettings): void {
     }
   };
   const timer = setInterval(tick, settings.intervalMs);
-  // Counting a million live entries reads the whole expiry index (20-40 ms): here it blocks no
-  // request. WAL readers never wait for the writer, so the count is of the last commit.
-  const countLive = db.prepare<[number], { n: number }>('SELECT count(*) AS n FROM entries WHERE expires_at > ?');
   parentPort!.on('message', (message: unknown) => {
-    if (isCountRequest(message)) {
-      let answer: CountAnswer;
-      try {
-        answer = { type: 'count', id: message.id, n: countLive.get(message.nowMs)!.n };
-      } catch (err) {
-        answer = { type: 'count', id: message.id, error: (err as Error).message };
-      }
-      parentPort!.postMessage(answer);
-      return;
-    }
     if (message !== 'close') return;
     clearInterval(timer);
     db.close();
     parentPort!.close();
   });
-}
-
-function isCountRequest(message: unknown): message is CountRequest {
-  return typeof message === 'object' && message !== null && (message as CountRequest).type === 'count';
 }
 
 if (parentPort) run(workerData as CheckpointerSettings);

@@ -15,7 +15,8 @@ import {
   versionConflict,
   nextVersion,
 } from './backend';
-import type { CheckpointerSettings, CountAnswer, CountRequest } from './sqlite-checkpointer';
+import type { CheckpointerSettings } from './sqlite-checkpointer';
+import { KeyDir, type KeyState } from './sqlite-keydir';
 
 export interface SqliteOptions {
   /** Directory holding sessions.db (created if missing). */
@@ -38,29 +39,40 @@ export interface SqliteOptions {
   checkpointIntervalMs?: number;
 }
 
-interface Row {
-  value: Buffer;
-  version: number;
-  expires_at: number;
-  created_at: number;
-}
+/** The oldest rows of the log, as compaction reads them: seq, key. */
+type HeadRow = [number, string];
 
 interface Pending {
   ops: readonly BackendOp[];
   resolve: (results: BackendResult[]) => void;
 }
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 /**
- * Rows per List query: each page is a fresh indexed seek (no read transaction held between pages),
- * so bigger pages cost fewer seeks; 1000 rows take a few ms of synchronous work.
+ * Keys per List query: each page is a fresh indexed seek (no read transaction held between pages),
+ * so bigger pages cost fewer seeks; 1000 keys take a few ms of synchronous work.
  */
 const LIST_PAGE = 1000;
+/** Compaction starts once the log holds more superseded rows than this and than live keys. */
+const MIN_GARBAGE = 10_000;
+/** Log rows compaction reads per queued write (it must reclaim rows faster than writes add them). */
+const COMPACT_PER_WRITE = 4;
+/** Slots the sweeper looks at per step (a few ms at most). */
+const SWEEP_SCAN = 65_536;
 
 /**
  * The embedded default backend: one SQLite file in WAL mode. Every operation goes through one
  * queue that is committed on setImmediate, many operations per transaction (group commit), so a
  * synchronous=FULL fsync is paid once per turn of the event loop, not once per write.
+ *
+ * Layout: writes are appended to a log table (a put, a refreshed expiry or a delete's tombstone
+ * is a new row at the end), and an in-memory index (KeyDir) knows each key's latest row. An
+ * update in place would dirty the B-tree page where the key happens to sit: with a million keys
+ * every write dirtied its own pages (and the expiry index's), and throughput fell to ~0.6x that
+ * with a thousand. Appends dirty the same last pages whatever the number of keys. Superseded rows
+ * are reclaimed from the oldest end of the log (live ones copied to the end, then the oldest rows
+ * deleted as one range); the index is rebuilt from the log at start-up (~1 s per million rows).
+ * A `keys` table (written only when a key is created or removed) gives List its key order.
  */
 export class SqliteBackend implements Backend {
   readonly name = 'sqlite';
@@ -72,18 +84,20 @@ export class SqliteBackend implements Backend {
   private sweeper: NodeJS.Timeout | undefined;
   private checkpointer: Worker | undefined;
   private catchUp = false;
-  /** countLive() calls the worker is answering. */
-  private readonly counts = new Map<number, (n: number) => void>();
-  private nextCountId = 1;
+  private readonly keydir = new KeyDir();
+  /** Rows in the log, and the lowest seq that may still be there. */
+  private logRows = 0;
+  private headSeq = 0;
+  /** Where the sweeper goes on in the KeyDir's slots. */
+  private sweepFrom = 0;
   private readonly stmt: {
-    get: Database.Statement<[string], Row>;
-    upsert: Database.Statement<[string, Buffer, number, number, number]>;
-    refresh: Database.Statement<[number, string]>;
-    remove: Database.Statement<[string]>;
-    list: Database.Statement<[string, string, number, number], ListRow>;
-    listKeys: Database.Statement<[string, string, number, number], ListRow>;
-    sweep: Database.Statement<[number, number], { key: string; version: number }>;
-    countLive: Database.Statement<[number], { n: number }>;
+    append: Database.Statement<[string, Buffer | null, number, number, number]>;
+    value: Database.Statement<[number], Buffer | null>;
+    head: Database.Statement<[number, number], HeadRow>;
+    dropHead: Database.Statement<[number]>;
+    addKey: Database.Statement<[string]>;
+    removeKey: Database.Statement<[string]>;
+    listKeys: Database.Statement<[string, string, number], string>;
   };
 
   constructor(private readonly options: SqliteOptions) {
@@ -104,33 +118,19 @@ export class SqliteBackend implements Backend {
     migrate(this.db);
     if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.stmt = {
-      get: this.db.prepare('SELECT value, version, expires_at, created_at FROM entries WHERE key = ?'),
-      upsert: this.db.prepare(
-        `INSERT INTO entries (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = excluded.version,
-           expires_at = excluded.expires_at, created_at = excluded.created_at`,
-      ),
-      refresh: this.db.prepare('UPDATE entries SET expires_at = ? WHERE key = ?'),
-      remove: this.db.prepare('DELETE FROM entries WHERE key = ?'),
-      // Raw rows (arrays, not objects): a third cheaper to read, which matters for big listings.
-      list: this.db
-        .prepare(
-          `SELECT key, value, version, expires_at, created_at FROM entries
-           WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
-        )
-        .raw(true) as Database.Statement<[string, string, number, number], ListRow>,
+      append: this.db.prepare('INSERT INTO log (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)'),
+      value: this.db.prepare<[number], Buffer | null>('SELECT value FROM log WHERE seq = ?').pluck(),
+      head: this.db
+        .prepare('SELECT seq, key FROM log WHERE seq >= ? ORDER BY seq LIMIT ?')
+        .raw(true) as Database.Statement<[number, number], HeadRow>,
+      dropHead: this.db.prepare('DELETE FROM log WHERE seq <= ?'),
+      addKey: this.db.prepare('INSERT OR IGNORE INTO keys (key) VALUES (?)'),
+      removeKey: this.db.prepare('DELETE FROM keys WHERE key = ?'),
       listKeys: this.db
-        .prepare(
-          `SELECT key, NULL AS value, version, expires_at, created_at FROM entries
-           WHERE key > ? AND key >= ? AND expires_at > ? ORDER BY key LIMIT ?`,
-        )
-        .raw(true) as Database.Statement<[string, string, number, number], ListRow>,
-      sweep: this.db.prepare(
-        `DELETE FROM entries WHERE key IN
-           (SELECT key FROM entries WHERE expires_at <= ? LIMIT ?) RETURNING key, version`,
-      ),
-      countLive: this.db.prepare('SELECT count(*) AS n FROM entries WHERE expires_at > ?'),
+        .prepare<[string, string, number], string>('SELECT key FROM keys WHERE key > ? AND key >= ? ORDER BY key LIMIT ?')
+        .pluck(),
     };
+    this.load();
     this.events.setMaxListeners(0);
     if (options.sweepIntervalMs > 0) {
       this.sweeper = setInterval(() => this.sweep(), options.sweepIntervalMs);
@@ -149,17 +149,20 @@ export class SqliteBackend implements Backend {
   async *list(options: ListOptions): AsyncIterable<StoredEntry> {
     let after = options.startAfter;
     let remaining = options.limit > 0 ? options.limit : Infinity;
-    const stmt = options.keysOnly ? this.stmt.listKeys : this.stmt.list;
     while (remaining > 0) {
       if (this.closed) throw new StoreError('unavailable', 'the store is closing');
-      const rows = stmt.all(after, options.prefix, Date.now(), Math.min(LIST_PAGE, remaining));
-      for (const [key, value, version, expiresAtMs, createdAtMs] of rows) {
+      const keys = this.stmt.listKeys.all(after, options.prefix, LIST_PAGE);
+      for (const key of keys) {
         if (!key.startsWith(options.prefix)) return;
-        yield { key, value: value ?? EMPTY_VALUE, version, expiresAtMs, createdAtMs };
+        // Read when yielded: the key's latest row as of now (a write or compaction may have moved it).
+        const entry = this.read(key, Date.now(), options.keysOnly);
+        if (!entry) continue;
+        yield entry;
         remaining -= 1;
+        if (remaining <= 0) return;
       }
-      if (rows.length < LIST_PAGE || remaining <= 0) return;
-      after = rows[rows.length - 1][0];
+      if (keys.length < LIST_PAGE) return;
+      after = keys[keys.length - 1];
     }
   }
 
@@ -180,28 +183,9 @@ export class SqliteBackend implements Backend {
     }
   }
 
-  /** Counted by the worker thread when there is one (off the request path), else here. */
+  /** Counted in the in-memory index (a million keys: a few ms). */
   async countLive(): Promise<number> {
-    if (this.closed) return 0;
-    const worker = this.checkpointer;
-    if (!worker) return this.countHere();
-    return new Promise((resolve) => {
-      const request: CountRequest = { type: 'count', id: this.nextCountId++, nowMs: Date.now() };
-      this.counts.set(request.id, resolve);
-      worker.postMessage(request);
-    });
-  }
-
-  private countHere(): number {
-    return this.closed ? 0 : this.stmt.countLive.get(Date.now())!.n;
-  }
-
-  /** Answers the counts a stopped or failed worker left unanswered. */
-  private answerPendingCounts(): void {
-    for (const [id, resolve] of this.counts) {
-      this.counts.delete(id);
-      resolve(this.countHere());
-    }
+    return this.closed ? 0 : this.keydir.countLive(Date.now());
   }
 
   async close(): Promise<void> {
@@ -212,6 +196,7 @@ export class SqliteBackend implements Backend {
     await this.stopCheckpointer();
     // The last connection to close checkpoints everything and removes the WAL.
     this.db.close();
+    this.keydir.clear();
   }
 
   /** Turns SQLite's automatic checkpoints off and runs them in a worker thread instead. */
@@ -226,15 +211,8 @@ export class SqliteBackend implements Backend {
     this.db.pragma('wal_autocheckpoint = 0');
     this.checkpointer = worker;
     worker.unref();
-    worker.on('message', (message: 'catch-up' | CountAnswer) => {
-      if (message === 'catch-up') {
-        this.catchUp = true;
-        return;
-      }
-      const resolve = this.counts.get(message.id);
-      if (!resolve) return;
-      this.counts.delete(message.id);
-      resolve(message.n ?? this.countHere());
+    worker.on('message', (message: 'catch-up') => {
+      if (message === 'catch-up') this.catchUp = true;
     });
     const fallBack = () => {
       if (this.checkpointer === worker) {
@@ -242,7 +220,6 @@ export class SqliteBackend implements Backend {
         this.checkpointer = undefined;
         if (!this.closed) this.db.pragma('wal_autocheckpoint = 1000');
       }
-      this.answerPendingCounts();
     };
     worker.once('error', fallBack);
     worker.once('exit', fallBack);
@@ -270,15 +247,36 @@ export class SqliteBackend implements Backend {
     clearTimeout(timer);
   }
 
-  /** Deletes up to sweepBatch expired rows; continues on the next turn while there are more. */
+  /**
+   * Removes up to sweepBatch expired keys (their rows go with compaction) and reports them;
+   * continues on the next turn until it has looked at every key once.
+   */
   sweep(): number {
     if (this.closed) return 0;
-    const swept = this.db.transaction(() => this.stmt.sweep.all(Date.now(), this.options.sweepBatch))();
-    for (const row of swept) {
-      this.events.emit('change', { kind: 'expire', key: row.key, version: row.version, value: EMPTY_VALUE, expiresAtMs: 0 });
+    const now = Date.now();
+    const { keys, next } = this.keydir.expired(now, this.sweepFrom, SWEEP_SCAN, this.options.sweepBatch);
+    this.sweepFrom = next;
+    const changes: ChangeEvent[] = [];
+    if (keys.length > 0) {
+      try {
+        this.db.transaction(() => {
+          for (const key of keys) this.stmt.removeKey.run(key);
+        })();
+      } catch {
+        return 0; // the next sweep tries again
+      }
+      for (const key of keys) {
+        const state = this.keydir.state(key);
+        // A write may have made the key live again since it was found, but not in between: the
+        // transaction above and this loop run in the same turn.
+        if (!state) continue;
+        this.keydir.remove(key);
+        changes.push({ kind: 'expire', key, version: state.version, value: EMPTY_VALUE, expiresAtMs: 0 });
+      }
     }
-    if (swept.length === this.options.sweepBatch) setImmediate(() => this.sweep());
-    return swept.length;
+    for (const change of changes) this.events.emit('change', change);
+    if (next !== 0) setImmediate(() => this.sweep());
+    return changes.length;
   }
 
   private scheduleFlush(): void {
@@ -303,13 +301,20 @@ export class SqliteBackend implements Backend {
     if (this.catchUp) this.finishCheckpoint();
     const batches = this.queue.splice(0, taken);
     const changes: ChangeEvent[] = [];
+    const undo: Undo = { keys: [], logRows: this.logRows, headSeq: this.headSeq };
     let answers: BackendResult[][];
     try {
       answers = this.db.transaction(() => {
         const now = Date.now();
-        return batches.map((b) => b.ops.map((op) => this.apply(op, now, changes)));
+        const results = batches.map((b) => b.ops.map((op) => this.apply(op, now, changes, undo)));
+        this.compact(count * COMPACT_PER_WRITE, now, changes, undo);
+        return results;
       }).immediate();
     } catch (err) {
+      // Rolled back: the index goes back to what the database still says.
+      for (let i = undo.keys.length - 1; i >= 0; i -= 1) this.keydir.restore(undo.keys[i][0], undo.keys[i][1]);
+      this.logRows = undo.logRows;
+      this.headSeq = undo.headSeq;
       const failure = unavailable(`sqlite: ${(err as Error).message}`);
       for (const b of batches) b.resolve(b.ops.map(() => failure));
       return;
@@ -318,66 +323,138 @@ export class SqliteBackend implements Backend {
     for (const change of changes) this.events.emit('change', change);
   }
 
-  private apply(op: BackendOp, now: number, changes: ChangeEvent[]): BackendResult {
-    const row = this.stmt.get.get(op.key);
-    const live = row !== undefined && row.expires_at > now ? row : undefined;
+  private apply(op: BackendOp, now: number, changes: ChangeEvent[], undo: Undo): BackendResult {
+    const dir = this.keydir;
+    const slot = dir.slot(op.key);
+    const live = slot !== undefined && dir.expires[slot] > now;
+    const liveVersion = live ? dir.version[slot] : 0;
     switch (op.kind) {
       case 'get': {
         if (!live) return { ok: true, value: null };
+        const value = this.stmt.value.get(dir.seq[slot]) ?? EMPTY_VALUE;
+        const createdAtMs = dir.created[slot];
+        let expiresAtMs = dir.expires[slot];
         if (op.refreshTtlMs > 0) {
-          live.expires_at = now + op.refreshTtlMs;
-          this.stmt.refresh.run(live.expires_at, op.key);
+          // A new row with the same value and version and the later expiry.
+          expiresAtMs = now + op.refreshTtlMs;
+          this.append(op.key, slot, value, liveVersion, expiresAtMs, createdAtMs, undo);
         }
-        return { ok: true, value: toEntry({ key: op.key, ...live }) };
+        return { ok: true, value: { key: op.key, value, version: liveVersion, expiresAtMs, createdAtMs } };
       }
       case 'put': {
-        if (op.expectedVersion !== undefined && (live?.version ?? 0) !== op.expectedVersion) {
-          return versionConflict(op.expectedVersion, live?.version ?? 0);
+        if (op.expectedVersion !== undefined && liveVersion !== op.expectedVersion) {
+          return versionConflict(op.expectedVersion, liveVersion);
         }
+        if (slot === undefined) this.stmt.addKey.run(op.key);
         const entry: StoredEntry = {
           key: op.key,
           value: op.value,
-          version: nextVersion(row?.version ?? 0, now),
+          version: nextVersion(slot === undefined ? 0 : dir.version[slot], now),
           expiresAtMs: now + op.ttlMs,
-          createdAtMs: live?.created_at ?? now,
+          createdAtMs: live ? dir.created[slot] : now,
         };
-        this.stmt.upsert.run(entry.key, entry.value, entry.version, entry.expiresAtMs, entry.createdAtMs);
+        this.append(op.key, slot, op.value, entry.version, entry.expiresAtMs, entry.createdAtMs, undo);
         changes.push({ kind: 'put', key: entry.key, version: entry.version, value: entry.value, expiresAtMs: entry.expiresAtMs });
         return { ok: true, value: entry };
       }
       case 'delete': {
-        if (op.expectedVersion !== undefined && (live?.version ?? 0) !== op.expectedVersion) {
-          return versionConflict(op.expectedVersion, live?.version ?? 0);
+        if (op.expectedVersion !== undefined && liveVersion !== op.expectedVersion) {
+          return versionConflict(op.expectedVersion, liveVersion);
         }
-        if (row) this.stmt.remove.run(op.key);
+        if (slot === undefined) return { ok: true, value: false };
+        // A tombstone: without it the key's older rows would come back when the index is rebuilt.
+        this.stmt.append.run(op.key, null, dir.version[slot], 0, dir.created[slot]);
+        this.logRows += 1;
+        this.stmt.removeKey.run(op.key);
+        undo.keys.push([op.key, dir.stateAt(slot)]);
+        dir.remove(op.key);
         if (!live) return { ok: true, value: false };
-        changes.push({ kind: 'delete', key: op.key, version: live.version, value: EMPTY_VALUE, expiresAtMs: 0 });
+        changes.push({ kind: 'delete', key: op.key, version: liveVersion, value: EMPTY_VALUE, expiresAtMs: 0 });
         return { ok: true, value: true };
       }
     }
   }
+
+  /** Appends a row for the key and points the index at it. */
+  private append(key: string, slot: number | undefined, value: Buffer, version: number, expiresAtMs: number, createdAtMs: number, undo: Undo): void {
+    const seq = Number(this.stmt.append.run(key, value, version, expiresAtMs, createdAtMs).lastInsertRowid);
+    this.logRows += 1;
+    undo.keys.push([key, slot === undefined ? undefined : this.keydir.stateAt(slot)]);
+    this.keydir.set(key, seq, version, expiresAtMs, createdAtMs, slot);
+  }
+
+  /** A key's live entry, read from its latest row (the value only when asked for). */
+  private read(key: string, now: number, keysOnly: boolean): StoredEntry | undefined {
+    const dir = this.keydir;
+    const slot = dir.slot(key);
+    if (slot === undefined || dir.expires[slot] <= now) return undefined;
+    const value = keysOnly ? EMPTY_VALUE : (this.stmt.value.get(dir.seq[slot]) ?? EMPTY_VALUE);
+    return { key, value, version: dir.version[slot], expiresAtMs: dir.expires[slot], createdAtMs: dir.created[slot] };
+  }
+
+  /**
+   * Reclaims superseded rows from the oldest end of the log, reading at most `budget` rows: each
+   * row still the latest of its key is copied to the end, then the rows read are deleted as one
+   * range (all older rows of every key in it go with them, so a rebuild never sees a stale one).
+   */
+  private compact(budget: number, now: number, changes: ChangeEvent[], undo: Undo): void {
+    const dir = this.keydir;
+    while (budget > 0 && this.logRows - dir.size > Math.max(MIN_GARBAGE, dir.size)) {
+      const rows = this.stmt.head.all(this.headSeq, Math.min(budget, LIST_PAGE));
+      if (rows.length === 0) return;
+      for (const [seq, key] of rows) {
+        const slot = dir.slot(key);
+        if (slot === undefined || dir.seq[slot] !== seq) continue; // superseded or deleted
+        if (dir.expires[slot] <= now) {
+          this.stmt.removeKey.run(key);
+          undo.keys.push([key, dir.stateAt(slot)]);
+          changes.push({ kind: 'expire', key, version: dir.version[slot], value: EMPTY_VALUE, expiresAtMs: 0 });
+          dir.remove(key);
+          continue;
+        }
+        const value = this.stmt.value.get(seq) ?? EMPTY_VALUE;
+        this.append(key, slot, value, dir.version[slot], dir.expires[slot], dir.created[slot], undo);
+      }
+      const last = rows[rows.length - 1][0];
+      this.stmt.dropHead.run(last);
+      this.logRows -= rows.length;
+      this.headSeq = last + 1;
+      budget -= rows.length;
+    }
+  }
+
+  /** Rebuilds the index from the log: the latest row of each key wins, tombstones and expired rows remove it. */
+  private load(): void {
+    this.keydir.clear();
+    let rows = 0;
+    let head = 0;
+    const scan = this.db
+      .prepare('SELECT seq, key, value IS NULL, version, expires_at, created_at FROM log ORDER BY seq')
+      .raw(true) as Database.Statement<[], [number, string, number, number, number, number]>;
+    for (const [seq, key, tombstone, version, expiresAtMs, createdAtMs] of scan.iterate()) {
+      if (rows === 0) head = seq;
+      rows += 1;
+      if (tombstone) this.keydir.remove(key);
+      else this.keydir.set(key, seq, version, expiresAtMs, createdAtMs);
+    }
+    this.logRows = rows;
+    this.headSeq = head;
+    // Keys that expired while the store was down: out of the index and of List's key table now.
+    const { keys } = this.keydir.expired(Date.now(), 0, Infinity, Infinity);
+    if (keys.length > 0) {
+      this.db.transaction(() => {
+        for (const key of keys) this.stmt.removeKey.run(key);
+      })();
+      for (const key of keys) this.keydir.remove(key);
+    }
+  }
 }
 
-/** A List row in raw mode: key, value (null for keys only), version, expires_at, created_at. */
-type ListRow = [string, Buffer | null, number, number, number];
-
-interface StoredEntryRow {
-  key: string;
-  value: Buffer | null;
-  version: number;
-  expires_at: number;
-  created_at: number;
-}
-
-
-function toEntry(row: StoredEntryRow): StoredEntry {
-  return {
-    key: row.key,
-    value: row.value ?? EMPTY_VALUE,
-    version: row.version,
-    expiresAtMs: row.expires_at,
-    createdAtMs: row.created_at,
-  };
+/** What a failed transaction must put back in memory: each key's state before it, in order. */
+interface Undo {
+  keys: Array<[string, KeyState | undefined]>;
+  logRows: number;
+  headSeq: number;
 }
 
 function unavailable(message: string): BackendResult {
@@ -390,17 +467,29 @@ function migrate(db: Database.Database): void {
   if (current > SCHEMA_VERSION) {
     throw new Error(`sessions.db has schema version ${current}, newer than this store (${SCHEMA_VERSION})`);
   }
-  if (current < 1) {
+  if (current === SCHEMA_VERSION) return;
+  db.transaction(() => {
     db.exec(`
-      CREATE TABLE IF NOT EXISTS entries (
-        key TEXT PRIMARY KEY NOT NULL,
-        value BLOB NOT NULL,
+      CREATE TABLE IF NOT EXISTS log (
+        seq INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        value BLOB,
         version INTEGER NOT NULL,
         expires_at INTEGER NOT NULL,
         created_at INTEGER NOT NULL
-      ) WITHOUT ROWID;
-      CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at);
-      PRAGMA user_version = 1;
+      );
+      CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
     `);
-  }
+    if (current === 1) {
+      // Version 1 kept one row per key, updated in place: its live rows become the log.
+      const now = Date.now();
+      db.prepare(
+        `INSERT INTO log (key, value, version, expires_at, created_at)
+         SELECT key, value, version, expires_at, created_at FROM entries WHERE expires_at > ? ORDER BY key`,
+      ).run(now);
+      db.prepare('INSERT INTO keys (key) SELECT key FROM entries WHERE expires_at > ?').run(now);
+      db.exec('DROP TABLE entries');
+    }
+    db.pragma(`user_version = ${SCHEMA_VERSION}`);
+  })();
 }

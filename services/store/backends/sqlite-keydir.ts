@@ -1,0 +1,126 @@
+/**
+ * The SQLite backend's in-memory index: for every key with a row in the log, where its latest row
+ * is (seq) and what a write needs to know without reading it (version, expiry, creation time).
+ * Fields live in typed arrays indexed by a slot number, so a million keys cost about 100 bytes each
+ * (the key string, one Map entry, four doubles) and give the garbage collector nothing to trace.
+ * A JavaScript Map holds at most 2^24 (16.7 million) entries: past that, use the Redis backend.
+ */
+export interface KeyState {
+  seq: number;
+  version: number;
+  expiresAtMs: number;
+  createdAtMs: number;
+}
+
+export class KeyDir {
+  private readonly slots = new Map<string, number>();
+  private keys: Array<string | undefined> = [];
+  private freeSlots: number[] = [];
+  private used = 0;
+  seq: Float64Array<ArrayBuffer> = new Float64Array(1024);
+  version: Float64Array<ArrayBuffer> = new Float64Array(1024);
+  expires: Float64Array<ArrayBuffer> = new Float64Array(1024);
+  created: Float64Array<ArrayBuffer> = new Float64Array(1024);
+
+  /** Keys in the index (live or expired but not swept yet). */
+  get size(): number {
+    return this.slots.size;
+  }
+
+  /** Slots ever used (the scan range of `expired`). */
+  get highWater(): number {
+    return this.used;
+  }
+
+  slot(key: string): number | undefined {
+    return this.slots.get(key);
+  }
+
+  keyAt(slot: number): string | undefined {
+    return this.keys[slot];
+  }
+
+  state(key: string): KeyState | undefined {
+    const s = this.slots.get(key);
+    return s === undefined ? undefined : this.stateAt(s);
+  }
+
+  stateAt(slot: number): KeyState {
+    return { seq: this.seq[slot], version: this.version[slot], expiresAtMs: this.expires[slot], createdAtMs: this.created[slot] };
+  }
+
+  /** Sets a key's state (in its slot if it has one, else in a new one) and returns the slot. */
+  set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot = this.slots.get(key)): number {
+    let s = slot;
+    if (s === undefined) {
+      s = this.freeSlots.pop() ?? this.grow();
+      this.slots.set(key, s);
+      this.keys[s] = key;
+    }
+    this.seq[s] = seq;
+    this.version[s] = version;
+    this.expires[s] = expiresAtMs;
+    this.created[s] = createdAtMs;
+    return s;
+  }
+
+  remove(key: string): void {
+    const s = this.slots.get(key);
+    if (s === undefined) return;
+    this.slots.delete(key);
+    this.keys[s] = undefined;
+    this.freeSlots.push(s);
+  }
+
+  /** Puts a key back as it was (undefined: absent), to undo the changes of a failed transaction. */
+  restore(key: string, state: KeyState | undefined): void {
+    if (state) this.set(key, state.seq, state.version, state.expiresAtMs, state.createdAtMs);
+    else this.remove(key);
+  }
+
+  /** Live keys: those whose expiry is after nowMs. */
+  countLive(nowMs: number): number {
+    let n = 0;
+    for (let s = 0; s < this.used; s += 1) if (this.keys[s] !== undefined && this.expires[s] > nowMs) n += 1;
+    return n;
+  }
+
+  /**
+   * Up to `max` keys expired at nowMs, looking at slots from `from` on, at most `scan` of them;
+   * `next` is where to go on (0 once the end was reached).
+   */
+  expired(nowMs: number, from: number, scan: number, max: number): { keys: string[]; next: number } {
+    const keys: string[] = [];
+    const end = Math.min(this.used, from + scan);
+    let s = from;
+    for (; s < end && keys.length < max; s += 1) {
+      const key = this.keys[s];
+      if (key !== undefined && this.expires[s] <= nowMs) keys.push(key);
+    }
+    return { keys, next: s >= this.used ? 0 : s };
+  }
+
+  clear(): void {
+    this.slots.clear();
+    this.keys = [];
+    this.freeSlots = [];
+    this.used = 0;
+  }
+
+  private grow(): number {
+    if (this.used === this.seq.length) {
+      const size = this.seq.length * 2;
+      this.seq = enlarge(this.seq, size);
+      this.version = enlarge(this.version, size);
+      this.expires = enlarge(this.expires, size);
+      this.created = enlarge(this.created, size);
+    }
+    return this.used++;
+  }
+}
+
+function enlarge(from: Float64Array<ArrayBuffer>, size: number): Float64Array<ArrayBuffer> {
+  const to = new Float64Array(size);
+  to.set(from);
+  return to;
+}

@@ -1,0 +1,177 @@
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import Database from 'better-sqlite3';
+import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
+import { SqliteBackend, type SqliteOptions } from '../services/store/backends/sqlite';
+import { tempDir } from './helpers/procs';
+
+const put = (key: string, value: string, ttlMs = 60_000): BackendOp => ({ kind: 'put', key, value: Buffer.from(value), ttlMs });
+const get = (key: string, refreshTtlMs = 0): BackendOp => ({ kind: 'get', key, refreshTtlMs });
+const del = (key: string): BackendOp => ({ kind: 'delete', key });
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function read(b: SqliteBackend, key: string): Promise<StoredEntry | null> {
+  return (await runOne(b, get(key))) as StoredEntry | null;
+}
+
+async function listAll(b: SqliteBackend, prefix = ''): Promise<Array<[string, string, number]>> {
+  const out: Array<[string, string, number]> = [];
+  for await (const e of b.list({ prefix, startAfter: '', limit: 0, keysOnly: false })) out.push([e.key, e.value.toString(), e.version]);
+  return out;
+}
+
+function logRows(dir: string): number {
+  const db = new Database(path.join(dir, 'sessions.db'), { readonly: true });
+  try {
+    return (db.prepare('SELECT count(*) AS n FROM log').get() as { n: number }).n;
+  } finally {
+    db.close();
+  }
+}
+
+describe('SQLite backend: append-only log and in-memory index', function () {
+  this.timeout(60_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let options: SqliteOptions;
+  beforeEach(() => {
+    tmp = tempDir();
+    options = { dataDir: tmp.dir, synchronous: 'FULL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 100_000 };
+  });
+  afterEach(() => tmp.remove());
+
+  it('a restart rebuilds the same view: overwrites, deletes, re-creates, refreshed and shortened expiries', async () => {
+    let b = new SqliteBackend(options);
+    await b.batch([put('a', 'a1'), put('b', 'b1'), put('c', 'c1'), put('d', 'd-long', 3_600_000), put('e', 'e1', 1_000)]);
+    await b.batch([put('a', 'a2'), del('b'), del('c')]);
+    await b.batch([put('c', 'c2')]);
+    // d's TTL is shortened: once that expires, its older row (a longer TTL) must not come back.
+    await b.batch([put('d', 'd-short', 50)]);
+    const refreshed = (await runOne(b, get('e', 3_600_000))) as StoredEntry;
+    const before = await listAll(b);
+    const liveBefore = await b.countLive();
+    await b.close();
+    await sleep(80);
+
+    b = new SqliteBackend(options);
+    try {
+      assert.equal((await read(b, 'a'))?.value.toString(), 'a2');
+      assert.equal(await read(b, 'b'), null);
+      assert.equal((await read(b, 'c'))?.value.toString(), 'c2');
+      assert.equal(await read(b, 'd'), null, 'an expired key stays expired after a restart');
+      const e = (await read(b, 'e'))!;
+      assert.equal(e.expiresAtMs, refreshed.expiresAtMs, 'a refreshed expiry is durable');
+      assert.equal(e.version, refreshed.version);
+      assert.deepEqual(await listAll(b), before.filter(([key]) => key !== 'd'));
+      assert.equal(await b.countLive(), liveBefore - 1);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('compaction keeps the log bounded under overwrites and loses no value', async () => {
+    let b = new SqliteBackend(options);
+    const keys = 2_000;
+    const rounds = 15;
+    for (let r = 0; r < rounds; r += 1) {
+      await b.batch(Array.from({ length: keys }, (_, i) => put(`k:${i}`, `${i}@${r}`)));
+    }
+    // 30,000 puts of 2,000 keys: superseded rows are reclaimed once they outnumber 10,000 and the live keys.
+    const rows = logRows(tmp.dir);
+    assert.ok(rows <= keys + 10_000 + 4 * keys, `the log holds ${rows} rows for ${keys} keys`);
+    const check = async () => {
+      const listed = await listAll(b, 'k:');
+      assert.equal(listed.length, keys);
+      for (const [key, value] of listed) assert.equal(value, `${key.slice(2)}@${rounds - 1}`);
+    };
+    await check();
+    await b.close();
+    b = new SqliteBackend(options);
+    try {
+      await check();
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('a transaction that fails (disk full) answers unavailable for each op and leaves memory and disk as they were', async () => {
+    const b = new SqliteBackend(options);
+    try {
+      await b.batch([put('x', 'x1'), put('y', 'y1')]);
+      // The backend's own connection, reached into for this test only: cap the file at its size.
+      const db = (b as unknown as { db: Database.Database }).db;
+      const pages = db.pragma('page_count', { simple: true }) as number;
+      db.pragma(`max_page_count = ${pages}`);
+      const big = 'z'.repeat(64 * 1024);
+      const results = await b.batch([put('x', big), put('new', big), del('y')]);
+      assert.ok(results.every((r) => !r.ok && r.error.kind === 'unavailable'), JSON.stringify(results.map((r) => r.ok)));
+      assert.equal((await read(b, 'x'))?.value.toString(), 'x1');
+      assert.equal(await read(b, 'new'), null);
+      assert.equal((await read(b, 'y'))?.value.toString(), 'y1');
+      assert.deepEqual((await listAll(b)).map(([key]) => key), ['x', 'y']);
+      db.pragma('max_page_count = 1073741823');
+      const [ok] = await b.batch([put('x', 'x2')]);
+      assert.ok(ok.ok);
+      assert.equal((await read(b, 'x'))?.value.toString(), 'x2');
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('a database of schema version 1 (one row per key) is migrated: live entries kept with their versions, expired ones dropped', async () => {
+    const file = path.join(tmp.dir, 'sessions.db');
+    const db = new Database(file);
+    db.exec(`
+      CREATE TABLE entries (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL, version INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+      CREATE INDEX entries_expires_at ON entries (expires_at);
+      PRAGMA user_version = 1;
+    `);
+    const now = Date.now();
+    const insert = db.prepare('INSERT INTO entries VALUES (?, ?, ?, ?, ?)');
+    insert.run('old:b', Buffer.from('B'), 7, now + 60_000, now - 1000);
+    insert.run('old:a', Buffer.from('A'), 5, now + 60_000, now - 2000);
+    insert.run('old:gone', Buffer.from('G'), 9, now - 1, now - 3000);
+    db.close();
+
+    const b = new SqliteBackend(options);
+    try {
+      assert.deepEqual(await listAll(b), [
+        ['old:a', 'A', 5],
+        ['old:b', 'B', 7],
+      ]);
+      assert.equal((await read(b, 'old:a'))?.createdAtMs, now - 2000);
+      const next = (await runOne(b, put('old:a', 'A2'))) as StoredEntry;
+      assert.ok(next.version > 5);
+    } finally {
+      await b.close();
+    }
+    const check = new Database(file, { readonly: true });
+    try {
+      assert.equal(check.pragma('user_version', { simple: true }), 2);
+      assert.equal((check.prepare("SELECT count(*) AS n FROM sqlite_master WHERE name = 'entries'").get() as { n: number }).n, 0);
+    } finally {
+      check.close();
+    }
+  });
+
+  it('the sweeper reports each expired key once and List no longer shows it', async () => {
+    const b = new SqliteBackend({ ...options, sweepIntervalMs: 20, sweepBatch: 10 });
+    const expired: string[] = [];
+    const stop = b.watch('t:', (e) => {
+      if (e.kind === 'expire') expired.push(e.key);
+    });
+    try {
+      await b.batch([...Array.from({ length: 25 }, (_, i) => put(`t:${i}`, 'v', 30)), put('t:keep', 'v', 60_000)]);
+      const deadline = Date.now() + 5_000;
+      while (expired.length < 25 && Date.now() < deadline) await sleep(20);
+      await sleep(100);
+      assert.equal(expired.length, 25);
+      assert.equal(new Set(expired).size, 25);
+      assert.deepEqual((await listAll(b, 't:')).map(([key]) => key), ['t:keep']);
+      assert.equal(await b.countLive(), 1);
+    } finally {
+      stop();
+      await b.close();
+    }
+  });
+});
