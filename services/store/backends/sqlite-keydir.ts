@@ -69,6 +69,7 @@ export class KeyDir {
     if (s === undefined) return;
     this.slots.delete(key);
     this.keys[s] = undefined;
+    this.expires[s] = 0; // a free slot is never live (countLive, expired)
     this.freeSlots.push(s);
   }
 
@@ -81,7 +82,8 @@ export class KeyDir {
   /** Live keys: those whose expiry is after nowMs. */
   countLive(nowMs: number): number {
     let n = 0;
-    for (let s = 0; s < this.used; s += 1) if (this.keys[s] !== undefined && this.expires[s] > nowMs) n += 1;
+    const expires = this.expires;
+    for (let s = 0; s < this.used; s += 1) if (expires[s] > nowMs) n += 1;
     return n;
   }
 
@@ -94,8 +96,9 @@ export class KeyDir {
     const end = Math.min(this.used, from + scan);
     let s = from;
     for (; s < end && keys.length < max; s += 1) {
+      if (this.expires[s] > nowMs) continue;
       const key = this.keys[s];
-      if (key !== undefined && this.expires[s] <= nowMs) keys.push(key);
+      if (key !== undefined) keys.push(key);
     }
     return { keys, next: s >= this.used ? 0 : s };
   }

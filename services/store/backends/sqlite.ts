@@ -57,6 +57,8 @@ const LIST_PAGE = 1000;
 const MIN_GARBAGE = 10_000;
 /** Log rows compaction reads per queued write (it must reclaim rows faster than writes add them). */
 const COMPACT_PER_WRITE = 4;
+/** Log rows read per query when the index is rebuilt at start-up. */
+const LOAD_CHUNK = 20_000;
 /** Slots the sweeper looks at per step (a few ms at most). */
 const SWEEP_SCAN = 65_536;
 
@@ -428,14 +430,21 @@ export class SqliteBackend implements Backend {
     this.keydir.clear();
     let rows = 0;
     let head = 0;
+    // In chunks with all(): about twice as fast as iterate() row by row.
     const scan = this.db
-      .prepare('SELECT seq, key, value IS NULL, version, expires_at, created_at FROM log ORDER BY seq')
-      .raw(true) as Database.Statement<[], [number, string, number, number, number, number]>;
-    for (const [seq, key, tombstone, version, expiresAtMs, createdAtMs] of scan.iterate()) {
-      if (rows === 0) head = seq;
-      rows += 1;
-      if (tombstone) this.keydir.remove(key);
-      else this.keydir.set(key, seq, version, expiresAtMs, createdAtMs);
+      .prepare('SELECT seq, key, value IS NULL, version, expires_at, created_at FROM log WHERE seq > ? ORDER BY seq LIMIT ?')
+      .raw(true) as Database.Statement<[number, number], [number, string, number, number, number, number]>;
+    let after = -1;
+    for (;;) {
+      const chunk = scan.all(after, LOAD_CHUNK);
+      for (const [seq, key, tombstone, version, expiresAtMs, createdAtMs] of chunk) {
+        if (rows === 0) head = seq;
+        rows += 1;
+        if (tombstone) this.keydir.remove(key);
+        else this.keydir.set(key, seq, version, expiresAtMs, createdAtMs);
+      }
+      if (chunk.length < LOAD_CHUNK) break;
+      after = chunk[chunk.length - 1][0];
     }
     this.logRows = rows;
     this.headSeq = head;
