@@ -154,6 +154,19 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('List with a limit skips expired keys the sweeper has not reached and still returns the limit', async () => {
+    const b = new SqliteBackend(options);
+    try {
+      await b.batch([...Array.from({ length: 1_500 }, (_, i) => put(`a:${String(i).padStart(4, '0')}`, 'v', 20)), put('b:1', 'one'), put('b:2', 'two'), put('b:3', 'three')]);
+      await sleep(40);
+      const listed: string[] = [];
+      for await (const e of b.list({ prefix: '', startAfter: '', limit: 2, keysOnly: false })) listed.push(`${e.key}=${e.value}`);
+      assert.deepEqual(listed, ['b:1=one', 'b:2=two']);
+    } finally {
+      await b.close();
+    }
+  });
+
   it('the sweeper reports each expired key once and List no longer shows it', async () => {
     const b = new SqliteBackend({ ...options, sweepIntervalMs: 20, sweepBatch: 10 });
     const expired: string[] = [];

@@ -95,6 +95,7 @@ export class SqliteBackend implements Backend {
   private readonly stmt: {
     append: Database.Statement<[string, Buffer | null, number, number, number]>;
     value: Database.Statement<[number], Buffer | null>;
+    values: Database.Statement<[string], [number, Buffer | null]>;
     head: Database.Statement<[number, number], HeadRow>;
     dropHead: Database.Statement<[number]>;
     addKey: Database.Statement<[string]>;
@@ -122,6 +123,10 @@ export class SqliteBackend implements Backend {
     this.stmt = {
       append: this.db.prepare('INSERT INTO log (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)'),
       value: this.db.prepare<[number], Buffer | null>('SELECT value FROM log WHERE seq = ?').pluck(),
+      // The values of a page of List: one query for up to LIST_PAGE rows (seqs as a JSON array).
+      values: this.db
+        .prepare('SELECT seq, value FROM log WHERE seq IN (SELECT value FROM json_each(?))')
+        .raw(true) as Database.Statement<[string], [number, Buffer | null]>,
       head: this.db
         .prepare('SELECT seq, key FROM log WHERE seq >= ? ORDER BY seq LIMIT ?')
         .raw(true) as Database.Statement<[number, number], HeadRow>,
@@ -153,17 +158,15 @@ export class SqliteBackend implements Backend {
     let remaining = options.limit > 0 ? options.limit : Infinity;
     while (remaining > 0) {
       if (this.closed) throw new StoreError('unavailable', 'the store is closing');
+      // Whole pages: the key table may still hold expired keys the sweeper has not reached.
       const keys = this.stmt.listKeys.all(after, options.prefix, LIST_PAGE);
-      for (const key of keys) {
-        if (!key.startsWith(options.prefix)) return;
-        // Read when yielded: the key's latest row as of now (a write or compaction may have moved it).
-        const entry = this.read(key, Date.now(), options.keysOnly);
-        if (!entry) continue;
+      // A page is read at once (as one query was before): the entries are those of this moment.
+      for (const entry of this.readPage(keys, options.prefix, options.keysOnly)) {
         yield entry;
         remaining -= 1;
         if (remaining <= 0) return;
       }
-      if (keys.length < LIST_PAGE) return;
+      if (keys.length < LIST_PAGE || !keys[keys.length - 1].startsWith(options.prefix)) return;
       after = keys[keys.length - 1];
     }
   }
@@ -385,13 +388,23 @@ export class SqliteBackend implements Backend {
     this.keydir.set(key, seq, version, expiresAtMs, createdAtMs, slot);
   }
 
-  /** A key's live entry, read from its latest row (the value only when asked for). */
-  private read(key: string, now: number, keysOnly: boolean): StoredEntry | undefined {
+  /** The live entries of these keys (those with the prefix), values read in one query. */
+  private readPage(keys: readonly string[], prefix: string, keysOnly: boolean): StoredEntry[] {
     const dir = this.keydir;
-    const slot = dir.slot(key);
-    if (slot === undefined || dir.expires[slot] <= now) return undefined;
-    const value = keysOnly ? EMPTY_VALUE : (this.stmt.value.get(dir.seq[slot]) ?? EMPTY_VALUE);
-    return { key, value, version: dir.version[slot], expiresAtMs: dir.expires[slot], createdAtMs: dir.created[slot] };
+    const now = Date.now();
+    const entries: StoredEntry[] = [];
+    const seqs: number[] = [];
+    for (const key of keys) {
+      if (!key.startsWith(prefix)) break;
+      const slot = dir.slot(key);
+      if (slot === undefined || dir.expires[slot] <= now) continue;
+      entries.push({ key, value: EMPTY_VALUE, version: dir.version[slot], expiresAtMs: dir.expires[slot], createdAtMs: dir.created[slot] });
+      seqs.push(dir.seq[slot]);
+    }
+    if (keysOnly || entries.length === 0) return entries;
+    const values = new Map(this.stmt.values.all(JSON.stringify(seqs)));
+    for (let i = 0; i < entries.length; i += 1) entries[i].value = values.get(seqs[i]) ?? EMPTY_VALUE;
+    return entries;
   }
 
   /**
