@@ -25,7 +25,7 @@ export interface SqliteOptions {
   synchronous: 'FULL' | 'NORMAL';
   /** How often the expiry sweeper runs. */
   sweepIntervalMs: number;
-  /** Most expired rows deleted per sweeper step (bounds the event-loop pause). */
+  /** Most expired keys removed per sweeper step (bounds the event-loop pause). */
   sweepBatch: number;
   /** Most operations committed in one transaction; more wait for the next turn of the loop. */
   maxOpsPerCommit: number;
