@@ -3,7 +3,7 @@ import { Metadata, status } from '@grpc/grpc-js';
 import { authMetadata, createRawClient, createStoreClient } from '../services/client/store-client';
 import { BatchRequest, DeleteRequest, GetRequest, ListRequest, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
 import { callRaw, METHODS, type MethodName, rawStoreClient } from './helpers/raw-grpc';
-import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 
 const TOKEN = 'store-token-0123456789-abcdefghij';
 
@@ -106,7 +106,7 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
         const res = await fetch(`http://127.0.0.1:${web.port}/`);
         assert.equal(res.status, 503);
         assert.match(await res.text(), /session store cannot be reached/);
-        assert.ok(web.lines.some((l) => l.includes('the store refused STORE_TOKEN')), 'the operator is told why');
+        await waitForLine(web, (l) => l.includes('the store refused STORE_TOKEN')); // the operator is told why
       });
     }
   });

@@ -141,7 +141,8 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
     const rpcs = () => store.lines.filter((l) => l.includes('"msg":"rpc"')).map((l) => JSON.parse(l) as Record<string, unknown>);
     const deadline = Date.now() + 5000;
-    while (!rpcs().some((r) => r.method === 'Pipe') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    // Log lines are written asynchronously: the two batches' lines may come in separate writes.
+    while (rpcs().filter((r) => r.method === 'Pipe').length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     const lines = rpcs();
     assert.equal(lines.filter((r) => r.requestId === 'req-unary-1' && r.code === 'OK').length, 1, 'one line per call');
     const ok = lines.find((r) => r.requestId === 'req-unary-1' && r.code === 'OK');

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 import { idOf, waitFor } from './helpers/web-app';
 
 const FAST_STORE = { STORE_SYNCHRONOUS: 'NORMAL' };
@@ -157,7 +157,7 @@ describe('web process settings and logs', function () {
       await fetch(base + '/metrics');
       const requestLines = web.lines.filter((l) => l.includes('"msg":"request"'));
       assert.ok(requestLines.length >= 9, `request lines were logged (${requestLines.length})`);
-      assert.ok(web.lines.some((l) => l.includes('suspicious session cookie')), 'the forged cookie was logged');
+      await waitForLine(web, (l) => l.includes('suspicious session cookie')); // the forged cookie was logged
       assert.equal(ids.size, 2);
       for (const id of ids) {
         const leaking = web.lines.filter((l) => l.includes(id) || l.includes(id.slice(0, 16)));

@@ -61,6 +61,20 @@ export function startProcess(script: string, env: Record<string, string>, timeou
   });
 }
 
+/**
+ * Resolves once the process has logged a line that matches (log lines are written asynchronously,
+ * so a line may arrive after the response it belongs to); rejects after timeoutMs.
+ */
+export async function waitForLine(proc: Proc, matches: (line: string) => boolean, timeoutMs = 5000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const line = proc.lines.find(matches);
+    if (line !== undefined) return line;
+    if (Date.now() > deadline) throw new Error(`no matching log line within ${timeoutMs} ms:\n${proc.lines.slice(-20).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 /** A temp directory removed by the returned cleanup. */
 export function tempDir(prefix = 'sessions-test-'): { dir: string; remove(): void } {
   const dir = mkdtempSync(path.join(tmpdir(), prefix));
