@@ -93,6 +93,26 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('when every key is deleted the log shrinks to the 10,000-row floor, and new keys after that still compact', async () => {
+    let b = new SqliteBackend(options);
+    for (let r = 0; r < 8; r += 1) {
+      await b.batch(Array.from({ length: 2_000 }, (_, i) => put(`gone:${i}`, `${r}`)));
+      await b.batch(Array.from({ length: 2_000 }, (_, i) => del(`gone:${i}`)));
+    }
+    assert.ok(logRows(tmp.dir) <= 10_000 + 4_000, `${logRows(tmp.dir)} rows after every key was deleted`);
+    for (let r = 0; r < 10; r += 1) await b.batch(Array.from({ length: 2_000 }, (_, i) => put(`back:${i}`, `${r}`)));
+    assert.ok(logRows(tmp.dir) <= 2_000 + 10_000 + 8_000, `${logRows(tmp.dir)} rows for 2,000 keys`);
+    await b.close();
+    b = new SqliteBackend(options);
+    try {
+      const listed = await listAll(b);
+      assert.equal(listed.length, 2_000);
+      assert.ok(listed.every(([key, value]) => key.startsWith('back:') && value === '9'));
+    } finally {
+      await b.close();
+    }
+  });
+
   it('a transaction that fails (disk full) answers unavailable for each op and leaves memory and disk as they were', async () => {
     const b = new SqliteBackend(options);
     try {
