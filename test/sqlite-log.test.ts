@@ -187,6 +187,50 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('keys that expire while the store is down are reported to Watch by the sweeper after the restart', async () => {
+    let b = new SqliteBackend(options);
+    await b.batch([put('w:1', 'v', 50), put('w:2', 'v', 50), put('w:keep', 'v', 60_000)]);
+    await b.close();
+    await sleep(100);
+    b = new SqliteBackend({ ...options, sweepIntervalMs: 20 });
+    const expired: string[] = [];
+    const stop = b.watch('w:', (e) => {
+      if (e.kind === 'expire') expired.push(e.key);
+    });
+    try {
+      const deadline = Date.now() + 5_000;
+      while (expired.length < 2 && Date.now() < deadline) await sleep(20);
+      assert.deepEqual(expired.sort(), ['w:1', 'w:2']);
+    } finally {
+      stop();
+      await b.close();
+    }
+  });
+
+  it('a swept key stays gone after a restart even if the clock has stepped back, and comes back to List when put again', async () => {
+    const realNow = Date.now;
+    let shift = 0;
+    Date.now = () => realNow() + shift;
+    try {
+      let b = new SqliteBackend(options);
+      await b.batch([put('s', 'v1', 1_000), put('other', 'o', 3_600_000)]);
+      shift = 2_000;
+      assert.equal(b.sweep(), 1);
+      await b.close();
+      shift = 500; // an NTP step or a restored VM: the clock is back before s's expiry
+      b = new SqliteBackend(options);
+      try {
+        assert.equal(await read(b, 's'), null, 'the expiry announced before the restart holds');
+        await b.batch([put('s', 'v2', 3_600_000)]);
+        assert.deepEqual((await listAll(b)).map(([key, value]) => `${key}=${value}`), ['other=o', 's=v2']);
+      } finally {
+        await b.close();
+      }
+    } finally {
+      Date.now = realNow;
+    }
+  });
+
   it('the sweeper reports each expired key once and List no longer shows it', async () => {
     const b = new SqliteBackend({ ...options, sweepIntervalMs: 20, sweepBatch: 10 });
     const expired: string[] = [];

@@ -121,7 +121,6 @@ export class SqliteBackend implements Backend {
     // Bounds the WAL file left on disk after SQLite restarts writing it from the beginning.
     this.db.pragma(`journal_size_limit = ${64 * 1024 * 1024}`);
     migrate(this.db);
-    if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.stmt = {
       append: this.db.prepare('INSERT INTO log (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)'),
       value: this.db.prepare<[number], Buffer | null>('SELECT value FROM log WHERE seq = ?').pluck(),
@@ -140,6 +139,7 @@ export class SqliteBackend implements Backend {
         .pluck(),
     };
     this.load();
+    if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.events.setMaxListeners(0);
     if (options.sweepIntervalMs > 0) {
       this.sweeper = setInterval(() => this.sweep(), options.sweepIntervalMs);
@@ -260,30 +260,31 @@ export class SqliteBackend implements Backend {
    */
   sweep(): number {
     if (this.closed) return 0;
-    const now = Date.now();
-    const { keys, next } = this.keydir.expired(now, this.sweepFrom, SWEEP_SCAN, this.options.sweepBatch);
-    this.sweepFrom = next;
-    const changes: ChangeEvent[] = [];
-    if (keys.length > 0) {
+    const { keys, next } = this.keydir.expired(Date.now(), this.sweepFrom, SWEEP_SCAN, this.options.sweepBatch);
+    const expired = keys.map((key) => ({ key, state: this.keydir.state(key)! }));
+    if (expired.length > 0) {
       try {
         this.db.transaction(() => {
-          for (const key of keys) this.stmt.removeKey.run(key);
+          for (const { key, state } of expired) {
+            // A tombstone, so that the key stays gone after a restart even if the clock has
+            // stepped back by then (its last row would look live again).
+            this.stmt.append.run(key, null, state.version, 0, state.createdAtMs);
+            this.stmt.removeKey.run(key);
+          }
         })();
       } catch {
-        return 0; // the next sweep tries again
+        return 0; // the next sweep tries again from the same place
       }
-      for (const key of keys) {
-        const state = this.keydir.state(key);
-        // A write may have made the key live again since it was found, but not in between: the
-        // transaction above and this loop run in the same turn.
-        if (!state) continue;
-        this.keydir.remove(key);
-        changes.push({ kind: 'expire', key, version: state.version, value: EMPTY_VALUE, expiresAtMs: 0 });
-      }
+      this.logRows += expired.length;
+      for (const { key } of expired) this.keydir.remove(key);
     }
-    for (const change of changes) this.events.emit('change', change);
+    this.sweepFrom = next;
+    // Nothing can have run between finding the keys and here: the transaction is synchronous.
+    for (const { key, state } of expired) {
+      this.events.emit('change', { kind: 'expire', key, version: state.version, value: EMPTY_VALUE, expiresAtMs: 0 });
+    }
     if (next !== 0) setImmediate(() => this.sweep());
-    return changes.length;
+    return expired.length;
   }
 
   private scheduleFlush(): void {
@@ -352,7 +353,8 @@ export class SqliteBackend implements Backend {
         if (op.expectedVersion !== undefined && liveVersion !== op.expectedVersion) {
           return versionConflict(op.expectedVersion, liveVersion);
         }
-        if (slot === undefined) this.stmt.addKey.run(op.key);
+        // A new key, or one that expired (a swept key's row is gone from List's key table).
+        if (!live) this.stmt.addKey.run(op.key);
         const entry: StoredEntry = {
           key: op.key,
           value: op.value,
@@ -464,14 +466,8 @@ export class SqliteBackend implements Backend {
     }
     this.logRows = rows;
     this.headSeq = head;
-    // Keys that expired while the store was down: out of the index and of List's key table now.
-    const { keys } = this.keydir.expired(Date.now(), 0, Infinity, Infinity);
-    if (keys.length > 0) {
-      this.db.transaction(() => {
-        for (const key of keys) this.stmt.removeKey.run(key);
-      })();
-      for (const key of keys) this.keydir.remove(key);
-    }
+    // Keys that expired while the store was down stay in the index until the sweeper reports them
+    // (Get, List and the live count already skip them): removed here, Watch would never hear of them.
   }
 }
 
