@@ -125,7 +125,7 @@ describe('store durability (real store process, SIGKILL mid-load)', function () 
       tmp.remove();
     }
   });
-  it('countLive counts live entries only, the same with the checkpoint worker or inline, and is 0 once closed', async () => {
+  it('countLive counts live entries only, with the checkpoint worker or without, two counts at once agree, and it is 0 once closed', async () => {
     const tmp = tempDir();
     const options = { dataDir: tmp.dir, synchronous: 'NORMAL' as const, sweepIntervalMs: 0, sweepBatch: 200, maxOpsPerCommit: 100_000 };
     const backend = new SqliteBackend(options);

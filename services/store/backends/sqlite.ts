@@ -59,8 +59,6 @@ const MIN_GARBAGE = 10_000;
 const COMPACT_PER_WRITE = 4;
 /** Fewest log rows compaction reads at once: each query has a fixed cost worth spreading. */
 const COMPACT_MIN_ROWS = 256;
-/** Log rows read per query when the index is rebuilt at start-up. */
-const LOAD_CHUNK = 20_000;
 /** Slots the sweeper looks at per step (a few ms at most). */
 const SWEEP_SCAN = 65_536;
 
@@ -89,16 +87,15 @@ export class SqliteBackend implements Backend {
   private checkpointer: Worker | undefined;
   private catchUp = false;
   private readonly keydir = new KeyDir();
-  /** Rows in the log, and the lowest seq that may still be there. */
+  /** Rows in the log (compaction's trigger; counting them would read the whole table). */
   private logRows = 0;
-  private headSeq = 0;
   /** Where the sweeper goes on in the KeyDir's slots. */
   private sweepFrom = 0;
   private readonly stmt: {
     append: Database.Statement<[string, Buffer | null, number, number, number]>;
     value: Database.Statement<[number], Buffer | null>;
     values: Database.Statement<[string], [number, Buffer | null]>;
-    head: Database.Statement<[number, number], HeadRow>;
+    head: Database.Statement<[number], HeadRow>;
     dropHead: Database.Statement<[number]>;
     addKey: Database.Statement<[string]>;
     removeKey: Database.Statement<[string]>;
@@ -129,8 +126,9 @@ export class SqliteBackend implements Backend {
         .prepare('SELECT seq, value FROM log WHERE seq IN (SELECT value FROM json_each(?))')
         .raw(true) as Database.Statement<[string], [number, Buffer | null]>,
       head: this.db
-        .prepare('SELECT seq, key FROM log WHERE seq >= ? ORDER BY seq LIMIT ?')
-        .raw(true) as Database.Statement<[number, number], HeadRow>,
+        // The oldest rows: compaction deletes from the front, so this is one seek to the first leaf.
+        .prepare('SELECT seq, key FROM log ORDER BY seq LIMIT ?')
+        .raw(true) as Database.Statement<[number], HeadRow>,
       dropHead: this.db.prepare('DELETE FROM log WHERE seq <= ?'),
       addKey: this.db.prepare('INSERT OR IGNORE INTO keys (key) VALUES (?)'),
       removeKey: this.db.prepare('DELETE FROM keys WHERE key = ?'),
@@ -262,20 +260,18 @@ export class SqliteBackend implements Backend {
     if (this.closed) return 0;
     const { keys, next } = this.keydir.expired(Date.now(), this.sweepFrom, SWEEP_SCAN, this.options.sweepBatch);
     const expired = keys.map((key) => ({ key, state: this.keydir.state(key)! }));
+    const logRows = this.logRows;
     if (expired.length > 0) {
       try {
         this.db.transaction(() => {
-          for (const { key, state } of expired) {
-            // A tombstone, so that the key stays gone after a restart even if the clock has
-            // stepped back by then (its last row would look live again).
-            this.stmt.append.run(key, null, state.version, 0, state.createdAtMs);
-            this.stmt.removeKey.run(key);
-          }
+          // Tombstones, so that the keys stay gone after a restart even if the clock has stepped
+          // back by then (their last rows would look live again).
+          for (const { key, state } of expired) this.tombstone(key, state.version, state.createdAtMs);
         })();
       } catch {
+        this.logRows = logRows;
         return 0; // the next sweep tries again from the same place
       }
-      this.logRows += expired.length;
       for (const { key } of expired) this.keydir.remove(key);
     }
     this.sweepFrom = next;
@@ -309,7 +305,7 @@ export class SqliteBackend implements Backend {
     if (this.catchUp) this.finishCheckpoint();
     const batches = this.queue.splice(0, taken);
     const changes: ChangeEvent[] = [];
-    const undo: Undo = { keys: [], logRows: this.logRows, headSeq: this.headSeq };
+    const undo: Undo = { keys: [], logRows: this.logRows };
     let answers: BackendResult[][];
     try {
       answers = this.db.transaction(() => {
@@ -322,7 +318,6 @@ export class SqliteBackend implements Backend {
       // Rolled back: the index goes back to what the database still says.
       for (let i = undo.keys.length - 1; i >= 0; i -= 1) this.keydir.restore(undo.keys[i][0], undo.keys[i][1]);
       this.logRows = undo.logRows;
-      this.headSeq = undo.headSeq;
       const failure = unavailable(`sqlite: ${(err as Error).message}`);
       for (const b of batches) b.resolve(b.ops.map(() => failure));
       return;
@@ -371,10 +366,8 @@ export class SqliteBackend implements Backend {
           return versionConflict(op.expectedVersion, liveVersion);
         }
         if (slot === undefined) return { ok: true, value: false };
-        // A tombstone: without it the key's older rows would come back when the index is rebuilt.
-        this.stmt.append.run(op.key, null, dir.version[slot], 0, dir.created[slot]);
-        this.logRows += 1;
-        this.stmt.removeKey.run(op.key);
+        // Without a tombstone the key's older rows would come back when the index is rebuilt.
+        this.tombstone(op.key, dir.version[slot], dir.created[slot]);
         undo.keys.push([op.key, dir.stateAt(slot)]);
         dir.remove(op.key);
         if (!live) return { ok: true, value: false };
@@ -382,6 +375,13 @@ export class SqliteBackend implements Backend {
         return { ok: true, value: true };
       }
     }
+  }
+
+  /** Appends a delete's row for the key and takes it out of List's key table (the caller updates the index). */
+  private tombstone(key: string, version: number, createdAtMs: number): void {
+    this.stmt.append.run(key, null, version, 0, createdAtMs);
+    this.logRows += 1;
+    this.stmt.removeKey.run(key);
   }
 
   /** Appends a row for the key and points the index at it. */
@@ -419,7 +419,7 @@ export class SqliteBackend implements Backend {
   private compact(budget: number, now: number, changes: ChangeEvent[], undo: Undo): void {
     const dir = this.keydir;
     while (budget > 0 && this.logRows - dir.size > Math.max(MIN_GARBAGE, dir.size)) {
-      const rows = this.stmt.head.all(this.headSeq, Math.min(Math.max(budget, COMPACT_MIN_ROWS), LIST_PAGE));
+      const rows = this.stmt.head.all(Math.min(Math.max(budget, COMPACT_MIN_ROWS), LIST_PAGE));
       if (rows.length === 0) return;
       for (const [seq, key] of rows) {
         const slot = dir.slot(key);
@@ -437,8 +437,6 @@ export class SqliteBackend implements Backend {
       const last = rows[rows.length - 1][0];
       this.stmt.dropHead.run(last);
       this.logRows -= rows.length;
-      // An emptied table numbers its next row 1 again (SQLite takes the largest rowid + 1).
-      this.headSeq = this.logRows === 0 ? 0 : last + 1;
       budget -= rows.length;
     }
   }
@@ -447,25 +445,15 @@ export class SqliteBackend implements Backend {
   private load(): void {
     this.keydir.clear();
     let rows = 0;
-    let head = 0;
-    // In chunks with all(): about twice as fast as iterate() row by row.
     const scan = this.db
-      .prepare('SELECT seq, key, value IS NULL, version, expires_at, created_at FROM log WHERE seq > ? ORDER BY seq LIMIT ?')
-      .raw(true) as Database.Statement<[number, number], [number, string, number, number, number, number]>;
-    let after = -1;
-    for (;;) {
-      const chunk = scan.all(after, LOAD_CHUNK);
-      for (const [seq, key, tombstone, version, expiresAtMs, createdAtMs] of chunk) {
-        if (rows === 0) head = seq;
-        rows += 1;
-        if (tombstone) this.keydir.remove(key);
-        else this.keydir.set(key, seq, version, expiresAtMs, createdAtMs);
-      }
-      if (chunk.length < LOAD_CHUNK) break;
-      after = chunk[chunk.length - 1][0];
+      .prepare('SELECT seq, key, value IS NULL, version, expires_at, created_at FROM log ORDER BY seq')
+      .raw(true) as Database.Statement<[], [number, string, number, number, number, number]>;
+    for (const [seq, key, tombstone, version, expiresAtMs, createdAtMs] of scan.iterate()) {
+      rows += 1;
+      if (tombstone) this.keydir.remove(key);
+      else this.keydir.set(key, seq, version, expiresAtMs, createdAtMs);
     }
     this.logRows = rows;
-    this.headSeq = head;
     // Keys that expired while the store was down stay in the index until the sweeper reports them
     // (Get, List and the live count already skip them): removed here, Watch would never hear of them.
   }
@@ -475,7 +463,6 @@ export class SqliteBackend implements Backend {
 interface Undo {
   keys: Array<[string, KeyState | undefined]>;
   logRows: number;
-  headSeq: number;
 }
 
 function unavailable(message: string): BackendResult {
