@@ -85,6 +85,27 @@ describe('signed ids', () => {
     }
   });
 
+  it('kept proofs change no answer: valid, forged, rotated-key and evicted cookies verify as with an HMAC every time', () => {
+    const ids = Array.from({ length: 6 }, () => newSessionId());
+    const old = new IdSigner([KEY_A], 0);
+    const cookies = ids.flatMap((id) => {
+      const own = new IdSigner([KEY_B], 0).prove(id).cookie;
+      const forged = own.slice(0, -1) + BASE64URL[BASE64URL.indexOf(own.at(-1)!) ^ 1];
+      return [own, forged, old.prove(id).cookie, `${newSessionId()}.${own.slice(25)}`];
+    });
+    const reference = new IdSigner([KEY_B, KEY_A], 0);
+    // Kept proofs: none, fewer than the ids (so some are evicted between uses), all of them.
+    for (const kept of [0, 2, 10_000]) {
+      const signer = new IdSigner([KEY_B, KEY_A], kept);
+      for (let round = 0; round < 3; round += 1) {
+        for (const [i, cookie] of cookies.entries()) {
+          if (round === 1 && i % 4 === 0) signer.prove(ids[i / 4]); // proving also keeps the proof
+          assert.deepEqual(signer.verify(cookie), reference.verify(cookie), `kept ${kept}, round ${round}, cookie ${i}`);
+        }
+      }
+    }
+  });
+
   it('the form token verifies for its own id only and differs from the cookie MAC', () => {
     const signer = new IdSigner([KEY_A]);
     const a = signer.prove(newSessionId());

@@ -40,7 +40,8 @@ export interface SessionOptions {
    * How many sessions this process remembers the last written version of (default 10,000; 0 = none).
    * The next update of a remembered session writes with compare-and-set straight away, without
    * reading first: one store round trip instead of two. Another process's write makes the version
-   * mismatch and the update re-reads, so this saves a read and risks nothing.
+   * mismatch and the update re-reads, so this saves a read and risks nothing. The same number of
+   * signed ids is remembered, so a returning browser's cookie is checked without an HMAC.
    */
   recentSessions?: number;
   /** The request's id, passed to the store with every call for its logs (default: none). */
@@ -648,9 +649,10 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
   if (absoluteTtlMs < idleTtlMs) {
     throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
   }
+  const recentSessions = nonNegative('recentSessions', options.recentSessions, 10_000);
   return {
     store: options.store,
-    signer: new IdSigner(options.keys),
+    signer: new IdSigner(options.keys, recentSessions),
     cookieName,
     idleTtlMs,
     absoluteTtlMs,
@@ -661,7 +663,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
     onEvent: callback('onEvent', options.onEvent, () => undefined),
-    locks: new KeyedLock(nonNegative('recentSessions', options.recentSessions, 10_000)),
+    locks: new KeyedLock(recentSessions),
     moves: new RecentMoves(),
   };
 }
