@@ -2,6 +2,8 @@ import assert from 'node:assert/strict';
 import { Metadata, status } from '@grpc/grpc-js';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
 import { BatchRequest, GetRequest } from '../services/generated/kv';
+import { type Backend, StoreError } from '../services/store/backends/backend';
+import { StoreMetrics, throttledCount } from '../services/store/metrics';
 import { callRaw, rawStoreClient } from './helpers/raw-grpc';
 import { type Proc, startStore, tempDir } from './helpers/procs';
 import { parsePrometheus } from './helpers/prometheus';
@@ -88,5 +90,63 @@ describe('store metrics endpoint (real store process)', function () {
     assert.equal(delta('store_batch_ops_sum'), 2);
     assert.equal(at(after, 'store_live_entries'), 3);
     assert.equal(delta('store_expired_swept_total'), 1);
+  });
+});
+
+describe('store_live_entries counting', () => {
+  it('a slow count runs at most 1% of the time (after one that took 500 ms the value is reused for 50 s), a quick one every time, and calls during a count share it', async () => {
+    let clock = 0;
+    let calls = 0;
+    const count = throttledCount(
+      async () => {
+        calls += 1;
+        clock += calls <= 2 ? 500 : 20; // the first two counts take 500 ms of the fake clock, later ones 20 ms
+        return calls * 10;
+      },
+      0.01,
+      () => clock,
+    );
+    assert.deepEqual(await Promise.all([count(), count()]), [10, 10]);
+    assert.equal(calls, 1, 'two scrapes at once share one count');
+    clock += 49_000;
+    assert.equal(await count(), 10, 'within 500 ms / 1% = 50 s of the last start: the last value');
+    clock += 1_000;
+    assert.equal(await count(), 20, 'after 50 s: counted again');
+    clock += 50_000;
+    assert.equal(await count(), 30, 'counted again; this count is quick');
+    assert.equal(await count(), 40, 'after a quick count, every call counts');
+    assert.equal(calls, 4);
+  });
+
+  it('a backend that cannot count does not fail the scrape: the gauge keeps its last value and a failure is counted', async () => {
+    let down = false;
+    const backend: Backend = {
+      name: 'fake',
+      batch: async () => [],
+      list: async function* () {},
+      watch: () => () => undefined,
+      ping: async () => undefined,
+      countLive: async () => {
+        if (down) throw new StoreError('unavailable', 'backend down');
+        return 7;
+      },
+      close: async () => undefined,
+    };
+    const metrics = new StoreMetrics(backend);
+    try {
+      const read = async () => parsePrometheus(await metrics.registry.metrics());
+      assert.equal((await read()).get('store_live_entries'), 7);
+      down = true;
+      // Counting is throttled by how long the last count took (about nothing here): a later scrape counts again.
+      let during = await read();
+      for (let i = 0; i < 100 && !during.get('store_live_entries_count_failures_total'); i += 1) {
+        await new Promise((r) => setTimeout(r, 20));
+        during = await read();
+      }
+      assert.equal(during.get('store_live_entries'), 7);
+      assert.equal(during.get('store_live_entries_count_failures_total'), 1);
+    } finally {
+      metrics.close();
+    }
   });
 });

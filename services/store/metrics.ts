@@ -10,6 +10,39 @@ export type RpcMethod = 'Get' | 'Put' | 'Delete' | 'List' | 'ListPages' | 'Batch
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 
+/** Largest share of the time spent counting live entries for scrapes. */
+const COUNT_DUTY = 0.01;
+/** Counts quicker than this are never reused. */
+const CHEAP_COUNT_MS = 100;
+
+/**
+ * A count that runs at most `duty` of the time once it is slow: after a count that took d ms (d at
+ * least 100), the next one starts no sooner than d / duty ms after that one started, and until
+ * then the last value is served. Calls that arrive while a count runs share it. On SQLite a count
+ * takes milliseconds, so every scrape gets a fresh one; on Redis a count is a SCAN of the whole
+ * keyspace, and a large keyspace is counted less often instead of each scrape of each store
+ * instance loading Redis with it.
+ */
+export function throttledCount(count: () => Promise<number>, duty = COUNT_DUTY, now = () => performance.now()): () => Promise<number> {
+  let last: { value: number; startedAt: number; tookMs: number } | undefined;
+  let running: Promise<number> | undefined;
+  return () => {
+    if (running) return running;
+    if (last && last.tookMs >= CHEAP_COUNT_MS && now() - last.startedAt < last.tookMs / duty) return Promise.resolve(last.value);
+    const startedAt = now();
+    const counting = count().then((value) => {
+      last = { value, startedAt, tookMs: now() - startedAt };
+      return value;
+    });
+    running = counting;
+    const done = () => {
+      running = undefined;
+    };
+    counting.then(done, done);
+    return counting;
+  };
+}
+
 /**
  * The store's Prometheus metrics, in a registry of their own:
  * - store_rpc_handled_total{method,code} and store_rpc_duration_seconds{method,code}: one per
@@ -17,7 +50,8 @@ const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
  * - store_backend_duration_seconds{op}: backend batches (op = get, put or delete for a single
  *   operation, batch for several);
  * - store_batch_ops: operations per Batch call or Pipe batch;
- * - store_live_entries: unexpired entries, counted when scraped;
+ * - store_live_entries: unexpired entries, counted when scraped (throttled: see throttledCount);
+ * - store_live_entries_count_failures_total: scrapes whose count failed;
  * - store_expired_swept_total: entries deleted by the expiry sweeper;
  * - the default process metrics of prom-client (CPU, memory, event-loop lag, handles).
  */
@@ -54,12 +88,23 @@ export class StoreMetrics {
       buckets: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
       registers,
     });
+    const countLive = throttledCount(() => backend.countLive());
+    const countFailures = new Counter({
+      name: 'store_live_entries_count_failures_total',
+      help: 'Scrapes whose count of live entries failed (the backend was unreachable); store_live_entries kept its last value',
+      registers,
+    });
     new Gauge({
       name: 'store_live_entries',
-      help: 'Unexpired entries in the store (counted when scraped)',
+      help: `Unexpired entries in the store (counted when scraped; a count that took over ${CHEAP_COUNT_MS} ms, e.g. a SCAN of a large Redis, is reused for ${1 / COUNT_DUTY} times as long)`,
       registers,
       async collect() {
-        this.set(await backend.countLive());
+        // A backend that is down must not take the other metrics with it: they matter most then.
+        try {
+          this.set(await countLive());
+        } catch {
+          countFailures.inc();
+        }
       },
     });
     const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries deleted by the sweeper', registers });

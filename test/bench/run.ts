@@ -19,7 +19,10 @@ const arg = (name: string, fallback: number) => {
   return hit ? Number(hit.split('=')[1]) : fallback;
 };
 const DURATION_S = arg('duration', smoke ? 1 : 5);
-const ROUNDS = arg('rounds', smoke ? 1 : 3);
+const ROUNDS = arg('rounds', smoke ? 1 : 5);
+// Each system is loaded this long before its first round: a page server was still getting faster
+// for several seconds after a 1 s warm-up (JIT, heap sizing), which made first rounds unsteady.
+const WARMUP_S = arg('warmup', smoke ? 1 : 3);
 const CONNECTIONS = 50;
 const IN_FLIGHT = 50;
 const GROWTH_N = arg('growth', smoke ? 5_000 : 1_000_000);
@@ -70,7 +73,7 @@ async function main(): Promise<void> {
       ['bare Koa + nunjucks page, no store', bare],
     ];
     const pageRuns = new Map<string, Measure[]>(pages.map(([n]) => [n, []]));
-    for (const [, proc] of pages) await measurePage(`http://127.0.0.1:${proc.port}`, CONNECTIONS, 1); // warm-up
+    for (const [, proc] of pages) await measurePage(`http://127.0.0.1:${proc.port}`, CONNECTIONS, WARMUP_S);
     for (let round = 0; round < ROUNDS; round += 1) {
       for (const [name, proc] of pages) {
         const cpuBefore = processCpuUs(proc.child.pid);
@@ -114,6 +117,7 @@ async function main(): Promise<void> {
       ['store Get/Put: ours on Redis, 2 store instances', (loop, i) => getPut(loop % 2 ? onRedis2 : onRedis, 'ops-')(loop, i)],
     ];
     const opsRuns = new Map<string, Measure[]>(storeCases.map(([n]) => [n, []]));
+    for (const [, op] of storeCases) await measureOps(op, IN_FLIGHT, WARMUP_S * 1000);
     for (let round = 0; round < ROUNDS; round += 1) {
       for (const [name, op] of storeCases) {
         const m = await measureOps(op, IN_FLIGHT, DURATION_S * 1000);
@@ -221,7 +225,7 @@ function report(rows: Row[], redisVersion: string): void {
     `autocannon ${pkg('autocannon')}`,
   ];
   const lines = [
-    `Medians of ${ROUNDS} round(s) of ${DURATION_S} s; ${CONNECTIONS} connections (one session each) for pages, ${IN_FLIGHT} operations in flight for the store.`,
+    `Medians of ${ROUNDS} round(s) of ${DURATION_S} s, after ${WARMUP_S} s of warm-up per system; ${CONNECTIONS} connections (one session each) for pages, ${IN_FLIGHT} operations in flight for the store.`,
     '',
     '| system | rate | p50 ms | p99 ms | errors | web process CPU µs per request |',
     '|---|---:|---:|---:|---:|---:|',
