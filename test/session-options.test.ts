@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { IdSigner, newSessionId } from '../services/web/signed-id';
 import { KeyedLock, RecentMoves, type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
 
@@ -104,6 +106,26 @@ describe('signed ids', () => {
         }
       }
     }
+  });
+
+  it('a verified id keeps no reference to the Cookie header it was cut from (remembered ids would keep big headers alive)', () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as () => void;
+    const signer = new IdSigner([KEY_B, KEY_A]);
+    const minters = [new IdSigner([KEY_B], 0), new IdSigner([KEY_A], 0)]; // the signing key, a rotated-out key
+    const results: unknown[] = [];
+    gc();
+    const before = process.memoryUsage().heapUsed;
+    for (let i = 0; i < 400; i += 1) {
+      const header = `pad=${'x'.repeat(50_000)}${i}; sid=${minters[i % 2].prove(newSessionId()).cookie}; theme=dark`;
+      // A capture of a long string, as the cookies package cuts a cookie value out of the header.
+      const cookie = /(?:^|; *)sid=([^;]*)/.exec(header)![1];
+      results.push(signer.verify(cookie), signer.verify(cookie)); // the HMAC path, then the kept proof
+    }
+    gc();
+    const grownMb = (process.memoryUsage().heapUsed - before) / 1e6;
+    assert.ok(results.every((r) => r !== undefined));
+    assert.ok(grownMb < 5, `400 verified cookies kept ${grownMb.toFixed(1)} MB alive (their 50 KB headers would be 20 MB)`);
   });
 
   it('the form token verifies for its own id only and differs from the cookie MAC', () => {

@@ -26,6 +26,15 @@ function sameText(a: string, b: string): boolean {
 }
 
 /**
+ * A copy of a string cut from a longer one. V8 represents a slice or a regex capture of 13 or more
+ * characters as a view of its parent, so an id cut from a request's Cookie header would keep the
+ * whole header (up to 16 KB) in memory for as long as the id is remembered.
+ */
+function detached(text: string): string {
+  return Buffer.from(text, 'latin1').toString('latin1');
+}
+
+/**
  * What one HMAC of an id under the signing key gives: the cookie MAC (first half) and the form
  * token (second half). The halves of an HMAC-SHA256 output are independent, so a token seen in a
  * page says nothing about the cookie's MAC, and one HMAC per request serves both.
@@ -83,7 +92,8 @@ export class IdSigner {
   }
 
   /**
-   * The id inside a cookie value when its MAC verifies under any key, else undefined. Under the
+   * The id inside a cookie value when its MAC verifies under any key, else undefined (a copy that
+   * keeps no reference to the cookie string). Under the
    * signing key (the usual case) the proof comes with it, so the form token needs no second HMAC.
    */
   verify(cookie: string | undefined): { id: string; proof?: IdProof } | undefined {
@@ -93,12 +103,14 @@ export class IdSigner {
     if (!ID_PATTERN.test(id) || !MAC_PATTERN.test(mac)) return undefined;
     // A kept proof settles the usual case; a different MAC may still verify under an older key.
     const known = this.recent.get(id);
-    if (known && sameText(cookie, known.cookie)) return { id, proof: known };
+    if (known && sameText(cookie, known.cookie)) return { id: known.id, proof: known };
     for (let i = 0; i < this.keys.length; i += 1) {
       const digest = this.digest(this.keys[i], id);
       if (sameText(mac, digest.subarray(0, MAC_BYTES).toString('base64url'))) {
-        if (i > 0) return { id };
-        return { id, proof: this.keep({ id, cookie, csrf: digest.subarray(MAC_BYTES).toString('base64url') }) };
+        // The id outlives the request (kept proofs, the lock queue's memory), the Cookie header must not.
+        const ownId = detached(id);
+        if (i > 0) return { id: ownId };
+        return { id: ownId, proof: this.keep({ id: ownId, cookie: detached(cookie), csrf: digest.subarray(MAC_BYTES).toString('base64url') }) };
       }
     }
     return undefined;
