@@ -137,6 +137,34 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('maxEntries: a put that would create one key too many is refused as unavailable and changes nothing; updates, deletes and swept keys make room', async () => {
+    const b = new SqliteBackend({ ...options, maxEntries: 3 });
+    try {
+      const first = await b.batch([put('a', 'a1'), put('b', 'b1'), put('c', 'c1', 30), put('d', 'd1'), put('a', 'a2')]);
+      assert.deepEqual(
+        first.map((r) => r.ok),
+        [true, true, true, false, true],
+        'the fourth key is refused, an update of a held key in the same batch is not',
+      );
+      assert.ok(!first[3].ok && first[3].error.kind === 'unavailable' && /full.*STORE_MAX_ENTRIES/.test(first[3].error.message), 'the reason says what to do');
+      assert.equal(await read(b, 'd'), null);
+      assert.deepEqual((await listAll(b)).map(([k]) => k), ['a', 'b', 'c']);
+      await sleep(50);
+      // c expired but is not swept: it still takes a place, and a put of c itself re-uses it.
+      assert.equal((await b.batch([put('d', 'd1')]))[0].ok, false);
+      assert.equal((await b.batch([put('c', 'c2')]))[0].ok, true);
+      assert.equal((await b.batch([del('b')]))[0].ok, true);
+      assert.equal((await b.batch([put('d', 'd1')]))[0].ok, true, 'a delete made room');
+      await b.batch([put('a', 'a3', 30)]);
+      await sleep(50);
+      assert.equal(b.sweep(), 1);
+      assert.equal((await b.batch([put('e', 'e1')]))[0].ok, true, 'the sweeper made room');
+      assert.deepEqual((await listAll(b)).map(([k, v]) => `${k}=${v}`), ['c=c2', 'd=d1', 'e=e1']);
+    } finally {
+      await b.close();
+    }
+  });
+
   it('a database of schema version 1 (one row per key) is migrated: live entries kept with their versions, expired ones dropped', async () => {
     const file = path.join(tmp.dir, 'sessions.db');
     const db = new Database(file);

@@ -121,6 +121,35 @@ describe('counter site under load and failure (real web + real store processes)'
   });
 });
 
+describe('a full store (STORE_MAX_ENTRIES reached)', function () {
+  this.timeout(30_000);
+  it('a new browser gets the 503 page with Retry-After, nothing is written for it, and browsers that have a session keep counting', async () => {
+    const tmp = tempDir();
+    const store = await startStore(tmp.dir, { ...FAST_STORE, STORE_MAX_ENTRIES: '2' });
+    const web = await startWeb(store.port, tmp.dir);
+    try {
+      const base = `http://127.0.0.1:${web.port}`;
+      const [a, b, c] = [new CookieJarClient(base), new CookieJarClient(base), new CookieJarClient(base)];
+      await a.page();
+      await b.page();
+      const refused = await c.get('/');
+      assert.equal(refused.status, 503);
+      assert.equal(refused.headers.get('retry-after'), '1');
+      assert.match(await refused.text(), /Counters unavailable/);
+      assert.equal((await a.page()).count1, 1, 'a session the store holds still counts');
+      const { csrf } = await b.page();
+      // Not followed: the redirect to / would start b's next session in the room the reset made.
+      assert.equal((await b.post('/reset', { _csrf: csrf }, false)).status, 303, 'a reset deletes a session: that makes room');
+      assert.equal((await c.page()).count1, 0, 'the new browser now gets its session');
+      await waitForLine(web, (line) => line.includes('the store is full'));
+    } finally {
+      await web.stop();
+      await store.stop();
+      tmp.remove();
+    }
+  });
+});
+
 describe('web process settings and logs', function () {
   let tmp: ReturnType<typeof tempDir>;
   let store: Proc;

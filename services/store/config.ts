@@ -1,6 +1,7 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -42,6 +43,7 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_MAX_BATCH_OPS: envs.int(1000, 1, 100_000),
       STORE_SWEEP_INTERVAL_MS: envs.int(1000, 0, 3_600_000, ' ms'),
       STORE_SWEEP_BATCH: envs.int(200, 1, 100_000),
+      STORE_MAX_ENTRIES: envs.int(10_000_000, 1, MAX_KEYDIR_KEYS, ' keys'),
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
       STORE_METRICS_PORT: envs.port(9100),
       REDIS_URL: z.string().regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }).default('redis://127.0.0.1:6379'),
@@ -97,6 +99,7 @@ export function loadStoreConfig(raw = readEnv()) {
       sweepIntervalMs: env.STORE_SWEEP_INTERVAL_MS,
       sweepBatch: env.STORE_SWEEP_BATCH,
       maxOpsPerCommit: 2000,
+      maxEntries: env.STORE_MAX_ENTRIES,
     }),
     redis: Object.freeze({
       url: env.REDIS_URL,

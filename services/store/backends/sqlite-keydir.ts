@@ -5,6 +5,9 @@
  * (the key string and one Map entry, ~80 bytes measured, and four doubles) and give the garbage collector nothing to trace.
  * A JavaScript Map holds at most 2^24 (16.7 million) entries: past that, use the Redis backend.
  */
+/** Most keys an index may be asked to hold (below the Map's 2^24). */
+export const MAX_KEYDIR_KEYS = 16_000_000;
+
 export interface KeyState {
   seq: number;
   version: number;

@@ -16,7 +16,7 @@ import {
   nextVersion,
 } from './backend';
 import type { CheckpointerSettings } from './sqlite-checkpointer';
-import { KeyDir, type KeyState } from './sqlite-keydir';
+import { KeyDir, type KeyState, MAX_KEYDIR_KEYS } from './sqlite-keydir';
 
 export interface SqliteOptions {
   /** Directory holding sessions.db (created if missing). */
@@ -37,6 +37,12 @@ export interface SqliteOptions {
   checkpoint?: 'worker' | 'inline';
   /** How often the checkpoint worker runs (default 100 ms). */
   checkpointIntervalMs?: number;
+  /**
+   * Most keys held (live, or expired and not swept yet; default 10 million). A put that would
+   * create one more is refused as unavailable; updates and deletes still work. This bounds the
+   * index's memory (~110 bytes a key) and keeps it under a JavaScript Map's 2^24 entries.
+   */
+  maxEntries?: number;
 }
 
 /** The oldest rows of the log, as compaction reads them: seq, key. */
@@ -87,6 +93,7 @@ export class SqliteBackend implements Backend {
   private checkpointer: Worker | undefined;
   private catchUp = false;
   private readonly keydir = new KeyDir();
+  private readonly maxEntries: number;
   /** Rows in the log (compaction's trigger; counting them would read the whole table). */
   private logRows = 0;
   /** Where the sweeper goes on in the KeyDir's slots. */
@@ -103,6 +110,7 @@ export class SqliteBackend implements Backend {
   };
 
   constructor(private readonly options: SqliteOptions) {
+    this.maxEntries = Math.min(options.maxEntries ?? 10_000_000, MAX_KEYDIR_KEYS);
     mkdirSync(options.dataDir, { recursive: true });
     this.db = new Database(path.join(options.dataDir, 'sessions.db'));
     this.db.pragma('journal_mode = WAL');
@@ -347,6 +355,11 @@ export class SqliteBackend implements Backend {
       case 'put': {
         if (op.expectedVersion !== undefined && liveVersion !== op.expectedVersion) {
           return versionConflict(op.expectedVersion, liveVersion);
+        }
+        if (slot === undefined && dir.size >= this.maxEntries) {
+          return unavailable(
+            `the store is full: it holds ${dir.size} keys, its limit (STORE_MAX_ENTRIES); new keys are refused until sessions expire or are deleted`,
+          );
         }
         // A new key, or one that expired (a swept key's row is gone from List's key table).
         if (!live) this.stmt.addKey.run(op.key);
