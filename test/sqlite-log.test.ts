@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
@@ -163,6 +164,14 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     } finally {
       await b.close();
     }
+  });
+
+  it('a database of a newer schema version is refused, and the refused database is closed again (no WAL left behind)', () => {
+    const db = new Database(path.join(tmp.dir, 'sessions.db'));
+    db.pragma('user_version = 99');
+    db.close();
+    assert.throws(() => new SqliteBackend(options), /schema version 99, newer than this store/);
+    assert.equal(existsSync(path.join(tmp.dir, 'sessions.db-wal')), false, 'SQLite removes the WAL when the last connection closes');
   });
 
   it('a database of schema version 1 (one row per key) is migrated: live entries kept with their versions, expired ones dropped', async () => {

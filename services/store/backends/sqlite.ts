@@ -113,38 +113,44 @@ export class SqliteBackend implements Backend {
     this.maxEntries = Math.min(options.maxEntries ?? 10_000_000, MAX_KEYDIR_KEYS);
     mkdirSync(options.dataDir, { recursive: true });
     this.db = new Database(path.join(options.dataDir, 'sessions.db'));
-    this.db.pragma('journal_mode = WAL');
-    this.db.pragma(`synchronous = ${options.synchronous}`);
-    this.db.pragma('busy_timeout = 5000');
-    // SQLite's default page cache is 2 MiB: with a million sessions nearly every lookup missed it.
-    // 64 MiB keeps the B-tree's inner pages (and many leaves) in memory; the OS caches the rest.
-    this.db.pragma('cache_size = -65536');
-    // Reads of pages outside that cache come from the OS page cache through a memory map instead
-    // of a read() each: with a million sessions most Gets need such a page (measured: the 1M ÷ 1k
-    // Get/Put ratio went from ~0.6 to ~0.7-0.8). This reserves address space, not memory.
-    this.db.pragma(`mmap_size = ${1024 * 1024 * 1024}`);
-    // Bounds the WAL file left on disk after SQLite restarts writing it from the beginning.
-    this.db.pragma(`journal_size_limit = ${64 * 1024 * 1024}`);
-    migrate(this.db);
-    this.stmt = {
-      append: this.db.prepare('INSERT INTO log (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)'),
-      value: this.db.prepare<[number], Buffer | null>('SELECT value FROM log WHERE seq = ?').pluck(),
-      // The values of a page of List: one query for up to LIST_PAGE rows (seqs as a JSON array).
-      values: this.db
-        .prepare('SELECT seq, value FROM log WHERE seq IN (SELECT value FROM json_each(?))')
-        .raw(true) as Database.Statement<[string], [number, Buffer | null]>,
-      head: this.db
-        // The oldest rows: compaction deletes from the front, so this is one seek to the first leaf.
-        .prepare('SELECT seq, key FROM log ORDER BY seq LIMIT ?')
-        .raw(true) as Database.Statement<[number], HeadRow>,
-      dropHead: this.db.prepare('DELETE FROM log WHERE seq <= ?'),
-      addKey: this.db.prepare('INSERT OR IGNORE INTO keys (key) VALUES (?)'),
-      removeKey: this.db.prepare('DELETE FROM keys WHERE key = ?'),
-      listKeys: this.db
-        .prepare<[string, string, number], string>('SELECT key FROM keys WHERE key > ? AND key >= ? ORDER BY key LIMIT ?')
-        .pluck(),
-    };
-    this.load();
+    try {
+      this.db.pragma('journal_mode = WAL');
+      this.db.pragma(`synchronous = ${options.synchronous}`);
+      this.db.pragma('busy_timeout = 5000');
+      // SQLite's default page cache is 2 MiB: with a million sessions nearly every lookup missed it.
+      // 64 MiB keeps the B-tree's inner pages (and many leaves) in memory; the OS caches the rest.
+      this.db.pragma('cache_size = -65536');
+      // Reads of pages outside that cache come from the OS page cache through a memory map instead
+      // of a read() each: with a million sessions most Gets need such a page (measured: the 1M ÷ 1k
+      // Get/Put ratio went from ~0.6 to ~0.7-0.8). This reserves address space, not memory.
+      this.db.pragma(`mmap_size = ${1024 * 1024 * 1024}`);
+      // Bounds the WAL file left on disk after SQLite restarts writing it from the beginning.
+      this.db.pragma(`journal_size_limit = ${64 * 1024 * 1024}`);
+      migrate(this.db);
+      this.stmt = {
+        append: this.db.prepare('INSERT INTO log (key, value, version, expires_at, created_at) VALUES (?, ?, ?, ?, ?)'),
+        value: this.db.prepare<[number], Buffer | null>('SELECT value FROM log WHERE seq = ?').pluck(),
+        // The values of a page of List: one query for up to LIST_PAGE rows (seqs as a JSON array).
+        values: this.db
+          .prepare('SELECT seq, value FROM log WHERE seq IN (SELECT value FROM json_each(?))')
+          .raw(true) as Database.Statement<[string], [number, Buffer | null]>,
+        head: this.db
+          // The oldest rows: compaction deletes from the front, so this is one seek to the first leaf.
+          .prepare('SELECT seq, key FROM log ORDER BY seq LIMIT ?')
+          .raw(true) as Database.Statement<[number], HeadRow>,
+        dropHead: this.db.prepare('DELETE FROM log WHERE seq <= ?'),
+        addKey: this.db.prepare('INSERT OR IGNORE INTO keys (key) VALUES (?)'),
+        removeKey: this.db.prepare('DELETE FROM keys WHERE key = ?'),
+        listKeys: this.db
+          .prepare<[string, string, number], string>('SELECT key FROM keys WHERE key > ? AND key >= ? ORDER BY key LIMIT ?')
+          .pluck(),
+      };
+      this.load();
+    } catch (err) {
+      // A database this store cannot use (a newer schema, a damaged file) is not left open.
+      this.db.close();
+      throw err;
+    }
     if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.events.setMaxListeners(0);
     if (options.sweepIntervalMs > 0) {
