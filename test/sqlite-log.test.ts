@@ -268,6 +268,25 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('a put or delete that reaches an expired key before the sweeper reports its expiry first, once', async () => {
+    const b = new SqliteBackend(options); // no sweeper: the writes reach the expired keys first
+    const events: string[] = [];
+    const stop = b.watch('x:', (e) => events.push(`${e.kind} ${e.key}`));
+    try {
+      await b.batch([put('x:p', 'v', 30), put('x:d', 'v', 30)]);
+      events.length = 0;
+      await sleep(50);
+      const [reput, deleted] = await b.batch([put('x:p', 'v2'), del('x:d')]);
+      assert.ok(reput.ok && deleted.ok && deleted.value === false, 'the delete found nothing live');
+      assert.equal(b.sweep(), 0, 'nothing is left for the sweeper to report again');
+      assert.deepEqual(events.filter((e) => e.endsWith('x:p')), ['expire x:p', 'put x:p']);
+      assert.deepEqual(events.filter((e) => e.endsWith('x:d')), ['expire x:d']);
+    } finally {
+      stop();
+      await b.close();
+    }
+  });
+
   it('the sweeper reports each expired key once and List no longer shows it', async () => {
     const b = new SqliteBackend({ ...options, sweepIntervalMs: 20, sweepBatch: 10 });
     const expired: string[] = [];

@@ -52,7 +52,7 @@ export function throttledCount(count: () => Promise<number>, duty = COUNT_DUTY, 
  * - store_batch_ops: operations per Batch call or Pipe batch;
  * - store_live_entries: unexpired entries, counted when scraped (throttled: see throttledCount);
  * - store_live_entries_count_failures_total: scrapes whose count failed;
- * - store_expired_swept_total: entries deleted by the expiry sweeper;
+ * - store_expired_swept_total: expired entries removed (by the sweeper, or by a write that reached them first);
  * - the default process metrics of prom-client (CPU, memory, event-loop lag, handles).
  */
 export class StoreMetrics {
@@ -107,7 +107,7 @@ export class StoreMetrics {
         }
       },
     });
-    const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries deleted by the sweeper', registers });
+    const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries removed, by the sweeper or by a put or delete that reached them first', registers });
     this.unwatch = backend.watch(
       '',
       (event) => {

@@ -290,9 +290,7 @@ export class SqliteBackend implements Backend {
     }
     this.sweepFrom = next;
     // Nothing can have run between finding the keys and here: the transaction is synchronous.
-    for (const { key, state } of expired) {
-      this.events.emit('change', { kind: 'expire', key, version: state.version, value: EMPTY_VALUE, expiresAtMs: 0 });
-    }
+    for (const { key, state } of expired) this.events.emit('change', expiredEvent(key, state.version));
     if (next !== 0) setImmediate(() => this.sweep());
     return expired.length;
   }
@@ -369,6 +367,7 @@ export class SqliteBackend implements Backend {
         }
         // A new key, or one that expired (a swept key's row is gone from List's key table).
         if (!live) this.stmt.addKey.run(op.key);
+        if (slot !== undefined && !live) changes.push(expiredEvent(op.key, dir.version[slot]));
         const entry: StoredEntry = {
           key: op.key,
           value: op.value,
@@ -387,6 +386,7 @@ export class SqliteBackend implements Backend {
         if (slot === undefined) return { ok: true, value: false };
         // Without a tombstone the key's older rows would come back when the index is rebuilt.
         this.tombstone(op.key, dir.version[slot], dir.created[slot]);
+        if (!live) changes.push(expiredEvent(op.key, dir.version[slot]));
         undo.keys.push([op.key, dir.stateAt(slot)]);
         dir.remove(op.key);
         if (!live) return { ok: true, value: false };
@@ -482,6 +482,14 @@ export class SqliteBackend implements Backend {
 interface Undo {
   keys: Array<[string, KeyState | undefined]>;
   logRows: number;
+}
+
+/**
+ * The event for a key found expired: by the sweeper, or by a put or delete that reached it first
+ * (then before that write's own event, as Redis reports a key it expires on access).
+ */
+function expiredEvent(key: string, version: number): ChangeEvent {
+  return { kind: 'expire', key, version, value: EMPTY_VALUE, expiresAtMs: 0 };
 }
 
 function unavailable(message: string): BackendResult {
