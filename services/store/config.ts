@@ -1,7 +1,7 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
-import { MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
+import { DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -43,7 +43,7 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_MAX_BATCH_OPS: envs.int(1000, 1, 100_000),
       STORE_SWEEP_INTERVAL_MS: envs.int(1000, 0, 3_600_000, ' ms'),
       STORE_SWEEP_BATCH: envs.int(200, 1, 100_000),
-      STORE_MAX_ENTRIES: envs.int(10_000_000, 1, MAX_KEYDIR_KEYS, ' keys'),
+      STORE_MAX_ENTRIES: envs.int(DEFAULT_MAX_KEYS, 1, MAX_KEYDIR_KEYS, ' keys'),
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
       STORE_METRICS_PORT: envs.port(9100),
       REDIS_URL: z.string().regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }).default('redis://127.0.0.1:6379'),

@@ -7,6 +7,8 @@
  */
 /** Most keys an index may be asked to hold (below the Map's 2^24). */
 export const MAX_KEYDIR_KEYS = 16_000_000;
+/** Keys the SQLite store holds unless told otherwise: about 1.1 GB of index. */
+export const DEFAULT_MAX_KEYS = 10_000_000;
 
 export interface KeyState {
   seq: number;

@@ -16,7 +16,7 @@ import {
   nextVersion,
 } from './backend';
 import type { CheckpointerSettings } from './sqlite-checkpointer';
-import { KeyDir, type KeyState, MAX_KEYDIR_KEYS } from './sqlite-keydir';
+import { DEFAULT_MAX_KEYS, KeyDir, type KeyState, MAX_KEYDIR_KEYS } from './sqlite-keydir';
 
 export interface SqliteOptions {
   /** Directory holding sessions.db (created if missing). */
@@ -110,7 +110,7 @@ export class SqliteBackend implements Backend {
   };
 
   constructor(private readonly options: SqliteOptions) {
-    this.maxEntries = Math.min(options.maxEntries ?? 10_000_000, MAX_KEYDIR_KEYS);
+    this.maxEntries = Math.min(options.maxEntries ?? DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS);
     mkdirSync(options.dataDir, { recursive: true });
     this.db = new Database(path.join(options.dataDir, 'sessions.db'));
     try {
