@@ -45,7 +45,8 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_SWEEP_BATCH: envs.int(200, 1, 100_000),
       STORE_MAX_ENTRIES: envs.int(DEFAULT_MAX_KEYS, 1, MAX_KEYDIR_KEYS, ' keys'),
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
-      STORE_METRICS_PORT: envs.port(9100),
+      // Next to the store's own port: 9100, the usual choice, is node_exporter's on most monitored hosts.
+      STORE_METRICS_PORT: envs.port(5101),
       REDIS_URL: z.string().regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }).default('redis://127.0.0.1:6379'),
       REDIS_CLUSTER_NODES: hostPorts(),
       REDIS_SENTINELS: hostPorts(),
