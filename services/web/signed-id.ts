@@ -40,11 +40,11 @@ function detached(text: string): string {
  * page says nothing about the cookie's MAC, and one HMAC per request serves both.
  */
 export interface IdProof {
-  id: string;
+  readonly id: string;
   /** `<id>.<mac>`: the cookie value. */
-  cookie: string;
+  readonly cookie: string;
   /** The CSRF token bound to this id, for forms. */
-  csrf: string;
+  readonly csrf: string;
 }
 
 /** Proofs kept by default: enough for every browser active in the last minutes of a busy process. */

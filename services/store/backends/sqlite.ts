@@ -384,14 +384,14 @@ export class SqliteBackend implements Backend {
           return versionConflict(op.expectedVersion, liveVersion);
         }
         if (slot === undefined) return { ok: true, value: false };
+        const version = dir.version[slot];
         // Without a tombstone the key's older rows would come back when the index is rebuilt.
-        this.tombstone(op.key, dir.version[slot], dir.created[slot]);
-        if (!live) changes.push(expiredEvent(op.key, dir.version[slot]));
+        this.tombstone(op.key, version, dir.created[slot]);
         undo.keys.push([op.key, dir.stateAt(slot)]);
         dir.remove(op.key);
-        if (!live) return { ok: true, value: false };
-        changes.push({ kind: 'delete', key: op.key, version: liveVersion, value: EMPTY_VALUE, expiresAtMs: 0 });
-        return { ok: true, value: true };
+        // An expired key that the sweeper had not reached yet: it is reported as expired, not deleted.
+        changes.push(live ? { kind: 'delete', key: op.key, version, value: EMPTY_VALUE, expiresAtMs: 0 } : expiredEvent(op.key, version));
+        return { ok: true, value: live };
       }
     }
   }
@@ -446,7 +446,7 @@ export class SqliteBackend implements Backend {
         if (dir.expires[slot] <= now) {
           this.stmt.removeKey.run(key);
           undo.keys.push([key, dir.stateAt(slot)]);
-          changes.push({ kind: 'expire', key, version: dir.version[slot], value: EMPTY_VALUE, expiresAtMs: 0 });
+          changes.push(expiredEvent(key, dir.version[slot]));
           dir.remove(key);
           continue;
         }
