@@ -110,12 +110,43 @@ describe('store_live_entries counting', () => {
     assert.equal(calls, 1, 'two scrapes at once share one count');
     clock += 49_000;
     assert.equal(await count(), 10, 'within 500 ms / 1% = 50 s of the last start: the last value');
+    assert.equal(calls, 1);
     clock += 1_000;
-    assert.equal(await count(), 20, 'after 50 s: counted again');
+    assert.equal(await count(), 10, 'after 50 s: the last value at once, and a recount starts');
+    assert.equal(calls, 2);
+    assert.equal(await count(), 20, 'the recount is in');
     clock += 50_000;
-    assert.equal(await count(), 30, 'counted again; this count is quick');
+    assert.equal(await count(), 20, 'due again: the last value, and a recount that is quick');
+    assert.equal(await count(), 30, 'the quick recount is in');
     assert.equal(await count(), 40, 'after a quick count, every call counts');
     assert.equal(calls, 4);
+  });
+
+  it('once a count is slow, a caller never waits for the next one; a recount that fails is reported once, at the next call', async () => {
+    let clock = 0;
+    const pending: Array<{ resolve: (n: number) => void; reject: (e: Error) => void }> = [];
+    const count = throttledCount(
+      () =>
+        new Promise<number>((resolve, reject) => {
+          pending.push({ resolve, reject });
+        }),
+      0.01,
+      () => clock,
+    );
+    const first = count();
+    clock += 1_000;
+    pending[0].resolve(5);
+    assert.equal(await first, 5, 'the first count is awaited');
+    clock += 100_000;
+    assert.equal(await count(), 5, 'the due recount does not hold the caller');
+    assert.equal(pending.length, 2);
+    assert.equal(await count(), 5, 'nor does a call while it runs, and no second recount starts');
+    assert.equal(pending.length, 2);
+    pending[1].reject(new Error('backend down'));
+    await new Promise((r) => setImmediate(r));
+    await assert.rejects(count(), /backend down/, 'the failure is reported at the next call');
+    assert.equal(pending.length, 3, 'which starts another recount');
+    assert.equal(await count(), 5, 'reported once');
   });
 
   it('a backend that cannot count does not fail the scrape: the gauge keeps its last value and a failure is counted', async () => {

@@ -17,18 +17,20 @@ const CHEAP_COUNT_MS = 100;
 
 /**
  * A count that runs at most `duty` of the time once it is slow: after a count that took d ms (d at
- * least 100), the next one starts no sooner than d / duty ms after that one started, and until
- * then the last value is served. Calls that arrive while a count runs share it. On SQLite a count
- * takes milliseconds, so every scrape gets a fresh one; on Redis a count is a SCAN of the whole
- * keyspace, and a large keyspace is counted less often instead of each scrape of each store
- * instance loading Redis with it.
+ * least 100), the next one starts no sooner than d / duty ms after that one started. Once a count
+ * is slow, callers never wait for the next one: they get the last value at once, and a due recount
+ * runs in the background; if it fails, the next call rejects with its error (and starts another).
+ * Only the first count, and counts after a quick one, are awaited. Calls that arrive while an
+ * awaited count runs share it. On SQLite a count takes milliseconds, so every scrape gets a fresh
+ * one; on Redis a count is a SCAN of the whole keyspace, and a large keyspace is counted less often
+ * (instead of each scrape of each store instance loading Redis with it) and never holds a scrape
+ * past its timeout once the first count is in.
  */
 export function throttledCount(count: () => Promise<number>, duty = COUNT_DUTY, now = () => performance.now()): () => Promise<number> {
   let last: { value: number; startedAt: number; tookMs: number } | undefined;
   let running: Promise<number> | undefined;
-  return () => {
-    if (running) return running;
-    if (last && last.tookMs >= CHEAP_COUNT_MS && now() - last.startedAt < last.tookMs / duty) return Promise.resolve(last.value);
+  let failure: { error: unknown } | undefined;
+  const start = (): Promise<number> => {
     const startedAt = now();
     const counting = count().then((value) => {
       last = { value, startedAt, tookMs: now() - startedAt };
@@ -40,6 +42,17 @@ export function throttledCount(count: () => Promise<number>, duty = COUNT_DUTY, 
     };
     counting.then(done, done);
     return counting;
+  };
+  return () => {
+    if (!last || last.tookMs < CHEAP_COUNT_MS) return running ?? start();
+    const reported = failure;
+    failure = undefined;
+    if (!running && now() - last.startedAt >= last.tookMs / duty) {
+      start().catch((error: unknown) => {
+        failure = { error };
+      });
+    }
+    return reported ? Promise.reject(reported.error) : Promise.resolve(last.value);
   };
 }
 
@@ -91,12 +104,12 @@ export class StoreMetrics {
     const countLive = throttledCount(() => backend.countLive());
     const countFailures = new Counter({
       name: 'store_live_entries_count_failures_total',
-      help: 'Scrapes whose count of live entries failed (the backend was unreachable); store_live_entries kept its last value',
+      help: 'Scrapes whose count of live entries failed (the backend was unreachable; for a slow count, the one that failed in the background since the last scrape); store_live_entries kept its last value',
       registers,
     });
     new Gauge({
       name: 'store_live_entries',
-      help: `Unexpired entries in the store (counted when scraped; a count that took over ${CHEAP_COUNT_MS} ms, e.g. a SCAN of a large Redis, is reused for ${1 / COUNT_DUTY} times as long)`,
+      help: `Unexpired entries in the store (counted when scraped; a count that took over ${CHEAP_COUNT_MS} ms, e.g. a SCAN of a large Redis, is reused for ${1 / COUNT_DUTY} times as long and then redone in the background)`,
       registers,
       async collect() {
         // A backend that is down must not take the other metrics with it: they matter most then.
