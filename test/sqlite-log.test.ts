@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
-import { SqliteBackend, type SqliteOptions } from '../services/store/backends/sqlite';
+import { requireWalResetFix, SqliteBackend, type SqliteOptions } from '../services/store/backends/sqlite';
 import { tempDir } from './helpers/procs';
 
 const put = (key: string, value: string, ttlMs = 60_000): BackendOp => ({ kind: 'put', key, value: Buffer.from(value), ttlMs });
@@ -163,6 +163,17 @@ describe('SQLite backend: append-only log and in-memory index', function () {
       assert.deepEqual((await listAll(b)).map(([k, v]) => `${k}=${v}`), ['c=c2', 'd=d1', 'e=e1']);
     } finally {
       await b.close();
+    }
+  });
+
+  it('needs a SQLite without the WAL-reset bug (3.51.3 or later), and the bundled one is', () => {
+    for (const v of ['3.51.3', '3.51.10', '3.52.0', '3.53.2', '4.0.0']) assert.doesNotThrow(() => requireWalResetFix(v), v);
+    for (const v of ['3.51.2', '3.51.0', '3.50.9', '3.7.0']) assert.throws(() => requireWalResetFix(v), /WAL-reset bug.*3\.51\.3 or later/, v);
+    const bundled = new Database(':memory:');
+    try {
+      assert.doesNotThrow(() => requireWalResetFix(bundled.prepare<[], string>('SELECT sqlite_version()').pluck().get()!));
+    } finally {
+      bundled.close();
     }
   });
 

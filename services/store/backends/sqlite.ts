@@ -114,6 +114,7 @@ export class SqliteBackend implements Backend {
     mkdirSync(options.dataDir, { recursive: true });
     this.db = new Database(path.join(options.dataDir, 'sessions.db'));
     try {
+      requireWalResetFix(this.db.prepare<[], string>('SELECT sqlite_version()').pluck().get()!);
       this.db.pragma('journal_mode = WAL');
       this.db.pragma(`synchronous = ${options.synchronous}`);
       this.db.pragma('busy_timeout = 5000');
@@ -494,6 +495,26 @@ function expiredEvent(key: string, version: number): ChangeEvent {
 
 function unavailable(message: string): BackendResult {
   return { ok: false, error: new StoreError('unavailable', message) };
+}
+
+/** The first SQLite release without the WAL-reset bug (sqlite.org/wal.html#walresetbug). */
+export const MIN_SQLITE_VERSION = '3.51.3';
+
+/**
+ * Refuses a SQLite older than MIN_SQLITE_VERSION. Before it, a checkpoint on one connection racing
+ * a commit on another, just after the WAL was copied completely, could corrupt the database: the
+ * store does exactly that by design (the checkpoint worker's connection and the writer's). The
+ * SQLite bundled with the pinned better-sqlite3 is newer; this stops a build against an older one.
+ */
+export function requireWalResetFix(version: string): void {
+  const have = version.split('.').map(Number);
+  const need = MIN_SQLITE_VERSION.split('.').map(Number);
+  for (let i = 0; i < need.length; i += 1) {
+    if ((have[i] ?? 0) !== need[i]) {
+      if ((have[i] ?? 0) > need[i]) return;
+      throw new Error(`SQLite ${version} has the WAL-reset bug, which can corrupt a database written and checkpointed from two connections as this store does; it needs SQLite ${MIN_SQLITE_VERSION} or later (update better-sqlite3)`);
+    }
+  }
 }
 
 /** Creates or upgrades the schema; user_version records what is there. */
