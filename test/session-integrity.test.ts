@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
+import { status } from '@grpc/grpc-js';
 import Router from '@koa/router';
 import Koa from 'koa';
 import { shortHash } from '../services/shared/log';
+import { StoreClientError } from '../services/client/store-client';
 import { createApp } from '../services/web/app';
 import { WebMetrics } from '../services/web/metrics';
 import { type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
@@ -295,6 +297,19 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
     await ctx.session.regenerate();
     ctx.body = { renewed: true };
   });
+  router.post('/login', async (ctx) => {
+    await ctx.session.update((current: Record<string, unknown> | null) => ({ ...current, user: 'alice' }));
+    await ctx.session.regenerate();
+    ctx.body = { loggedIn: true };
+  });
+  router.post('/logout', async (ctx) => {
+    await ctx.session.destroy();
+    ctx.body = { loggedOut: true };
+  });
+  router.post('/set', async (ctx) => {
+    const mode = String(ctx.query.mode);
+    ctx.body = await ctx.session.update((current: Record<string, unknown> | null) => ({ ...current, mode }));
+  });
   router.get('/state', async (ctx) => {
     ctx.body = (await ctx.session.get()) ?? {};
   });
@@ -383,5 +398,149 @@ describe('regenerate() under parallel requests (real store process)', function (
     const newest = results.filter((r) => r.set).at(-1)!.set!;
     const state = await call(b.base, 'GET', '/state', `sid=${newest}`);
     assert.equal(state.body.n, 1 + incs.length, 'the final count is exactly 1 + the acknowledged increments');
+  });
+});
+
+describe('session races and failures (real store process; some calls delayed or failed on the way)', function () {
+  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
+  const closers: Array<() => Promise<void>> = [];
+  before(async () => {
+    store = await startStoreWithClient();
+  });
+  after(async () => {
+    for (const close of closers.reverse()) await close();
+    await store?.stop();
+  });
+
+  const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+  /** The real client; `hooks` may delay a call or fail it after the store applied it (as a deadline or a lost connection would). */
+  function hookedStore() {
+    const hooks: { afterPut?: (value: Buffer) => Promise<void> | void; beforeDelete?: () => Promise<void> | void } = {};
+    const client: SessionBackend = {
+      get: (key, options) => store.client.get(key, options),
+      put: async (key, value, options) => {
+        const entry = await store.client.put(key, value, options);
+        await hooks.afterPut?.(value);
+        return entry;
+      },
+      delete: async (key, options) => {
+        await hooks.beforeDelete?.();
+        return store.client.delete(key, options);
+      },
+    };
+    return { client, hooks };
+  }
+  async function serve(client: SessionBackend, options: Partial<SessionOptions> = {}) {
+    const served = await serveApp(renewApp(client, options));
+    closers.push(served.close);
+    return served.base;
+  }
+  const call = async (base: string, method: string, path: string, cookie = '') => {
+    const res = await fetch(base + path, { method, headers: { cookie } });
+    const body = (await res.json()) as Record<string, unknown>;
+    const setCookies = res.headers.getSetCookie();
+    const set = /^(?:__Host-)?sid=([^;]*)/.exec(setCookies[0] ?? '')?.[1];
+    return { status: res.status, body, set, setCookies };
+  };
+  const stored = async (cookieValue: string) => (await store.client.get(idOf(cookieValue)))?.value.toString();
+
+  it('an update that writes nothing is checked against the store: a later write by another process is not silently undone', async () => {
+    const slow = hookedStore();
+    const a = await serve(slow.client);
+    const b = await serve(store.client); // a second process: its own locks and memory
+    const first = await call(a, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    // A's write of mode=a reaches the store, but its answer takes 300 ms to come back.
+    let delay = true;
+    slow.hooks.afterPut = async (value) => {
+      if (delay && value.toString().includes('"mode":"a"')) {
+        delay = false;
+        await sleep(300);
+      }
+    };
+    const r1 = call(a, 'POST', '/set?mode=a', cookie);
+    await sleep(50);
+    await call(b, 'POST', '/set?mode=b', cookie); // done while r1's answer is on its way
+    const r2 = await call(a, 'POST', '/set?mode=a', cookie); // sent after B's write: it must win
+    await r1;
+    assert.equal(r2.status, 200);
+    assert.match((await stored(first.set!))!, /"mode":"a"/);
+  });
+
+  it('a write that failed after the store applied it leaves nothing stale behind for the next update in the queue', async () => {
+    const flaky = hookedStore();
+    const a = await serve(flaky.client);
+    const first = await call(a, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    flaky.hooks.afterPut = async (value) => {
+      await sleep(50); // keeps the queue busy, so r1 and r2 wait behind r0
+      if (value.toString().includes('"mode":"y"')) throw new StoreClientError('unavailable', status.DEADLINE_EXCEEDED, 'deadline exceeded');
+    };
+    const r0 = call(a, 'POST', '/set?mode=x2', cookie);
+    await sleep(10);
+    const r1 = call(a, 'POST', '/set?mode=y', cookie);
+    await sleep(10);
+    const r2 = call(a, 'POST', '/set?mode=x2', cookie);
+    const results = await Promise.all([r0, r1, r2]);
+    flaky.hooks.afterPut = undefined;
+    assert.deepEqual(results.map((r) => r.status), [200, 500, 200]);
+    assert.match((await stored(first.set!))!, /"mode":"x2"/, 'r2 answered last with success: its value is stored');
+  });
+
+  it('a logout racing a login (update, then regenerate) in another process deletes the session wherever the login moved it', async () => {
+    const slow = hookedStore();
+    const base = await serve(slow.client);
+    const other = await serve(store.client); // within one process the session's lock orders the two
+    const first = await call(base, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    let delay = true;
+    slow.hooks.beforeDelete = async () => {
+      if (delay) {
+        delay = false;
+        await sleep(150); // the logout's delete is on its way while the login runs
+      }
+    };
+    const logout = call(base, 'POST', '/logout', cookie);
+    await sleep(20);
+    const login = await call(other, 'POST', '/login', cookie);
+    const out = await logout;
+    assert.equal(out.status, 200);
+    assert.equal(login.status, 200);
+    const state = await call(base, 'GET', '/state', `sid=${login.set}`);
+    assert.deepEqual(state.body, {}, 'the logged-in session is gone too');
+    assert.equal(await stored(login.set!), undefined);
+  });
+
+  it("secure: 'always' behind a TLS proxy that forwards plain HTTP: logout clears the __Host- cookie (no 500)", async () => {
+    const base = await serve(store.client, { secure: 'always' });
+    const first = await call(base, 'POST', '/set?mode=x');
+    assert.match(first.setCookies[0], /^__Host-sid=.*; secure/);
+    const out = await call(base, 'POST', '/logout', `__Host-sid=${first.set}`);
+    assert.equal(out.status, 200, JSON.stringify(out.body));
+    assert.match(out.setCookies[0], /^__Host-sid=;.*expires=Thu, 01 Jan 1970/);
+    assert.equal(await stored(first.set!), undefined);
+  });
+
+  it('a request carrying the id a login replaced reaches the session within the grace window but is never told the new id (session fixation)', async () => {
+    const base = await serve(store.client);
+    const planted = await call(base, 'POST', '/set?mode=x'); // an id an attacker obtained and planted in the victim's browser
+    const login = await call(base, 'POST', '/login', `sid=${planted.set}`);
+    assert.ok(login.set && idOf(login.set) !== idOf(planted.set), 'the login got a new id');
+    const attacker = await call(base, 'GET', '/state', `sid=${planted.set}`);
+    assert.deepEqual(attacker.setCookies, [], 'no cookie, so not the new id');
+    const again = await call(base, 'POST', '/set?mode=y', `sid=${planted.set}`);
+    assert.deepEqual(again.setCookies, [], 'nor on an update through the old id');
+    assert.match((await stored(login.set!))!, /"mode":"y"/, 'which reached the session (the grace window keeps parallel requests working)');
+  });
+
+  it('a rolling read near the end of the absolute lifetime does not slide the entry past it', async () => {
+    const base = await serve(store.client, { idleTtlMs: 60_000, absoluteTtlMs: 60_500 });
+    const first = await call(base, 'POST', '/set?mode=x');
+    await sleep(1500); // now less than the idle timeout is left of the absolute lifetime
+    await call(base, 'GET', '/state', `sid=${first.set}`);
+    const entry = (await store.client.get(idOf(first.set)))!;
+    // A few ms of slack: the web and the store read their clocks a call apart.
+    const past = entry.expiresAtMs - (entry.createdAtMs + 60_500);
+    assert.ok(past <= 50, `expires ${past} ms past the absolute end`);
   });
 });

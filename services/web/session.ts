@@ -69,10 +69,15 @@ interface Loaded {
   data: SessionData;
   /** The stored bytes: an update that produces the same bytes writes nothing. */
   raw: Buffer;
-  /** The idle timeout was already slid by this request. */
+  /** The idle timeout was already slid by this request (or, for a handed-on entry, by the write that made it). */
   refreshed: boolean;
-  /** Taken from what this process wrote in an earlier request, not read from the store. */
-  remembered?: boolean;
+  /**
+   * Taken from what an earlier request in this process wrote (the previous update in the
+   * session's queue, or one remembered from an earlier queue), not read by this request: another
+   * process may have written since. A write catches that with compare-and-set; writing nothing
+   * would not, so an update whose result equals it reads the store first.
+   */
+  handedOn?: boolean;
 }
 
 /**
@@ -149,23 +154,27 @@ export class Session<T extends SessionData = SessionData> {
    * Moves the data to a new id and deletes the old one: call it when privileges change (login), so
    * an id known before is worthless after. The new id starts a new absolute lifetime, as a new
    * login would. For regenerateGraceMs the old id still leads to the new session, so parallel
-   * requests still carrying it are served the session, never an empty one.
+   * requests still carrying it are served the session, never an empty one (but never told the new
+   * id: see load()).
    */
   async regenerate(): Promise<void> {
     return this.locked(() => this.renew());
   }
 
-  /** Deletes the session from the store (following a regeneration to where it went) and clears the cookie. */
+  /**
+   * Deletes the session from the store and clears the cookie. The delete is a compare-and-set on
+   * the version read, under this process's lock: if the session was regenerated meanwhile (a login
+   * racing a logout), the old id holds a forward by then, and the delete reads again and follows
+   * it, so the session it moved to is deleted too rather than left alive.
+   */
   async destroy(): Promise<void> {
-    const current = this.loaded !== undefined ? this.loaded : await this.load(false);
-    if (current) this.cfg.locks.forget(current.id);
-    if (current && (await this.cfg.store.delete(current.id, this.callOptions()))) this.cfg.onEvent('destroyed', this.ctx);
+    await this.locked(() => this.remove());
     this.loaded = null;
     this.currentId = undefined;
     this.issued = false;
     this.sentId = undefined;
     this.markPrivate();
-    this.ctx.cookies.set(this.cookieName(), '', { ...this.cookieAttributes(), maxAge: 0, expires: new Date(0) });
+    this.setCookie('', { maxAge: 0, expires: new Date(0) });
   }
 
   /**
@@ -222,7 +231,8 @@ export class Session<T extends SessionData = SessionData> {
   /**
    * The entry the previous update in this process's queue for the session wrote: the next one
    * tries compare-and-set on it without reading first. If another process wrote meanwhile, the
-   * version no longer matches and the update re-reads, so this saves a read and risks nothing.
+   * version no longer matches and the update re-reads; an update that would write nothing reads
+   * first (see Loaded.handedOn).
    */
   private fromHandoff(): Loaded | undefined {
     const last = this.handoff?.last;
@@ -230,8 +240,7 @@ export class Session<T extends SessionData = SessionData> {
     const data = parseData(last.raw);
     if (!data) return undefined;
     this.markPrivate();
-    const remembered = last.remembered === true;
-    return { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw, data, refreshed: !remembered, remembered };
+    return { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw, data, refreshed: last.remembered !== true, handedOn: true };
   }
 
   /** What an update starts from: what this request already read, else what the previous queued update wrote, else a fresh read. */
@@ -259,8 +268,8 @@ export class Session<T extends SessionData = SessionData> {
       const value = Buffer.from(JSON.stringify(next));
       try {
         if (current) {
-          if (current.remembered && value.equals(current.raw)) {
-            // Nothing to write, so no compare-and-set would catch a stale memory: read for real.
+          if (current.handedOn && value.equals(current.raw)) {
+            // Nothing to write, so no compare-and-set would catch a stale hand-on: read for real.
             this.loaded = undefined;
             this.remember(null);
             continue;
@@ -287,12 +296,31 @@ export class Session<T extends SessionData = SessionData> {
         }
         return next;
       } catch (err) {
-        if (!isConflict(err)) throw err;
+        // A failed write may still have been applied (a deadline, a lost connection): what the
+        // queue remembers is no longer known to be the stored entry.
         this.loaded = undefined;
         this.remember(null);
+        if (!isConflict(err)) throw err;
       }
     }
     throw new SessionConflictError('the session changed too often while it was being updated; please retry');
+  }
+
+  private async remove(): Promise<void> {
+    for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
+      if (attempt > 0) await backoff(attempt);
+      const current = attempt === 0 && this.loaded !== undefined ? this.loaded : await this.load(false);
+      if (!current) return;
+      this.cfg.locks.forget(current.id);
+      this.remember(null);
+      try {
+        if (await this.cfg.store.delete(current.id, { expectedVersion: current.version, ...this.callOptions() })) this.cfg.onEvent('destroyed', this.ctx);
+        return;
+      } catch (err) {
+        if (!isConflict(err)) throw err;
+      }
+    }
+    throw new SessionConflictError('the session changed too often while it was being deleted; please retry');
   }
 
   private async renew(): Promise<void> {
@@ -344,7 +372,10 @@ export class Session<T extends SessionData = SessionData> {
     for (let hop = 0; id !== undefined && hop <= MAX_HOPS; hop += 1) {
       const found = await this.readId(id, refresh);
       if (isLoaded(found)) {
-        if (found.id !== this.currentId) this.useId(found.id, true);
+        // A regenerated session is served to a request still carrying its old id, but the new id
+        // is not sent back: only the response of the request that regenerated carries it. Whoever
+        // else knew the old id (planted before a login: session fixation) never learns the new one.
+        this.currentId = found.id;
         return found;
       }
       if (found === 'missing' || found === 'gone') return null;
@@ -370,6 +401,11 @@ export class Session<T extends SessionData = SessionData> {
     }
     const data = parseData(entry.value);
     if (!data) return 'gone';
+    // The read slid the idle timeout before the creation time was known; near the end of the
+    // absolute lifetime that went past it: bring it back (one more call, only then).
+    if (refresh && entry.expiresAtMs > entry.createdAtMs + this.cfg.absoluteTtlMs) {
+      await this.cfg.store.get(id, { refreshTtlMs: this.ttlFor(entry.createdAtMs), ...this.callOptions() });
+    }
     this.markPrivate();
     return { id, version: entry.version, createdAtMs: entry.createdAtMs, data, raw: entry.value, refreshed: refresh };
   }
@@ -393,10 +429,14 @@ export class Session<T extends SessionData = SessionData> {
     this.issued = !stored;
     if (id === this.cookieId || id === this.sentId) return;
     this.sentId = id;
-    const proof = this.proofFor(id);
-    if (this.secure()) this.ctx.cookies.secure = true;
     this.markPrivate();
-    this.ctx.cookies.set(this.cookieName(), proof.cookie, this.cookieAttributes());
+    this.setCookie(this.proofFor(id).cookie);
+  }
+
+  /** Sets the session cookie (Secure when secure(), which the cookies library must be told of on a plain-HTTP hop). */
+  private setCookie(value: string, extra?: { maxAge: number; expires: Date }): void {
+    if (this.secure()) this.ctx.cookies.secure = true;
+    this.ctx.cookies.set(this.cookieName(), value, { ...this.cookieAttributes(), ...extra });
   }
 
   private proofFor(id: string): IdProof {
