@@ -521,6 +521,38 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.equal(await stored(first.set!), undefined);
   });
 
+  it('a login whose forward write was applied but reported failed still hands the browser the new id; one that was not applied leaves the old session as it was', async () => {
+    const flaky = hookedStore();
+    const base = await serve(flaky.client);
+    const first = await call(base, 'POST', '/set?mode=x');
+    flaky.hooks.afterPut = (value) => {
+      if (value.toString().startsWith('moved:')) throw new StoreClientError('unavailable', status.DEADLINE_EXCEEDED, 'deadline exceeded');
+    };
+    const login = await call(base, 'POST', '/login', `sid=${first.set}`);
+    flaky.hooks.afterPut = undefined;
+    assert.equal(login.status, 200, JSON.stringify(login.body));
+    assert.ok(login.set && idOf(login.set) !== idOf(first.set), 'the new id');
+    assert.match((await stored(login.set))!, /"user":"alice"/);
+
+    const second = await call(base, 'POST', '/set?mode=y');
+    const before = await store.client.get(idOf(second.set));
+    let copy: string | undefined;
+    const refusing: SessionBackend = {
+      ...flaky.client,
+      put: async (key, value, options) => {
+        if (value.toString().startsWith('moved:')) throw new StoreClientError('unavailable', status.UNAVAILABLE, 'connection lost');
+        if (key !== idOf(second.set)) copy = key;
+        return flaky.client.put(key, value, options);
+      },
+    };
+    const refused = await call(await serve(refusing), 'POST', '/renew', `sid=${second.set}`);
+    assert.equal(refused.status, 500);
+    assert.equal(refused.set, undefined);
+    assert.deepEqual(await store.client.get(idOf(second.set)), before, 'the old session is as it was');
+    assert.ok(copy, 'a copy was written');
+    assert.equal(await store.client.get(copy), null, 'and deleted again');
+  });
+
   it('a request carrying the id a login replaced reaches the session within the grace window but is never told the new id (session fixation)', async () => {
     const base = await serve(store.client);
     const planted = await call(base, 'POST', '/set?mode=x'); // an id an attacker obtained and planted in the victim's browser

@@ -339,20 +339,32 @@ export class Session<T extends SessionData = SessionData> {
         .catch(conflictAsSessionError);
       newVersion = copied.version;
       const untilMs = Date.now() + this.cfg.regenerateGraceMs;
+      const from = current;
+      const moved = () => {
+        this.cfg.moves.remember(from.id, newId, this.cfg.regenerateGraceMs);
+        this.loaded = { ...from, id: newId, version: newVersion, createdAtMs: copied.createdAtMs, refreshed: true };
+        this.remember(null);
+        this.useId(newId, true);
+        this.cfg.onEvent('regenerated', this.ctx);
+      };
       try {
         await this.cfg.store.put(current.id, Buffer.from(`${FORWARD_PREFIX}${newId}:${untilMs}`), {
           ttlMs: this.cfg.regenerateGraceMs,
           expectedVersion: current.version,
           ...this.callOptions(),
         });
-        this.cfg.moves.remember(current.id, newId, this.cfg.regenerateGraceMs);
-        this.loaded = { ...current, id: newId, version: newVersion, createdAtMs: copied.createdAtMs, refreshed: true };
-        this.remember(null);
-        this.useId(newId, true);
-        this.cfg.onEvent('regenerated', this.ctx);
-        return;
+        return moved();
       } catch (err) {
-        if (!isConflict(err)) throw err;
+        if (!isConflict(err)) {
+          // The forward may have been written all the same (a deadline, a lost connection). If it
+          // was, the browser must get the new id now: requests with the old one are never told it.
+          const found = await this.cfg.store.get(current.id, this.callOptions()).catch(() => undefined);
+          if (found && parseForward(found.value)?.forward === newId) return moved();
+          // Not written: drop the copy. Unknown (the read failed too): leave it to expire, since
+          // the old id may point to it.
+          if (found !== undefined) await this.cfg.store.delete(newId, this.callOptions()).catch(() => undefined);
+          throw err;
+        }
       }
       // Another process wrote the old id after we read it: read it again and copy again.
       const reread = await this.readId(current.id, false);
