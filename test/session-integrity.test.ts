@@ -565,6 +565,29 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.match((await stored(login.set!))!, /"mode":"y"/, 'which reached the session (the grace window keeps parallel requests working)');
   });
 
+  it('requests whose client went away while they waited for the session give up their turn: the next one is not held up by them', async () => {
+    const slow = hookedStore();
+    const base = await serve(slow.client);
+    const first = await call(base, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    slow.hooks.afterPut = async () => {
+      await sleep(500); // every write runs into a 500 ms deadline, as against a frozen store
+      throw new StoreClientError('unavailable', status.DEADLINE_EXCEEDED, 'deadline exceeded');
+    };
+    // Ten reloads, each abandoned by the browser after 100 ms.
+    await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        fetch(`${base}/set?mode=r${i}`, { method: 'POST', headers: { cookie }, signal: AbortSignal.timeout(100) }).catch(() => undefined),
+      ),
+    );
+    const started = Date.now();
+    const last = await call(base, 'POST', '/set?mode=last', cookie);
+    const waited = Date.now() - started;
+    slow.hooks.afterPut = undefined;
+    assert.equal(last.status, 500);
+    assert.ok(waited < 1500, `answered after ${waited} ms: at most the one write under way and its own, not ten`);
+  });
+
   it('a rolling read near the end of the absolute lifetime does not slide the entry past it', async () => {
     const base = await serve(store.client, { idleTtlMs: 60_000, absoluteTtlMs: 60_500 });
     const first = await call(base, 'POST', '/set?mode=x');

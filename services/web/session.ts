@@ -59,6 +59,16 @@ export class SessionConflictError extends Error {
   readonly expose = true;
 }
 
+/** A queued session call whose client closed the request before its turn (status 499, as nginx logs it); nothing was done. */
+export class ClientClosedError extends Error {
+  override name = 'ClientClosedError';
+  readonly status = 499;
+  readonly expose = true;
+  constructor() {
+    super('the client closed the request before its turn');
+  }
+}
+
 /** Data must be a JSON object; the store holds it as UTF-8 JSON. */
 export type SessionData = Record<string, unknown>;
 
@@ -216,6 +226,10 @@ export class Session<T extends SessionData = SessionData> {
       const key = this.issued ? undefined : this.cfg.moves.resolve(this.currentId);
       if (key === undefined || hop > MAX_LOCAL_HOPS) return fn();
       const outcome = await this.cfg.locks.run(key, async (handoff) => {
+        // A request whose client went away while it waited (a reload, a closed tab) gives up its
+        // turn: when the store is slow, each turn can take a whole deadline, and the requests
+        // still waiting behind it would wait for every abandoned one.
+        if (this.ctx.req.socket?.destroyed) throw new ClientClosedError();
         if (this.cfg.moves.resolve(this.currentId) !== key) return undefined;
         this.handoff = handoff;
         try {
