@@ -85,6 +85,20 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it('a Pipe stream failed for an undecodable message runs nothing sent after it', async () => {
+    const raw = rawStoreClient(address);
+    const put = (id: number, key: string) =>
+      Buffer.from(BatchRequest.encode({ id, ops: [{ op: { $case: 'put', value: { key, value: Buffer.from('v'), ttlMs: 60_000 } }, timeoutMs: 0, requestId: '' }] }).finish());
+    try {
+      const outcome = await callRaw(raw, 'Pipe', [put(1, 'undecodable-before'), Buffer.from([0xff, 0xff, 0xff]), put(2, 'undecodable-after')]);
+      assert.equal(outcome.code, status.INVALID_ARGUMENT, outcome.details);
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal(await client.get('undecodable-after'), null, 'a batch sent after the failure was applied');
+    } finally {
+      raw.close();
+    }
+  });
+
   it('a Watch client that stops reading is cut off with RESOURCE_EXHAUSTED once 10,000 events wait for it', async () => {
     const typed = createRawClient({ address, deadlineMs: 10_000 });
     try {

@@ -240,6 +240,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         const startedAt = performance.now();
         if (closed) return;
         if (UNDECODABLE in request) {
+          // The client is told the stream failed, so nothing it sent after this may run:
+          // grpc-js still delivers later messages, and closed makes this handler ignore them.
+          closed = true;
           const error = toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`));
           failStream(call, error);
           observe('Pipe', error.code!, startedAt, call.metadata);
