@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
-import { Metadata, status } from '@grpc/grpc-js';
+import http2 from 'node:http2';
+import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
 import { createRawClient, createStoreClient, type StoreClient } from '../services/client/store-client';
-import { BatchRequest, GetRequest, PutRequest } from '../services/generated/kv';
+import { BatchRequest, BatchResponse, GetRequest, type Op, PutRequest } from '../services/generated/kv';
 import { callRaw, frame, http2Call, rawStoreClient, reflectionClient } from './helpers/raw-grpc';
 import { type Proc, startStore, tempDir } from './helpers/procs';
 
@@ -168,5 +169,56 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     const pipeLines = lines.filter((r) => r.method === 'Pipe' && r.ops === 2);
     assert.equal(pipeLines.length, 2, 'one line per batch on the stream');
     assert.deepEqual(pipeLines[0].requestIds, ['req-op-A', 'req-op-B']);
+  });
+
+  it("an op's timeout_ms counts the time its batch waited while the Pipe stream was paused for backpressure", async () => {
+    await client.put('paused-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
+    const batch = (id: number, op: Op) => frame(Buffer.from(BatchRequest.encode({ id, ops: [op] }).finish()));
+    const get: Op = { op: { $case: 'get', value: { key: 'paused-big', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' };
+    const late: Op = { op: { $case: 'put', value: { key: 'paused-late', value: Buffer.from('x'), ttlMs: 60_000 } }, timeoutMs: 300, requestId: 'req-paused-late' };
+    // Plain HTTP/2 with a small window and no reading: the store's answers back up and it pauses the stream.
+    const session = http2.connect(`http://${address}`, { settings: { initialWindowSize: 1024 } });
+    const stream = session.request({ ':method': 'POST', ':path': '/sessions.kv.v1.SessionStore/Pipe', 'content-type': 'application/grpc', te: 'trailers' });
+    stream.on('error', () => undefined);
+    stream.pause();
+    try {
+      for (let id = 1; id <= 60; id += 1) stream.write(batch(id, get));
+      await new Promise((r) => setTimeout(r, 500));
+      stream.write(batch(100, late));
+      await new Promise((r) => setTimeout(r, 1000));
+      stream.resume();
+      stream.on('data', () => undefined);
+      const answered = () => store.lines.some((l) => l.includes('req-paused-late'));
+      for (let i = 0; i < 100 && !answered(); i += 1) await new Promise((r) => setTimeout(r, 50));
+      assert.ok(answered(), 'the store reached the batch');
+      assert.equal(await client.get('paused-late'), null, 'the op ran about 1 s past its timeout_ms');
+    } finally {
+      stream.close();
+      session.close();
+    }
+  });
+
+  it('a negative timeout_ms is INVALID_ARGUMENT for that op alone', async () => {
+    const typed = createRawClient({ address, deadlineMs: 3000 });
+    try {
+      const request: BatchRequest = {
+        id: 1,
+        ops: [
+          { op: { $case: 'put', value: { key: 'negative-timeout', value: Buffer.from('x'), ttlMs: 60_000 } }, timeoutMs: -1, requestId: '' },
+          { op: { $case: 'get', value: { key: 'negative-timeout', refreshTtlMs: 0 } }, timeoutMs: 1000, requestId: '' },
+        ],
+      };
+      const response = await new Promise<BatchResponse>((resolve, reject) =>
+        typed.batch(request, (err: ServiceError | null, res?: BatchResponse) => (err ? reject(err) : resolve(res!))),
+      );
+      assert.deepEqual(
+        response.results.map((r) => r.code),
+        [status.INVALID_ARGUMENT, status.OK],
+      );
+      assert.match(response.results[0].message, /timeout_ms/);
+      assert.equal(await client.get('negative-timeout'), null);
+    } finally {
+      typed.close();
+    }
   });
 });

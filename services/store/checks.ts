@@ -82,6 +82,12 @@ export function checkOp(op: Op, limits: Limits): BackendOp {
   }
 }
 
+/** An op's timeout_ms: 0 means no limit; negative is refused. */
+export function checkTimeout(timeoutMs: number): number {
+  if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0) invalid('timeout_ms must be a non-negative number of milliseconds');
+  return timeoutMs;
+}
+
 export function checkBatchSize(count: number, limits: Limits): void {
   if (count > limits.maxBatchOps) {
     throw new StoreError('too_large', `batch has ${count} operations, over the limit of ${limits.maxBatchOps} (STORE_MAX_BATCH_OPS)`);

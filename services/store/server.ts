@@ -29,7 +29,7 @@ import {
 } from '../generated/kv';
 import type { Logger } from '../shared/log';
 import { type Backend, type BackendOp, type BackendResult, type StoredEntry, StoreError } from './backends/backend';
-import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
+import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, checkTimeout, type Limits } from './checks';
 import { toServiceError, toStatus } from './errors';
 import type { RpcMethod, RpcObserver } from './telemetry';
 
@@ -52,6 +52,15 @@ export interface StoreServiceOptions {
 const UNDECODABLE = Symbol('undecodable');
 interface Undecodable {
   [UNDECODABLE]: string;
+}
+
+/**
+ * When a request was decoded (performance.now()): a Pipe message may then wait in grpc-js'
+ * buffers while the stream is paused for backpressure, and an op's timeout_ms counts that wait.
+ */
+const RECEIVED_AT = Symbol('receivedAt');
+interface Stamped {
+  [RECEIVED_AT]?: number;
 }
 
 /**
@@ -141,16 +150,19 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     })();
   }
 
-  /** receivedAt: when the batch arrived; an op's timeout_ms counts from then. */
-  const runBatch = async (request: BatchRequest, receivedAt = Date.now()): Promise<BatchResponse> => {
+  /** An op's timeout_ms counts from when its batch was decoded (RECEIVED_AT), not from when it is run. */
+  const runBatch = async (request: BatchRequest): Promise<BatchResponse> => {
     checkBatchSize(request.ops.length, limits);
     const results: OpResult[] = new Array(request.ops.length);
     const ops: BackendOp[] = [];
     const slots: number[] = [];
-    const now = Date.now();
+    // Nothing waits between here and backend.batch, so this is the time the backend gets the ops.
+    const now = performance.now();
+    const receivedAt = (request as Stamped)[RECEIVED_AT] ?? now;
     request.ops.forEach((op, i) => {
       try {
-        if (op.timeoutMs > 0 && receivedAt + op.timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
+        const timeoutMs = checkTimeout(op.timeoutMs);
+        if (timeoutMs > 0 && receivedAt + timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
         ops.push(checkOp(op, limits));
         slots.push(i);
       } catch (err) {
@@ -251,7 +263,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         inFlight += 1;
         const answer = stopping?.aborted
           ? Promise.reject(new StoreError('unavailable', 'the store is stopping; retry on a new connection'))
-          : runBatch(request, Date.now());
+          : runBatch(request);
         answer
           .then(
             (response): [BatchResponse, status] => [response, status.OK],
@@ -410,7 +422,10 @@ function logUnexpected(logger: Logger, err: unknown, path: string): void {
   if (!(err instanceof StoreError)) logger.error({ err, path }, 'unexpected error in handler');
 }
 
-/** Wraps each request decoder so undecodable bytes reach the handler as a marker, not as INTERNAL. */
+/**
+ * Wraps each request decoder so undecodable bytes reach the handler as a marker, not as INTERNAL,
+ * and stamps each decoded request with RECEIVED_AT.
+ */
 function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buffer) => unknown }>>(definition: T): T {
   const wrapped: Record<string, unknown> = {};
   for (const [name, method] of Object.entries(definition)) {
@@ -418,7 +433,9 @@ function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buf
       ...method,
       requestDeserialize: (bytes: Buffer) => {
         try {
-          return method.requestDeserialize(bytes);
+          const request = method.requestDeserialize(bytes) as Stamped;
+          request[RECEIVED_AT] = performance.now();
+          return request;
         } catch (err) {
           return { [UNDECODABLE]: (err as Error).message } satisfies Undecodable;
         }
