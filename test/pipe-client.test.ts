@@ -66,6 +66,34 @@ describe('pipe client: batched store calls over one stream (real store process)'
     assert.equal((await client.get('p1'))?.value.toString(), 'a');
   });
 
+  it('a frozen store fails every call within its deadline, also those queued behind a full stream, and sends none of those', async () => {
+    const frozen = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 500 });
+    const value = Buffer.alloc(60_000, 'v');
+    const late: number[] = [];
+    const settled: Promise<unknown>[] = [];
+    await frozen.get('p1');
+    store.child.kill('SIGSTOP');
+    try {
+      // A few MB fill the stream's window and the socket buffers; the later puts queue until it drains.
+      for (let i = 0; i < 100; i += 1) {
+        const started = Date.now();
+        const done = () => {
+          if (Date.now() - started > 500 + 250) late.push(Date.now() - started);
+        };
+        settled.push(frozen.put(`frozen-${i}`, value, { ttlMs: 60_000 }).then(done, done));
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      const pending = await Promise.race([Promise.all(settled).then(() => 0), new Promise<string>((r) => setTimeout(() => r('some calls'), 1000))]);
+      assert.equal(pending, 0, 'calls still pending 1 s after the last one');
+      assert.deepEqual(late, [], 'calls settled this many ms after they were made, past their 500 ms deadline');
+    } finally {
+      store.child.kill('SIGCONT');
+      frozen.close();
+    }
+    // The last puts waited in the queue past their deadline: never sent, so never applied.
+    assert.equal(await client.get('frozen-99'), null);
+  });
+
   it('a restarted store: in-flight calls fail as unavailable, later calls reconnect by themselves', async () => {
     const port = store.port;
     await store.stop('SIGKILL');

@@ -1,3 +1,4 @@
+import { performance } from 'node:perf_hooks';
 import { type ClientDuplexStream, type ServiceError, status } from '@grpc/grpc-js';
 import type { BatchRequest, BatchResponse, Entry, Op, OpResult, SessionStoreClient } from '../generated/kv';
 import {
@@ -21,6 +22,8 @@ export interface PipeClientOptions extends StoreClientOptions {
 
 interface PendingOp {
   op: Op;
+  /** performance.now() past which the caller has given up: the deadline runs from the call, queued or not. */
+  deadline: number;
   resolve: (result: OpResult) => void;
   reject: (err: StoreClientError) => void;
 }
@@ -37,7 +40,9 @@ interface InFlight {
  *
  * - Flushed on setImmediate: requests parsed in separate I/O callbacks of one loop turn share a batch.
  * - Backpressure: while the stream does not drain, operations queue (bounded by maxQueuedOps).
- * - Deadlines: each batch has a timer; past it, its operations fail as unavailable (outcome unknown).
+ * - Deadlines: each operation's runs from its call. One queued past it fails without being sent;
+ *   one sent carries the time it has left as timeout_ms, and fails past it as unavailable (outcome
+ *   unknown). One timer per batch in flight, and one for the queue while the stream does not drain.
  * - Reconnect: a broken stream fails its in-flight operations (never silently retried, since a
  *   write may have landed) and the next flush opens a new stream on the same channel.
  * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
@@ -81,11 +86,14 @@ class PipeTransport {
   private readonly inFlight = new Map<number, InFlight>();
   private nextId = 1;
   private draining = false;
+  /** Set while operations wait for the stream to drain: fires at the first one's deadline. */
+  private queueTimer: NodeJS.Timeout | undefined;
   private useUnaryBatch = false;
   private closed = false;
   private readonly maxBatchOps: number;
   private readonly maxQueuedOps: number;
   private readonly flushNow = () => this.flush();
+  private readonly sweepNow = () => this.sweepQueue();
 
   constructor(
     readonly client: SessionStoreClient,
@@ -102,7 +110,7 @@ class PipeTransport {
       return Promise.reject(toClientError(status.UNAVAILABLE, `the store is not keeping up: ${this.queue.length} operations queued`));
     }
     return new Promise<OpResult>((resolve, reject) => {
-      this.queue.push({ op, resolve, reject });
+      this.queue.push({ op, deadline: performance.now() + this.options.deadlineMs, resolve, reject });
       if (!this.scheduled) {
         this.scheduled = true;
         setImmediate(this.flushNow);
@@ -115,6 +123,7 @@ class PipeTransport {
 
   close(): void {
     this.closed = true;
+    clearTimeout(this.queueTimer);
     this.failAll(toClientError(status.UNAVAILABLE, 'the store client is closed'));
     for (const pending of this.queue.splice(0)) pending.reject(toClientError(status.UNAVAILABLE, 'the store client is closed'));
     this.stream?.end();
@@ -123,20 +132,59 @@ class PipeTransport {
 
   private flush(): void {
     this.scheduled = false;
+    const now = performance.now();
     while (this.queue.length > 0 && !this.draining) {
-      const ops = this.queue.length <= this.maxBatchOps ? this.queue : this.queue.slice(0, this.maxBatchOps);
-      this.queue = ops === this.queue ? [] : this.queue.slice(this.maxBatchOps);
-      this.send(ops);
+      // Operations whose deadline passed while queued are not sent: their callers have given up.
+      const { queue } = this;
+      const ops: PendingOp[] = [];
+      let i = 0;
+      for (; i < queue.length && ops.length < this.maxBatchOps; i += 1) {
+        if (queue[i].deadline > now) ops.push(queue[i]);
+        else queue[i].reject(this.timedOut());
+      }
+      this.queue = i === queue.length ? [] : queue.slice(i);
+      if (ops.length > 0) this.send(ops, now);
     }
+    if (this.draining) this.armQueueTimer();
   }
 
-  private send(ops: PendingOp[]): void {
+  /** Fails the queued operations whose deadline has passed while the stream does not drain. */
+  private sweepQueue(): void {
+    this.queueTimer = undefined;
+    const now = performance.now();
+    // Deadlines grow along the queue (one deadlineMs, queued in order), so the expired ones lead it.
+    let i = 0;
+    let err: StoreClientError | undefined;
+    while (i < this.queue.length && this.queue[i].deadline <= now + 1) this.queue[i++].reject((err ??= this.timedOut()));
+    if (i > 0) this.queue = this.queue.slice(i);
+    if (this.draining) this.armQueueTimer();
+  }
+
+  private armQueueTimer(): void {
+    if (this.queueTimer || this.queue.length === 0) return;
+    this.queueTimer = setTimeout(this.sweepNow, Math.max(0, this.queue[0].deadline - performance.now()));
+  }
+
+  private stopQueueTimer(): void {
+    clearTimeout(this.queueTimer);
+    this.queueTimer = undefined;
+  }
+
+  private send(ops: PendingOp[], now: number): void {
     const id = this.nextId++;
+    let first = Infinity;
+    let last = 0;
+    for (const pending of ops) {
+      // The store skips an operation once the time its caller has left runs out.
+      pending.op.timeoutMs = Math.max(1, Math.ceil(pending.deadline - now));
+      first = Math.min(first, pending.deadline);
+      last = Math.max(last, pending.deadline);
+    }
     const request: BatchRequest = { id, ops: ops.map((p) => p.op) };
-    const timer = setTimeout(() => this.expire(id), this.options.deadlineMs);
+    const timer = setTimeout(() => this.expire(id), first - now);
     this.inFlight.set(id, { ops, timer });
     if (this.useUnaryBatch) {
-      this.client.batch(request, this.metadata, { deadline: Date.now() + this.options.deadlineMs }, (err, response) => {
+      this.client.batch(request, this.metadata, { deadline: Date.now() + (last - now) }, (err, response) => {
         if (err) this.fail(id, fromServiceError(err));
         else this.answer(response!);
       });
@@ -147,6 +195,7 @@ class PipeTransport {
       this.draining = true;
       stream.once('drain', () => {
         this.draining = false;
+        this.stopQueueTimer();
         this.flush();
       });
     }
@@ -160,6 +209,7 @@ class PipeTransport {
       if (this.stream !== stream) return;
       this.stream = undefined;
       this.draining = false;
+      this.stopQueueTimer();
       if (err.code === status.UNIMPLEMENTED && !this.useUnaryBatch) {
         // A store without Pipe: nothing was executed, so resend everything through Batch.
         this.useUnaryBatch = true;
@@ -197,8 +247,24 @@ class PipeTransport {
     }
   }
 
+  /** Fails the operations of a batch whose deadline has passed; the batch waits on for the others. */
   private expire(id: number): void {
-    this.fail(id, toClientError(status.DEADLINE_EXCEEDED, `no answer from the store within ${this.options.deadlineMs} ms`));
+    const flight = this.inFlight.get(id);
+    if (!flight) return;
+    const now = performance.now();
+    let next = Infinity;
+    let err: StoreClientError | undefined;
+    for (const pending of flight.ops) {
+      // Rejecting one twice, or resolving it after, does nothing: a promise settles once.
+      if (pending.deadline <= now + 1) pending.reject((err ??= this.timedOut()));
+      else next = Math.min(next, pending.deadline);
+    }
+    if (next === Infinity) this.inFlight.delete(id);
+    else flight.timer = setTimeout(() => this.expire(id), next - now);
+  }
+
+  private timedOut(): StoreClientError {
+    return toClientError(status.DEADLINE_EXCEEDED, `no answer from the store within ${this.options.deadlineMs} ms`);
   }
 
   private fail(id: number, err: StoreClientError): void {
