@@ -16,6 +16,11 @@ import {
 export interface PipeClientOptions extends StoreClientOptions {
   /** Most operations in one batch message (the store's STORE_MAX_BATCH_OPS must allow it). */
   maxBatchOps?: number;
+  /**
+   * About the most key and value bytes in one batch message (one larger operation goes alone);
+   * the store's STORE_MAX_MESSAGE_BYTES must allow it. Default 1 MiB, a quarter of its default.
+   */
+  maxBatchBytes?: number;
   /** Operations waiting to be sent beyond this are refused at once (the store is not keeping up). */
   maxQueuedOps?: number;
 }
@@ -48,7 +53,10 @@ interface InFlight {
  * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
  */
 export function createPipeClient(options: PipeClientOptions): StoreClient {
-  const transport = new PipeTransport(createRawClient(options), options);
+  // An answer holds up to maxBatchOps values of up to the store's STORE_MAX_VALUE_BYTES, which
+  // the client does not know: grpc-js' default 4 MiB receive limit would fail a batch of Gets of
+  // large values, and with it every operation in flight on the stream. The store is trusted.
+  const transport = new PipeTransport(createRawClient(options, { 'grpc.max_receive_message_length': -1 }), options);
   const run = (op: Op) => transport.enqueue(op);
   return {
     async get(key, opts = {}) {
@@ -91,6 +99,7 @@ class PipeTransport {
   private useUnaryBatch = false;
   private closed = false;
   private readonly maxBatchOps: number;
+  private readonly maxBatchBytes: number;
   private readonly maxQueuedOps: number;
   private readonly flushNow = () => this.flush();
   private readonly sweepNow = () => this.sweepQueue();
@@ -101,6 +110,7 @@ class PipeTransport {
   ) {
     this.metadata = authMetadata(options.token);
     this.maxBatchOps = options.maxBatchOps ?? 500;
+    this.maxBatchBytes = options.maxBatchBytes ?? 1024 * 1024;
     this.maxQueuedOps = options.maxQueuedOps ?? 20_000;
   }
 
@@ -137,10 +147,17 @@ class PipeTransport {
       // Operations whose deadline passed while queued are not sent: their callers have given up.
       const { queue } = this;
       const ops: PendingOp[] = [];
+      let bytes = 0;
       let i = 0;
       for (; i < queue.length && ops.length < this.maxBatchOps; i += 1) {
-        if (queue[i].deadline > now) ops.push(queue[i]);
-        else queue[i].reject(this.timedOut());
+        if (queue[i].deadline <= now) {
+          queue[i].reject(this.timedOut());
+          continue;
+        }
+        // Values up to the store's limit add up: cap the message, not only the count.
+        bytes += estimatedBytes(queue[i].op);
+        if (bytes > this.maxBatchBytes && ops.length > 0) break;
+        ops.push(queue[i]);
       }
       this.queue = i === queue.length ? [] : queue.slice(i);
       if (ops.length > 0) this.send(ops, now);
@@ -278,4 +295,11 @@ class PipeTransport {
   private failAll(err: StoreClientError): void {
     for (const id of [...this.inFlight.keys()]) this.fail(id, err);
   }
+}
+
+/** About the bytes an operation adds to a BatchRequest: its key, value and request id, plus framing. */
+function estimatedBytes(op: Op): number {
+  const inner = op.op;
+  if (!inner) return 64;
+  return 64 + inner.value.key.length + op.requestId.length + (inner.$case === 'put' ? inner.value.value.length : 0);
 }

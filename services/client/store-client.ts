@@ -105,9 +105,9 @@ export function channelCredentials(options: Pick<StoreClientOptions, 'tlsCa'>): 
   return options.tlsCa ? credentials.createSsl(options.tlsCa) : credentials.createInsecure();
 }
 
-/** The raw generated client, for callers that need a streaming RPC of their own. */
-export function createRawClient(options: StoreClientOptions): SessionStoreClient {
-  return new SessionStoreClient(normalizeAddress(options.address), channelCredentials(options), CHANNEL_OPTIONS);
+/** The raw generated client, for callers that need a streaming RPC of their own; `channel` adds to CHANNEL_OPTIONS. */
+export function createRawClient(options: StoreClientOptions, channel: ChannelOptions = {}): SessionStoreClient {
+  return new SessionStoreClient(normalizeAddress(options.address), channelCredentials(options), { ...CHANNEL_OPTIONS, ...channel });
 }
 
 export function authMetadata(token: string | undefined): Metadata {
