@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { Server, ServerCredentials, type ServerUnaryCall, type sendUnaryData, type ServiceError } from '@grpc/grpc-js';
+import { Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServerUnaryCall, type sendUnaryData, type ServiceError, status } from '@grpc/grpc-js';
 import { createPipeClient } from '../services/client/pipe-client';
 import { createRawClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { type BatchRequest, type BatchResponse, SessionStoreService } from '../services/generated/kv';
@@ -119,6 +119,33 @@ describe('pipe client: batched store calls over one stream (real store process)'
       );
     }
     assert.equal(value, 'a');
+  });
+
+  it('a stream that breaks with any status fails its in-flight operations as unavailable, outcome unknown', async () => {
+    const fake = new Server();
+    fake.addService(SessionStoreService, {
+      // A store that ends the stream with INVALID_ARGUMENT once it has read a batch (which it may have run).
+      pipe: (call: ServerDuplexStream<BatchRequest, BatchResponse>) => {
+        call.on('error', () => undefined);
+        call.once('data', () => call.emit('error', { code: status.INVALID_ARGUMENT, details: 'request could not be decoded', metadata: new Metadata() }));
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      fake.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const broken = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 2000 });
+    try {
+      const err = await broken.put('maybe-written', Buffer.from('x'), { ttlMs: 60_000 }).then(
+        () => assert.fail('the put succeeded'),
+        (e: StoreClientError) => e,
+      );
+      assert.equal(err.kind, 'unavailable', err.message);
+      assert.match(err.message, /outcome .*unknown/);
+      assert.match(err.message, /INVALID_ARGUMENT/);
+    } finally {
+      broken.close();
+      fake.forceShutdown();
+    }
   });
 
   it('falls back to the unary Batch RPC when the store has no Pipe, coalescing one turn into one batch', async () => {

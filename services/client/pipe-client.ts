@@ -48,8 +48,9 @@ interface InFlight {
  * - Deadlines: each operation's runs from its call. One queued past it fails without being sent;
  *   one sent carries the time it has left as timeout_ms, and fails past it as unavailable (outcome
  *   unknown). One timer per batch in flight, and one for the queue while the stream does not drain.
- * - Reconnect: a broken stream fails its in-flight operations (never silently retried, since a
- *   write may have landed) and the next flush opens a new stream on the same channel.
+ * - Reconnect: a broken stream fails its in-flight operations as unavailable, outcome unknown
+ *   (never silently retried, since a write may have landed), and the next flush opens a new
+ *   stream on the same channel.
  * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
  */
 export function createPipeClient(options: PipeClientOptions): StoreClient {
@@ -239,7 +240,15 @@ class PipeTransport {
         this.flush();
         return;
       }
-      this.failAll(err);
+      // The stream's status is about the stream, not about an operation: batches in flight on it
+      // may have run before it broke, so their outcome is unknown (an operation's own code comes
+      // only from its OpResult). Except UNAUTHENTICATED: the store refuses such a stream before it
+      // reads a batch, and the caller must learn that the token is wrong.
+      this.failAll(
+        err.code === status.UNAUTHENTICATED
+          ? err
+          : toClientError(status.UNAVAILABLE, `the pipe to the store broke (${status[err.code] ?? err.code}: ${err.message}); the outcome of the operation is unknown`),
+      );
       if (this.queue.length > 0 && !this.scheduled) {
         this.scheduled = true;
         setImmediate(this.flushNow);
