@@ -157,7 +157,8 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     const rpcs = () => store.lines.filter((l) => l.includes('"msg":"rpc"')).map((l) => JSON.parse(l) as Record<string, unknown>);
     const deadline = Date.now() + 5000;
     // Log lines are written asynchronously: the two batches' lines may come in separate writes.
-    while (rpcs().filter((r) => r.method === 'Pipe').length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    // (Earlier tests on this store log Pipe lines of their own: wait for this test's two.)
+    while (rpcs().filter((r) => r.method === 'Pipe' && r.ops === 2).length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     const lines = rpcs();
     assert.equal(lines.filter((r) => r.requestId === 'req-unary-1' && r.code === 'OK').length, 1, 'one line per call');
     const ok = lines.find((r) => r.requestId === 'req-unary-1' && r.code === 'OK');
