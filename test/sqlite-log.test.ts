@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
@@ -317,5 +318,86 @@ describe('SQLite backend: append-only log and in-memory index', function () {
       stop();
       await b.close();
     }
+  });
+
+  it('one sweeper pass at a time: a pass longer than the interval is not joined by more (they would each take a step per turn)', async () => {
+    const b = new SqliteBackend({ ...options, synchronous: 'NORMAL', sweepIntervalMs: 1, sweepBatch: 1 });
+    try {
+      const ops: BackendOp[] = [];
+      for (let i = 0; i < 400; i += 1) ops.push(put(`x${i}`, 'v', 1));
+      await b.batch(ops);
+      // Steps per turn of the event loop, counted between two runs of a setImmediate chain.
+      const sweep = b.sweep.bind(b);
+      let steps = 0;
+      let most = 0;
+      b.sweep = () => {
+        steps += 1;
+        return sweep();
+      };
+      let counting = true;
+      const turn = () => {
+        most = Math.max(most, steps);
+        steps = 0;
+        if (counting) setImmediate(turn);
+      };
+      setImmediate(turn);
+      const deadline = Date.now() + 10_000;
+      while ((await listAll(b)).length > 0 || (await read(b, 'x399')) !== null) {
+        assert.ok(Date.now() < deadline, 'swept within 10 s');
+        await sleep(20);
+      }
+      await sleep(50); // until every expired key is reported, the pass is still under way
+      counting = false;
+      assert.ok(most <= 2, `at most one pass step (and one tick) per turn, saw ${most}`);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('a List over a long run of expired keys the sweeper has not reached lets other work run between pages', async () => {
+    const b = new SqliteBackend({ ...options, synchronous: 'NORMAL' });
+    try {
+      const ops: BackendOp[] = [];
+      for (let i = 0; i < 20_000; i += 1) ops.push(put(`dead${String(i).padStart(6, '0')}`, 'v', 1));
+      await b.batch(ops);
+      await b.batch([put('zz-live', 'v')]);
+      await sleep(10);
+      let turns = 0;
+      let counting = true;
+      const turn = () => {
+        turns += 1;
+        if (counting) setImmediate(turn);
+      };
+      setImmediate(turn);
+      const listed = await listAll(b);
+      counting = false;
+      assert.deepEqual(listed.map(([k]) => k), ['zz-live']);
+      assert.ok(turns >= 10, `20 pages of expired keys read across ${turns} turns of the event loop`);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('versions keep growing across delete, restart and re-create, also when the clock stepped back before the restart', () => {
+    // Each step in a process of its own: versions this process issued would hide the bug.
+    const script = path.join(tmp.dir, 'step.js');
+    writeFileSync(
+      script,
+      `const { SqliteBackend } = require(${JSON.stringify(path.resolve(__dirname, '../services/store/backends/sqlite.js'))});
+       const shift = Number(process.argv[3]);
+       const now = Date.now;
+       Date.now = () => now() + shift;
+       (async () => {
+         const b = new SqliteBackend({ dataDir: process.argv[2], synchronous: 'FULL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 1000 });
+         const [put] = await b.batch([{ kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 3600000 }]);
+         if (shift === 0) await b.batch([{ kind: 'delete', key: 'k' }]);
+         await b.close();
+         process.stdout.write(String(put.value.version));
+       })();`,
+    );
+    const step = (shiftMs: number) => Number(execFileSync(process.execPath, [script, tmp.dir, String(shiftMs)]).toString());
+    const before = step(0);
+    const after = step(-10 * 60_000);
+    assert.ok(after > before, `re-created with version ${after}, after ${before} (deleted) before the restart`);
   });
 });

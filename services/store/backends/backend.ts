@@ -95,6 +95,11 @@ export function nextVersion(previous: number, nowMs: number): number {
   return lastIssued;
 }
 
+/** Makes every later version of this process greater than `version` (one read back from storage). */
+export function versionsAbove(version: number): void {
+  lastIssued = Math.max(lastIssued, version);
+}
+
 /** An empty value: what deletes, expiries and key-only listings carry. */
 export const EMPTY_VALUE = Buffer.alloc(0);
 
