@@ -45,6 +45,20 @@ function lines(text: string): string[] {
   return text.split('\n').filter(Boolean);
 }
 
+/** Any character that must never reach the output raw (a line break between entries aside). */
+const RAW_CONTROL = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u2028\u2029]/;
+
+/** The key and value of a "<key> <value>" line as printed: a key that starts with a double quote is a JSON string. */
+function fields(line: string): [string, string] {
+  const key = /^"(?:[^"\\]|\\.)*"/.exec(line)?.[0] ?? line.slice(0, line.indexOf(' '));
+  return [key, line.slice(key.length + 1)];
+}
+
+/** Reads one "<key> <value>" line back: a field that starts with a double quote is a JSON string. */
+function parseLine(line: string): [string, string] {
+  return fields(line).map((field) => (field.startsWith('"') ? JSON.parse(field) : field)) as [string, string];
+}
+
 /** A long-running bin/dump (for --watch) whose stdout lines are collected as they come. */
 function startDump(args: string[], cwd: string) {
   const child: ChildProcess = spawn(dumpBin, args, { cwd, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -175,6 +189,102 @@ describe('bin/dump (child process against a real store)', function () {
       await client.put('nl-1', Buffer.from('two\nlines'), { ttlMs: 60_000 });
       const run = await runDump([address, '--prefix', 'nl-'], {}, tmp.dir);
       assert.equal(run.stdout, 'nl-1 "two\\nlines"\n');
+    });
+
+    describe('keys and values that are not plain printable text', () => {
+      // Key order is byte order, so the expected output follows this list.
+      const odd: Array<[string, string]> = [
+        ['esc-a\nforged-key forged-value', 'v'],
+        ['esc-b\x1b]0;pwned\x07', 'title'],
+        ['esc-c', 'tab\there\x1b[2Jclear'],
+        ['esc-d', '"x\\ny"'],
+        ['esc-e', 'x\ny'],
+        ['esc-f', 'x\\ny'],
+        ['esc-g with space', 'del\x7f c1\u009b31m'],
+        ['esc-h\\n', 'plain'],
+        ['esc-i\u009b2J', '{"json":"object","n":1}'],
+      ];
+      const printed = [
+        '"esc-a\\nforged-key forged-value" v',
+        '"esc-b\\u001b]0;pwned\\u0007" title',
+        'esc-c "tab\\there\\u001b[2Jclear"',
+        'esc-d "\\"x\\\\ny\\""',
+        'esc-e "x\\ny"',
+        'esc-f x\\ny',
+        '"esc-g with space" "del\\u007f c1\\u009b31m"',
+        '"esc-h\\\\n" plain',
+        '"esc-i\\u009b2J" {"json":"object","n":1}',
+      ];
+      before(async () => {
+        for (const [key, value] of odd) await client.put(key, Buffer.from(value), { ttlMs: 30 * 60_000 });
+        await client.put('"q-1', Buffer.from('"quoted"'), { ttlMs: 30 * 60_000 });
+      });
+
+      it('lines: such a key or value is a JSON string, so each entry is one line and reads back exactly', async () => {
+        const run = await runDump([address, '--prefix', 'esc-'], {}, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stdout, RAW_CONTROL);
+        assert.deepEqual(lines(run.stdout), printed);
+        assert.deepEqual(lines(run.stdout).map(parseLine), odd);
+        // A literal backslash-n and a line break print differently, and a value that starts with a
+        // double quote is quoted, so it cannot pass for a quoted line break.
+        assert.notEqual(printed[3].slice(6), printed[4].slice(6));
+        const quote = await runDump([address, '--prefix', '"q-'], {}, tmp.dir);
+        assert.equal(quote.stdout, '"\\"q-1" "\\"quoted\\""\n');
+        assert.deepEqual(parseLine(lines(quote.stdout)[0]), ['"q-1', '"quoted"']);
+      });
+
+      it('--keys-only: the same quoting, one key per line', async () => {
+        const run = await runDump([address, '--keys-only', '--prefix', 'esc-'], {}, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stdout, RAW_CONTROL);
+        assert.deepEqual(lines(run.stdout), printed.map((l) => fields(l)[0]));
+      });
+
+      it('--table: no control character reaches a cell; each entry is one row', async () => {
+        const run = await runDump([address, '--table', '--prefix', 'esc-'], { COLUMNS: '200' }, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stdout, RAW_CONTROL);
+        const [header, ...rows] = lines(run.stdout);
+        assert.match(header, /^ID\s+VALUE\s+VERSION\s+EXPIRES IN$/);
+        assert.equal(rows.length, odd.length + 1);
+        assert.equal(rows[odd.length], `(${odd.length} entries)`);
+        for (const [i, line] of printed.entries()) {
+          const [key, value] = fields(line);
+          assert.ok(rows[i].startsWith(key + ' '), `${rows[i]} starts with ${key}`);
+          assert.ok(rows[i].slice(header.indexOf('VALUE')).startsWith(value + ' '), `${rows[i]} shows ${value} under VALUE`);
+        }
+      });
+
+      it('--watch, lines and table: a changed key or value cannot forge a line or reach the terminal', async () => {
+        await client.put('wx-0', Buffer.from('start'), { ttlMs: 60_000 });
+        const plain = startDump([address, '--watch', '--prefix', 'wx-'], tmp.dir);
+        const table = startDump([address, '--watch', '--table', '--prefix', 'wx-'], tmp.dir);
+        try {
+          await plain.waitFor((l) => l === 'wx-0 start');
+          await table.waitFor((l) => l.startsWith('watching for changes'));
+          const forged = 'wx-1\nput fake injected';
+          await client.put(forged, Buffer.from('v\x1b[2J\x1b]0;pwned\x07'), { ttlMs: 60_000 });
+          await client.delete(forged);
+          await client.put('wx-2', Buffer.from('end'), { ttlMs: 60_000 });
+          await plain.waitFor((l) => l === 'put wx-2 end');
+          assert.deepEqual(plain.out, [
+            'wx-0 start',
+            'put "wx-1\\nput fake injected" "v\\u001b[2J\\u001b]0;pwned\\u0007"',
+            'delete "wx-1\\nput fake injected"',
+            'put wx-2 end',
+          ]);
+          await table.waitFor((l) => / put +wx-2 /.test(l));
+          const events = table.out.slice(table.out.findIndex((l) => l.startsWith('watching for changes')) + 1);
+          assert.equal(events.length, 3, events.join('\n'));
+          assert.ok(events.every((l) => !RAW_CONTROL.test(l)));
+          assert.match(events[0], / put +"wx-1\\nput fake injected" {2}"v\\u001b\[2J\\u001b\]0;pwned\\u0007" {2}v\d+/);
+          assert.match(events[1], / delete "wx-1\\nput fake injected" {2}v\d+$/);
+        } finally {
+          assert.equal(await plain.stop('SIGINT'), 0, plain.stderr());
+          assert.equal(await table.stop('SIGINT'), 0, table.stderr());
+        }
+      });
     });
 
     it('--table prints aligned columns ID, VALUE, VERSION, EXPIRES IN with the time left', async () => {

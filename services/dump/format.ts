@@ -49,13 +49,35 @@ function keyOf(key: string, redact: boolean): string {
   return redact ? shortHash(key) : key;
 }
 
-const LINE_BREAK = /[\r\n]/;
-const CONTROL = /[\u0000-\u001f\u007f]/g;
+/**
+ * Characters that are not plain printable text: C0 controls (tab and line breaks too), DEL, C1
+ * controls (U+0080-U+009F, which include a one-byte CSI) and the Unicode line and paragraph
+ * separators. Printed raw they could end a line early or drive the terminal.
+ */
+const UNSAFE_VALUE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
+/** A key also may not hold a space (it ends the key in "<key> <value>") or a backslash. */
+const UNSAFE_KEY = /[\u0000-\u0020\u007f-\u009f\u2028\u2029\\]/;
+/** What JSON.stringify leaves raw but a terminal or a line reader does not take as text. */
+const RAW_IN_JSON = /[\u007f-\u009f\u2028\u2029]/g;
+const QUOTE = 0x22;
 
-/** The value as text on one line: a value with a line break is printed as a JSON string. */
-function valueText(value: Buffer): string {
-  const text = value.toString('utf8');
-  return LINE_BREAK.test(text) ? JSON.stringify(text) : text;
+/** The JSON string for text, with every character outside plain printable text as a \u escape. */
+export function quoted(text: string): string {
+  return JSON.stringify(text).replace(RAW_IN_JSON, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+}
+
+/**
+ * A value as text on one line: as it is when it is plain printable text, else (a control
+ * character, a line break, or a leading double quote) as a JSON string. So every entry is one line,
+ * and a printed value that starts with a double quote is always a JSON string to decode.
+ */
+export function valueText(text: string): string {
+  return text.charCodeAt(0) === QUOTE || UNSAFE_VALUE.test(text) ? quoted(text) : text;
+}
+
+/** A key the same way, quoted also when it is empty or holds a space or a backslash. */
+export function keyText(key: string): string {
+  return key.length === 0 || key.charCodeAt(0) === QUOTE || UNSAFE_KEY.test(key) ? quoted(key) : key;
 }
 
 class LineFormatter implements Formatter {
@@ -65,15 +87,15 @@ class LineFormatter implements Formatter {
     const { keysOnly, redact } = this.options;
     let out = '';
     for (const entry of entries) {
-      const key = redact ? shortHash(entry.key) : entry.key;
-      out += keysOnly ? key + '\n' : key + ' ' + valueText(entry.value) + '\n';
+      const key = keyText(redact ? shortHash(entry.key) : entry.key);
+      out += keysOnly ? key + '\n' : key + ' ' + valueText(entry.value.toString('utf8')) + '\n';
     }
     return out;
   }
 
   event(event: WatchEvent): string {
-    const head = kindName(event.kind) + ' ' + keyOf(event.key, this.options.redact);
-    return event.kind === WatchEvent_Kind.PUT && !this.options.keysOnly ? head + ' ' + valueText(event.value) + '\n' : head + '\n';
+    const head = kindName(event.kind) + ' ' + keyText(keyOf(event.key, this.options.redact));
+    return event.kind === WatchEvent_Kind.PUT && !this.options.keysOnly ? head + ' ' + valueText(event.value.toString('utf8')) + '\n' : head + '\n';
   }
 
   end(): string {
@@ -226,8 +248,8 @@ class TableFormatter implements Formatter {
 
   private cells(key: string, value: Buffer, version: number, expiresInMs: number) {
     return {
-      id: keyOf(key, this.options.redact),
-      value: this.options.keysOnly ? '' : value.toString('utf8').replace(CONTROL, ' '),
+      id: keyText(keyOf(key, this.options.redact)),
+      value: this.options.keysOnly ? '' : valueText(value.toString('utf8')),
       version: String(version),
       expires: formatDuration(expiresInMs),
     };
