@@ -444,6 +444,25 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
+    it('--json agrees with --no-table (both mean the line form); only --table conflicts with it', async () => {
+      for (const args of [
+        ['--json', '--no-table'],
+        ['--no-table', '--json'],
+        ['--json', '--table', '--no-table'],
+      ]) {
+        const run = await runDump([address, ...args, '--prefix', 'sess-'], {}, tmp.dir);
+        assert.equal(run.code, 0, `${args.join(' ')}: ${run.stderr}`);
+        assert.deepEqual(
+          lines(run.stdout).map((l) => JSON.parse(l).key),
+          ['sess-a', 'sess-b'],
+        );
+      }
+      const both = await runDump([address, '--json', '--no-table', '--table'], {}, tmp.dir);
+      assert.equal(both.code, 2);
+      assert.equal(both.stderr, "dump: option '--json' cannot be used with option '--table' (see dump --help)\n");
+      assert.equal(both.stdout, '');
+    });
+
     it('a bad STORE_TLS_CA in the environment is a usage error naming the file', async () => {
       const run = await runDump([address], { STORE_TLS_CA: path.join(tmp.dir, 'nope.pem') }, tmp.dir);
       assert.equal(run.code, 2);

@@ -87,7 +87,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--limit <n>', 'at most n entries (0 = all)', nonNegativeInt(0xffff_ffff), 0)
     .option('--keys-only', 'keys without values')
     .addOption(new Option('--count', 'print only the number of entries').conflicts('watch'))
-    .addOption(new Option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt').conflicts('table'))
+    .option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt')
     .option('--table', 'an aligned table even when not on a terminal')
     .option('--no-table', 'one line per entry even on a terminal')
     .option('--redact', 'print a short hash of each key instead of the key (the value stays)')
@@ -138,6 +138,12 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   const program = buildProgram(config, version);
   try {
     program.parse(argv, { from: 'user' });
+    // Checked here, not with .conflicts('table'): commander's conflicts go by the option's value name,
+    // so it would also refuse --no-table, which means the line form just as --json does.
+    const parsed = program.opts<ParsedOptions>();
+    if (parsed.json && parsed.table === true) {
+      program.error("error: option '--json' cannot be used with option '--table'", { code: 'commander.conflictingOption', exitCode: EXIT.usage });
+    }
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     throw err;
