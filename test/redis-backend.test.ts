@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
+import { status } from '@grpc/grpc-js';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry } from '../services/store/backends/backend';
 import { KeyWindow } from '../services/store/backends/key-window';
 import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
 import { SqliteBackend } from '../services/store/backends/sqlite';
+import { toStatus } from '../services/store/errors';
 import { describeBackendContract } from './backend-contract';
 import { tempDir } from './helpers/procs';
 import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster, startRedisServer } from './helpers/redis';
@@ -168,5 +170,63 @@ describe('Redis backend on a 3-master Redis Cluster', function () {
         await flush(cluster!.masters.map((m) => m.port));
       },
     };
+  });
+});
+
+describe('Redis backend: what others do to the Redis under it', function () {
+  let server: RedisServer | undefined;
+  let backend: RedisBackend | undefined;
+  before(async function () {
+    requireRedis(this);
+    server = await startRedisServer();
+  });
+  afterEach(async () => {
+    await backend?.close();
+    backend = undefined;
+    await flush([server!.port]);
+  });
+  after(async () => server?.stop());
+
+  it('a key of another type under the prefix fails only its own operation (FAILED_PRECONDITION); the other writes stand and List skips it', async () => {
+    backend = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 'f:' }));
+    await redisCommand(server!.port, 'SET', 'f:foreign', 'x');
+    await redisCommand(server!.port, 'HSET', 'f:hash', 'ver', 'not a number', 'ct', '1');
+    await redisCommand(server!.port, 'PEXPIRE', 'f:hash', '60000');
+    const results = await backend.batch([
+      put('ok1'),
+      { kind: 'get', key: 'foreign', refreshTtlMs: 0 },
+      { kind: 'put', key: 'foreign', value: Buffer.from('v'), ttlMs: 60_000 },
+      { kind: 'delete', key: 'foreign' },
+      { kind: 'get', key: 'hash', refreshTtlMs: 0 },
+      put('ok2'),
+    ]);
+    assert.deepEqual(results.map((r) => r.ok), [true, false, false, false, false, true]);
+    for (const r of results.slice(1, 5)) assert.equal(!r.ok && toStatus(r.error).code, status.FAILED_PRECONDITION);
+    assert.equal(await redisCommand(server!.port, 'HGET', 'f:ok1', 'v'), 'ok1');
+    assert.equal(await redisCommand(server!.port, 'GET', 'f:foreign'), 'x', 'the foreign key is left alone');
+    assert.deepEqual(await keys(backend, ''), ['ok1', 'ok2']);
+  });
+
+  it('a Redis that refuses writes after a failed snapshot (MISCONF) makes writes fail as unavailable, not the batch as internal', async () => {
+    const dir = tempDir();
+    const failing = await startRedisServer({ dir: dir.dir, args: ['--save', '3600 1'] });
+    const misconf = new RedisBackend(backendOptions({ url: failing.url }));
+    try {
+      await misconf.batch([put('before')]);
+      dir.remove(); // the snapshot cannot be written: Redis then refuses writes (stop-writes-on-bgsave-error)
+      await redisCommand(failing.port, 'BGSAVE');
+      const deadline = Date.now() + 5000;
+      while (!(await redisCommand(failing.port, 'INFO', 'persistence')).includes('rdb_last_bgsave_status:err')) {
+        assert.ok(Date.now() < deadline, 'the snapshot did not fail');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const [written, read] = await misconf.batch([put('during'), { kind: 'get', key: 'before', refreshTtlMs: 0 }]);
+      assert.equal(!written.ok && toStatus(written.error).code, status.UNAVAILABLE);
+      assert.equal(read.ok && (read.value as StoredEntry).key, 'before', 'reads still work');
+    } finally {
+      await misconf.close();
+      await failing.stop('SIGKILL'); // a SIGTERM would try (and fail) to save again and not exit
+      dir.remove();
+    }
   });
 });

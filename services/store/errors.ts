@@ -9,6 +9,8 @@ const CODES: Record<StoreErrorKind, status> = {
   unavailable: status.UNAVAILABLE,
   deadline: status.DEADLINE_EXCEEDED,
   unauthenticated: status.UNAUTHENTICATED,
+  failed_precondition: status.FAILED_PRECONDITION,
+  internal: status.INTERNAL,
 };
 
 export interface MappedStatus {

@@ -70,7 +70,15 @@ export type StoreErrorKind =
   | 'conflict'
   | 'unavailable'
   | 'deadline'
-  | 'unauthenticated';
+  | 'unauthenticated'
+  /**
+   * The stored data is not in a state the operation can work with, and retrying will not change
+   * that until someone repairs it: e.g. a key under the Redis key prefix that something other
+   * than the store wrote, of another type (WRONGTYPE).
+   */
+  | 'failed_precondition'
+  /** The backend answered an error the store cannot classify (a bug or a misconfiguration, e.g. a Redis ACL). */
+  | 'internal';
 
 /** The one domain error of the store. `kind` decides the gRPC status (see ../errors.ts). */
 export class StoreError extends Error {

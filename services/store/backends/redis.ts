@@ -52,8 +52,13 @@ interface ScriptCommands {
 
 type Client = Redis | Cluster;
 
-/** Reply errors that mean "not now" (failover, loading, resharding, memory): retrying later is safe. */
-const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED)\b/;
+/**
+ * Reply errors that mean "Redis cannot serve this now" (failover, loading, resharding, memory, a
+ * long script, a failed snapshot that makes Redis refuse writes: MISCONF): retrying later is safe.
+ */
+const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED|MISCONF)\b/;
+/** A key under our prefix holds another type: something other than the store wrote it. */
+const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
 const READ_PAGE = 500;
 
@@ -181,9 +186,14 @@ export class RedisBackend implements Backend {
       return ops.map(() => ({ ok: false, error }));
     }
     const replies = await this.run(ops);
-    return replies.map(([err, reply], i) => {
+    // Every failure is the operation's own: the others may have been applied (never reject).
+    return replies.map(([err, reply], i): BackendResult => {
       if (err) return { ok: false, error: toStoreError(err) };
-      return this.toResult(ops[i], reply);
+      try {
+        return this.toResult(ops[i], reply);
+      } catch (error) {
+        return { ok: false, error: toStoreError(error) };
+      }
     });
   }
 
@@ -207,8 +217,18 @@ export class RedisBackend implements Backend {
         const replies = await this.run(page.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), !options.keysOnly);
         for (let j = 0; j < page.length; j += 1) {
           const [err, reply] = replies[j];
-          if (err) throw toStoreError(err);
-          const entry = this.toEntry(page[j], reply, !options.keysOnly);
+          let entry: StoredEntry | null;
+          try {
+            if (err) throw toStoreError(err);
+            entry = this.toEntry(page[j], reply, !options.keysOnly);
+          } catch (error) {
+            // A key that something else wrote under our prefix is not an entry of the store: the
+            // listing skips it (and says so in the log) rather than fail for good until it is removed.
+            const failure = toStoreError(error);
+            if (failure.kind !== 'failed_precondition') throw failure;
+            this.options.log?.warn({ key: page[j], err: failure.message }, 'list skips a key under REDIS_KEY_PREFIX that the store did not write');
+            continue;
+          }
           if (!entry) continue; // deleted or expired since the scan
           yield entry;
           remaining -= 1;
@@ -242,7 +262,8 @@ export class RedisBackend implements Backend {
         }),
       );
     } catch (err) {
-      throw toStoreError(err);
+      const error = toStoreError(err);
+      throw error.kind === 'unavailable' ? error : new StoreError('unavailable', error.message);
     }
   }
 
@@ -370,13 +391,18 @@ export class RedisBackend implements Backend {
   private toEntry(key: string, reply: unknown, withValue: boolean): StoredEntry | null {
     if (!reply) return null;
     const [value, version, expiresAt, createdAt] = reply as Buffer[];
-    return {
+    const entry = {
       key,
       value: withValue ? value : EMPTY_VALUE,
-      version: Number(version.toString()),
-      expiresAtMs: Number(expiresAt.toString()),
-      createdAtMs: Number(createdAt.toString()),
+      version: Number(version?.toString()),
+      expiresAtMs: Number(expiresAt?.toString()),
+      createdAtMs: Number(createdAt?.toString()),
     };
+    // A hash that something else wrote under our prefix may lack our fields or hold other text.
+    if (!Buffer.isBuffer(value) || ![entry.version, entry.expiresAtMs, entry.createdAtMs].every(Number.isFinite)) {
+      throw new StoreError('failed_precondition', 'redis: the key holds a hash the store did not write');
+    }
+    return entry;
   }
 
   /** Calls onKey for every key matching the pattern on every master (a key may come twice). */
@@ -409,13 +435,22 @@ function isRedirect(err: Error | null): boolean {
 }
 
 /**
- * Connection, timeout and failover errors become StoreError('unavailable'); any other reply error
- * is a bug (a wrong script, a foreign key of another type under our prefix) and stays as it is.
+ * Connection, timeout and failover errors, and replies that say Redis cannot serve now, become
+ * StoreError('unavailable'). Any other reply error is the failure of that one operation, never
+ * an exception: 'failed_precondition' (FAILED_PRECONDITION) for a key of another type under our
+ * prefix, since only removing that foreign key helps, not retrying; 'internal' (INTERNAL) for
+ * anything else (a wrong script, an ACL that denies a command), a fault of the deployment that
+ * the caller can do nothing about.
  */
 function toStoreError(err: unknown): StoreError {
   if (err instanceof StoreError) return err;
   const error = err as Error;
-  if (error.name === 'ReplyError' && !TRANSIENT.test(error.message)) throw error;
-  return new StoreError('unavailable', `redis: ${error.message}`);
+  if (error?.name === 'ReplyError' && !TRANSIENT.test(error.message)) {
+    if (FOREIGN.test(error.message)) {
+      return new StoreError('failed_precondition', `redis: the key holds data of another type that the store did not write (${error.message})`);
+    }
+    return new StoreError('internal', `redis: ${error.message}`);
+  }
+  return new StoreError('unavailable', `redis: ${error?.message ?? String(err)}`);
 }
 
