@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { status } from '@grpc/grpc-js';
+import { Redis } from 'ioredis';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry } from '../services/store/backends/backend';
 import { KeyWindow } from '../services/store/backends/key-window';
 import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
@@ -205,6 +206,43 @@ describe('Redis backend: what others do to the Redis under it', function () {
     assert.equal(await redisCommand(server!.port, 'HGET', 'f:ok1', 'v'), 'ok1');
     assert.equal(await redisCommand(server!.port, 'GET', 'f:foreign'), 'x', 'the foreign key is left alone');
     assert.deepEqual(await keys(backend, ''), ['ok1', 'ok2']);
+  });
+
+  it('List skips a key under the prefix that is not valid UTF-8 and still ends, with any window and limit', async function () {
+    this.timeout(5000); // the bug was a listing that never ends
+    const raw = new Redis(server!.port);
+    try {
+      for (const listWindow of [1, 2, 1000]) {
+        const small = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 'n:', listWindow }));
+        try {
+          await small.batch(['a', 'b', 'c'].map(put));
+          const invalid = Buffer.concat([Buffer.from('n:a'), Buffer.from([0xff])]); // between n:a and n:b
+          await raw.hset(invalid, 'v', 'x', 'ver', '1', 'ct', '1');
+          await raw.pexpire(invalid, 60_000);
+          assert.deepEqual(await keys(small, ''), ['a', 'b', 'c'], `window ${listWindow}`);
+          assert.deepEqual(await keys(small, '', 'a'), ['b', 'c'], `window ${listWindow}, after a`);
+          const limited: string[] = [];
+          for await (const entry of small.list({ prefix: '', startAfter: '', limit: 2, keysOnly: true })) limited.push(entry.key);
+          assert.deepEqual(limited, ['a', 'b'], `window ${listWindow}, limit 2`);
+        } finally {
+          await small.close();
+        }
+      }
+    } finally {
+      raw.disconnect();
+    }
+  });
+
+  it('List ends early when its signal is aborted, also between windows', async () => {
+    backend = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 's:', listWindow: 1 }));
+    await backend.batch(['a', 'b', 'c', 'd'].map(put));
+    const cancel = new AbortController();
+    const seen: string[] = [];
+    for await (const entry of backend.list({ prefix: '', startAfter: '', limit: 0, keysOnly: true, signal: cancel.signal })) {
+      seen.push(entry.key);
+      cancel.abort();
+    }
+    assert.deepEqual(seen, ['a']);
   });
 
   it('a Redis that refuses writes after a failed snapshot (MISCONF) makes writes fail as unavailable, not the batch as internal', async () => {

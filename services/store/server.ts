@@ -125,10 +125,13 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     sink: { add(entry: StoredEntry): Promise<void> | undefined; finish(): void },
   ): void {
     const startedAt = performance.now();
+    // A cancelled call also stops a listing that has found nothing to yield for a while.
+    const cancelled = new AbortController();
+    call.once('cancelled', () => cancelled.abort());
     void (async () => {
       try {
         admit(call.metadata, call.request, deadlineOf(call));
-        const options = checkList(call.request, limits);
+        const options = { ...checkList(call.request, limits), signal: cancelled.signal };
         for await (const entry of backend.list(options)) {
           if (call.cancelled) break;
           const drained = sink.add(entry);

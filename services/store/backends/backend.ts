@@ -29,6 +29,8 @@ export interface ListOptions {
   /** 0 = no limit. */
   limit: number;
   keysOnly: boolean;
+  /** When aborted (the caller went away), the listing may end early instead of reading on. */
+  signal?: AbortSignal;
 }
 
 export type ChangeKind = 'put' | 'delete' | 'expire';

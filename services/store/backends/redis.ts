@@ -57,6 +57,8 @@ type Client = Redis | Cluster;
  * long script, a failed snapshot that makes Redis refuse writes: MISCONF): retrying later is safe.
  */
 const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED|MISCONF)\b/;
+/** Decodes keys, failing on bytes that are not UTF-8 (and keeping a leading BOM as a character). */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 /** A key under our prefix holds another type: something other than the store wrote it. */
 const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
@@ -206,12 +208,25 @@ export class RedisBackend implements Backend {
       // Keys as latin1 renderings of their bytes: string order is then byte order, as in SQLite.
       const window = new KeyWindow(Math.min(this.options.listWindow, remaining));
       const floor = after;
-      await this.scan(pattern, (key) => {
-        const rendered = key.toString('latin1');
-        if (rendered > floor) window.offer(rendered);
-      });
+      await this.scan(
+        pattern,
+        (key) => {
+          const rendered = key.toString('latin1');
+          if (rendered > floor) window.offer(rendered);
+        },
+        options.signal,
+      );
+      if (options.signal?.aborted) return;
       const full = window.full;
-      const keys = window.drain().map((k) => Buffer.from(k, 'latin1').subarray(this.prefixBytes).toString('utf8'));
+      const raw = window.drain();
+      // The next pass resumes after the last key scanned, as bytes: a key that does not survive
+      // decoding (below) must not move the resume point backwards, or the same window repeats.
+      const last = raw.at(-1);
+      const keys: string[] = [];
+      for (const rendered of raw) {
+        const key = this.decodeKey(Buffer.from(rendered, 'latin1'));
+        if (key !== null) keys.push(key);
+      }
       for (let i = 0; i < keys.length; i += READ_PAGE) {
         const page = keys.slice(i, i + READ_PAGE);
         const replies = await this.run(page.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), !options.keysOnly);
@@ -235,8 +250,22 @@ export class RedisBackend implements Backend {
           if (remaining <= 0) return;
         }
       }
-      if (!full || keys.length === 0) return;
-      after = Buffer.from(this.options.keyPrefix + keys[keys.length - 1]).toString('latin1');
+      if (!full || last === undefined) return;
+      after = last;
+    }
+  }
+
+  /**
+   * The store's key of a Redis key, or null (and a warning) for a key that is not valid UTF-8:
+   * the store never writes one (keys are protobuf strings), but anything else writing under the
+   * prefix can, and such a key cannot be named in a reply.
+   */
+  private decodeKey(redisKey: Buffer): string | null {
+    try {
+      return UTF8.decode(redisKey.subarray(this.prefixBytes));
+    } catch {
+      this.options.log?.warn({ key: redisKey.toString('base64') }, 'list skips a key under REDIS_KEY_PREFIX that is not valid UTF-8 (shown in base64)');
+      return null;
     }
   }
 
@@ -405,8 +434,8 @@ export class RedisBackend implements Backend {
     return entry;
   }
 
-  /** Calls onKey for every key matching the pattern on every master (a key may come twice). */
-  private async scan(pattern: string, onKey: (key: Buffer) => void): Promise<void> {
+  /** Calls onKey for every key matching the pattern on every master (a key may come twice), until aborted. */
+  private async scan(pattern: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
     const nodes = this.cluster ? this.cluster.nodes('master') : [this.client as Redis];
     try {
       await Promise.all(
@@ -414,6 +443,7 @@ export class RedisBackend implements Backend {
           let cursor = '0';
           do {
             if (this.closed) throw new StoreError('unavailable', 'the store is closing');
+            if (signal?.aborted) return;
             const [next, keys] = await node.scanBuffer(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT);
             cursor = next.toString();
             for (const key of keys) onKey(key);
