@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { status } from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
-import type { Backend, BackendOp, ChangeEvent, StoredEntry } from '../services/store/backends/backend';
+import type { Backend, BackendOp, ChangeEvent, StoredEntry, StoreError } from '../services/store/backends/backend';
 import { KeyWindow } from '../services/store/backends/key-window';
 import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
 import { SqliteBackend } from '../services/store/backends/sqlite';
@@ -25,6 +25,14 @@ function backendOptions(overrides: Partial<RedisBackendOptions>): RedisBackendOp
     listWindow: 300,
     ...overrides,
   };
+}
+
+async function until(check: () => boolean | Promise<boolean>, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`not reached within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 async function flush(ports: number[]): Promise<void> {
@@ -243,6 +251,33 @@ describe('Redis backend: what others do to the Redis under it', function () {
       cancel.abort();
     }
     assert.deepEqual(seen, ['a']);
+  });
+
+  it('a watcher whose subscriber connection is killed (Redis up) is ended as unavailable instead of silently missing changes', async () => {
+    backend = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 'k:' }));
+    const seen: string[] = [];
+    const expiries: string[] = [];
+    let failed: StoreError | undefined;
+    const stop = backend.watch('', (e) => seen.push(`${e.kind} ${e.key}`), { onError: (err) => (failed = err) });
+    const stopExpiries = backend.watch('', (e) => expiries.push(e.key), { kinds: ['expire'] }); // without onError: kept
+    try {
+      await backend.batch([put('before')]);
+      await until(() => seen.length === 1);
+      assert.notEqual(await redisCommand(server!.port, 'CLIENT', 'KILL', 'TYPE', 'pubsub'), '0');
+      await until(() => failed !== undefined);
+      assert.equal(toStatus(failed).code, status.UNAVAILABLE);
+      assert.deepEqual(seen, ['put before'], 'the events before the break came first');
+      // A new watch works, and the watcher without onError was subscribed again and goes on.
+      const again: string[] = [];
+      const stopAgain = backend.watch('', (e) => again.push(e.key), { onError: () => undefined });
+      await backend.batch([{ kind: 'put', key: 'short', value: Buffer.from('x'), ttlMs: 20 }]);
+      await until(() => again.includes('short') && expiries.includes('short'));
+      stopAgain();
+      assert.deepEqual(seen, ['put before'], 'an ended watcher gets nothing more');
+    } finally {
+      stop();
+      stopExpiries();
+    }
   });
 
   it('a Redis that refuses writes after a failed snapshot (MISCONF) makes writes fail as unavailable, not the batch as internal', async () => {

@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import path from 'node:path';
 import { status } from '@grpc/grpc-js';
-import { createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
+import { createRawClient, createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
+import type { WatchEvent } from '../services/generated/kv';
 import { checkHealth, waitForHealth } from './helpers/health';
-import { type Proc, startStore, tempDir } from './helpers/procs';
-import { freePort, type RedisServer, requireRedis, startRedisServer } from './helpers/redis';
+import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { freePort, type RedisServer, redisCommand, requireRedis, startRedisServer } from './helpers/redis';
 
 const isUnavailable = (err: StoreClientError) => err.code === status.UNAVAILABLE;
 
@@ -71,6 +74,40 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     redis.resume();
     await waitForHealth(store.port, 'SERVING', 10_000);
     assert.equal((await client.get('k'))?.value.toString(), 'x');
+  });
+
+  it('the store losing its change feed while Redis stays up (CLIENT KILL TYPE pubsub) ends Watch with UNAVAILABLE, and bin/dump --watch with exit 1', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, storeEnv(redis.url));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    const raw = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    const dump = spawn(path.join(root, 'bin', 'dump'), [`127.0.0.1:${store.port}`, '--watch', '--table'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let dumpOut = '';
+    let dumpErr = '';
+    dump.stdout!.on('data', (d: Buffer) => (dumpOut += d.toString()));
+    dump.stderr!.on('data', (d: Buffer) => (dumpErr += d.toString()));
+    const dumpExit = new Promise<number | null>((resolve) => dump.once('exit', (code) => resolve(code)));
+    try {
+      const watch = raw.watch({ prefix: '' });
+      const events: string[] = [];
+      watch.on('data', (e: WatchEvent) => events.push(e.key));
+      watch.on('error', () => undefined);
+      const watchStatus = new Promise<number>((resolve) => watch.on('status', (s: { code: number }) => resolve(s.code)));
+      const deadline = Date.now() + 5000;
+      while (!(events.includes('before') && /put +before/.test(dumpOut))) {
+        assert.ok(Date.now() < deadline, `the first put was not seen: ${events} / ${dumpOut}`);
+        await client.put('before', Buffer.from('x'), { ttlMs: 60_000 });
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.notEqual(await redisCommand(redis.port, 'CLIENT', 'KILL', 'TYPE', 'pubsub'), '0');
+      await client.put('during', Buffer.from('x'), { ttlMs: 60_000 });
+      assert.equal(await watchStatus, status.UNAVAILABLE);
+      assert.equal(await dumpExit, 1);
+      assert.match(dumpErr.trim(), /^dump: cannot dump the store at [^\n]*: the change feed broke, changes may have been missed \(.*\); run it again$/);
+      raw.close();
+    } finally {
+      if (dump.exitCode === null) dump.kill('SIGKILL');
+    }
   });
 
   for (const [name, env, variable] of [

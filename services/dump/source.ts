@@ -99,8 +99,18 @@ export class StoreSource {
   watch(prefix: string, onEvent: (event: WatchEvent) => void): Promise<void> {
     const call = this.track(this.client.watch({ prefix }, this.metadata));
     call.on('data', onEvent);
+    // The store sends headers once the feed is established: UNAVAILABLE after that is the feed
+    // breaking (the store lost its change feed, or the connection dropped), not a failed connect.
+    let established = false;
+    call.once('metadata', () => (established = true));
     return new Promise((resolve, reject) => {
-      call.on('error', (err: ServiceError) => (err.code === status.CANCELLED && this.closing ? resolve() : reject(this.translate(err))));
+      call.on('error', (err: ServiceError) => {
+        if (err.code === status.CANCELLED && this.closing) return resolve();
+        if (err.code === status.UNAVAILABLE && established) {
+          return reject(new StoreUnreachableError(`the change feed broke, changes may have been missed (${err.details || err.message}); run it again`));
+        }
+        reject(this.translate(err));
+      });
       call.on('end', () => reject(new StoreUnreachableError('the store ended the change feed (is it stopping?)')));
     });
   }

@@ -7,7 +7,7 @@ import {
   type ServerWritableStream,
   type ServerDuplexStream,
   type sendUnaryData,
-  type Metadata,
+  Metadata,
   type ServiceError,
   status,
 } from '@grpc/grpc-js';
@@ -325,7 +325,19 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
             { kind: KINDS[event.kind], key: event.key, version: event.version, value: event.value, expiresAtMs: event.expiresAtMs },
             () => (unsentBytes -= size),
           );
+        }, {
+          // The backend cannot promise every change any more (its change feed broke): end the call
+          // with that error (UNAVAILABLE), after the events already queued, so the client lists and
+          // watches again instead of silently missing changes.
+          onError: (err) => {
+            if (done) return;
+            const error = toServiceError(err);
+            finish(error.code!);
+            failStream(call, error);
+          },
         });
+        // Headers now, so the client knows the feed is established (and a later UNAVAILABLE is the feed's, not the connection's).
+        call.sendMetadata(new Metadata());
         call.on('cancelled', () => finish(status.CANCELLED));
         call.on('close', () => finish(call.cancelled ? status.CANCELLED : status.OK));
         stopping?.addEventListener('abort', onStop, { once: true });

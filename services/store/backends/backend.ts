@@ -49,6 +49,13 @@ export interface WatchOptions {
    * may still arrive.
    */
   kinds?: readonly ChangeKind[];
+  /**
+   * Called, at most once, when the backend can no longer deliver every change (e.g. its change
+   * feed from the database broke): the subscription has then ended and gets no more events. The
+   * subscriber should list again and watch again. Without it, the backend keeps the subscription
+   * and it may silently miss changes.
+   */
+  onError?: (error: StoreError) => void;
 }
 
 export interface Backend {

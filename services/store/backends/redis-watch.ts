@@ -1,5 +1,5 @@
 import type Redis from 'ioredis';
-import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry } from './backend';
+import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry, StoreError } from './backend';
 
 /**
  * watch() for the Redis backend, over keyspace notifications. Redis publishes them on the node
@@ -18,7 +18,11 @@ import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry } from
  * the "expired" and "evicted" keyevent channels instead: no message per write, no read-back.
  *
  * Events of one key arrive in order; events are delivered in arrival order. Notifications are
- * fire-and-forget in Redis: a watcher misses what happens while its connection to a master is down.
+ * fire-and-forget in Redis: a watcher misses what happens while its connection to a master is down
+ * (Redis down, or only that connection: CLIENT KILL, client-output-buffer-limit pubsub). So when a
+ * subscriber connection closes, every listener that gave onError is ended with an 'unavailable'
+ * error (after the events received before), since it may miss changes from then on; listeners
+ * without onError (the expiry counter of the metrics) stay and are subscribed again on reconnect.
  */
 
 const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
@@ -47,6 +51,9 @@ export interface WatchDeps {
 interface Listener {
   prefix: string;
   onEvent: (event: ChangeEvent) => void;
+  onError?: (error: StoreError) => void;
+  /** Removes the listener from its subscriptions. */
+  remove(): void;
 }
 
 /** A Redis pattern (keyspace, per prefix) or channel (keyevent, expiries) and who listens to it. */
@@ -62,6 +69,8 @@ interface Subscriber {
   /** Names sent to the node (with their type); `acked` those it confirmed. */
   subscribed: Map<string, Subscription['type']>;
   acked: Set<string>;
+  /** Set when we closed it ourselves (nothing watched any more, or the master left the cluster). */
+  retired: boolean;
 }
 
 export class KeyspaceWatch {
@@ -86,8 +95,8 @@ export class KeyspaceWatch {
    * Starts delivering changes of keys with the prefix to onEvent (only expiries when expireOnly);
    * returns the unsubscribe function.
    */
-  add(prefix: string, onEvent: (event: ChangeEvent) => void, expireOnly = false): () => void {
-    const listener: Listener = { prefix, onEvent };
+  add(prefix: string, onEvent: (event: ChangeEvent) => void, expireOnly = false, onError?: (error: StoreError) => void): () => void {
+    const listener: Listener = { prefix, onEvent, onError, remove: () => undefined };
     const names = expireOnly
       ? [`${this.keyevent}expired`, `${this.keyevent}evicted`]
       : [`${this.keyspace}${escapeGlob(this.deps.keyPrefix + prefix)}*`];
@@ -101,12 +110,15 @@ export class KeyspaceWatch {
     }
     this.settleUntil = Date.now() + this.deps.settleMs;
     this.sync();
-    return () => {
+    listener.remove = () => {
       for (const name of names) {
         const subscription = this.subscriptions.get(name);
-        subscription?.listeners.delete(listener);
-        if (subscription?.listeners.size === 0) this.subscriptions.delete(name);
+        if (!subscription?.listeners.delete(listener)) continue;
+        if (subscription.listeners.size === 0) this.subscriptions.delete(name);
       }
+    };
+    return () => {
+      listener.remove();
       this.sync();
     };
   }
@@ -121,6 +133,7 @@ export class KeyspaceWatch {
     for (const [id, sub] of this.subscribers) {
       if (!wanted.has(id)) {
         this.subscribers.delete(id);
+        sub.retired = true;
         sub.connection.disconnect();
       }
     }
@@ -168,12 +181,13 @@ export class KeyspaceWatch {
 
   private open(node: MasterNode | null): Subscriber {
     const connection = this.deps.connect(node);
-    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set() };
+    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set(), retired: false };
     connection.on('error', () => undefined);
     connection.on('close', () => {
       sub.configured = false;
       sub.subscribed.clear();
       sub.acked.clear();
+      if (!sub.retired) this.fail(node);
     });
     connection.on('ready', async () => {
       await this.configure(sub);
@@ -235,6 +249,31 @@ export class KeyspaceWatch {
       add.forEach(([name]) => sub.subscribed.delete(name));
     }
     this.release();
+  }
+
+  /**
+   * The connection to a master closed: what happens there until it is back is never reported, so
+   * every listener that can be told ends (after the events that arrived before the close).
+   */
+  private fail(node: MasterNode | null): void {
+    const listeners = new Set<Listener>();
+    for (const subscription of this.subscriptions.values()) {
+      for (const listener of subscription.listeners) if (listener.onError) listeners.add(listener);
+    }
+    if (listeners.size === 0) return;
+    for (const listener of listeners) listener.remove();
+    const where = node ? `redis ${node.host}:${node.port}` : 'redis';
+    const error = new StoreError('unavailable', `the change feed from ${where} broke, so changes may have been missed; list again and watch again`);
+    this.delivery = this.delivery.then(() => {
+      for (const listener of listeners) {
+        try {
+          listener.onError!(error);
+        } catch (err) {
+          this.deps.warn({ err: (err as Error).message }, 'a watch listener threw');
+        }
+      }
+    });
+    this.sync();
   }
 
   /** Turns one notification (a key with our prefix, as bytes) into events for the subscription's listeners. */

@@ -271,7 +271,7 @@ export class RedisBackend implements Backend {
 
   watch(prefix: string, onEvent: (event: ChangeEvent) => void, options: WatchOptions = {}): () => void {
     const expireOnly = options.kinds !== undefined && options.kinds.every((kind) => kind === 'expire');
-    return this.watcher.add(prefix, onEvent, expireOnly);
+    return this.watcher.add(prefix, onEvent, expireOnly, options.onError);
   }
 
   async ping(): Promise<void> {
