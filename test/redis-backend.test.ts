@@ -196,6 +196,10 @@ describe('Redis backend: what others do to the Redis under it', function () {
   });
   after(async () => server?.stop());
 
+  it('an empty key prefix is refused (it would match every key in the database)', () => {
+    assert.throws(() => new RedisBackend(backendOptions({ url: server!.url, keyPrefix: '' })), /keyPrefix must not be empty/);
+  });
+
   it('a key of another type under the prefix fails only its own operation (FAILED_PRECONDITION); the other writes stand and List skips it', async () => {
     backend = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 'f:' }));
     await redisCommand(server!.port, 'SET', 'f:foreign', 'x');

@@ -116,6 +116,7 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX=.*expected no \{ or \}/],
     ['REDIS_URL not redis://, its value (maybe a password) not shown', { REDIS_URL: 'http://user:s3cret@host' }, /^(?!.*s3cret).*REDIS_URL=\(hidden\): expected redis:\/\//s],
     ['STORE_BACKEND unknown', { STORE_BACKEND: 'memcached' }, /STORE_BACKEND="memcached": expected one of sqlite, redis/],
+    ['an empty REDIS_KEY_PREFIX (it would match every key)', { REDIS_KEY_PREFIX: '' }, /REDIS_KEY_PREFIX="": expected a non-empty prefix/],
   ] as const) {
     it(`a bad setting stops the store with a message naming the variable: ${name}`, async () => {
       await assert.rejects(startStore(tmp.dir, { STORE_BACKEND: 'redis', ...env }), (err: Error) => variable.test(err.message));

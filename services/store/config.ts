@@ -78,6 +78,15 @@ export function loadStoreConfig(raw = readEnv()) {
     env.STORE_TLS_CERT && env.STORE_TLS_KEY
       ? Object.freeze({ cert: readPemFile('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPemFile('STORE_TLS_KEY', env.STORE_TLS_KEY) })
       : undefined;
+  // An empty variable usually means "the default"; here it more likely means "no prefix", which
+  // would make the store treat every key of the Redis database as its own (List, the session
+  // count, deletes), so it is refused rather than silently replaced.
+  if (raw.REDIS_KEY_PREFIX === '') {
+    throw new ConfigError(
+      'invalid configuration: REDIS_KEY_PREFIX="": expected a non-empty prefix (an empty one matches every key in the Redis database, ' +
+        'so the store would list, count and delete data that is not its own); leave it unset for the default "sessions:"',
+    );
+  }
   if (env.REDIS_CLUSTER_NODES.length > 0 && env.REDIS_SENTINELS.length > 0) {
     throw new ConfigError('invalid configuration: REDIS_CLUSTER_NODES and REDIS_SENTINELS: set one of them, not both');
   }

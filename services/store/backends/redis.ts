@@ -32,7 +32,11 @@ export interface RedisBackendOptions {
   /** Sentinel mode when non-empty: the Sentinels that know `sentinelMaster`. */
   sentinels: readonly HostPort[];
   sentinelMaster: string;
-  /** Prepended to every key in Redis, so the store can share a Redis with other data. */
+  /**
+   * Prepended to every key in Redis, so the store can share a Redis with other data. Not empty, and
+   * no other data set's prefix may start with it (or it with theirs): List and the count would
+   * take the other's keys for entries.
+   */
   keyPrefix: string;
   /** No Redis command waits longer than this; a call past it fails as unavailable. */
   commandTimeoutMs: number;
@@ -94,6 +98,7 @@ export class RedisBackend implements Backend {
     if (options.clusterNodes.length > 0 && options.sentinels.length > 0) {
       throw new Error('choose either cluster nodes or sentinels, not both');
     }
+    if (options.keyPrefix === '') throw new Error('keyPrefix must not be empty: it would match every key in the database');
     this.prefixBytes = Buffer.byteLength(options.keyPrefix);
     const url = new URL(options.url);
     const db = Number(url.pathname.slice(1) || '0');
