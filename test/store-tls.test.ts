@@ -68,6 +68,13 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.match(await res.text(), /Counter 1: 0\b/);
     });
 
+    it('/readyz is ready: the readiness check uses TLS too', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_TLS_CA: pki.cert, STORE_ADDRESS: address });
+      const res = await fetch(`http://127.0.0.1:${web.port}/readyz`);
+      assert.equal(res.status, 200);
+      assert.deepEqual(await res.json(), { status: 'ready', store: 'SERVING' });
+    });
+
     it('without it the page is a 503, not a 500', async () => {
       web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '500' });
       const res = await fetch(`http://127.0.0.1:${web.port}/`);

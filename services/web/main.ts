@@ -13,7 +13,9 @@ function main(): void {
   const logger = createLogger('web', config.logLevel);
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
   const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
-  const readiness = createStoreReadiness({ address: config.store.address, timeoutMs: config.store.deadlineMs });
+  // Same address and TLS as the store client (a plaintext check of a TLS store never succeeds);
+  // no token: grpc.health.v1 answers without one.
+  const readiness = createStoreReadiness({ address: config.store.address, tlsCa: config.store.tlsCa, timeoutMs: config.store.deadlineMs });
   const metrics = new WebMetrics();
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
   const server = app.listen(config.port, config.host, () => {
