@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { Agent, type IncomingMessage, request } from 'node:http';
 import { CookieJarClient } from './helpers/browser';
 import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 import { idOf, waitFor } from './helpers/web-app';
@@ -211,6 +213,49 @@ describe('web process settings and logs', function () {
     } finally {
       await proxied.stop();
       await never.stop();
+    }
+  });
+
+  it('SIGTERM: a request in flight completes with Connection: close, and the process exits 0 as soon as it is done', async () => {
+    const web = await startWeb(store.port, tmp.dir);
+    const jar = new CookieJarClient(`http://127.0.0.1:${web.port}`);
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const { csrf } = await jar.page();
+      const body = new URLSearchParams({ _csrf: csrf }).toString();
+      // Expect: 100-continue: the "100 Continue" proves the web has the request in flight; the
+      // body is sent only after the stop has begun.
+      const post = request({
+        host: '127.0.0.1',
+        port: web.port,
+        method: 'POST',
+        path: '/increment',
+        agent,
+        headers: {
+          cookie: `sid=${jar.cookies.get('sid')}`,
+          'content-type': 'application/x-www-form-urlencoded',
+          'content-length': String(Buffer.byteLength(body)),
+          expect: '100-continue',
+        },
+      });
+      const answered = once(post, 'response') as Promise<[IncomingMessage]>;
+      post.flushHeaders();
+      await once(post, 'continue');
+      const exited = web.stop('SIGTERM');
+      await waitForLine(web, (l) => l.includes('"msg":"stopping"'));
+      post.end(body);
+      const [res] = await answered;
+      res.resume();
+      await once(res, 'end');
+      const done = Date.now();
+      assert.equal(res.statusCode, 303, 'the increment was served');
+      assert.equal(res.headers.connection, 'close', 'the client is told not to send another request on this connection');
+      assert.equal(await exited, 0);
+      const took = Date.now() - done;
+      assert.ok(took < 1000, `exited ${took} ms after the last response`);
+    } finally {
+      agent.destroy();
+      await web.stop();
     }
   });
 
