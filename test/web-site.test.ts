@@ -6,6 +6,8 @@ import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers
 import { idOf, waitFor } from './helpers/web-app';
 
 const FAST_STORE = { STORE_SYNCHRONOUS: 'NORMAL' };
+const KEY_A = 'A'.repeat(40);
+const KEY_B = 'B'.repeat(40);
 
 describe('counter site under load and failure (real web + real store processes)', function () {
   let tmp: ReturnType<typeof tempDir>;
@@ -259,6 +261,25 @@ describe('web process settings and logs', function () {
     }
   });
 
+  it('SESSION_KEYS written with spaces after the comma and a trailing newline: a session signed with the old key still counts after a rotation', async () => {
+    const before = await startWeb(store.port, tmp.dir, { SESSION_KEYS: KEY_A });
+    const jar = new CookieJarClient(`http://127.0.0.1:${before.port}`);
+    try {
+      await jar.page();
+      assert.equal((await jar.page()).count1, 1);
+    } finally {
+      await before.stop();
+    }
+    const after = await startWeb(store.port, tmp.dir, { SESSION_KEYS: `${KEY_B}, ${KEY_A}\n` });
+    jar.base = `http://127.0.0.1:${after.port}`;
+    try {
+      assert.equal((await jar.page()).count1, 2, 'the same session, not a new one');
+    } finally {
+      await after.stop();
+    }
+    assert.ok(!after.lines.some((l) => l.includes('suspicious session cookie')), 'the cookie was not taken for a forged one');
+  });
+
   const badValues: Array<[string, Record<string, string>, RegExp]> = [
     ['SESSION_SECURE=maybe', { SESSION_SECURE: 'maybe' }, /SESSION_SECURE="maybe": expected one of auto, always, never/],
     ['PORT=x', { PORT: 'x' }, /PORT="x": expected a TCP port number 0-65535/],
@@ -266,6 +287,8 @@ describe('web process settings and logs', function () {
     ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
     ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],
     ['a short SESSION_KEYS (value not echoed)', { SESSION_KEYS: 'too-short-secret' }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
+    ['a SESSION_KEYS with an empty key between commas', { SESSION_KEYS: `${KEY_B}, ,${KEY_A}` }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
+    ['a SESSION_KEYS of blanks only', { SESSION_KEYS: ' '.repeat(40) }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['an absolute lifetime below the idle timeout', { SESSION_IDLE_TTL_MS: '60000', SESSION_ABSOLUTE_TTL_MS: '1000' }, /SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS/],
   ];
   for (const [what, env, message] of badValues) {

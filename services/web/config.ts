@@ -22,9 +22,14 @@ export function loadWebConfig(raw = readEnv()) {
       STORE_TLS_CA: envs.optionalString(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
       STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
+      // Spaces after the commas and a trailing newline are how people write lists; kept, they would
+      // make a different key (every cookie signed with it would then look forged).
       SESSION_KEYS: z
         .string()
-        .regex(/^[^,]{32,}(,[^,]{32,})*$/, { message: 'expected comma-separated keys of at least 32 characters, newest first' })
+        .transform((value) => value.split(',').map((key) => key.trim()))
+        .refine((keys) => keys.every((key) => key.length >= 32), {
+          message: 'expected comma-separated keys of at least 32 characters, newest first',
+        })
         .optional(),
       SESSION_COOKIE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: 'expected 1-64 of A-Z a-z 0-9 _ -' }).default('sid'),
       SESSION_IDLE_TTL_MS: envs.int(30 * MINUTE, 1000, 30 * 24 * 60 * MINUTE, ' ms'),
@@ -54,7 +59,7 @@ export function loadWebConfig(raw = readEnv()) {
       tlsCa: env.STORE_TLS_CA ? readPemFile('STORE_TLS_CA', env.STORE_TLS_CA) : undefined,
     }),
     session: Object.freeze({
-      keys: env.SESSION_KEYS ? env.SESSION_KEYS.split(',') : [localKey(dataDir)],
+      keys: env.SESSION_KEYS ?? [localKey(dataDir)],
       cookieName: env.SESSION_COOKIE_NAME,
       idleTtlMs: env.SESSION_IDLE_TTL_MS,
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
