@@ -427,6 +427,8 @@ describe('bin/dump (child process against a real store)', function () {
       const cases = [
         [address, '--no-such-option'],
         ['not an address'],
+        ['127.0.0.1:99999'],
+        ['127.0.0.1:0'],
         [address, '--limit', '-1'],
         [address, '--limit', 'many'],
         [address, '--count', '--watch'],

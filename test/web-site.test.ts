@@ -286,6 +286,7 @@ describe('web process settings and logs', function () {
     ['SESSION_IDLE_TTL_MS=soon', { SESSION_IDLE_TTL_MS: 'soon' }, /SESSION_IDLE_TTL_MS="soon": expected an integer/],
     ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
     ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],
+    ['a STORE_ADDRESS port above 65535', { STORE_ADDRESS: '127.0.0.1:99999' }, /STORE_ADDRESS="127.0.0.1:99999": expected host:port .*port 1-65535/],
     ['a short SESSION_KEYS (value not echoed)', { SESSION_KEYS: 'too-short-secret' }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['a SESSION_KEYS with an empty key between commas', { SESSION_KEYS: `${KEY_B}, ,${KEY_A}` }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['a SESSION_KEYS of blanks only', { SESSION_KEYS: ' '.repeat(40) }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],

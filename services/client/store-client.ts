@@ -82,12 +82,17 @@ export interface StoreClient {
   close(): void;
 }
 
-/** Accepts host:port, http://host:port and https://host:port; returns the gRPC target. */
+/** Accepts host:port, http://host:port and https://host:port with a port 1-65535; returns the gRPC target. */
 export function normalizeAddress(address: string): string {
   const trimmed = address.trim();
   const match = /^(?:https?:\/\/)?([^/\s]+?)\/?$/.exec(trimmed);
-  if (!match || !/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(match[1])) {
+  const port = match && /^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d+)$/.exec(match[1])?.[1];
+  if (!match || !port) {
     throw new Error(`not a store address: "${address}" (expected host:port, e.g. localhost:5100)`);
+  }
+  // Checked here, not left to gRPC: it would take the address and fail every call instead.
+  if (Number(port) < 1 || Number(port) > 65535) {
+    throw new Error(`not a store address: "${address}" (the port must be 1-65535)`);
   }
   return match[1];
 }

@@ -16,7 +16,7 @@ export function loadWebConfig(raw = readEnv()) {
       WEB_DATA_DIR: z.string().default('var'),
       STORE_ADDRESS: z
         .string()
-        .refine(isStoreAddress, { message: 'expected host:port or http://host:port, e.g. 127.0.0.1:5100' })
+        .refine(isStoreAddress, { message: 'expected host:port or http://host:port with a port 1-65535, e.g. 127.0.0.1:5100' })
         .default('127.0.0.1:5100'),
       STORE_TOKEN: envs.optionalString(),
       STORE_TLS_CA: envs.optionalString(),
