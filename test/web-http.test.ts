@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect } from 'node:net';
 import { gzipSync } from 'node:zlib';
 import { Server, ServerCredentials, ServerInterceptingCall, type ServerInterceptor } from '@grpc/grpc-js';
 import pino from 'pino';
@@ -116,6 +118,33 @@ describe('web over HTTP (createApp over a real store process)', function () {
         ],
       );
       for (const line of lines) assert.equal(typeof line.ms, 'number');
+    });
+  });
+
+  describe('the error log', () => {
+    it('clients that cut their request short are logged at debug, never as errors; other failures after the response started are errors, at most 10 per 10 s', async () => {
+      const logs = memoryLogger('debug');
+      const app = createApp({ store: store.client, session: { keys: [TEST_KEY] }, logger: logs.logger, readiness });
+      const served = await serveApp(app);
+      closers.push(served.close);
+      const { port } = new URL(served.base);
+      for (let i = 0; i < 30; i += 1) {
+        // Announces 100 bytes of form, sends 3, then closes: the HTTP parser fails the request.
+        const socket = connect(Number(port), '127.0.0.1');
+        socket.on('error', () => undefined).resume();
+        socket.end('POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\na=b');
+        await once(socket, 'close');
+      }
+      await waitFor('30 request lines', async () => logs.entries().filter((e) => e.msg === 'request').length === 30, 5000);
+      assert.deepEqual(logs.entries().filter((e) => (e.level as number) >= 50), [], 'no error line');
+      const abortLines = logs.entries().filter((e) => e.msg === 'client went away before the response was complete');
+      assert.equal(abortLines.length, 30);
+      assert.ok(abortLines.every((e) => e.level === 20 && /^HPE_/.test(String(e.code))), 'at debug level, with the parser error code');
+
+      for (let i = 0; i < 25; i += 1) app.emit('error', Object.assign(new Error('read failed'), { code: 'EIO' }));
+      const failures = logs.entries().filter((e) => e.msg === 'response failed');
+      assert.equal(failures.length, 10);
+      assert.ok(failures.every((e) => e.level === 50));
     });
   });
 

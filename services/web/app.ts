@@ -43,8 +43,20 @@ export function createApp(deps: AppDeps): Koa {
     ctx.body = views.render(template, data);
   };
   // Errors after the response started (e.g. a broken static file stream) arrive here, not in errorPages.
+  // A client that hangs up or cuts its request short lands here too: any client can do that at
+  // will, so it is no error of ours and must not flood the error log with stack traces. Real
+  // failures stay errors, rate-limited all the same.
+  const errorResponseFailed = rateLimited(10, 10_000, (ctx: Koa.Context | undefined, err: unknown, suppressed: number) =>
+    logger.error({ err, reqId: ctx?.state.requestId, suppressed }, 'response failed'),
+  );
   app.on('error', (err: unknown, ctx?: Koa.Context) => {
-    if ((err as { expose?: boolean }).expose !== true) logger.error({ err, reqId: ctx?.state.requestId }, 'response failed');
+    if ((err as { expose?: boolean }).expose === true) return;
+    if (isClientAbort(err)) {
+      const { code, message } = err as NodeJS.ErrnoException;
+      logger.debug({ code, reason: message, reqId: ctx?.state.requestId }, 'client went away before the response was complete');
+      return;
+    }
+    errorResponseFailed(ctx, err);
   });
 
   app.use(observeRequests(logger, metrics));
@@ -226,12 +238,24 @@ function routeOf(ctx: Koa.Context): string {
   return 'unmatched';
 }
 
+/**
+ * Errors that mean the client closed or reset the connection, or ended its request early (an HTTP
+ * parser error such as HPE_INVALID_EOF_STATE when a body stops short of its Content-Length).
+ */
+function isClientAbort(err: unknown): boolean {
+  const { code, message } = (err ?? {}) as { code?: unknown; message?: unknown };
+  if (typeof code === 'string' && (code.startsWith('HPE_') || CLIENT_ABORT_CODES.has(code))) return true;
+  return message === 'aborted';
+}
+
+const CLIENT_ABORT_CODES = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED', 'ERR_STREAM_PREMATURE_CLOSE']);
+
 /** Calls fn at most `max` times per window; the next call after a window reports how many were dropped. */
-function rateLimited<A>(max: number, windowMs: number, fn: (ctx: Koa.Context, arg: A, suppressed: number) => void) {
+function rateLimited<C, A>(max: number, windowMs: number, fn: (ctx: C, arg: A, suppressed: number) => void) {
   let windowStart = 0;
   let used = 0;
   let suppressed = 0;
-  return (ctx: Koa.Context, arg: A) => {
+  return (ctx: C, arg: A) => {
     const now = Date.now();
     if (now - windowStart >= windowMs) {
       windowStart = now;
