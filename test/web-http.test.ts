@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { type IncomingHttpHeaders, request } from 'node:http';
 import { connect } from 'node:net';
 import { gzipSync } from 'node:zlib';
 import { Server, ServerCredentials, ServerInterceptingCall, type ServerInterceptor } from '@grpc/grpc-js';
@@ -65,6 +66,48 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.equal(missing.status, 404);
       assert.equal(missing.headers.get('cache-control'), 'no-store', 'error pages');
       assert.match(missing.headers.get('content-security-policy') ?? '', /frame-ancestors 'none'/, 'error pages too');
+    });
+  });
+
+  describe('methods and paths the site does not serve', () => {
+    /** node:http sends the method and path as given (fetch refuses TRACE and resolves %2e%2e). */
+    const raw = (base: string, method: string, path: string) =>
+      new Promise<{ status: number; headers: IncomingHttpHeaders; body: string }>((resolve, reject) => {
+        const { hostname, port } = new URL(base);
+        request({ host: hostname, port, method, path }, (res) => {
+          let body = '';
+          res.setEncoding('utf8').on('data', (chunk: string) => (body += chunk));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
+        })
+          .on('error', reject)
+          .end();
+      });
+
+    it('405 and 501 are error pages with Allow and Cache-Control: no-store; OPTIONS and HEAD still work; a path out of /static/ is a 404 page', async () => {
+      const { base, logs } = await site();
+      const cases: Array<[string, string, number, string]> = [
+        ['PUT', '/', 405, 'Method not allowed'],
+        ['DELETE', '/healthz', 405, 'Method not allowed'],
+        ['PROPFIND', '/', 501, 'Not supported'],
+        ['TRACE', '/', 501, 'Not supported'],
+        ['GET', '/static/%2e%2e/%2e%2e/app.ts', 404, 'Page not found'],
+        ['GET', '/static/..%2f..%2fapp.ts', 404, 'Page not found'],
+      ];
+      for (const [method, path, status, title] of cases) {
+        const what = `${method} ${path}`;
+        const res = await raw(base, method, path);
+        assert.equal(res.status, status, what);
+        assert.match(res.headers['content-type'] ?? '', /text\/html/, what);
+        assert.match(res.body, new RegExp(`<h1>${title}</h1>`), what);
+        assert.equal(res.headers['cache-control'], 'no-store', what);
+        if (status !== 404) assert.equal(res.headers.allow, 'HEAD, GET', what);
+      }
+      const options = await raw(base, 'OPTIONS', '/');
+      assert.deepEqual([options.status, options.headers.allow, options.body], [200, 'HEAD, GET', '']);
+      const head = await raw(base, 'HEAD', '/');
+      assert.equal(head.status, 200);
+      assert.equal((await raw(base, 'GET', '/static/style.css')).status, 200);
+      assert.equal(logs.entries().filter((e) => (e.level as number) >= 50).length, 0, 'nothing was logged as an error');
     });
   });
 

@@ -84,7 +84,7 @@ export function createApp(deps: AppDeps): Koa {
   const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
   app.use((ctx, next) => {
     if (OPERATION_PATHS.has(ctx.path)) return operations(ctx, next);
-    if (ctx.path.startsWith('/static/')) return assets(ctx, next);
+    if (ctx.path.startsWith('/static/')) return assets(ctx, next).catch(notFoundOutsideStatic);
     return next();
   });
   const warnForged = rateLimited(10, 10_000, (ctx: Koa.Context, info: { cookieHash: string }, suppressed: number) =>
@@ -107,8 +107,20 @@ export function createApp(deps: AppDeps): Koa {
   app.use((ctx, next) => (ctx.method === 'POST' ? parseForm(ctx, next) : next()));
   const router = createRoutes(render);
   app.use(router.routes());
+  // Sets 405 (a method this path does not take) or 501 (a method no route takes) with the Allow
+  // header, and no body: errorPages gives them their page. Not { throw: true }: the errors it
+  // throws carry no Allow header, which a 405 must have.
   app.use(router.allowedMethods());
   return app;
+}
+
+/**
+ * koa-static answers a path that climbs out of public/ (/static/%2e%2e/...) with 403, whose page
+ * is the form-token one. To the visitor there is simply nothing at that address: 404.
+ */
+function notFoundOutsideStatic(err: unknown): never {
+  if ((err as { status?: unknown }).status === 403) throw Object.assign(new Error('not found'), { status: 404, expose: true });
+  throw err;
 }
 
 type Render = (ctx: Koa.Context, template: string, data: object) => void;
@@ -141,6 +153,11 @@ const PAGES: Record<number, { title: string; happened: string; todo: string }> =
     happened: 'The form your browser sent was larger than this site accepts, so nothing was changed.',
     todo: 'Go back to the counters and use the buttons there.',
   },
+  501: {
+    title: 'Not supported',
+    happened: 'This site does not handle that kind of request, so nothing was changed.',
+    todo: 'Use the buttons on the counters page.',
+  },
   503: {
     title: 'Counters unavailable',
     happened: 'The session store cannot be reached right now, so your counters could not be read or saved. Nothing was lost.',
@@ -162,6 +179,8 @@ function rejectUnreadableBody(err: Error, ctx: Koa.Context): never {
   ctx.throw((err as { status?: unknown }).status === 413 ? 413 : 400, 'the request body could not be read');
 }
 
+const BODILESS_ERRORS: ReadonlySet<number> = new Set([404, 405, 501]);
+
 /** The one place where an error becomes an HTTP response. Store failures are 503, never 500. */
 function errorPages(logger: Logger, render: Render): Koa.Middleware {
   const warnUnavailable = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
@@ -170,7 +189,9 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
   return async (ctx, next) => {
     try {
       await next();
-      if (ctx.status === 404 && !ctx.body) throw Object.assign(new Error('not found'), { status: 404, expose: true });
+      // Answers decided without a body (no route: 404; the router's 405 and 501, which keep their
+      // Allow header) get their page too.
+      if (BODILESS_ERRORS.has(ctx.status) && !ctx.body) throw Object.assign(new Error(ctx.message), { status: ctx.status, expose: true });
     } catch (err) {
       let status = 500;
       if (err instanceof StoreClientError) {
@@ -186,7 +207,8 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
       if (status === 503) {
         ctx.set('Retry-After', '1');
         warnUnavailable(ctx, (err as Error).message);
-      } else if (status >= 500) {
+      } else if (status >= 500 && (err as { expose?: unknown }).expose !== true) {
+        // A 501 for a method nobody serves is the client's doing, not a failure to log.
         logger.error({ err, reqId: ctx.state.requestId }, 'request failed');
       }
       const page = PAGES[status] ?? FALLBACK_PAGE;
