@@ -12,20 +12,31 @@ import { CookieJarClient } from './helpers/browser';
 import { TEST_KEY } from './helpers/procs';
 import { countingStore, idOf, memoryLogger, serveApp, startStoreWithClient } from './helpers/web-app';
 
+/** A real store process for the enclosing describe block, and closers for what its tests serve (run after them, newest first). */
+function realStore() {
+  let started: Awaited<ReturnType<typeof startStoreWithClient>> | undefined;
+  const closers: Array<() => Promise<void>> = [];
+  before(async () => {
+    started = await startStoreWithClient();
+  });
+  after(async () => {
+    for (const close of closers.reverse()) await close();
+    await started?.stop();
+  });
+  return {
+    get client() {
+      return started!.client;
+    },
+    closers,
+  };
+}
+
 const OTHER_KEY = 'another-key-that-this-site-never-had-0123456789';
 const BASE64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
 
 describe('session middleware (createApp over a real store process)', function () {
-  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
-  const closers: Array<() => Promise<void>> = [];
-
-  before(async () => {
-    store = await startStoreWithClient();
-  });
-  after(async () => {
-    for (const close of closers.reverse()) await close();
-    await store?.stop();
-  });
+  const store = realStore();
+  const { closers } = store;
 
   /** The counter site over the real store, with a call-counting wrapper and in-memory logs. */
   async function site(session: Partial<SessionOptions> = {}, options: { trustProxy?: boolean } = {}) {
@@ -318,15 +329,8 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
 }
 
 describe('regenerate() under parallel requests (real store process)', function () {
-  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
-  const closers: Array<() => Promise<void>> = [];
-  before(async () => {
-    store = await startStoreWithClient();
-  });
-  after(async () => {
-    for (const close of closers.reverse()) await close();
-    await store?.stop();
-  });
+  const store = realStore();
+  const { closers } = store;
 
   const call = async (base: string, method: string, path: string, cookie: string) => {
     const res = await fetch(base + path, { method, headers: { cookie } });
@@ -402,15 +406,8 @@ describe('regenerate() under parallel requests (real store process)', function (
 });
 
 describe('session races and failures (real store process; some calls delayed or failed on the way)', function () {
-  let store: Awaited<ReturnType<typeof startStoreWithClient>>;
-  const closers: Array<() => Promise<void>> = [];
-  before(async () => {
-    store = await startStoreWithClient();
-  });
-  after(async () => {
-    for (const close of closers.reverse()) await close();
-    await store?.stop();
-  });
+  const store = realStore();
+  const { closers } = store;
 
   const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
   /** The real client; `hooks` may delay a call or fail it after the store applied it (as a deadline or a lost connection would). */
