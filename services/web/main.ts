@@ -1,9 +1,9 @@
-import { createServer, type ServerResponse } from 'node:http';
 import { createPipeClient } from '../client/pipe-client';
 import { createStoreClient } from '../client/store-client';
 import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { createApp } from './app';
+import { createWebServer } from './http-server';
 import { loadWebConfig } from './config';
 import { WebMetrics } from './metrics';
 import { createStoreReadiness } from './readiness';
@@ -19,24 +19,9 @@ function main(): void {
   const readiness = createStoreReadiness({ address: config.store.address, tlsCa: config.store.tlsCa, timeoutMs: config.store.deadlineMs });
   const metrics = new WebMetrics();
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
-  // Responses not yet finished, so a graceful stop knows what it waits for and can tell each one
-  // to close its connection.
-  const inFlight = new Set<ServerResponse>();
-  let stopping = false;
-  const handle = app.callback();
-  const server = createServer((req, res) => {
-    inFlight.add(res);
-    res.once('close', () => {
-      inFlight.delete(res);
-      // A response that began with keep-alive before the stop leaves its connection idle: close it
-      // now, or server.close() would wait for the client to hang up.
-      if (stopping) server.closeIdleConnections();
-    });
-    // A request read on a kept-alive connection after the stop is still answered, but its
-    // connection is closed after it, so the client does not send another one to a process that exits.
-    if (stopping) res.shouldKeepAlive = false;
-    void handle(req, res);
-  });
+  // A page makes a store read and a write, each up to STORE_DEADLINE_MS: a response in flight at
+  // the stop normally ends well within this; only a stuck one is cut off.
+  const { server, stop } = createWebServer(app, logger, 2 * config.store.deadlineMs + 5000);
   server.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;
@@ -47,29 +32,14 @@ function main(): void {
     process.exit(1);
   });
   server.keepAliveTimeout = 65_000;
-  // A page makes a store read and a write, each up to STORE_DEADLINE_MS: a response in flight at
-  // the stop normally ends well within this; only a stuck one is cut off.
-  const graceMs = 2 * config.store.deadlineMs + 5000;
-  const stop = (signal: string) => {
-    logger.info({ signal, inFlight: inFlight.size }, 'stopping');
-    stopping = true;
-    // Responses whose headers are not out yet say Connection: close and close their connection
-    // when done; idle connections are closed now. Then the server's close callback runs as soon
-    // as the last response is done.
-    for (const res of inFlight) if (!res.headersSent) res.shouldKeepAlive = false;
-    server.close(() => {
+  const finish = (signal: string) =>
+    stop(signal, () => {
       store.close();
       readiness.close();
       process.exit(0);
     });
-    server.closeIdleConnections();
-    setTimeout(() => {
-      logger.error({ graceMs, inFlight: inFlight.size }, 'stopping: responses still in flight after the grace period, exiting without them');
-      process.exit(1);
-    }, graceMs).unref();
-  };
-  process.once('SIGTERM', () => stop('SIGTERM'));
-  process.once('SIGINT', () => stop('SIGINT'));
+  process.once('SIGTERM', () => finish('SIGTERM'));
+  process.once('SIGINT', () => finish('SIGINT'));
 }
 
 try {

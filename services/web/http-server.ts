@@ -1,0 +1,47 @@
+import { createServer, type Server, type ServerResponse } from 'node:http';
+import type Koa from 'koa';
+import type { Logger } from '../shared/log';
+
+export interface WebServer {
+  server: Server;
+  /**
+   * Graceful stop: no new connections; responses not started yet go out with Connection: close;
+   * idle connections are closed at once and busy ones after their response; `done` runs when the
+   * last response is finished. After graceMs the rest are given up: an error line and exit code 1.
+   */
+  stop(signal: string, done: () => void): void;
+}
+
+/** An HTTP server for the app that knows its responses in flight, so that a stop can finish them. */
+export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebServer {
+  const inFlight = new Set<ServerResponse>();
+  let stopping = false;
+  const handle = app.callback();
+  const server = createServer((req, res) => {
+    inFlight.add(res);
+    res.once('close', () => {
+      inFlight.delete(res);
+      // A response that began with keep-alive before the stop leaves its connection idle: close it
+      // now, or server.close() would wait for the client to hang up.
+      if (stopping) server.closeIdleConnections();
+    });
+    // A request read on a kept-alive connection after the stop is still answered, but its
+    // connection is closed after it, so the client does not send another one to a process that exits.
+    if (stopping) res.shouldKeepAlive = false;
+    void handle(req, res);
+  });
+  return {
+    server,
+    stop(signal, done) {
+      logger.info({ signal, inFlight: inFlight.size }, 'stopping');
+      stopping = true;
+      for (const res of inFlight) if (!res.headersSent) res.shouldKeepAlive = false;
+      server.close(done);
+      server.closeIdleConnections();
+      setTimeout(() => {
+        logger.error({ graceMs, inFlight: inFlight.size }, 'stopping: responses still in flight after the grace period, exiting without them');
+        process.exit(1);
+      }, graceMs).unref();
+    },
+  };
+}
