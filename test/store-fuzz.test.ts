@@ -85,7 +85,9 @@ const batchLike = fc.array(fc.oneof(field, opMessage.map((op): Field => ({ no: 2
 
 const key = fc.oneof(fc.string({ maxLength: 12 }), fc.string({ minLength: 120, maxLength: 300 }), fc.constant(''));
 const ttl = fc.oneof(fc.integer({ min: -5, max: 100_000 }), fc.constantFrom(0, -1, 2 ** 31, Number.MAX_SAFE_INTEGER, -Number.MAX_SAFE_INTEGER));
-const version = fc.option(fc.oneof(fc.nat(), fc.constant(Number.MAX_SAFE_INTEGER)), { nil: undefined });
+// No expected version half the time: with most Puts carrying a random one, a run of 300 sometimes
+// had no Put served at all (about 1 in 20), and the test below requires each method served once.
+const version = fc.option(fc.oneof(fc.nat(), fc.constant(Number.MAX_SAFE_INTEGER)), { nil: undefined, freq: 2 });
 const op: fc.Arbitrary<Op> = fc.oneof(
   fc.record({ key, refreshTtlMs: ttl }).map((value): Op => ({ op: { $case: 'get', value }, timeoutMs: 0, requestId: '' })),
   fc.record({ key, value: fc.uint8Array({ maxLength: 300 }).map((a) => Buffer.from(a)), ttlMs: ttl, expectedVersion: version }).map((value): Op => ({ op: { $case: 'put', value }, timeoutMs: 0, requestId: 'fuzz' })),
