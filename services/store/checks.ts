@@ -70,6 +70,8 @@ export function checkDelete(req: DeleteRequest, limits: Limits): BackendOp {
 }
 
 export function checkOp(op: Op, limits: Limits): BackendOp {
+  // 0 means no limit; a negative timeout is a mistake, not "no limit".
+  if (!Number.isSafeInteger(op.timeoutMs) || op.timeoutMs < 0) invalid('timeout_ms must be a non-negative number of milliseconds');
   switch (op.op?.$case) {
     case 'get':
       return checkGet(op.op.value, limits);
@@ -80,12 +82,6 @@ export function checkOp(op: Op, limits: Limits): BackendOp {
     default:
       return invalid('op must set one of get, put or delete');
   }
-}
-
-/** An op's timeout_ms: 0 means no limit; negative is refused. */
-export function checkTimeout(timeoutMs: number): number {
-  if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0) invalid('timeout_ms must be a non-negative number of milliseconds');
-  return timeoutMs;
 }
 
 export function checkBatchSize(count: number, limits: Limits): void {

@@ -29,7 +29,7 @@ import {
 } from '../generated/kv';
 import type { Logger } from '../shared/log';
 import { type Backend, type BackendOp, type BackendResult, type StoredEntry, StoreError } from './backends/backend';
-import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, checkTimeout, type Limits } from './checks';
+import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
 import { toServiceError, toStatus } from './errors';
 import type { RpcMethod, RpcObserver } from './telemetry';
 
@@ -164,9 +164,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     const receivedAt = (request as Stamped)[RECEIVED_AT] ?? now;
     request.ops.forEach((op, i) => {
       try {
-        const timeoutMs = checkTimeout(op.timeoutMs);
-        if (timeoutMs > 0 && receivedAt + timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
-        ops.push(checkOp(op, limits));
+        const checked = checkOp(op, limits);
+        if (op.timeoutMs > 0 && receivedAt + op.timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
+        ops.push(checked);
         slots.push(i);
       } catch (err) {
         results[i] = failed(err);
@@ -439,17 +439,19 @@ function logUnexpected(logger: Logger, err: unknown, path: string): void {
 
 /**
  * Wraps each request decoder so undecodable bytes reach the handler as a marker, not as INTERNAL,
- * and stamps each decoded request with RECEIVED_AT.
+ * and stamps each decoded batch (Batch, Pipe) with RECEIVED_AT.
  */
 function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buffer) => unknown }>>(definition: T): T {
   const wrapped: Record<string, unknown> = {};
   for (const [name, method] of Object.entries(definition)) {
+    // Only batches carry per-op timeouts: the other requests need no stamp.
+    const stamped = name === 'batch' || name === 'pipe';
     wrapped[name] = {
       ...method,
       requestDeserialize: (bytes: Buffer) => {
         try {
           const request = method.requestDeserialize(bytes) as Stamped;
-          request[RECEIVED_AT] = performance.now();
+          if (stamped) request[RECEIVED_AT] = performance.now();
           return request;
         } catch (err) {
           return { [UNDECODABLE]: (err as Error).message } satisfies Undecodable;

@@ -17,14 +17,16 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebS
   const inFlight = new Set<ServerResponse>();
   let stopping = false;
   const handle = app.callback();
+  // One listener for every response (no closure per request: this is on every page's path).
+  function closed(this: ServerResponse): void {
+    inFlight.delete(this);
+    // A response that began with keep-alive before the stop leaves its connection idle: close it
+    // now, or server.close() would wait for the client to hang up.
+    if (stopping) server.closeIdleConnections();
+  }
   const server = createServer((req, res) => {
     inFlight.add(res);
-    res.once('close', () => {
-      inFlight.delete(res);
-      // A response that began with keep-alive before the stop leaves its connection idle: close it
-      // now, or server.close() would wait for the client to hang up.
-      if (stopping) server.closeIdleConnections();
-    });
+    res.once('close', closed);
     // A request read on a kept-alive connection after the stop is still answered, but its
     // connection is closed after it, so the client does not send another one to a process that exits.
     if (stopping) res.shouldKeepAlive = false;
