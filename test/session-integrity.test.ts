@@ -585,6 +585,35 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.ok(waited < 1500, `answered after ${waited} ms: at most the one write under way and its own, not ten`);
   });
 
+  it('requests still waiting for a busy session after maxQueueWaitMs get a 503 and change nothing, instead of waiting for every turn ahead', async () => {
+    const slow = hookedStore();
+    const base = await serve(slow.client, { maxQueueWaitMs: 400 });
+    const first = await call(base, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    slow.hooks.afterPut = async () => {
+      await sleep(300); // each write takes 300 ms, as against a store near its deadline
+    };
+    // Six requests of one browser queue on its session: without a bound the last waits 1.8 s.
+    const started = Date.now();
+    const answers = await Promise.all(
+      Array.from({ length: 6 }, async (_, i) => {
+        const res = await call(base, 'POST', `/set?mode=q${i}`, cookie);
+        return { ...res, ms: Date.now() - started };
+      }),
+    );
+    slow.hooks.afterPut = undefined;
+    const served = answers.filter((a) => a.status === 200);
+    const busy = answers.filter((a) => a.status === 503);
+    assert.equal(served.length + busy.length, 6, JSON.stringify(answers.map((a) => a.status)));
+    assert.ok(busy.length >= 2, `some gave up (${busy.length})`);
+    assert.ok(served.length >= 1, 'the first ones were served');
+    for (const a of answers) assert.ok(a.ms < 1200, `answered after ${a.ms} ms: at most the wait and one turn`);
+    assert.match(String(busy[0].body.error), /busy/);
+    const mode = JSON.parse((await stored(first.set!))!).mode as string;
+    const servedModes = served.map((a) => `q${answers.indexOf(a)}`);
+    assert.ok(servedModes.includes(mode), `the stored mode ${mode} is one a served request wrote, not one of a refused request`);
+  });
+
   it('a rolling read near the end of the absolute lifetime does not slide the entry past it', async () => {
     const base = await serve(store.client, { idleTtlMs: 60_000, absoluteTtlMs: 60_500 });
     const first = await call(base, 'POST', '/set?mode=x');

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { IdSigner, newSessionId } from '../services/web/signed-id';
-import { KeyedLock, RecentMoves, type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
+import { KeyedLock, RecentMoves, type SessionBackend, SessionBusyError, type SessionOptions, sessionMiddleware } from '../services/web/session';
 
 const KEY_A = 'key-a-0123456789-0123456789-0123456789';
 const KEY_B = 'key-b-0123456789-0123456789-0123456789';
@@ -29,6 +29,7 @@ describe('session middleware options are checked at creation', () => {
     ['an unknown secure policy', { secure: 'sometimes' as 'auto' }, /secure must be 'auto', 'always' or 'never' \(got "sometimes"\)/],
     ['rolling as a string', { rolling: 'yes' as unknown as boolean }, /rolling must be true or false/],
     ['a misspelt option', { idleTTL: 5 }, /option idleTTL is not known; the options are: store, keys, cookieName, idleTtlMs/],
+    ['a queue wait of zero', { maxQueueWaitMs: 0 }, /maxQueueWaitMs must be a positive integer of milliseconds \(got 0\)/],
     ['a negative number of remembered sessions', { recentSessions: -1 }, /recentSessions must be a non-negative integer \(got -1\)/],
     ['a callback that is not a function', { onForgedCookie: 'log' as unknown as () => void }, /onForgedCookie must be a function/],
   ];
@@ -54,6 +55,7 @@ describe('session middleware options are checked at creation', () => {
       secure: 'always',
       maxUpdateTries: 3,
       regenerateGraceMs: 500,
+      maxQueueWaitMs: 2000,
       recentSessions: 100,
       requestId: () => 'r1',
       onForgedCookie: () => undefined,
@@ -183,5 +185,28 @@ describe('per-session lock (updates of one session within a process run one afte
     await assert.rejects(lock.run('k', thrower), /boom/);
     await assert.rejects(lock.run('k', () => Promise.reject(new Error('later'))), /later/);
     assert.equal(await lock.run('k', async () => 'next'), 'next');
+  });
+
+  it('a task that waits longer than maxWaitMs gives up without running; the tasks behind it still wait for the ones before it', async () => {
+    const lock = new KeyedLock(0, 200);
+    const log: string[] = [];
+    const slow = lock.run('k', async () => {
+      await new Promise((r) => setTimeout(r, 300));
+      log.push('slow');
+      return 'slow';
+    });
+    const startedAt = Date.now();
+    const waiting = lock.run('k', async () => {
+      log.push('waiting ran');
+      return 'waiting';
+    });
+    await assert.rejects(waiting, (err: Error) => err instanceof SessionBusyError && err.status === 503);
+    assert.ok(Date.now() - startedAt < 290, 'it gave up after about maxWaitMs, not after the slow task');
+    const next = lock.run('k', async () => {
+      log.push('next');
+      return 'next';
+    });
+    assert.deepEqual(await Promise.all([slow, next]), ['slow', 'next']);
+    assert.deepEqual(log, ['slow', 'next'], 'the task that gave up never ran, and the next one waited for the slow one');
   });
 });

@@ -40,15 +40,22 @@ describe('counter site under load and failure (real web + real store processes)'
     return { jars, csrf };
   }
 
-  it('zero lost updates: 8 clients × 250 concurrent increments on one session count exactly 2000', async function () {
+  it('zero lost updates: 8 clients × 250 concurrent increments on one session: each one answered 303 is counted, and each refused as busy is not', async function () {
     this.timeout(120_000);
     const { jars, csrf } = await sharedSession(8);
     const results = await Promise.all(
-      jars.flatMap((jar) => Array.from({ length: 250 }, () => jar.post('/increment', { _csrf: csrf }, false).then((r) => r.status))),
+      jars.flatMap((jar) =>
+        Array.from({ length: 250 }, () => jar.post('/increment', { _csrf: csrf }, false).then(async (r) => (await r.text(), `${r.status} ${r.headers.get('retry-after') ?? ''}`))),
+      ),
     );
-    assert.deepEqual([...new Set(results)], [303], web.lines.filter((l) => l.includes('"level":40') || l.includes('"level":50')).slice(0, 5).join('\n'));
+    // 2000 increments of one session run one after another; those still waiting for their turn
+    // after maxQueueWaitMs (2 s here) are refused, as a slow machine may.
+    const done = results.filter((r) => r === '303 ').length;
+    const busy = results.filter((r) => r === '503 1').length;
+    assert.equal(done + busy, 2000, [...new Set(results)].join(', '));
+    assert.ok(done >= 100, `${done} done`);
     const page = await jars[0].page();
-    assert.equal(page.count2, 2000);
+    assert.equal(page.count2, done);
     assert.equal(page.count1, 1, 'no redirect was followed, so counter 1 only saw the two page views');
   });
 

@@ -65,6 +65,9 @@ export function loadWebConfig(raw = readEnv()) {
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
       secure: env.SESSION_SECURE,
       rolling: env.SESSION_ROLLING,
+      // A request queued behind others of its browser gives up (503) after two store deadlines:
+      // with the store slow, a turn can take one or two.
+      maxQueueWaitMs: 2 * env.STORE_DEADLINE_MS,
     }),
   });
 }

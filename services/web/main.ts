@@ -19,9 +19,10 @@ function main(): void {
   const readiness = createStoreReadiness({ address: config.store.address, tlsCa: config.store.tlsCa, timeoutMs: config.store.deadlineMs });
   const metrics = new WebMetrics();
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
-  // A page makes a store read and a write, each up to STORE_DEADLINE_MS: a response in flight at
-  // the stop normally ends well within this; only a stuck one is cut off.
-  const { server, stop } = createWebServer(app, logger, 2 * config.store.deadlineMs + 5000);
+  // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
+  // read and a write, each up to one: a response in flight at the stop normally ends well within
+  // this; only a stuck one is cut off.
+  const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000);
   server.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;

@@ -37,6 +37,13 @@ export interface SessionOptions {
   /** After regenerate(), how long in ms the old id still leads to the new session (default 10 s). */
   regenerateGraceMs?: number;
   /**
+   * How long in ms a request waits for its turn while earlier requests of this process use the
+   * same session (default 5 s). Past it, the request gives up with a SessionBusyError (a 503 page)
+   * and changes nothing: against a slow store, each turn can take a whole deadline, and a browser's
+   * queued requests would otherwise wait for all of them.
+   */
+  maxQueueWaitMs?: number;
+  /**
    * How many sessions this process remembers the last written version of (default 10,000; 0 = none).
    * The next update of a remembered session writes with compare-and-set straight away, without
    * reading first: one store round trip instead of two. Another process's write makes the version
@@ -57,6 +64,16 @@ export class SessionConflictError extends Error {
   override name = 'SessionConflictError';
   readonly status = 503;
   readonly expose = true;
+}
+
+/** Thrown instead of running a session call that waited longer than maxQueueWaitMs for its turn; nothing was done. */
+export class SessionBusyError extends Error {
+  override name = 'SessionBusyError';
+  readonly status = 503;
+  readonly expose = true;
+  constructor(waitedMs: number) {
+    super(`the session was busy with earlier requests for ${waitedMs} ms; please retry`);
+  }
 }
 
 /** A queued session call whose client closed the request before its turn (status 499, as nginx logs it); nothing was done. */
@@ -515,7 +532,11 @@ export class KeyedLock {
   private readonly queues = new Map<string, { tail: Promise<unknown>; handoff: Handoff }>();
   private readonly recent = new Map<string, NonNullable<Handoff['last']>>();
 
-  constructor(private readonly recentMax = 0) {}
+  /** recentMax: keys whose last entry is remembered; maxWaitMs: how long a task waits behind others of its key (0: no limit). */
+  constructor(
+    private readonly recentMax = 0,
+    private readonly maxWaitMs = 0,
+  ) {}
 
   /** Remembers the entry a new session was created with (creation runs outside any queue). */
   prime(key: string, last: NonNullable<Handoff['last']>): void {
@@ -535,6 +556,7 @@ export class KeyedLock {
   run<R>(key: string, fn: (handoff: Handoff) => Promise<R>): Promise<R> {
     let queue = this.queues.get(key);
     let result: Promise<R>;
+    let turnDone: Promise<unknown> | undefined;
     if (!queue) {
       // Nothing queued for this key (the usual case): start at once, without a hop through a promise.
       const remembered = this.recent.get(key);
@@ -550,8 +572,11 @@ export class KeyedLock {
       }
     } else {
       const q = queue;
-      const start = () => fn(q.handoff);
-      result = q.tail.then(start, start);
+      const waited = this.waitFor(q.tail, () => fn(q.handoff));
+      result = waited.result;
+      // The queue goes on from this task's turn: one that gave up still lets the tasks behind it
+      // wait for the ones before it.
+      turnDone = waited.turn;
     }
     const q = queue;
     const settled = (): undefined => {
@@ -562,9 +587,35 @@ export class KeyedLock {
       if (last && last.id === key) this.prime(key, { id: last.id, version: last.version, createdAtMs: last.createdAtMs, raw: last.raw });
       return undefined;
     };
-    const tail: Promise<unknown> = result.then(settled, settled);
+    const tail: Promise<unknown> = (turnDone ?? result).then(settled, settled);
     q.tail = tail;
     return result;
+  }
+
+  /**
+   * Runs fn once `before` settles. `result` rejects with SessionBusyError if that takes longer
+   * than maxWaitMs, and fn is then never run; `turn` settles when fn has (or at once after
+   * `before`, for a task that gave up).
+   */
+  private waitFor<R>(before: Promise<unknown>, fn: () => Promise<R>): { turn: Promise<R | undefined>; result: Promise<R> } {
+    if (this.maxWaitMs === 0) {
+      const turn = before.then(fn, fn);
+      return { turn, result: turn };
+    }
+    let gaveUp = false;
+    let timer: NodeJS.Timeout | undefined;
+    const start = () => {
+      clearTimeout(timer);
+      return gaveUp ? undefined : fn();
+    };
+    const turn = before.then(start, start);
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        gaveUp = true;
+        reject(new SessionBusyError(this.maxWaitMs));
+      }, this.maxWaitMs);
+    });
+    return { turn, result: Promise.race([turn as Promise<R>, timedOut]) };
   }
 }
 
@@ -648,6 +699,7 @@ interface ResolvedOptions {
   secure: 'auto' | 'always' | 'never';
   maxUpdateTries: number;
   regenerateGraceMs: number;
+  maxQueueWaitMs: number;
   requestId: (ctx: Context) => string | undefined;
   onForgedCookie: (ctx: Context, info: { cookieHash: string }) => void;
   onEvent: (event: SessionEvent, ctx: Context) => void;
@@ -665,6 +717,7 @@ const KNOWN_OPTIONS = new Set<string>([
   'secure',
   'maxUpdateTries',
   'regenerateGraceMs',
+  'maxQueueWaitMs',
   'recentSessions',
   'requestId',
   'onForgedCookie',
@@ -716,6 +769,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
   }
   const recentSessions = nonNegative('recentSessions', options.recentSessions, 10_000);
+  const maxQueueWaitMs = positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000);
   return {
     store: options.store,
     signer: new IdSigner(options.keys, recentSessions),
@@ -726,10 +780,11 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     secure,
     maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 30),
     regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs, 10_000),
+    maxQueueWaitMs,
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
     onEvent: callback('onEvent', options.onEvent, () => undefined),
-    locks: new KeyedLock(recentSessions),
+    locks: new KeyedLock(recentSessions, maxQueueWaitMs),
     moves: new RecentMoves(),
   };
 }
