@@ -416,11 +416,31 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
-    it('--tls against a plaintext store: one line, exit 1', async () => {
-      const run = await runDump([address, '--tls'], {}, tmp.dir);
-      assert.equal(run.code, 1);
-      assert.equal(lines(run.stderr).length, 1, run.stderr);
-      assert.match(run.stderr, /TLS handshake failed/);
+    it('--tls or https:// against a plaintext store: one line, exit 1 (never a plaintext fallback)', async () => {
+      for (const args of [[address, '--tls'], [`https://${address}`]]) {
+        const run = await runDump(args, {}, tmp.dir);
+        assert.equal(run.code, 1, args.join(' '));
+        assert.equal(run.stdout, '');
+        assert.equal(lines(run.stderr).length, 1, run.stderr);
+        assert.match(run.stderr, /TLS handshake failed: the store does not use TLS there/);
+      }
+    });
+
+    it('http:// with --tls, --tls-ca or STORE_TLS_CA contradicts itself: a usage error naming both, exit 2', async () => {
+      const ca = path.join(tmp.dir, 'any-ca.pem');
+      writeFileSync(ca, '-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n');
+      const cases: Array<[string[], Record<string, string>, string]> = [
+        [[`http://${address}`, '--tls'], {}, '--tls'],
+        [[`http://${address}`, '--tls-ca', ca], {}, '--tls-ca'],
+        [[`http://${address}`], { STORE_TLS_CA: ca }, 'STORE_TLS_CA'],
+        [[], { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: ca }, 'STORE_TLS_CA'],
+      ];
+      for (const [args, env, setting] of cases) {
+        const run = await runDump(args, env, tmp.dir);
+        assert.equal(run.code, 2, `${args.join(' ')}: ${run.stderr}`);
+        assert.equal(run.stdout, '');
+        assert.equal(run.stderr, `dump: http:// means plaintext, but ${setting} asks for TLS (write https:// or host:port for TLS, or leave out ${setting})\n`);
+      }
     });
 
     it('usage errors exit 2 with one line on stderr', async () => {
@@ -554,6 +574,18 @@ describe('bin/dump against a store serving TLS (self-signed certificate made by 
       assert.equal(run.stdout, 'tls-1 over TLS\n');
       assert.equal(run.stderr, '');
     }
+  });
+
+  it('https:// without a CA trusts the default roots (here GRPC_DEFAULT_SSL_ROOTS_FILE_PATH): exit 0; without the CA among them: exit 1', async () => {
+    const [trusted, untrusted] = await Promise.all([
+      runDump([`https://${address}`], { GRPC_DEFAULT_SSL_ROOTS_FILE_PATH: pki.cert }, dir.dir),
+      runDump([`https://${address}`], {}, dir.dir),
+    ]);
+    assert.equal(trusted.code, 0, trusted.stderr);
+    assert.equal(trusted.stdout, 'tls-1 over TLS\n');
+    assert.equal(untrusted.code, 1);
+    assert.equal(lines(untrusted.stderr).length, 1, untrusted.stderr);
+    assert.match(untrusted.stderr, /TLS handshake failed: self-signed certificate/);
   });
 
   it('a CA that did not sign the certificate, or no TLS at all: one line, exit 1', async () => {

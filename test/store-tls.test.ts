@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
 import { selfSigned } from './helpers/tls';
@@ -79,6 +80,58 @@ describe('store over TLS (self-signed certificate made by the test, real process
       web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '500' });
       const res = await fetch(`http://127.0.0.1:${web.port}/`);
       assert.equal(res.status, 503);
+    });
+  });
+
+  describe('the web service with an https:// STORE_ADDRESS', () => {
+    let web: Proc | undefined;
+    let plain: Proc | undefined;
+    afterEach(async () => {
+      await web?.stop();
+      web = undefined;
+    });
+    after(async () => {
+      await plain?.stop();
+    });
+
+    it('never talks plaintext: against a plaintext store the page is a 503 and /readyz is not ready', async () => {
+      plain = await startStore(path.join(tmp.dir, 'plain'));
+      web = await startWeb(plain.port, tmp.dir, { STORE_ADDRESS: `https://127.0.0.1:${plain.port}`, STORE_DEADLINE_MS: '500' });
+      const page = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(page.status, 503);
+      assert.doesNotMatch(await page.text(), /Counter 1/);
+      const ready = await fetch(`http://127.0.0.1:${web.port}/readyz`);
+      assert.equal(ready.status, 503);
+      assert.deepEqual(await ready.json(), { status: 'not ready', store: 'UNREACHABLE' });
+    });
+
+    it('without STORE_TLS_CA trusts the default roots (here GRPC_DEFAULT_SSL_ROOTS_FILE_PATH): page and /readyz work', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_ADDRESS: `https://${address}`, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH: pki.cert });
+      const page = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(page.status, 200);
+      assert.match(await page.text(), /Counter 1: 0\b/);
+      const ready = await fetch(`http://127.0.0.1:${web.port}/readyz`);
+      assert.equal(ready.status, 200);
+      assert.deepEqual(await ready.json(), { status: 'ready', store: 'SERVING' });
+    });
+
+    it('without STORE_TLS_CA and without the CA among the default roots: the page is a 503', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_ADDRESS: `https://${address}`, STORE_DEADLINE_MS: '500' });
+      const page = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(page.status, 503);
+    });
+
+    it('http:// with STORE_TLS_CA contradicts itself: the web stops at start, naming both variables', async () => {
+      const failure = await startWeb(store.port, tmp.dir, { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: pki.cert }).then(
+        async (started) => {
+          await started.stop();
+          return undefined;
+        },
+        (err: Error) => err.message,
+      );
+      assert.ok(failure, 'the web did not start');
+      assert.match(failure, /exited with 1 before listening/);
+      assert.match(failure, /^web: invalid configuration: STORE_ADDRESS="http:\/\/localhost:\d+": .*STORE_TLS_CA/m);
     });
   });
 });

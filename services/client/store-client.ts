@@ -12,13 +12,13 @@ export type { Entry };
 
 /** How to reach a SessionStore. */
 export interface StoreClientOptions {
-  /** host:port, or http(s)://host:port. */
+  /** host:port, http://host:port or https://host:port (see resolveEndpoint for which means TLS). */
   address: string;
   /** Bearer token sent with every call when set. */
   token?: string;
   /** Deadline of every call, in milliseconds. */
   deadlineMs: number;
-  /** TLS: PEM of the CA that signed the store's certificate. Without it the channel is plaintext. */
+  /** TLS: PEM of the CA that signed the store's certificate; asks for TLS on a bare host:port. */
   tlsCa?: Buffer;
 }
 
@@ -82,11 +82,17 @@ export interface StoreClient {
   close(): void;
 }
 
-/** Accepts host:port, http://host:port and https://host:port with a port 1-65535; returns the gRPC target. */
-export function normalizeAddress(address: string): string {
+/** A store address taken apart: the gRPC target (host:port) and the scheme written before it, if any. */
+export interface StoreAddress {
+  target: string;
+  scheme?: 'http' | 'https';
+}
+
+/** Accepts host:port, http://host:port and https://host:port with a port 1-65535. */
+export function parseAddress(address: string): StoreAddress {
   const trimmed = address.trim();
-  const match = /^(?:https?:\/\/)?([^/\s]+?)\/?$/.exec(trimmed);
-  const port = match && /^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d+)$/.exec(match[1])?.[1];
+  const match = /^(?:(https?):\/\/)?([^/\s]+?)\/?$/i.exec(trimmed);
+  const port = match && /^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d+)$/.exec(match[2])?.[1];
   if (!match || !port) {
     throw new Error(`not a store address: "${address}" (expected host:port, e.g. localhost:5100)`);
   }
@@ -94,7 +100,28 @@ export function normalizeAddress(address: string): string {
   if (Number(port) < 1 || Number(port) > 65535) {
     throw new Error(`not a store address: "${address}" (the port must be 1-65535)`);
   }
-  return match[1];
+  const scheme = match[1]?.toLowerCase() as StoreAddress['scheme'];
+  return scheme ? { target: match[2], scheme } : { target: match[2] };
+}
+
+/** Where to connect and whether the channel uses TLS. */
+export interface StoreEndpoint {
+  target: string;
+  tls: boolean;
+}
+
+/**
+ * The one place that decides TLS: https:// means TLS, http:// plaintext, and a bare host:port TLS
+ * only when tlsAskedBy names the setting that asks for it (a CA, or dump's --tls). https:// must
+ * never fall back to plaintext: the bearer token would cross the network in the clear. http:// with
+ * a TLS setting contradicts itself and throws rather than guess which one was meant.
+ */
+export function resolveEndpoint(address: string, tlsAskedBy?: string): StoreEndpoint {
+  const { target, scheme } = parseAddress(address);
+  if (scheme === 'http' && tlsAskedBy) {
+    throw new Error(`http:// means plaintext, but ${tlsAskedBy} asks for TLS (write https:// or host:port for TLS, or leave out ${tlsAskedBy})`);
+  }
+  return { target, tls: scheme === 'https' || (scheme === undefined && Boolean(tlsAskedBy)) };
 }
 
 /** Channel settings: reconnect quickly after an outage so the site recovers by itself. */
@@ -106,13 +133,25 @@ export const CHANNEL_OPTIONS: ChannelOptions = {
   'grpc.keepalive_permit_without_calls': 0,
 };
 
-export function channelCredentials(options: Pick<StoreClientOptions, 'tlsCa'>): ChannelCredentials {
-  return options.tlsCa ? credentials.createSsl(options.tlsCa) : credentials.createInsecure();
+/**
+ * A TLS channel trusts tlsCa when given, else grpc-js's default roots: the PEM file named by
+ * GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when that is set, otherwise Node's built-in CA list (plus
+ * NODE_EXTRA_CA_CERTS).
+ */
+export function channelCredentials(tls: boolean, tlsCa?: Buffer): ChannelCredentials {
+  return tls ? credentials.createSsl(tlsCa ?? null) : credentials.createInsecure();
+}
+
+/** Target and credentials of a channel to the store; a CA asks for TLS as STORE_TLS_CA does. */
+export function storeChannel(options: Pick<StoreClientOptions, 'address' | 'tlsCa'>): { target: string; credentials: ChannelCredentials } {
+  const { target, tls } = resolveEndpoint(options.address, options.tlsCa ? 'tlsCa' : undefined);
+  return { target, credentials: channelCredentials(tls, options.tlsCa) };
 }
 
 /** The raw generated client, for callers that need a streaming RPC of their own; `channel` adds to CHANNEL_OPTIONS. */
 export function createRawClient(options: StoreClientOptions, channel: ChannelOptions = {}): SessionStoreClient {
-  return new SessionStoreClient(normalizeAddress(options.address), channelCredentials(options), { ...CHANNEL_OPTIONS, ...channel });
+  const store = storeChannel(options);
+  return new SessionStoreClient(store.target, store.credentials, { ...CHANNEL_OPTIONS, ...channel });
 }
 
 export function authMetadata(token: string | undefined): Metadata {

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { normalizeAddress } from '../client/store-client';
+import { resolveEndpoint, type StoreEndpoint } from '../client/store-client';
 import { ConfigError } from '../shared/env';
 import { loadDumpConfig } from './config';
 import type { Form } from './format';
@@ -96,7 +96,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--no-progress', 'no progress on stderr')
     // No commander default here: it would print the token in --help.
     .option('--token <token>', 'bearer token (default: STORE_TOKEN)')
-    .option('--tls', 'connect with TLS, trusting the system CAs')
+    .option('--tls', 'connect with TLS, trusting the default roots (as https:// does)')
     .option('--tls-ca <file>', 'connect with TLS, trusting the CA certificate in this PEM file (default: STORE_TLS_CA)', defaults.tlsCa)
     .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', positiveInt, 5000)
     .addHelpText('after', HELP_AFTER)
@@ -150,18 +150,20 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   }
   const [address] = program.processedArgs as [string];
   const opts = program.opts<ParsedOptions>();
-  let target: string;
+  // The CA option's default is STORE_TLS_CA: name the one the user actually gave.
+  const tlsAskedBy = opts.tls ? '--tls' : opts.tlsCa ? (program.getOptionValueSource('tlsCa') === 'default' ? 'STORE_TLS_CA' : '--tls-ca') : undefined;
+  let endpoint: StoreEndpoint;
   try {
-    target = normalizeAddress(address);
+    endpoint = resolveEndpoint(address, tlsAskedBy);
   } catch (err) {
     throw new UsageError((err as Error).message);
   }
   const tlsCa = opts.tlsCa ? readCa(opts.tlsCa) : undefined;
   const form: Form = opts.json ? 'json' : (opts.table ?? terminal.stdoutIsTTY) ? 'table' : 'lines';
   return {
-    target,
+    target: endpoint.target,
     token: opts.token ?? config.token,
-    tls: Boolean(opts.tls || tlsCa || /^https:\/\//i.test(address.trim())),
+    tls: endpoint.tls,
     tlsCa,
     connectTimeoutMs: opts.connectTimeout,
     prefix: opts.prefix,

@@ -1,13 +1,11 @@
 import {
-  type ChannelCredentials,
   type ClientReadableStream,
   connectivityState,
-  credentials,
   type Metadata,
   type ServiceError,
   status,
 } from '@grpc/grpc-js';
-import { authMetadata, CHANNEL_OPTIONS } from '../client/store-client';
+import { authMetadata, CHANNEL_OPTIONS, channelCredentials } from '../client/store-client';
 import { type Entry, type ListRequest, SessionStoreClient, SessionStoreService, type WatchEvent } from '../generated/kv';
 import { decodeEntryPage } from './entry-page';
 
@@ -20,7 +18,7 @@ export interface SourceOptions {
   /** The gRPC target, already normalized to host:port. */
   target: string;
   token?: string;
-  /** TLS with the system's CAs, or with tlsCa when given. */
+  /** TLS (decided by resolveEndpoint), trusting tlsCa when given, else the default roots. */
   tls: boolean;
   tlsCa?: Buffer;
   /** How long the store gets to accept the connection; a refused connection fails at once. */
@@ -59,7 +57,7 @@ export class StoreSource {
   private readonly connectTimer: NodeJS.Timeout;
 
   constructor(private readonly options: SourceOptions) {
-    this.client = new SessionStoreClient(options.target, credentialsFor(options), DUMP_CHANNEL_OPTIONS);
+    this.client = new SessionStoreClient(options.target, channelCredentials(options.tls, options.tlsCa), DUMP_CHANNEL_OPTIONS);
     this.metadata = authMetadata(options.token);
     this.connectTimer = setTimeout(() => this.giveUpIfNotConnected(), options.connectTimeoutMs);
   }
@@ -160,18 +158,13 @@ export class StoreSource {
   }
 }
 
-function credentialsFor(options: SourceOptions): ChannelCredentials {
-  if (options.tlsCa) return credentials.createSsl(options.tlsCa);
-  return options.tls ? credentials.createSsl() : credentials.createInsecure();
-}
-
 /** grpc-js wraps the socket error in a long sentence; keep the part a person acts on. */
 function describeUnavailable(details: string, options: SourceOptions): string {
   const text = details.replace(/\s+/g, ' ').trim();
   if (/ECONNREFUSED/.test(text)) return 'connection refused (is the store running and listening there?)';
   if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(text)) return 'cannot resolve the host name';
   const ssl = /SSL routines:[^:]*:([^:]+)/.exec(text)?.[1];
-  if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out --tls and --tls-ca)';
+  if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out https://, --tls and --tls-ca)';
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
   if (options.tls) return `TLS handshake failed: ${ssl ?? lastError} (does --tls-ca name the CA that signed the store certificate?)`;
   return `unavailable: ${lastError} (if the store uses TLS, pass --tls-ca <file> or --tls)`;

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { normalizeAddress } from '../client/store-client';
+import { parseAddress, resolveEndpoint } from '../client/store-client';
 import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
@@ -16,7 +16,7 @@ export function loadWebConfig(raw = readEnv()) {
       WEB_DATA_DIR: z.string().default('var'),
       STORE_ADDRESS: z
         .string()
-        .refine(isStoreAddress, { message: 'expected host:port or http://host:port with a port 1-65535, e.g. 127.0.0.1:5100' })
+        .refine(isStoreAddress, { message: 'expected host:port or http(s)://host:port with a port 1-65535, e.g. 127.0.0.1:5100' })
         .default('127.0.0.1:5100'),
       STORE_TOKEN: envs.optionalString(),
       STORE_TLS_CA: envs.optionalString(),
@@ -44,6 +44,11 @@ export function loadWebConfig(raw = readEnv()) {
   if (env.SESSION_ABSOLUTE_TTL_MS < env.SESSION_IDLE_TTL_MS) {
     throw new ConfigError('invalid configuration: SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS');
   }
+  try {
+    resolveEndpoint(env.STORE_ADDRESS, env.STORE_TLS_CA ? 'STORE_TLS_CA' : undefined);
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: STORE_ADDRESS=${JSON.stringify(env.STORE_ADDRESS)}: ${(err as Error).message}`);
+  }
   const dataDir = path.resolve(env.WEB_DATA_DIR);
   return Object.freeze({
     port: env.PORT,
@@ -55,7 +60,8 @@ export function loadWebConfig(raw = readEnv()) {
       token: env.STORE_TOKEN,
       deadlineMs: env.STORE_DEADLINE_MS,
       transport: env.STORE_TRANSPORT,
-      // TLS to the store: the PEM of the CA that signed its certificate (plaintext when unset).
+      // TLS to the store: the PEM of the CA that signed its certificate. Unset, an https:// address
+      // still means TLS (with the default roots) and a bare host:port means plaintext.
       tlsCa: env.STORE_TLS_CA ? readPemFile('STORE_TLS_CA', env.STORE_TLS_CA) : undefined,
     }),
     session: Object.freeze({
@@ -76,7 +82,7 @@ export type WebConfig = ReturnType<typeof loadWebConfig>;
 
 function isStoreAddress(value: string): boolean {
   try {
-    normalizeAddress(value);
+    parseAddress(value);
     return true;
   } catch {
     return false;

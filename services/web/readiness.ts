@@ -1,6 +1,6 @@
 import { type Client, makeGenericClientConstructor, Metadata, type ServiceDefinition, type ServiceError, status } from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
-import { CHANNEL_OPTIONS, channelCredentials, normalizeAddress, type StoreClientOptions } from '../client/store-client';
+import { CHANNEL_OPTIONS, type StoreClientOptions, storeChannel } from '../client/store-client';
 import { SessionStoreService } from '../generated/kv';
 
 /** The store's answer to a grpc.health.v1 Check: its serving status, or UNREACHABLE when no answer came in time. */
@@ -33,7 +33,8 @@ const HealthClientConstructor = makeGenericClientConstructor(healthService as un
  * SessionStore service within timeoutMs. It never touches a session.
  */
 export function createStoreReadiness(options: Pick<StoreClientOptions, 'address' | 'tlsCa'> & { timeoutMs: number }): ReadinessCheck {
-  const client = new HealthClientConstructor(normalizeAddress(options.address), channelCredentials(options), CHANNEL_OPTIONS);
+  const { target, credentials } = storeChannel(options);
+  const client = new HealthClientConstructor(target, credentials, CHANNEL_OPTIONS);
   const metadata = new Metadata();
   let inFlight: Promise<StoreHealthStatus> | undefined;
   const ask = () =>
