@@ -47,6 +47,8 @@ function lines(text: string): string[] {
 
 /** Any character that must never reach the output raw (a line break between entries aside). */
 const RAW_CONTROL = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u2028\u2029]/;
+/** Unicode bidirectional controls: raw, they reorder how the rest of a terminal line is shown. */
+const RAW_BIDI = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
 
 /** The key and value of a "<key> <value>" line as printed: a key that starts with a double quote is a JSON string. */
 function fields(line: string): [string, string] {
@@ -232,6 +234,29 @@ describe('bin/dump (child process against a real store)', function () {
         const quote = await runDump([address, '--prefix', '"q-'], {}, tmp.dir);
         assert.equal(quote.stdout, '"\\"q-1" "\\"quoted\\""\n');
         assert.deepEqual(parseLine(lines(quote.stdout)[0]), ['"q-1', '"quoted"']);
+      });
+
+      it('a key or value with a bidi control is a JSON string with it escaped, so it cannot reorder the line', async () => {
+        const bidi: Array<[string, string]> = [
+          ['bidi-a\u202e\u2066 admin\u2069\u2066', 'x\u2067y\u202a\u202b\u202c\u202d'],
+          ['bidi-b', '\u200fhi\u2068'],
+          ['bidi-c\u061c', '\u200eok'],
+        ];
+        for (const [key, value] of bidi) await client.put(key, Buffer.from(value), { ttlMs: 30 * 60_000 });
+        const run = await runDump([address, '--prefix', 'bidi-'], {}, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stdout, RAW_BIDI);
+        assert.deepEqual(lines(run.stdout), [
+          '"bidi-a\\u202e\\u2066 admin\\u2069\\u2066" "x\\u2067y\\u202a\\u202b\\u202c\\u202d"',
+          'bidi-b "\\u200fhi\\u2068"',
+          '"bidi-c\\u061c" "\\u200eok"',
+        ]);
+        assert.deepEqual(lines(run.stdout).map(parseLine), bidi);
+        for (const form of ['--table', '--keys-only']) {
+          const other = await runDump([address, form, '--prefix', 'bidi-'], { COLUMNS: '200' }, tmp.dir);
+          assert.equal(other.code, 0, other.stderr);
+          assert.doesNotMatch(other.stdout, RAW_BIDI, form);
+        }
       });
 
       it('--keys-only: the same quoting, one key per line', async () => {

@@ -41,8 +41,9 @@ Output:
   On a terminal: an aligned table (ID, VALUE, VERSION, EXPIRES IN).
   Piped or redirected: one entry per line, "<key> <value>", so grep, awk and cut work; --json
   gives JSON Lines for jq. A key or value that is not plain printable text (a control character
-  such as a tab, newline or escape, or a leading double quote; for a key also a space or a
-  backslash) is printed as a JSON string, in every form but --json, so an entry is one line.
+  such as a tab, newline or escape, a Unicode bidi control, or a leading double quote; for a key
+  also a space or a backslash) is printed as a JSON string, in every form but --json, so an entry
+  is one line.
   --watch then prints one line per change: "put <key> <value>", "delete <key>", "expire <key>"
   (with --json: {"event":"put","key":...}). Changes made while the listing runs are printed after it.
   A long dump to a file shows its progress on stderr when stderr is a terminal.

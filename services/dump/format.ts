@@ -51,14 +51,16 @@ function keyOf(key: string, redact: boolean): string {
 
 /**
  * Characters that are not plain printable text: C0 controls (tab and line breaks too), DEL, C1
- * controls (U+0080-U+009F, which include a one-byte CSI) and the Unicode line and paragraph
- * separators. Printed raw they could end a line early or drive the terminal.
+ * controls (U+0080-U+009F, which include a one-byte CSI), the Unicode line and paragraph
+ * separators, and the bidirectional controls (U+061C, U+200E-U+200F, U+202A-U+202E,
+ * U+2066-U+2069). Printed raw they could end a line early, drive the terminal, or reorder how the
+ * rest of the line is shown ("Trojan Source").
  */
-const UNSAFE_VALUE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
+const UNSAFE_VALUE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/;
 /** A key also may not hold a space (it ends the key in "<key> <value>") or a backslash. */
-const UNSAFE_KEY = /[\u0000-\u0020\u007f-\u009f\u2028\u2029\\]/;
+const UNSAFE_KEY = /[\u0000-\u0020\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\\]/;
 /** What JSON.stringify leaves raw but a terminal or a line reader does not take as text. */
-const RAW_IN_JSON = /[\u007f-\u009f\u2028\u2029]/g;
+const RAW_IN_JSON = /[\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g;
 const QUOTE = 0x22;
 
 /** The JSON string for text, with every character outside plain printable text as a \u escape. */
