@@ -11,7 +11,7 @@ import { createStoreClient, type StoreClient } from '../../services/client/store
 import { SqliteBackend } from '../../services/store/backends/sqlite';
 import Redis from 'ioredis';
 import { logCapture, type Proc, root, startProcess, startStore, startWeb, tempDir } from '../helpers/procs';
-import { barChart, type Measure, measureOps, measurePage, median, medianMeasure, processCpuUs, startRedisServer } from './lib';
+import { barChart, type Measure, measureOps, measurePage, medianMeasure, processCpuUs, startRedisServer } from './lib';
 
 const smoke = process.argv.includes('--smoke');
 const arg = (name: string, fallback: number) => {
