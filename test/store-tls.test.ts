@@ -2,6 +2,8 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
+import { loadStoreConfig } from '../services/store/config';
+import { loadWebConfig } from '../services/web/config';
 import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
 import { selfSigned } from './helpers/tls';
 
@@ -132,6 +134,20 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.ok(failure, 'the web did not start');
       assert.match(failure, /exited with 1 before listening/);
       assert.match(failure, /^web: invalid configuration: STORE_ADDRESS="http:\/\/localhost:\d+": .*STORE_TLS_CA/m);
+    });
+
+    it('a plaintext store address on another machine is a warning at start; TLS or loopback is not (configuration only, nothing connects)', () => {
+      const warnings = (env: Record<string, string>) => loadWebConfig({ SESSION_KEYS: 'k'.repeat(32), ...env }).warnings;
+      for (const remote of ['10.0.0.5:5100', 'http://store.internal:5100', '[fd00::5]:5100']) {
+        assert.match(warnings({ STORE_ADDRESS: remote }).join(), /is another machine and the connection is plaintext: STORE_TOKEN and session data cross the network unencrypted/, remote);
+      }
+      for (const fine of ['https://10.0.0.5:5100', '127.0.0.1:5100', 'localhost:5100', '[::1]:5100']) assert.deepEqual(warnings({ STORE_ADDRESS: fine }), [], fine);
+      assert.deepEqual(warnings({ STORE_ADDRESS: '10.0.0.5:5100', STORE_TLS_CA: pki.cert }), []);
+      // The store's side of the same: serving plaintext on an address other machines reach.
+      const storeWarnings = (env: Record<string, string>) => loadStoreConfig({ STORE_TOKEN: 't'.repeat(32), ...env }).warnings;
+      assert.match(storeWarnings({ STORE_HOST: '0.0.0.0' }).join(), /serves plaintext: tokens and session data cross the network unencrypted; set STORE_TLS_CERT and STORE_TLS_KEY/);
+      assert.deepEqual(storeWarnings({ STORE_HOST: '0.0.0.0', STORE_TLS_CERT: pki.cert, STORE_TLS_KEY: pki.key }), []);
+      assert.deepEqual(storeWarnings({ STORE_HOST: '127.0.0.1' }), []);
     });
   });
 });

@@ -97,3 +97,9 @@ export function readPemFile(variable: string, file: string): Buffer {
   if (!pem.includes('-----BEGIN ')) throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(file)}: expected a PEM file`);
   return pem;
 }
+
+/** Addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost (a host name, or [v6] as in host:port). */
+export function isLoopback(host: string): boolean {
+  const bare = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  return bare === 'localhost' || bare === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(bare);
+}

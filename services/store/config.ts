@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { z } from 'zod';
-import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { ConfigError, envs, isLoopback, parseEnv, readEnv, readPemFile } from '../shared/env';
 import { DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
 
 const MINUTE = 60_000;
@@ -94,6 +94,15 @@ export function loadStoreConfig(raw = readEnv()) {
     throw new ConfigError('invalid configuration: REDIS_URL: a Redis Cluster has only database 0');
   }
   return Object.freeze({
+    // Allowed, since the network itself may be encrypted (a VPN, a service mesh), but worth saying at start.
+    warnings: Object.freeze(
+      !tls && !isLoopback(env.STORE_HOST)
+        ? [
+            `STORE_HOST=${JSON.stringify(env.STORE_HOST)} is reachable from other machines and the store serves plaintext: tokens and session data ` +
+              'cross the network unencrypted; set STORE_TLS_CERT and STORE_TLS_KEY unless the network itself is encrypted',
+          ]
+        : [],
+    ),
     port: env.PORT,
     host: env.STORE_HOST,
     backend: env.STORE_BACKEND,
@@ -131,9 +140,3 @@ export function loadStoreConfig(raw = readEnv()) {
 }
 
 export type StoreConfig = ReturnType<typeof loadStoreConfig>;
-
-/** Addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost. */
-export function isLoopback(host: string): boolean {
-  const bare = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
-  return bare === 'localhost' || bare === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(bare);
-}

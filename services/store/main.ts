@@ -18,6 +18,7 @@ import { storeCredentials, storeServerOptions } from './transport';
 async function main(): Promise<void> {
   const config = loadStoreConfig();
   const logger = createLogger('store', config.logLevel);
+  for (const warning of config.warnings) logger.warn(warning);
   // ioredis is loaded only when used: a SQLite store starts without it.
   const backend =
     config.backend === 'redis'

@@ -2,8 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { parseAddress, resolveEndpoint } from '../client/store-client';
-import { ConfigError, envs, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { parseAddress, resolveEndpoint, type StoreEndpoint } from '../client/store-client';
+import { ConfigError, envs, isLoopback, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
 
@@ -44,13 +44,24 @@ export function loadWebConfig(raw = readEnv()) {
   if (env.SESSION_ABSOLUTE_TTL_MS < env.SESSION_IDLE_TTL_MS) {
     throw new ConfigError('invalid configuration: SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS');
   }
+  let endpoint: StoreEndpoint;
   try {
-    resolveEndpoint(env.STORE_ADDRESS, env.STORE_TLS_CA ? 'STORE_TLS_CA' : undefined);
+    endpoint = resolveEndpoint(env.STORE_ADDRESS, env.STORE_TLS_CA ? 'STORE_TLS_CA' : undefined);
   } catch (err) {
     throw new ConfigError(`invalid configuration: STORE_ADDRESS=${JSON.stringify(env.STORE_ADDRESS)}: ${(err as Error).message}`);
   }
+  const storeHost = endpoint.target.slice(0, endpoint.target.lastIndexOf(':'));
   const dataDir = path.resolve(env.WEB_DATA_DIR);
   return Object.freeze({
+    // Allowed, since the network itself may be encrypted (a VPN, a service mesh), but worth saying at start.
+    warnings: Object.freeze(
+      !endpoint.tls && !isLoopback(storeHost)
+        ? [
+            `STORE_ADDRESS=${JSON.stringify(env.STORE_ADDRESS)} is another machine and the connection is plaintext: STORE_TOKEN and session data ` +
+              'cross the network unencrypted; use https:// or STORE_TLS_CA unless the network itself is encrypted',
+          ]
+        : [],
+    ),
     port: env.PORT,
     host: env.WEB_HOST,
     trustProxy: env.TRUST_PROXY,

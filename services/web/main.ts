@@ -12,6 +12,7 @@ import { createStoreReadiness } from './readiness';
 function main(): void {
   const config = loadWebConfig();
   const logger = createLogger('web', config.logLevel);
+  for (const warning of config.warnings) logger.warn(warning);
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
   const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
   // Same address and TLS as the store client (a plaintext check of a TLS store never succeeds);
