@@ -699,7 +699,6 @@ interface ResolvedOptions {
   secure: 'auto' | 'always' | 'never';
   maxUpdateTries: number;
   regenerateGraceMs: number;
-  maxQueueWaitMs: number;
   requestId: (ctx: Context) => string | undefined;
   onForgedCookie: (ctx: Context, info: { cookieHash: string }) => void;
   onEvent: (event: SessionEvent, ctx: Context) => void;
@@ -769,7 +768,6 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
   }
   const recentSessions = nonNegative('recentSessions', options.recentSessions, 10_000);
-  const maxQueueWaitMs = positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000);
   return {
     store: options.store,
     signer: new IdSigner(options.keys, recentSessions),
@@ -780,11 +778,10 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     secure,
     maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 30),
     regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs, 10_000),
-    maxQueueWaitMs,
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
     onEvent: callback('onEvent', options.onEvent, () => undefined),
-    locks: new KeyedLock(recentSessions, maxQueueWaitMs),
+    locks: new KeyedLock(recentSessions, positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000)),
     moves: new RecentMoves(),
   };
 }
