@@ -218,6 +218,23 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(value?.value.length, 10);
   });
 
+  it('a second store on the same directory is refused at start, saying so; once the first is gone (even killed with SIGKILL) a new one starts', async () => {
+    const { client, proc } = await connect();
+    await fill(client, 10, 10);
+    const second = runStore({ STORE_DATA_DIR: tmp.dir });
+    assert.equal(second.code, 1);
+    assert.match(second.stderr, /^store: cannot start: the data directory .* is in use by another store process \(it holds .*sessions\.lock\): run each store on a directory of its own$/m);
+    // In one process too: a second backend on the directory is refused.
+    assert.throws(() => new SqliteBackend({ dataDir: tmp.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 1, maxOpsPerCommit: 1 }), /is in use by another store process/);
+    proc.child.kill('SIGKILL');
+    await exitOf(proc);
+    const again = await connect();
+    const value = await new Promise<Entry | undefined>((resolve, reject) =>
+      again.client.get({ key: 'fill:000009', refreshTtlMs: 0 }, (err: ServiceError | null, res) => (err ? reject(err) : resolve(res.entry))),
+    );
+    assert.equal(value?.value.length, 10);
+  });
+
   describe('bad configuration stops the store with a message naming the variable (exit code != 0)', () => {
     const cases: Array<[string, Record<string, string>, RegExp]> = [
       ['PORT=abc', { PORT: 'abc' }, /PORT="abc": expected a TCP port number/],

@@ -101,6 +101,8 @@ export class SqliteBackend implements Backend {
   private sweeping = false;
   /** Where the sweeper goes on in the KeyDir's slots. */
   private sweepFrom = 0;
+  /** Held while the store is open: see lockDataDir. */
+  private readonly dirLock: Database.Database;
   private readonly stmt: {
     append: Database.Statement<[string, Buffer | null, number, number, number]>;
     value: Database.Statement<[number], Buffer | null>;
@@ -115,7 +117,13 @@ export class SqliteBackend implements Backend {
   constructor(private readonly options: SqliteOptions) {
     this.maxEntries = Math.min(options.maxEntries ?? DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS);
     mkdirSync(options.dataDir, { recursive: true });
-    this.db = new Database(path.join(options.dataDir, 'sessions.db'));
+    this.dirLock = lockDataDir(options.dataDir);
+    try {
+      this.db = new Database(path.join(options.dataDir, 'sessions.db'));
+    } catch (err) {
+      this.dirLock.close();
+      throw err;
+    }
     try {
       requireWalResetFix(this.db.prepare<[], string>('SELECT sqlite_version()').pluck().get()!);
       this.db.pragma('journal_mode = WAL');
@@ -153,6 +161,7 @@ export class SqliteBackend implements Backend {
     } catch (err) {
       // A database this store cannot use (a newer schema, a damaged file) is not left open.
       this.db.close();
+      this.dirLock.close();
       throw err;
     }
     if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
@@ -229,6 +238,7 @@ export class SqliteBackend implements Backend {
     await this.stopCheckpointer();
     // The last connection to close checkpoints everything and removes the WAL.
     this.db.close();
+    this.dirLock.close();
     this.keydir.clear();
   }
 
@@ -521,6 +531,29 @@ function unavailable(message: string): BackendResult {
 }
 
 /** The first SQLite release without the WAL-reset bug (sqlite.org/wal.html#walresetbug). */
+/**
+ * Takes an exclusive lock on <dir>/sessions.lock and holds it as long as the returned connection is
+ * open. Two stores on one directory would each keep an index of the keys in memory that the other's
+ * writes never reach: versions would repeat and compare-and-set would pass on stale data. SQLite's
+ * lock (EXCLUSIVE locking mode) is an OS file lock, so the OS drops it when the process ends, even
+ * on a crash or kill -9: nothing stale is left to clean up by hand.
+ */
+function lockDataDir(dir: string): Database.Database {
+  const file = path.join(dir, 'sessions.lock');
+  const lock = new Database(file, { timeout: 0 });
+  try {
+    lock.pragma('locking_mode = EXCLUSIVE');
+    lock.exec('BEGIN EXCLUSIVE; COMMIT');
+    return lock;
+  } catch (err) {
+    lock.close();
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+      throw new Error(`the data directory ${dir} is in use by another store process (it holds ${file}): run each store on a directory of its own`);
+    }
+    throw err;
+  }
+}
+
 export const MIN_SQLITE_VERSION = '3.51.3';
 
 /**
