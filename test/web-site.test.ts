@@ -225,43 +225,82 @@ describe('web process settings and logs', function () {
     }
   });
 
-  it('SIGTERM: a request in flight completes with Connection: close, and the process exits 0 as soon as it is done', async () => {
-    const web = await startWeb(store.port, tmp.dir);
+  /**
+   * A POST /increment the web has in flight: sent with Expect: 100-continue, so the "100 Continue"
+   * proves the web has the request, and the body goes only when `send` is called.
+   */
+  async function incrementInFlight(web: Proc, agent: Agent) {
     const jar = new CookieJarClient(`http://127.0.0.1:${web.port}`);
+    const { csrf } = await jar.page();
+    const body = new URLSearchParams({ _csrf: csrf }).toString();
+    const post = request({
+      host: '127.0.0.1',
+      port: web.port,
+      method: 'POST',
+      path: '/increment',
+      agent,
+      headers: {
+        cookie: `sid=${jar.cookies.get('sid')}`,
+        'content-type': 'application/x-www-form-urlencoded',
+        'content-length': String(Buffer.byteLength(body)),
+        expect: '100-continue',
+      },
+    });
+    post.on('error', () => undefined);
+    const answered = once(post, 'response') as Promise<[IncomingMessage]>;
+    post.flushHeaders();
+    await once(post, 'continue');
+    return {
+      async send(): Promise<IncomingMessage> {
+        post.end(body);
+        const [res] = await answered;
+        res.resume();
+        await once(res, 'end');
+        return res;
+      },
+    };
+  }
+
+  for (const [what, signals] of [
+    ['SIGTERM', ['SIGTERM']],
+    // A Ctrl-C on `npm start` reaches the web twice at once: from the terminal and from foreman.
+    ['two SIGINTs at once (a Ctrl-C under foreman)', ['SIGINT', 'SIGINT']],
+  ] as const) {
+    it(`${what}: a request in flight completes with Connection: close, and the process exits 0 as soon as it is done`, async () => {
+      const web = await startWeb(store.port, tmp.dir);
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        const post = await incrementInFlight(web, agent);
+        const exited = web.stop(signals[0]);
+        for (const signal of signals.slice(1)) web.child.kill(signal);
+        await waitForLine(web, (l) => l.includes('"msg":"stopping"'));
+        const res = await post.send();
+        const done = Date.now();
+        assert.equal(res.statusCode, 303, 'the increment was served');
+        assert.equal(res.headers.connection, 'close', 'the client is told not to send another request on this connection');
+        assert.equal(await exited, 0);
+        const took = Date.now() - done;
+        assert.ok(took < 1000, `exited ${took} ms after the last response`);
+      } finally {
+        agent.destroy();
+        await web.stop();
+      }
+    });
+  }
+
+  it('a second signal a second or more after the first exits at once with code 1, without the request in flight', async () => {
+    const web = await startWeb(store.port, tmp.dir);
     const agent = new Agent({ keepAlive: true, maxSockets: 1 });
     try {
-      const { csrf } = await jar.page();
-      const body = new URLSearchParams({ _csrf: csrf }).toString();
-      // Expect: 100-continue: the "100 Continue" proves the web has the request in flight; the
-      // body is sent only after the stop has begun.
-      const post = request({
-        host: '127.0.0.1',
-        port: web.port,
-        method: 'POST',
-        path: '/increment',
-        agent,
-        headers: {
-          cookie: `sid=${jar.cookies.get('sid')}`,
-          'content-type': 'application/x-www-form-urlencoded',
-          'content-length': String(Buffer.byteLength(body)),
-          expect: '100-continue',
-        },
-      });
-      const answered = once(post, 'response') as Promise<[IncomingMessage]>;
-      post.flushHeaders();
-      await once(post, 'continue');
+      await incrementInFlight(web, agent); // its body never comes
       const exited = web.stop('SIGTERM');
       await waitForLine(web, (l) => l.includes('"msg":"stopping"'));
-      post.end(body);
-      const [res] = await answered;
-      res.resume();
-      await once(res, 'end');
-      const done = Date.now();
-      assert.equal(res.statusCode, 303, 'the increment was served');
-      assert.equal(res.headers.connection, 'close', 'the client is told not to send another request on this connection');
-      assert.equal(await exited, 0);
-      const took = Date.now() - done;
-      assert.ok(took < 1000, `exited ${took} ms after the last response`);
+      await new Promise((r) => setTimeout(r, 1100));
+      const started = Date.now();
+      web.child.kill('SIGINT');
+      assert.equal(await exited, 1);
+      assert.ok(Date.now() - started < 1000, 'at once');
+      await waitForLine(web, (l) => l.includes('second signal: exiting now'));
     } finally {
       agent.destroy();
       await web.stop();

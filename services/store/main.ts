@@ -1,6 +1,7 @@
 import type { Server } from '@grpc/grpc-js';
 import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
+import { onStopSignals } from '../shared/signals';
 import { SqliteBackend } from './backends/sqlite';
 import { loadStoreConfig } from './config';
 import { StoreHealth } from './health';
@@ -45,22 +46,7 @@ async function main(): Promise<void> {
   const metricsServer = await serveMetrics(metrics.registry, config.host, config.metricsPort);
   logger.info({ host: config.host, port: metricsServer.port, path: '/metrics' }, 'metrics listening');
   const port = await bind(server, `${config.host}:${config.port}`, config);
-  logger.info(
-    {
-      host: config.host,
-      port,
-      backend: backend.name,
-      // What locates the data: the SQLite directory and its durability, or the Redis topology (never the URL: it may hold a password).
-      ...(config.backend === 'redis'
-        ? { redis: config.redis.clusterNodes.length > 0 ? 'cluster' : config.redis.sentinels.length > 0 ? 'sentinel' : 'single' }
-        : { dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous }),
-      tls: Boolean(config.tls),
-      auth: Boolean(config.token),
-    },
-    'listening',
-  );
 
-  let stopRequested = false;
   let exitCode = 0;
   let force: NodeJS.Timeout | undefined;
   let finished = false;
@@ -77,14 +63,6 @@ async function main(): Promise<void> {
     });
   };
   const stop = (signal: string) => {
-    if (stopRequested) {
-      logger.warn({ signal }, 'second signal: stopping now, cancelling calls in flight');
-      exitCode = 1;
-      server.forceShutdown();
-      finish();
-      return;
-    }
-    stopRequested = true;
     logger.info({ signal, graceMs: config.graceMs }, 'stopping: NOT_SERVING, no new calls, finishing the calls in flight');
     health.stop();
     stopping.abort();
@@ -95,8 +73,28 @@ async function main(): Promise<void> {
     }, config.graceMs);
     server.tryShutdown(finish);
   };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
+  onStopSignals(stop, (signal) => {
+    logger.warn({ signal }, 'second signal: stopping now, cancelling calls in flight');
+    exitCode = 1;
+    server.forceShutdown();
+    finish();
+  });
+  // Only now: whoever reads this line may signal at once, and before the handlers above a signal
+  // would kill the process outright.
+  logger.info(
+    {
+      host: config.host,
+      port,
+      backend: backend.name,
+      // What locates the data: the SQLite directory and its durability, or the Redis topology (never the URL: it may hold a password).
+      ...(config.backend === 'redis'
+        ? { redis: config.redis.clusterNodes.length > 0 ? 'cluster' : config.redis.sentinels.length > 0 ? 'sentinel' : 'single' }
+        : { dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous }),
+      tls: Boolean(config.tls),
+      auth: Boolean(config.token),
+    },
+    'listening',
+  );
 }
 
 function bind(server: Server, address: string, config: { tls?: { cert: Buffer; key: Buffer } }): Promise<number> {

@@ -2,6 +2,7 @@ import { createPipeClient } from '../client/pipe-client';
 import { createStoreClient } from '../client/store-client';
 import { ConfigError } from '../shared/env';
 import { createLogger } from '../shared/log';
+import { onStopSignals } from '../shared/signals';
 import { createApp } from './app';
 import { createWebServer } from './http-server';
 import { loadWebConfig } from './config';
@@ -40,8 +41,10 @@ function main(): void {
       readiness.close();
       process.exit(0);
     });
-  process.once('SIGTERM', () => finish('SIGTERM'));
-  process.once('SIGINT', () => finish('SIGINT'));
+  onStopSignals(finish, (signal) => {
+    logger.warn({ signal }, 'second signal: exiting now, without the responses in flight');
+    process.exit(1);
+  });
 }
 
 try {
