@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -625,6 +625,27 @@ describe('bin/dump against a store serving TLS (self-signed certificate made by 
     }
     assert.match(wrongCa.stderr, /TLS handshake failed: self-signed certificate/);
     assert.match(plaintext.stderr, /if the store uses TLS, pass --tls-ca/);
+  });
+
+  it('a certificate that does not name the host connected to: one line saying so, not a CA hint, exit 1', async () => {
+    const localhostOnly = await selfSigned(dir.dir, 'localhost-only', ['localhost']);
+    const data = path.join(dir.dir, 'localhost-only');
+    mkdirSync(data);
+    const named = await startStore(data, { STORE_TLS_CERT: localhostOnly.cert, STORE_TLS_KEY: localhostOnly.key });
+    try {
+      const [byName, byAddress] = await Promise.all([
+        runDump([`localhost:${named.port}`, '--tls-ca', localhostOnly.cert, '--count'], {}, dir.dir),
+        runDump([`127.0.0.1:${named.port}`, '--tls-ca', localhostOnly.cert], {}, dir.dir),
+      ]);
+      assert.equal(byName.code, 0, byName.stderr);
+      assert.equal(byAddress.code, 1);
+      assert.equal(
+        byAddress.stderr,
+        `dump: cannot dump the store at 127.0.0.1:${named.port}: TLS handshake failed: the store certificate does not name 127.0.0.1 (connect by a host name it lists, or add 127.0.0.1 to its subjectAltName)\n`,
+      );
+    } finally {
+      await named.stop();
+    }
   });
 });
 

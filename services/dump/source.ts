@@ -165,6 +165,11 @@ function describeUnavailable(details: string, options: SourceOptions): string {
   if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(text)) return 'cannot resolve the host name';
   const ssl = /SSL routines:[^:]*:([^:]+)/.exec(text)?.[1];
   if (ssl === 'wrong version number') return 'TLS handshake failed: the store does not use TLS there (leave out https://, --tls and --tls-ca)';
+  // Node checks the name only once the chain verified: another CA file would not help, another host name would.
+  if (/ERR_TLS_CERT_ALTNAME_INVALID/.test(text)) {
+    const host = options.target.replace(/:\d+$/, '');
+    return `TLS handshake failed: the store certificate does not name ${host} (connect by a host name it lists, or add ${host} to its subjectAltName)`;
+  }
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
   if (options.tls) return `TLS handshake failed: ${ssl ?? lastError} (does --tls-ca name the CA that signed the store certificate?)`;
   return `unavailable: ${lastError} (if the store uses TLS, pass --tls-ca <file> or --tls)`;

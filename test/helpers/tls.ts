@@ -1,9 +1,11 @@
 import { writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import path from 'node:path';
 import { generate } from 'selfsigned';
 
-/** A self-signed certificate for localhost and 127.0.0.1, written as PEM files. */
-export async function selfSigned(dir: string, name: string): Promise<{ cert: string; key: string }> {
+/** A self-signed certificate for the given host names and addresses (default localhost and 127.0.0.1), written as PEM files. */
+export async function selfSigned(dir: string, name: string, hosts = ['localhost', '127.0.0.1']): Promise<{ cert: string; key: string }> {
+  const altNames = hosts.map((host) => (isIP(host) ? { type: 7 as const, ip: host } : { type: 2 as const, value: host }));
   const pems = await generate([{ name: 'commonName', value: 'localhost' }], {
     keyType: 'ec',
     algorithm: 'sha256',
@@ -11,7 +13,7 @@ export async function selfSigned(dir: string, name: string): Promise<{ cert: str
       { name: 'basicConstraints', cA: true },
       { name: 'keyUsage', digitalSignature: true, keyCertSign: true },
       { name: 'extKeyUsage', serverAuth: true },
-      { name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] },
+      { name: 'subjectAltName', altNames },
     ],
   });
   const cert = path.join(dir, `${name}-cert.pem`);
