@@ -254,6 +254,12 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['STORE_TLS_CERT without STORE_TLS_KEY', { STORE_TLS_CERT: '/etc/hostname' }, /STORE_TLS_CERT and STORE_TLS_KEY must be set together/],
       ['STORE_TLS_CERT naming a missing file', { STORE_TLS_CERT: '/no/such/cert.pem', STORE_TLS_KEY: '/no/such/key.pem' }, /STORE_TLS_CERT="\/no\/such\/cert.pem": cannot read the file \(ENOENT\)/],
       ['STORE_TOKEN too short', { STORE_TOKEN: 'secret' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
+      // Under a regular file: refused even to root, which may create a directory anywhere else.
+      [
+        'a STORE_DATA_DIR that cannot be created',
+        { STORE_DATA_DIR: path.join(root, 'package.json', 'sub') },
+        /^store: invalid configuration: STORE_DATA_DIR=".*package\.json\/sub": cannot create the directory: ENOTDIR/,
+      ],
     ];
     for (const [name, env, message] of cases) {
       it(name, () => {
@@ -274,11 +280,11 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
 
   it('loopback hosts need no token; any other host is accepted once a token is set (configuration only, nothing is bound)', () => {
     for (const host of ['127.0.0.1', '127.1.2.3', 'localhost', '::1', '[::1]']) {
-      assert.equal(loadStoreConfig({ STORE_HOST: host }).host, host);
+      assert.equal(loadStoreConfig({ STORE_HOST: host, STORE_DATA_DIR: tmp.dir }).host, host);
     }
     for (const host of ['0.0.0.0', '::', '10.0.0.5', 'store.internal']) {
-      assert.throws(() => loadStoreConfig({ STORE_HOST: host }), /STORE_TOKEN is not set/);
-      assert.equal(loadStoreConfig({ STORE_HOST: host, STORE_TOKEN: 't'.repeat(32) }).host, host);
+      assert.throws(() => loadStoreConfig({ STORE_HOST: host, STORE_DATA_DIR: tmp.dir }), /STORE_TOKEN is not set/);
+      assert.equal(loadStoreConfig({ STORE_HOST: host, STORE_TOKEN: 't'.repeat(32), STORE_DATA_DIR: tmp.dir }).host, host);
     }
   });
 });

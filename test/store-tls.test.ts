@@ -144,7 +144,7 @@ describe('store over TLS (self-signed certificate made by the test, real process
       for (const fine of ['https://10.0.0.5:5100', '127.0.0.1:5100', 'localhost:5100', '[::1]:5100']) assert.deepEqual(warnings({ STORE_ADDRESS: fine }), [], fine);
       assert.deepEqual(warnings({ STORE_ADDRESS: '10.0.0.5:5100', STORE_TLS_CA: pki.cert }), []);
       // The store's side of the same: serving plaintext on an address other machines reach.
-      const storeWarnings = (env: Record<string, string>) => loadStoreConfig({ STORE_TOKEN: 't'.repeat(32), ...env }).warnings;
+      const storeWarnings = (env: Record<string, string>) => loadStoreConfig({ STORE_TOKEN: 't'.repeat(32), STORE_DATA_DIR: tmp.dir, ...env }).warnings;
       assert.match(storeWarnings({ STORE_HOST: '0.0.0.0' }).join(), /serves plaintext: tokens and session data cross the network unencrypted; set STORE_TLS_CERT and STORE_TLS_KEY/);
       assert.deepEqual(storeWarnings({ STORE_HOST: '0.0.0.0', STORE_TLS_CERT: pki.cert, STORE_TLS_KEY: pki.key }), []);
       assert.deepEqual(storeWarnings({ STORE_HOST: '127.0.0.1' }), []);

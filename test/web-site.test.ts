@@ -1,8 +1,9 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { Agent, type IncomingMessage, request } from 'node:http';
+import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
+import { type Proc, root, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 import { idOf, waitFor } from './helpers/web-app';
 
 const FAST_STORE = { STORE_SYNCHRONOUS: 'NORMAL' };
@@ -337,6 +338,12 @@ describe('web process settings and logs', function () {
     ['a SESSION_KEYS with an empty key between commas', { SESSION_KEYS: `${KEY_B}, ,${KEY_A}` }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['a SESSION_KEYS of blanks only', { SESSION_KEYS: ' '.repeat(40) }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['an absolute lifetime below the idle timeout', { SESSION_IDLE_TTL_MS: '60000', SESSION_ABSOLUTE_TTL_MS: '1000' }, /SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS/],
+    // Without SESSION_KEYS the generated key is kept there; under a regular file even root cannot create it.
+    [
+      'a WEB_DATA_DIR that cannot be created',
+      { SESSION_KEYS: '', WEB_DATA_DIR: path.join(root, 'package.json', 'sub') },
+      /^web: invalid configuration: WEB_DATA_DIR=".*package\.json\/sub": cannot create the directory: ENOTDIR/m,
+    ],
   ];
   for (const [what, env, message] of badValues) {
     it(`${what} stops the web at start with exit code 1 and a message naming the variable`, async () => {

@@ -1,4 +1,4 @@
-import { existsSync, readFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import dotenv from 'dotenv';
 import { z } from 'zod';
@@ -96,6 +96,27 @@ export function readPemFile(variable: string, file: string): Buffer {
   }
   if (!pem.includes('-----BEGIN ')) throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(file)}: expected a PEM file`);
   return pem;
+}
+
+/**
+ * Creates the directory a variable names (a data directory) unless it exists, and checks that this
+ * process can write in it, so that a path under a file (ENOTDIR) or a directory it may not write
+ * (EACCES, EROFS) is a ConfigError naming the variable, not a bare system error at first use.
+ * Returns the absolute path.
+ */
+export function makeDataDir(variable: string, value: string): string {
+  const dir = path.resolve(value);
+  try {
+    mkdirSync(dir, { recursive: true });
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot create the directory: ${(err as Error).message}`);
+  }
+  try {
+    accessSync(dir, constants.W_OK | constants.X_OK);
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot write in the directory: ${(err as Error).message}`);
+  }
+  return dir;
 }
 
 /** Addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost (a host name, or [v6] as in host:port). */

@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { z } from 'zod';
-import { ConfigError, envs, isLoopback, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
 import { DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
 
 const MINUTE = 60_000;
@@ -93,6 +93,8 @@ export function loadStoreConfig(raw = readEnv()) {
   if (env.REDIS_CLUSTER_NODES.length > 0 && !/^rediss?:\/\/[^/]*\/?0?$/.test(env.REDIS_URL)) {
     throw new ConfigError('invalid configuration: REDIS_URL: a Redis Cluster has only database 0');
   }
+  // Made here rather than first by the SQLite backend, so that a path it cannot use names STORE_DATA_DIR.
+  const dataDir = env.STORE_BACKEND === 'sqlite' ? makeDataDir('STORE_DATA_DIR', env.STORE_DATA_DIR) : path.resolve(env.STORE_DATA_DIR);
   return Object.freeze({
     // Allowed, since the network itself may be encrypted (a VPN, a service mesh), but worth saying at start.
     warnings: Object.freeze(
@@ -113,7 +115,7 @@ export function loadStoreConfig(raw = readEnv()) {
     maxMessageBytes: env.STORE_MAX_MESSAGE_BYTES,
     logLevel: env.LOG_LEVEL,
     sqlite: Object.freeze({
-      dataDir: path.resolve(env.STORE_DATA_DIR),
+      dataDir,
       synchronous: env.STORE_SYNCHRONOUS,
       sweepIntervalMs: env.STORE_SWEEP_INTERVAL_MS,
       sweepBatch: env.STORE_SWEEP_BATCH,

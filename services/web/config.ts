@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { parseAddress, resolveEndpoint, type StoreEndpoint } from '../client/store-client';
-import { ConfigError, envs, isLoopback, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
 
@@ -51,7 +51,6 @@ export function loadWebConfig(raw = readEnv()) {
     throw new ConfigError(`invalid configuration: STORE_ADDRESS=${JSON.stringify(env.STORE_ADDRESS)}: ${(err as Error).message}`);
   }
   const storeHost = endpoint.target.slice(0, endpoint.target.lastIndexOf(':'));
-  const dataDir = path.resolve(env.WEB_DATA_DIR);
   return Object.freeze({
     // Allowed, since the network itself may be encrypted (a VPN, a service mesh), but worth saying at start.
     warnings: Object.freeze(
@@ -76,7 +75,7 @@ export function loadWebConfig(raw = readEnv()) {
       tlsCa: env.STORE_TLS_CA ? readPemFile('STORE_TLS_CA', env.STORE_TLS_CA) : undefined,
     }),
     session: Object.freeze({
-      keys: env.SESSION_KEYS ?? [localKey(dataDir)],
+      keys: env.SESSION_KEYS ?? [localKey(env.WEB_DATA_DIR)],
       cookieName: env.SESSION_COOKIE_NAME,
       idleTtlMs: env.SESSION_IDLE_TTL_MS,
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
@@ -107,7 +106,8 @@ function isStoreAddress(value: string): boolean {
 function localKey(dataDir: string): string {
   const file = path.join(dataDir, 'session-key');
   if (!existsSync(file)) {
-    mkdirSync(dataDir, { recursive: true });
+    // Only to write the key: a directory that already holds one may be read-only.
+    makeDataDir('WEB_DATA_DIR', dataDir);
     try {
       writeFileSync(file, randomBytes(32).toString('base64url'), { mode: 0o600, flag: 'wx' });
     } catch (err) {
