@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createServer } from 'node:net';
 import path from 'node:path';
 import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
 import { createRawClient } from '../services/client/store-client';
@@ -268,6 +269,19 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
         assert.match(stderr, message);
         assert.doesNotMatch(stderr, /\n\s+at /, 'one clear line, no stack trace');
       });
+    }
+  });
+
+  it('a taken PORT stops the store with one line naming PORT (and no log line of grpc-js besides it)', async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const { port } = taken.address() as { port: number };
+    try {
+      const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, PORT: String(port) });
+      assert.equal(code, 1);
+      assert.equal(stderr, `store: cannot start: cannot listen on 127.0.0.1:${port} (PORT): listen EADDRINUSE: address already in use 127.0.0.1:${port}\n`);
+    } finally {
+      taken.close();
     }
   });
 

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { Agent, type IncomingMessage, request } from 'node:http';
+import { createServer } from 'node:net';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { type Proc, root, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
@@ -345,6 +346,21 @@ describe('web process settings and logs', function () {
       /^web: invalid configuration: WEB_DATA_DIR=".*package\.json\/sub": cannot create the directory: ENOTDIR/m,
     ],
   ];
+  it('a taken PORT stops the web with exit code 1 and a message naming PORT', async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const { port } = taken.address() as { port: number };
+    try {
+      await assert.rejects(startWeb(store.port, tmp.dir, { PORT: String(port) }), (err: Error) => {
+        assert.match(err.message, /exited with 1 before listening/);
+        assert.match(err.message, new RegExp(`^web: cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT\\): listen EADDRINUSE`, 'm'));
+        return true;
+      });
+    } finally {
+      taken.close();
+    }
+  });
+
   for (const [what, env, message] of badValues) {
     it(`${what} stops the web at start with exit code 1 and a message naming the variable`, async () => {
       const failure = await startWeb(store.port, tmp.dir, env).then(

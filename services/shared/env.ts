@@ -124,3 +124,14 @@ export function isLoopback(host: string): boolean {
   const bare = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
   return bare === 'localhost' || bare === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(bare);
 }
+
+/**
+ * The variables to name when a service cannot listen on host:port: the port's when the port is
+ * taken or privileged, the host's when it is not an address of this machine or does not resolve,
+ * both otherwise.
+ */
+export function listenVariables(code: string | undefined, portVariable: string, hostVariable: string): string {
+  if (code === 'EADDRINUSE' || code === 'EACCES') return portVariable;
+  if (code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND' || code === 'EAI_AGAIN') return hostVariable;
+  return `${portVariable} / ${hostVariable}`;
+}

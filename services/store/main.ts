@@ -1,5 +1,5 @@
 import type { Server } from '@grpc/grpc-js';
-import { ConfigError } from '../shared/env';
+import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
 import { SqliteBackend } from './backends/sqlite';
@@ -9,7 +9,7 @@ import { serveMetrics, StoreMetrics } from './metrics';
 import { addReflection } from './reflection';
 import { createStoreServer } from './server';
 import { createRpcObserver } from './telemetry';
-import { storeCredentials, storeServerOptions } from './transport';
+import { bindServer, storeCredentials, storeServerOptions } from './transport';
 
 /**
  * Entry point: config → backend → server → listen. The first SIGTERM/SIGINT stops gracefully
@@ -98,9 +98,9 @@ async function main(): Promise<void> {
 }
 
 function bind(server: Server, address: string, config: { tls?: { cert: Buffer; key: Buffer } }): Promise<number> {
-  return new Promise((resolve, reject) =>
-    server.bindAsync(address, storeCredentials(config.tls), (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))),
-  );
+  return bindServer(server, address, storeCredentials(config.tls)).catch((err: NodeJS.ErrnoException) => {
+    throw new Error(`cannot listen on ${address} (${listenVariables(err.code, 'PORT', 'STORE_HOST')}): ${err.message}`);
+  });
 }
 
 main().catch((err) => {

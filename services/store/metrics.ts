@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { status } from '@grpc/grpc-js';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { listenVariables } from '../shared/env';
 import type { Backend, BackendOp, BackendResult } from './backends/backend';
 
 /** The RPCs of the SessionStore, as they appear in logs and metric labels. */
@@ -189,7 +190,9 @@ export function serveMetrics(registry: Registry, host: string, port: number): Pr
     );
   });
   return new Promise((resolve, reject) => {
-    server.once('error', (err) => reject(new Error(`cannot serve metrics on ${host}:${port} (STORE_METRICS_PORT): ${err.message}`)));
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(new Error(`cannot serve metrics on ${host}:${port} (${listenVariables(err.code, 'STORE_METRICS_PORT', 'STORE_HOST')}): ${err.message}`)),
+    );
     server.listen(port, host, () => resolve({ server, port: (server.address() as AddressInfo).port }));
   });
 }

@@ -1,4 +1,4 @@
-import { type ServerOptions, ServerCredentials } from '@grpc/grpc-js';
+import { type Server, type ServerOptions, ServerCredentials, setLogger } from '@grpc/grpc-js';
 
 /**
  * Connection settings of the store's gRPC server, chosen on purpose (grpc-js ignores options it
@@ -30,4 +30,31 @@ export function storeServerOptions(maxMessageBytes: number): ServerOptions {
 export function storeCredentials(tls: { cert: Buffer; key: Buffer } | undefined): ServerCredentials {
   if (!tls) return ServerCredentials.createInsecure();
   return ServerCredentials.createSsl(null, [{ cert_chain: tls.cert, private_key: tls.key }], false);
+}
+
+/** What grpc-js logs when no address could be bound, just before it reports that error to bindAsync. */
+const BIND_FAILED_LINE = /^No address added out of total \d+ resolved$/;
+
+/**
+ * Binds the server to host:port and resolves with the port. A failure rejects with the system's
+ * reason alone ("listen EADDRINUSE: address already in use 127.0.0.1:5100") and its code, for the
+ * caller to report in one line. grpc-js's own log line for the same failure is dropped: its logger
+ * is replaced by one that writes as its default does (GRPC_VERBOSITY still applies), minus that line.
+ */
+export function bindServer(server: Server, address: string, credentials: ServerCredentials): Promise<number> {
+  setLogger({
+    error: (message?: unknown, ...rest: unknown[]) => {
+      if (!BIND_FAILED_LINE.test(String(message))) console.error(`E ${String(message)}`, ...rest);
+    },
+    info: (message?: unknown, ...rest: unknown[]) => console.error(`I ${String(message)}`, ...rest),
+    debug: (message?: unknown, ...rest: unknown[]) => console.error(`D ${String(message)}`, ...rest),
+  });
+  return new Promise((resolve, reject) =>
+    server.bindAsync(address, credentials, (err, port) => {
+      if (!err) return resolve(port);
+      // "No address added out of total 1 resolved errors: [listen EADDRINUSE: address already in use ...]"
+      const reason = /errors: \[(.*)\]$/s.exec(err.message)?.[1] || err.message;
+      reject(Object.assign(new Error(reason), { code: /\b(E[A-Z_]{3,})\b/.exec(reason)?.[1] }));
+    }),
+  );
 }

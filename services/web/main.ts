@@ -1,6 +1,6 @@
 import { createPipeClient } from '../client/pipe-client';
 import { createStoreClient } from '../client/store-client';
-import { ConfigError } from '../shared/env';
+import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
 import { createApp } from './app';
@@ -30,8 +30,8 @@ function main(): void {
     const port = typeof address === 'object' && address ? address.port : config.port;
     logger.info({ host: config.host, port, store: config.store.address }, 'listening');
   });
-  server.on('error', (err) => {
-    process.stderr.write(`web: cannot listen on ${config.host}:${config.port}: ${err.message}\n`);
+  server.on('error', (err: NodeJS.ErrnoException) => {
+    process.stderr.write(`web: cannot listen on ${config.host}:${config.port} (${listenVariables(err.code, 'PORT', 'WEB_HOST')}): ${err.message}\n`);
     process.exit(1);
   });
   server.keepAliveTimeout = 65_000;
