@@ -454,17 +454,17 @@ describe('bin/dump (child process against a real store)', function () {
     it('http:// with --tls, --tls-ca or STORE_TLS_CA contradicts itself: a usage error naming both, exit 2', async () => {
       const ca = path.join(tmp.dir, 'any-ca.pem');
       writeFileSync(ca, '-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n');
-      const cases: Array<[string[], Record<string, string>, string]> = [
-        [[`http://${address}`, '--tls'], {}, '--tls'],
-        [[`http://${address}`, '--tls-ca', ca], {}, '--tls-ca'],
-        [[`http://${address}`], { STORE_TLS_CA: ca }, 'STORE_TLS_CA'],
-        [[], { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: ca }, 'STORE_TLS_CA'],
+      const cases: Array<[string[], Record<string, string>, string, string]> = [
+        [[`http://${address}`, '--tls'], {}, '', '--tls'],
+        [[`http://${address}`, '--tls-ca', ca], {}, '', '--tls-ca'],
+        [[`http://${address}`], { STORE_TLS_CA: ca }, '', 'STORE_TLS_CA'],
+        [[], { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: ca }, 'STORE_ADDRESS: ', 'STORE_TLS_CA'],
       ];
-      for (const [args, env, setting] of cases) {
+      for (const [args, env, from, setting] of cases) {
         const run = await runDump(args, env, tmp.dir);
         assert.equal(run.code, 2, `${args.join(' ')}: ${run.stderr}`);
         assert.equal(run.stdout, '');
-        assert.equal(run.stderr, `dump: http:// means plaintext, but ${setting} asks for TLS (write https:// or host:port for TLS, or leave out ${setting})\n`);
+        assert.equal(run.stderr, `dump: ${from}http:// means plaintext, but ${setting} asks for TLS (write https:// or host:port for TLS, or leave out ${setting})\n`);
       }
     });
 
@@ -510,10 +510,24 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(both.stdout, '');
     });
 
-    it('a bad STORE_TLS_CA in the environment is a usage error naming the file', async () => {
-      const run = await runDump([address], { STORE_TLS_CA: path.join(tmp.dir, 'nope.pem') }, tmp.dir);
-      assert.equal(run.code, 2);
-      assert.match(run.stderr, /^dump: cannot read the TLS CA file .*nope\.pem: ENOENT\n$/);
+    it('a TLS CA file it cannot read is a usage error naming the file and where it came from: STORE_TLS_CA or --tls-ca', async () => {
+      const missing = path.join(tmp.dir, 'nope.pem');
+      const fromEnv = await runDump([address], { STORE_TLS_CA: missing }, tmp.dir);
+      assert.equal(fromEnv.code, 2);
+      assert.equal(fromEnv.stderr, `dump: STORE_TLS_CA: cannot read the TLS CA file ${missing}: ENOENT\n`);
+      const fromOption = await runDump([address, '--tls-ca', missing], { STORE_TLS_CA: path.join(tmp.dir, 'other.pem') }, tmp.dir);
+      assert.equal(fromOption.code, 2);
+      assert.equal(fromOption.stderr, `dump: --tls-ca: cannot read the TLS CA file ${missing}: ENOENT\n`);
+    });
+
+    it('a bad address names STORE_ADDRESS when it came from there, and not when it is the argument', async () => {
+      const expected = 'not a store address: "bad::" (expected host:port, e.g. localhost:5100)';
+      const fromEnv = await runDump([], { STORE_ADDRESS: 'bad::' }, tmp.dir);
+      assert.equal(fromEnv.code, 2);
+      assert.equal(fromEnv.stderr, `dump: STORE_ADDRESS: ${expected}\n`);
+      const fromArgument = await runDump(['bad::'], { STORE_ADDRESS: address }, tmp.dir);
+      assert.equal(fromArgument.code, 2);
+      assert.equal(fromArgument.stderr, `dump: ${expected}\n`);
     });
 
     it('--help documents the options and exit codes, exit 0; --version prints the version, exit 0', async () => {

@@ -151,15 +151,18 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   }
   const [address] = program.processedArgs as [string];
   const opts = program.opts<ParsedOptions>();
-  // The CA option's default is STORE_TLS_CA: name the one the user actually gave.
-  const tlsAskedBy = opts.tls ? '--tls' : opts.tlsCa ? (program.getOptionValueSource('tlsCa') === 'default' ? 'STORE_TLS_CA' : '--tls-ca') : undefined;
+  // The address and CA defaults come from STORE_ADDRESS and STORE_TLS_CA: errors name the one the
+  // user actually gave. (Without STORE_ADDRESS the default, localhost:5100, cannot be wrong.)
+  const addressFrom = program.args.length === 0 ? 'STORE_ADDRESS: ' : '';
+  const caFrom = program.getOptionValueSource('tlsCa') === 'default' ? 'STORE_TLS_CA' : '--tls-ca';
+  const tlsAskedBy = opts.tls ? '--tls' : opts.tlsCa ? caFrom : undefined;
   let endpoint: StoreEndpoint;
   try {
     endpoint = resolveEndpoint(address, tlsAskedBy);
   } catch (err) {
-    throw new UsageError((err as Error).message);
+    throw new UsageError(`${addressFrom}${(err as Error).message}`);
   }
-  const tlsCa = opts.tlsCa ? readCa(opts.tlsCa) : undefined;
+  const tlsCa = opts.tlsCa ? readCa(opts.tlsCa, caFrom) : undefined;
   const form: Form = opts.json ? 'json' : (opts.table ?? terminal.stdoutIsTTY) ? 'table' : 'lines';
   return {
     target: endpoint.target,
@@ -179,10 +182,10 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   };
 }
 
-function readCa(file: string): Buffer {
+function readCa(file: string, from: string): Buffer {
   try {
     return readFileSync(file);
   } catch (err) {
-    throw new UsageError(`cannot read the TLS CA file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    throw new UsageError(`${from}: cannot read the TLS CA file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
 }
