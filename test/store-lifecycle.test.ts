@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
@@ -261,6 +262,9 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
         { STORE_DATA_DIR: path.join(root, 'package.json', 'sub') },
         /^store: invalid configuration: STORE_DATA_DIR=".*package\.json\/sub": cannot create the directory: ENOTDIR/,
       ],
+      // Settings whose names contain KEY but hold no secret: their values are shown like any other.
+      ['REDIS_KEY_PREFIX with a hash tag (shown)', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX="\{s\}:": expected no \{ or \}/],
+      ['STORE_MAX_KEY_BYTES=0 (shown)', { STORE_MAX_KEY_BYTES: '0' }, /STORE_MAX_KEY_BYTES="0": expected an integer 1-4096 bytes/],
     ];
     for (const [name, env, message] of cases) {
       it(name, () => {
@@ -270,6 +274,14 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
         assert.doesNotMatch(stderr, /\n\s+at /, 'one clear line, no stack trace');
       });
     }
+  });
+
+  it('a PEM pasted into STORE_TLS_KEY instead of a path stops the store without printing it', () => {
+    const cert = path.join(tmp.dir, 'cert.pem');
+    writeFileSync(cert, '-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n');
+    const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: cert, STORE_TLS_KEY: '-----BEGIN PRIVATE KEY-----\nMIIEvQsecret\n-----END PRIVATE KEY-----' });
+    assert.equal(code, 1);
+    assert.equal(stderr, 'store: invalid configuration: STORE_TLS_KEY: expected the path of a PEM file, not its contents\n');
   });
 
   it('a taken PORT stops the store with one line naming PORT (and no log line of grpc-js besides it)', async () => {

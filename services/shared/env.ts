@@ -21,8 +21,13 @@ export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, st
   return { ...fromFile, ...env };
 }
 
-/** Variables whose values never appear in an error message (a URL may carry a password). */
-const SECRET_NAME = /KEY|TOKEN|SECRET|PASSWORD|URL/i;
+/**
+ * Variables whose values never appear in an error message: those whose last word names a secret
+ * (STORE_TOKEN, SESSION_KEYS, a future ..._PASSWORD) or a URL (REDIS_URL may carry a password).
+ * Only the last word counts: REDIS_KEY_PREFIX and STORE_MAX_KEY_BYTES hold no secret, and hiding
+ * them would hide the mistake the message is about.
+ */
+const SECRET_NAME = /_(TOKEN|KEYS?|SECRET|PASSWORD|URL)$/i;
 
 /**
  * Validates raw variables against a zod object schema whose keys are variable names and returns a
@@ -86,6 +91,8 @@ export const envs = {
  * unreadable or non-PEM file is a ConfigError naming the variable.
  */
 export function readPemFile(variable: string, file: string): Buffer {
+  // The PEM itself pasted in place of its path: never echoed, as it may be a private key.
+  if (file.includes('-----BEGIN ')) throw new ConfigError(`invalid configuration: ${variable}: expected the path of a PEM file, not its contents`);
   let pem: Buffer;
   try {
     pem = readFileSync(file);
