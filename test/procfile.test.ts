@@ -42,16 +42,15 @@ for (const [name, command, args, program, pkg, signal] of [
       tmp?.remove();
     });
 
-    it(`starts the web on the base port and the store on base+100; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
-      const base = await freeBasePort([0, 100]);
+    it(`starts the web on the base port, the store on base+100 (metrics base+101) and the web finds the store; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
+      // No STORE_ADDRESS or STORE_METRICS_PORT: the Procfile derives them from the base port.
+      const base = await freeBasePort([0, 100, 101]);
       child = spawn(command, [...args, '-p', String(base)], {
         cwd: root,
         env: {
           PATH: process.env.PATH ?? '',
           HOME: process.env.HOME ?? tmp.dir,
-          STORE_ADDRESS: `127.0.0.1:${base + 100}`,
           STORE_DATA_DIR: tmp.dir,
-          STORE_METRICS_PORT: '0',
           WEB_DATA_DIR: tmp.dir,
           SESSION_KEYS: TEST_KEY,
         },
@@ -71,6 +70,8 @@ for (const [name, command, args, program, pkg, signal] of [
         ),
       );
       assert.match(dump, /^[A-Za-z0-9_-]{24} \{"count1":1,"count2":0\}$/m);
+      const metrics = await fetch(`http://127.0.0.1:${base + 101}/metrics`);
+      assert.match(await metrics.text(), /^# HELP store_rpc_handled_total /m, 'the store metrics next to the store port');
       child.kill(signal);
       await exited(child);
       assert.equal(await isFree(base), true, 'web port released');
