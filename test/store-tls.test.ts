@@ -4,7 +4,7 @@ import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { loadStoreConfig } from '../services/store/config';
 import { loadWebConfig } from '../services/web/config';
-import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+import { type Proc, startStore, startWeb, tempDir, webStartFailure } from './helpers/procs';
 import { selfSigned } from './helpers/tls';
 
 describe('store over TLS (self-signed certificate made by the test, real processes)', function () {
@@ -124,13 +124,7 @@ describe('store over TLS (self-signed certificate made by the test, real process
     });
 
     it('http:// with STORE_TLS_CA contradicts itself: the web stops at start, naming both variables', async () => {
-      const failure = await startWeb(store.port, tmp.dir, { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: pki.cert }).then(
-        async (started) => {
-          await started.stop();
-          return undefined;
-        },
-        (err: Error) => err.message,
-      );
+      const failure = await webStartFailure(store.port, tmp.dir, { STORE_ADDRESS: `http://${address}`, STORE_TLS_CA: pki.cert });
       assert.ok(failure, 'the web did not start');
       assert.match(failure, /exited with 1 before listening/);
       assert.match(failure, /^web: invalid configuration: STORE_ADDRESS="http:\/\/localhost:\d+": .*STORE_TLS_CA/m);

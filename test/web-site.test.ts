@@ -4,7 +4,7 @@ import { Agent, type IncomingMessage, request } from 'node:http';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, root, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
+import { type Proc, root, startStore, startWeb, tempDir, waitForLine, webStartFailure } from './helpers/procs';
 import { idOf, waitFor } from './helpers/web-app';
 
 const FAST_STORE = { STORE_SYNCHRONOUS: 'NORMAL' };
@@ -363,13 +363,7 @@ describe('web process settings and logs', function () {
 
   for (const [what, env, message] of badValues) {
     it(`${what} stops the web at start with exit code 1 and a message naming the variable`, async () => {
-      const failure = await startWeb(store.port, tmp.dir, env).then(
-        async (web) => {
-          await web.stop();
-          return undefined;
-        },
-        (err: Error) => err.message,
-      );
+      const failure = await webStartFailure(store.port, tmp.dir, env);
       assert.ok(failure, 'the web did not start');
       assert.match(failure, /exited with 1 before listening/);
       assert.match(failure, message);

@@ -96,3 +96,14 @@ export function startWeb(storePort: number, dataDir: string, env: Record<string,
     ...env,
   });
 }
+
+/** Starts the web expecting it to refuse: resolves with why it exited before listening (undefined if it started after all; it is then stopped). */
+export function webStartFailure(storePort: number, dataDir: string, env: Record<string, string>): Promise<string | undefined> {
+  return startWeb(storePort, dataDir, env).then(
+    async (web) => {
+      await web.stop();
+      return undefined;
+    },
+    (err: Error) => err.message,
+  );
+}
