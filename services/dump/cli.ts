@@ -48,7 +48,7 @@ Output:
   (with --json: {"event":"put","key":...}). Changes made while the listing runs are printed after it.
   A long dump to a file shows its progress on stderr when stderr is a terminal.
 
-Environment (and .env): STORE_ADDRESS, STORE_TOKEN, STORE_TLS_CA.
+Environment (and a .env in the current directory): STORE_ADDRESS, STORE_TOKEN, STORE_TLS_CA.
 
 Exit codes:
   0  done (or --watch stopped with Ctrl-C)
