@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { Agent, type IncomingMessage, request } from 'node:http';
 import { createServer } from 'node:net';
 import path from 'node:path';
@@ -307,6 +308,24 @@ describe('web process settings and logs', function () {
     } finally {
       agent.destroy();
       await web.stop();
+    }
+  });
+
+  it('a generated session key file that is empty or not a file stops the web at start, naming it and the fix', async () => {
+    for (const [what, make] of [
+      ['empty', (file: string) => writeFileSync(file, '')],
+      ['a directory', (file: string) => mkdirSync(file)],
+    ] as const) {
+      const dir = tempDir();
+      try {
+        make(path.join(dir.dir, 'session-key'));
+        const failure = await webStartFailure(store.port, dir.dir, { SESSION_KEYS: '' });
+        assert.ok(failure, `${what}: the web did not start`);
+        assert.match(failure, /^web: invalid configuration: WEB_DATA_DIR: .*session-key/m, what);
+        assert.doesNotMatch(failure, /\n\s+at /, 'one clear line, no stack trace');
+      } finally {
+        dir.remove();
+      }
     }
   });
 

@@ -114,5 +114,16 @@ function localKey(dataDir: string): string {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err; // another instance made it first
     }
   }
-  return readFileSync(file, 'utf8').trim();
+  let key: string;
+  try {
+    key = readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: WEB_DATA_DIR: cannot read the generated session key ${file}: ${(err as Error).message}`);
+  }
+  // Never a key of ours (an empty or cut-short file, say after a full disk): say which file, since
+  // the fix is to delete it (a new key is made; existing sessions end) or to set SESSION_KEYS.
+  if (key.length < 32) {
+    throw new ConfigError(`invalid configuration: WEB_DATA_DIR: ${file} does not hold a session key (32 characters or more): delete it to have one generated, or set SESSION_KEYS`);
+  }
+  return key;
 }
