@@ -530,7 +530,6 @@ function unavailable(message: string): BackendResult {
   return { ok: false, error: new StoreError('unavailable', message) };
 }
 
-/** The first SQLite release without the WAL-reset bug (sqlite.org/wal.html#walresetbug). */
 /**
  * Takes an exclusive lock on <dir>/sessions.lock and holds it as long as the returned connection is
  * open. Two stores on one directory would each keep an index of the keys in memory that the other's
@@ -554,6 +553,7 @@ function lockDataDir(dir: string): Database.Database {
   }
 }
 
+/** The first SQLite release without the WAL-reset bug (sqlite.org/wal.html#walresetbug). */
 export const MIN_SQLITE_VERSION = '3.51.3';
 
 /**
