@@ -108,6 +108,17 @@ describe('session middleware (createApp over a real store process)', function ()
       assert.ok(!logs.lines.some((l) => l.includes(value) || l.includes(value.slice(0, 24))), 'the raw value is in no log line');
       assert.match(await metrics.registry.metrics(), /^web_forged_cookies_total 40$/m, 'every one is counted in the metrics');
     });
+
+    it('behind a trusted proxy, the logged address is the one the proxy added to X-Forwarded-For, not one the client wrote before it', async () => {
+      const { base, logs } = await site({}, { trustProxy: true });
+      const value = new IdSigner([OTHER_KEY]).prove('AAAAAAAAAAAAAAAAAAAAAAAA').cookie;
+      // What a proxy that appends (nginx's $proxy_add_x_forwarded_for) passes on when the client sent its own header.
+      const res = await fetch(base + '/', { headers: { cookie: `sid=${value}`, 'x-forwarded-for': '203.0.113.9, 198.51.100.7' } });
+      assert.equal(res.status, 200);
+      await res.text();
+      const warning = logs.entries().find((e) => e.msg === 'suspicious session cookie: signature does not verify');
+      assert.equal(warning?.remote, '198.51.100.7');
+    });
   });
 
   describe('parallel requests of one session', () => {

@@ -34,7 +34,9 @@ const FORM_LIMIT = '8kb';
 
 /** Builds the counter site as a Koa app that does not listen (tests drive app.callback()). */
 export function createApp(deps: AppDeps): Koa {
-  const app = new Koa({ proxy: deps.trustProxy ?? false });
+  // maxIpsCount 1: the address the proxy appended to X-Forwarded-For, not the first one, which the
+  // client wrote itself (and could fill with anyone's address for the forged-cookie warning).
+  const app = new Koa({ proxy: deps.trustProxy ?? false, maxIpsCount: 1 });
   const metrics = deps.metrics ?? new WebMetrics();
   const { logger } = deps;
   const views = nunjucks.configure(path.join(webDir, 'views'), { autoescape: true, throwOnUndefined: false });
