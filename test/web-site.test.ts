@@ -358,6 +358,8 @@ describe('web process settings and logs', function () {
     ['a short SESSION_KEYS (value not echoed)', { SESSION_KEYS: 'too-short-secret' }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['a SESSION_KEYS with an empty key between commas', { SESSION_KEYS: `${KEY_B}, ,${KEY_A}` }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
     ['a SESSION_KEYS of blanks only', { SESSION_KEYS: ' '.repeat(40) }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],
+    ['a STORE_TOKEN ending in a line break (value not echoed)', { STORE_TOKEN: 'store-token-0123456789\n' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
+    ['a STORE_TOKEN with a non-ASCII character (value not echoed)', { STORE_TOKEN: 'store-token-0123456789-é' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
     ['an absolute lifetime below the idle timeout', { SESSION_IDLE_TTL_MS: '60000', SESSION_ABSOLUTE_TTL_MS: '1000' }, /SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS/],
     // Without SESSION_KEYS the generated key is kept there; under a regular file even root cannot create it.
     [
@@ -387,7 +389,7 @@ describe('web process settings and logs', function () {
       assert.ok(failure, 'the web did not start');
       assert.match(failure, /exited with 1 before listening/);
       assert.match(failure, message);
-      if (env.SESSION_KEYS) assert.ok(!failure.includes(env.SESSION_KEYS), 'the secret is not printed');
+      for (const secret of [env.SESSION_KEYS, env.STORE_TOKEN?.trim()]) if (secret) assert.ok(!failure.includes(secret), 'the secret is not printed');
     });
   }
 });

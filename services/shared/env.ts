@@ -84,6 +84,12 @@ export const envs = {
       })
       .default('info'),
   optionalString: () => z.string().optional(),
+  /** STORE_TOKEN, the same rule for the store and its clients: a bearer token gRPC metadata can carry, long enough to guess at. */
+  token: () =>
+    z
+      .string()
+      .regex(/^[\x21-\x7e]{16,}$/, { message: 'expected at least 16 printable ASCII characters without spaces' })
+      .optional(),
 };
 
 /**

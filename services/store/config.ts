@@ -29,10 +29,7 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_BACKEND: envs.oneOf(['sqlite', 'redis'] as const, 'sqlite'),
       STORE_DATA_DIR: z.string().default('var'),
       STORE_SYNCHRONOUS: envs.oneOf(['FULL', 'NORMAL'] as const, 'FULL'),
-      STORE_TOKEN: z
-        .string()
-        .regex(/^[\x21-\x7e]{16,}$/, { message: 'expected at least 16 printable ASCII characters without spaces' })
-        .optional(),
+      STORE_TOKEN: envs.token(),
       STORE_TLS_CERT: envs.optionalString(),
       STORE_TLS_KEY: envs.optionalString(),
       STORE_MAX_KEY_BYTES: envs.int(256, 1, 4096, ' bytes'),

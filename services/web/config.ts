@@ -18,7 +18,8 @@ export function loadWebConfig(raw = readEnv()) {
         .string()
         .refine(isStoreAddress, { message: 'expected host:port or http(s)://host:port with a port 1-65535, e.g. 127.0.0.1:5100' })
         .default('127.0.0.1:5100'),
-      STORE_TOKEN: envs.optionalString(),
+      // Checked here: a value gRPC metadata cannot carry would otherwise stop the web with the token in the message.
+      STORE_TOKEN: envs.token(),
       STORE_TLS_CA: envs.optionalString(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
       STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
