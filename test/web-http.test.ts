@@ -189,6 +189,27 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.equal(failures.length, 10);
       assert.ok(failures.every((e) => e.level === 50));
     });
+
+    it('a store that refuses the token: every page is the 503 page, and the error saying so is logged at most 10 times per 10 s', async () => {
+      const secured = await startStoreWithClient({ STORE_TOKEN: 'store-token-0123456789-abcdefghij' });
+      const logs = memoryLogger('info');
+      // The store's own client sends no token: the store refuses every call.
+      const served = await serveApp(createApp({ store: secured.client, session: { keys: [TEST_KEY] }, logger: logs.logger, readiness }));
+      try {
+        for (let i = 0; i < 30; i += 1) {
+          const res = await fetch(served.base + '/');
+          assert.equal(res.status, 503);
+          assert.equal(res.headers.get('retry-after'), '1');
+          await res.text();
+        }
+        const refused = logs.entries().filter((e) => e.msg === 'the store refused STORE_TOKEN');
+        assert.equal(refused.length, 10);
+        assert.ok(refused.every((e) => e.level === 50 && typeof e.reqId === 'string'), 'errors, each with its request id');
+      } finally {
+        await served.close();
+        await secured.stop();
+      }
+    });
   });
 
   describe('metrics and operations endpoints', () => {

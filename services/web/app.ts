@@ -188,6 +188,10 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
   const warnUnavailable = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
     logger.warn({ reason, reqId: ctx.state.requestId, suppressed }, 'store unavailable'),
   );
+  // Every page fails the same way until the operator fixes the token: a few lines say so, not one per request.
+  const errorRefusedToken = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
+    logger.error({ reason, reqId: ctx.state.requestId, suppressed }, 'the store refused STORE_TOKEN'),
+  );
   return async (ctx, next) => {
     try {
       await next();
@@ -199,7 +203,7 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
       if (err instanceof StoreClientError) {
         // A refused token is the operator's to fix (logged below), but to the visitor it is a store they cannot reach.
         status = err.kind === 'unavailable' || err.kind === 'unauthenticated' ? 503 : 500;
-        if (err.kind === 'unauthenticated') logger.error({ reason: err.message }, 'the store refused STORE_TOKEN');
+        if (err.kind === 'unauthenticated') errorRefusedToken(ctx, err.message);
       } else if (err instanceof SessionConflictError) {
         status = 503;
       } else if (typeof (err as { status?: unknown }).status === 'number') {
