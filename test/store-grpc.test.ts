@@ -86,6 +86,27 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it('a string field that is not UTF-8 is INVALID_ARGUMENT and writes nothing (replaced by U+FFFD, "a\\xff" and "a\\xfe" were one key)', async () => {
+    const raw = rawStoreClient(address);
+    // PutRequest{key: <bytes>, value: <text>}, written by hand: no encoder takes a string that is not UTF-8.
+    const put = (key: Buffer, value: string) => Buffer.concat([Buffer.from([0x0a, key.length]), key, Buffer.from([0x12, value.length]), Buffer.from(value)]);
+    try {
+      for (const bad of [Buffer.from([0x75, 0xff]), Buffer.from([0x75, 0xfe]), Buffer.from([0x75, 0xed, 0xa0, 0x80])]) {
+        const outcome = await callRaw(raw, 'Put', [put(bad, 'x')]);
+        assert.equal(outcome.code, status.INVALID_ARGUMENT, outcome.details);
+        assert.match(outcome.details, /not valid UTF-8/);
+      }
+      const batch = Buffer.concat([Buffer.from([0x12, 9, 0x12, 7]), put(Buffer.from([0x75, 0xff]), 'x')]);
+      assert.equal((await callRaw(raw, 'Batch', [batch])).code, status.INVALID_ARGUMENT);
+      assert.equal(await client.get('u\ufffd'), null, 'nothing was written under U+FFFD');
+      // U+FFFD itself, sent as UTF-8, is an ordinary character of a key.
+      assert.equal((await callRaw(raw, 'Put', [put(Buffer.from('u\ufffd'), 'real')])).code, status.OK);
+      assert.equal((await client.get('u\ufffd'))?.value.toString(), 'real');
+    } finally {
+      raw.close();
+    }
+  });
+
   it('a Pipe stream failed for an undecodable message runs nothing sent after it', async () => {
     const raw = rawStoreClient(address);
     const put = (id: number, key: string) =>

@@ -11,6 +11,7 @@ import {
   type ServiceError,
   status,
 } from '@grpc/grpc-js';
+import { BinaryReader } from '@bufbuild/protobuf/wire';
 import {
   type BatchRequest,
   type BatchResponse,
@@ -438,8 +439,22 @@ function logUnexpected(logger: Logger, err: unknown, path: string): void {
 }
 
 /**
- * Wraps each request decoder so undecodable bytes reach the handler as a marker, not as INTERNAL,
- * and stamps each decoded batch (Batch, Pipe) with RECEIVED_AT.
+ * Decodes the text of string fields, refusing bytes that are not UTF-8 (proto3 strings must be).
+ * The decoder's default replaces them with U+FFFD, so that "a\xff" and "a\xfe" were one key.
+ */
+function strictUtf8(bytes: Uint8Array): string {
+  try {
+    return STRICT_UTF8.decode(bytes);
+  } catch {
+    throw new Error('a string field is not valid UTF-8');
+  }
+}
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
+/**
+ * Wraps each request decoder so undecodable bytes (also a string field that is not UTF-8) reach
+ * the handler as a marker, not as INTERNAL, and stamps each decoded batch (Batch, Pipe) with
+ * RECEIVED_AT.
  */
 function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buffer) => unknown }>>(definition: T): T {
   const wrapped: Record<string, unknown> = {};
@@ -450,7 +465,8 @@ function withSafeDecoding<T extends Record<string, { requestDeserialize: (b: Buf
       ...method,
       requestDeserialize: (bytes: Buffer) => {
         try {
-          const request = method.requestDeserialize(bytes) as Stamped;
+          // The generated deserializer hands its argument to Message.decode, which takes a reader too.
+          const request = method.requestDeserialize(new BinaryReader(bytes, strictUtf8) as unknown as Buffer) as Stamped;
           if (stamped) request[RECEIVED_AT] = performance.now();
           return request;
         } catch (err) {
