@@ -4,7 +4,7 @@ import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
 import { createRawClient, createStoreClient, type StoreClient } from '../services/client/store-client';
 import { BatchRequest, BatchResponse, GetRequest, type Op, PutRequest } from '../services/generated/kv';
 import { callRaw, frame, http2Call, rawStoreClient, reflectionClient } from './helpers/raw-grpc';
-import { type Proc, startStore, tempDir } from './helpers/procs';
+import { type Proc, startStore, tempDir, waitForLine } from './helpers/procs';
 
 interface ReflectionResponse {
   list_services_response?: { service: Array<{ name: string }> };
@@ -214,6 +214,32 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
       for (let i = 0; i < 100 && !answered(); i += 1) await new Promise((r) => setTimeout(r, 50));
       assert.ok(answered(), 'the store reached the batch');
       assert.equal(await client.get('paused-late'), null, 'the op ran about 1 s past its timeout_ms');
+    } finally {
+      stream.close();
+      session.close();
+    }
+  });
+
+  it('a Pipe client that does not read its answers: the store stops reading its batches once about 16 MiB of answers wait (not only after 16 answers of any size), and goes on once it reads', async () => {
+    await client.put('unsent-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
+    // 200 Gets of a 60 kB value: an answer of 12 MB for a request of a few kB.
+    const gets = (id: number): Op[] => Array.from({ length: 200 }, () => ({ op: { $case: 'get', value: { key: 'unsent-big', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: `unsent-${id}` }));
+    const answered = (id: number) => waitForLine(store, (l) => l.includes(`"requestId":"unsent-${id}"`), 1000).then(() => true, () => false);
+    const session = http2.connect(`http://${address}`, { settings: { initialWindowSize: 1024 } });
+    const stream = session.request({ ':method': 'POST', ':path': '/sessions.kv.v1.SessionStore/Pipe', 'content-type': 'application/grpc', te: 'trailers' });
+    stream.on('error', () => undefined);
+    stream.pause();
+    try {
+      // One batch at a time, each once the previous one was answered, until the store stops reading.
+      let id = 0;
+      do {
+        id += 1;
+        stream.write(frame(Buffer.from(BatchRequest.encode({ id, ops: gets(id) }).finish())));
+      } while (id < 20 && (await answered(id)));
+      assert.ok(id <= 3, `the store answered ${id - 1} batches (${(id - 1) * 12} MB) that the client did not read`);
+      stream.resume();
+      stream.on('data', () => undefined);
+      assert.ok(await answered(id), 'the batch it had not read is answered once the client reads');
     } finally {
       stream.close();
       session.close();

@@ -240,6 +240,15 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       let inFlight = 0;
       let ended = false;
       let closed = false;
+      // Backpressure: stop reading new batches while the client has not read our answers. The
+      // stream's own measure counts answers (16), whatever their size: 16 answers of 1000 Gets of
+      // 64 KiB values are 1 GiB held for a client that does not read. So bytes count too.
+      let unsentBytes = 0;
+      const behind = () => call.writableNeedDrain || unsentBytes >= MAX_UNSENT_BYTES;
+      const catchUp = () => {
+        if (call.isPaused() && !behind()) call.resume();
+      };
+      call.on('drain', catchUp);
       const finish = () => {
         if (ended && inFlight === 0 && !closed && !call.cancelled) {
           closed = true;
@@ -277,11 +286,13 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
             inFlight -= 1;
             observe('Pipe', code, startedAt, call.metadata, request.ops);
             if (call.cancelled || closed) return;
-            // Backpressure: stop reading new batches until the client reads our answers.
-            if (!call.write(response)) {
-              call.pause();
-              call.once('drain', () => call.resume());
-            }
+            const size = answerBytes(response);
+            unsentBytes += size;
+            call.write(response, () => {
+              unsentBytes -= size;
+              catchUp();
+            });
+            if (behind()) call.pause();
             finish();
           });
       });
@@ -352,7 +363,10 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
   });
 }
 
-/** Change events (and their bytes) a Watch stream may have queued for a slow client before it is cut off. */
+/**
+ * Change events (and their bytes) a Watch stream may have queued for a slow client before it is
+ * cut off; a Pipe stream stops reading new batches once its unsent answers hold that many bytes.
+ */
 const MAX_UNSENT_EVENTS = 10_000;
 const MAX_UNSENT_BYTES = 16 * 1024 * 1024;
 
@@ -379,6 +393,16 @@ function succeeded(op: BackendOp, value: unknown): OpResult {
     case 'delete':
       return { code: status.OK, message: '', result: { $case: 'delete', value: { deleted: value as boolean } } };
   }
+}
+
+/** About the bytes of a batch's answer: the keys and values of its entries. */
+function answerBytes(response: BatchResponse): number {
+  let bytes = 0;
+  for (const { result } of response.results) {
+    const entry = result?.$case === 'get' || result?.$case === 'put' ? result.value.entry : undefined;
+    if (entry) bytes += entry.key.length + entry.value.length;
+  }
+  return bytes;
 }
 
 function failed(err: unknown): OpResult {
