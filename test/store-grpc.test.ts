@@ -224,7 +224,8 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     await client.put('unsent-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
     // 200 Gets of a 60 kB value: an answer of 12 MB for a request of a few kB.
     const gets = (id: number): Op[] => Array.from({ length: 200 }, () => ({ op: { $case: 'get', value: { key: 'unsent-big', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: `unsent-${id}` }));
-    const answered = (id: number) => waitForLine(store, (l) => l.includes(`"requestId":"unsent-${id}"`), 1000).then(() => true, () => false);
+    const answered = (id: number, withinMs = 1000) =>
+      waitForLine(store, (l) => l.includes(`"requestId":"unsent-${id}"`), withinMs).then(() => true, () => false);
     const session = http2.connect(`http://${address}`, { settings: { initialWindowSize: 1024 } });
     const stream = session.request({ ':method': 'POST', ':path': '/sessions.kv.v1.SessionStore/Pipe', 'content-type': 'application/grpc', te: 'trailers' });
     stream.on('error', () => undefined);
@@ -237,9 +238,13 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
         stream.write(frame(Buffer.from(BatchRequest.encode({ id, ops: gets(id) }).finish())));
       } while (id < 20 && (await answered(id)));
       assert.ok(id <= 3, `the store answered ${id - 1} batches (${(id - 1) * 12} MB) that the client did not read`);
+      // Reading through a 1 KiB window takes one window update per KiB: open it wide first, or the
+      // answers waiting (tens of MB) take longer to read than the wait below on a busy machine.
+      session.settings({ initialWindowSize: 2 ** 24 });
+      session.setLocalWindowSize(2 ** 28);
       stream.resume();
       stream.on('data', () => undefined);
-      assert.ok(await answered(id), 'the batch it had not read is answered once the client reads');
+      assert.ok(await answered(id, 15_000), 'the batch it had not read is answered once the client reads');
     } finally {
       stream.close();
       session.close();
