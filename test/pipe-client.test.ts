@@ -106,6 +106,29 @@ describe('pipe client: batched store calls over one stream (real store process)'
     assert.equal(await client.get('frozen-99'), null);
   });
 
+  it('a put sent to a frozen store whose deadline passes before the store resumes is not applied when it reads it late', async () => {
+    const late = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 500 });
+    try {
+      // The first batches of the stream set the store's baseline for how fast a batch arrives.
+      await late.put('late-put', Buffer.from('before'), { ttlMs: 60_000 });
+      await late.get('late-put');
+      store.child.kill('SIGSTOP');
+      try {
+        const started = Date.now();
+        await assert.rejects(late.put('late-put', Buffer.from('after'), { ttlMs: 60_000 }), isKind('unavailable'));
+        assert.ok(Date.now() - started < 1000, `failed after ${Date.now() - started} ms`);
+        // Resume well past the deadline: the store then reads a batch whose caller gave up.
+        await new Promise((r) => setTimeout(r, 100));
+      } finally {
+        store.child.kill('SIGCONT');
+      }
+      // The same stream: the store reads this batch after the late one.
+      assert.equal((await late.get('late-put'))?.value.toString(), 'before', 'the put answered DEADLINE_EXCEEDED was applied');
+    } finally {
+      late.close();
+    }
+  });
+
   it('a restarted store: in-flight calls fail as unavailable, later calls reconnect by themselves', async () => {
     const port = store.port;
     await store.stop('SIGKILL');

@@ -274,4 +274,33 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
       typed.close();
     }
   });
+
+  it('a Pipe batch whose client_clock_ms is negative, NaN or infinite is INVALID_ARGUMENT for every op and writes nothing', async () => {
+    const typed = createRawClient({ address, deadlineMs: 3000 });
+    const stream = typed.pipe();
+    try {
+      const answers: BatchResponse[] = [];
+      const bad = [-1, NaN, Infinity];
+      const done = new Promise<void>((resolve, reject) => {
+        stream.on('data', (res: BatchResponse) => answers.push(res) === bad.length && resolve());
+        stream.on('error', reject);
+      });
+      bad.forEach((clientClockMs, i) =>
+        stream.write({
+          id: i + 1,
+          ops: [{ op: { $case: 'put', value: { key: `bad-clock-${i}`, value: Buffer.from('x'), ttlMs: 60_000 } }, timeoutMs: 1000, requestId: '' }],
+          clientClockMs,
+        }),
+      );
+      await done;
+      for (const res of answers) {
+        assert.equal(res.results[0].code, status.INVALID_ARGUMENT);
+        assert.match(res.results[0].message, /client_clock_ms/);
+      }
+      for (let i = 0; i < bad.length; i += 1) assert.equal(await client.get(`bad-clock-${i}`), null);
+    } finally {
+      stream.end();
+      typed.close();
+    }
+  });
 });

@@ -46,8 +46,10 @@ interface InFlight {
  * - Flushed on setImmediate: requests parsed in separate I/O callbacks of one loop turn share a batch.
  * - Backpressure: while the stream does not drain, operations queue (bounded by maxQueuedOps).
  * - Deadlines: each operation's runs from its call. One queued past it fails without being sent;
- *   one sent carries the time it has left as timeout_ms, and fails past it as unavailable (outcome
- *   unknown). One timer per batch in flight, and one for the queue while the stream does not drain.
+ *   one sent carries the time it has left as timeout_ms, with the clock reading it was computed at
+ *   (client_clock_ms, so the store also counts time the batch waited to be read), and fails past
+ *   it as unavailable (outcome unknown). One timer per batch in flight, and one for the queue while
+ *   the stream does not drain.
  * - Reconnect: a broken stream fails its in-flight operations as unavailable, outcome unknown
  *   (never silently retried, since a write may have landed), and the next flush opens a new
  *   stream on the same channel.
@@ -198,7 +200,8 @@ class PipeTransport {
       first = Math.min(first, pending.deadline);
       last = Math.max(last, pending.deadline);
     }
-    const request: BatchRequest = { id, ops: ops.map((p) => p.op) };
+    // clientClockMs and timeoutMs from the same instant: the store measures how late it read the batch.
+    const request: BatchRequest = { id, ops: ops.map((p) => p.op), clientClockMs: now };
     const timer = setTimeout(() => this.expire(id), first - now);
     this.inFlight.set(id, { ops, timer });
     if (this.useUnaryBatch) {

@@ -84,6 +84,13 @@ export function checkOp(op: Op, limits: Limits): BackendOp {
   }
 }
 
+/** A batch's client_clock_ms: unset (undefined) is allowed; set, it must be a finite, non-negative number. */
+export function checkClientClock(clientClockMs: number | undefined): number | undefined {
+  if (clientClockMs === undefined) return undefined;
+  if (!Number.isFinite(clientClockMs) || clientClockMs < 0) invalid('client_clock_ms must be a finite, non-negative number of milliseconds');
+  return clientClockMs;
+}
+
 export function checkBatchSize(count: number, limits: Limits): void {
   if (count > limits.maxBatchOps) {
     throw new StoreError('too_large', `batch has ${count} operations, over the limit of ${limits.maxBatchOps} (STORE_MAX_BATCH_OPS)`);

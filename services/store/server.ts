@@ -30,8 +30,9 @@ import {
 } from '../generated/kv';
 import type { Logger } from '../shared/log';
 import { type Backend, type BackendOp, type BackendResult, type StoredEntry, StoreError } from './backends/backend';
-import { checkBatchSize, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
+import { checkBatchSize, checkClientClock, checkDelete, checkGet, checkList, checkOp, checkPrefix, checkPut, type Limits } from './checks';
 import { toServiceError, toStatus } from './errors';
+import { createLatenessMeter, type LatenessMeter } from './lateness';
 import type { RpcMethod, RpcObserver } from './telemetry';
 
 export interface StoreServiceOptions {
@@ -154,19 +155,24 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     })();
   }
 
-  /** An op's timeout_ms counts from when its batch was decoded (RECEIVED_AT), not from when it is run. */
-  const runBatch = async (request: BatchRequest): Promise<BatchResponse> => {
+  /**
+   * An op's timeout_ms counts from when its batch was decoded (RECEIVED_AT), not from when it is
+   * run; on a Pipe stream (lateness given) less the time the batch waited before it was read.
+   */
+  const runBatch = async (request: BatchRequest, lateness?: LatenessMeter): Promise<BatchResponse> => {
     checkBatchSize(request.ops.length, limits);
+    const clientClockMs = checkClientClock(request.clientClockMs);
     const results: OpResult[] = new Array(request.ops.length);
     const ops: BackendOp[] = [];
     const slots: number[] = [];
     // Nothing waits between here and backend.batch, so this is the time the backend gets the ops.
     const now = performance.now();
     const receivedAt = (request as Stamped)[RECEIVED_AT] ?? now;
+    const since = lateness && clientClockMs !== undefined ? receivedAt - lateness(receivedAt, clientClockMs) : receivedAt;
     request.ops.forEach((op, i) => {
       try {
         const checked = checkOp(op, limits);
-        if (op.timeoutMs > 0 && receivedAt + op.timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
+        if (op.timeoutMs > 0 && since + op.timeoutMs <= now) throw new StoreError('deadline', 'deadline passed before the operation was served');
         ops.push(checked);
         slots.push(i);
       } catch (err) {
@@ -237,6 +243,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         observe('Pipe', error.code!, performance.now(), call.metadata);
         return;
       }
+      const lateness = createLatenessMeter();
       let inFlight = 0;
       let ended = false;
       let closed = false;
@@ -276,7 +283,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         inFlight += 1;
         const answer = stopping?.aborted
           ? Promise.reject(new StoreError('unavailable', 'the store is stopping; retry on a new connection'))
-          : runBatch(request);
+          : runBatch(request, lateness);
         answer
           .then(
             (response): [BatchResponse, status] => [response, status.OK],
