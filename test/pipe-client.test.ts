@@ -1,11 +1,22 @@
 import assert from 'node:assert/strict';
 import { Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServerUnaryCall, type sendUnaryData, type ServiceError, status } from '@grpc/grpc-js';
 import { createPipeClient } from '../services/client/pipe-client';
-import { createRawClient, type StoreClient, StoreClientError } from '../services/client/store-client';
+import { createRawClient, createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { type BatchRequest, type BatchResponse, SessionStoreService } from '../services/generated/kv';
+import { freeBasePort } from './helpers/ports';
 import { type Proc, startStore, tempDir } from './helpers/procs';
 
 const isKind = (kind: string) => (err: unknown) => err instanceof StoreClientError && err.kind === kind;
+
+/** The StoreClientError a call fails with (the test fails if it succeeds). */
+const failure = (call: Promise<unknown>): Promise<StoreClientError> =>
+  call.then(
+    () => assert.fail('the call succeeded'),
+    (err: unknown) => {
+      assert.ok(err instanceof StoreClientError, String(err));
+      return err;
+    },
+  );
 
 describe('pipe client: batched store calls over one stream (real store process)', function () {
   let tmp: ReturnType<typeof tempDir>;
@@ -83,6 +94,7 @@ describe('pipe client: batched store calls over one stream (real store process)'
     const value = Buffer.alloc(60_000, 'v');
     const late: number[] = [];
     const settled: Promise<unknown>[] = [];
+    const errors: StoreClientError[] = [];
     await frozen.get('p1');
     store.child.kill('SIGSTOP');
     try {
@@ -92,12 +104,20 @@ describe('pipe client: batched store calls over one stream (real store process)'
         const done = () => {
           if (Date.now() - started > 500 + 250) late.push(Date.now() - started);
         };
-        settled.push(frozen.put(`frozen-${i}`, value, { ttlMs: 60_000 }).then(done, done));
+        settled.push(
+          frozen.put(`frozen-${i}`, value, { ttlMs: 60_000 }).then(done, (err: StoreClientError) => {
+            errors[i] = err;
+            done();
+          }),
+        );
         await new Promise((r) => setTimeout(r, 5));
       }
       const pending = await Promise.race([Promise.all(settled).then(() => 0), new Promise<string>((r) => setTimeout(() => r('some calls'), 1000))]);
       assert.equal(pending, 0, 'calls still pending 1 s after the last one');
       assert.deepEqual(late, [], 'calls settled this many ms after they were made, past their 500 ms deadline');
+      // The first put went out and was not answered: it may yet be applied. The last never left the queue.
+      assert.deepEqual([errors[0]?.outcomeUnknown, errors[0]?.call], [true, 'put'], errors[0]?.message);
+      assert.deepEqual([errors[99]?.outcomeUnknown, errors[99]?.call], [false, 'put'], errors[99]?.message);
     } finally {
       store.child.kill('SIGCONT');
       frozen.close();
@@ -165,6 +185,8 @@ describe('pipe client: batched store calls over one stream (real store process)'
       assert.equal(err.kind, 'unavailable', err.message);
       assert.match(err.message, /outcome .*unknown/);
       assert.match(err.message, /INVALID_ARGUMENT/);
+      assert.equal(err.outcomeUnknown, true);
+      assert.equal(err.call, 'put');
     } finally {
       broken.close();
       fake.forceShutdown();
@@ -205,6 +227,125 @@ describe('pipe client: batched store calls over one stream (real store process)'
       assert.ok(results.filter((r) => r.status === 'rejected').every((r) => isKind('unavailable')((r as PromiseRejectedResult).reason)));
     } finally {
       small.close();
+    }
+  });
+});
+
+describe('outcomeUnknown: a failed call the store may have applied, on both clients (real store process)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let address: string;
+  const clients: Array<[string, StoreClient]> = [];
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, { STORE_SYNCHRONOUS: 'NORMAL' });
+    address = `127.0.0.1:${store.port}`;
+    clients.push(['unary', createStoreClient({ address, deadlineMs: 500 })], ['pipe', createPipeClient({ address, deadlineMs: 500 })]);
+  });
+  after(async () => {
+    for (const [, client] of clients) client.close();
+    await store?.stop('SIGKILL');
+    tmp?.remove();
+  });
+
+  it('a put, delete or get sent to a frozen store and not answered within the deadline: outcomeUnknown, naming the call', async () => {
+    for (const [, client] of clients) await client.put('frozen', Buffer.from('a'), { ttlMs: 60_000 });
+    store.child.kill('SIGSTOP');
+    try {
+      for (const [name, client] of clients) {
+        const errors = await Promise.all([
+          failure(client.put('frozen', Buffer.from('b'), { ttlMs: 60_000 })),
+          failure(client.delete('frozen')),
+          failure(client.get('frozen')),
+        ]);
+        assert.deepEqual(
+          errors.map((e) => [e.kind, e.outcomeUnknown, e.call]),
+          [
+            ['unavailable', true, 'put'],
+            ['unavailable', true, 'delete'],
+            ['unavailable', true, 'get'],
+          ],
+          `${name}: ${errors.map((e) => e.message).join(' | ')}`,
+        );
+      }
+    } finally {
+      store.child.kill('SIGCONT');
+    }
+  });
+
+  it('pipe: closing the client with a write in flight fails it with outcomeUnknown; one refused by a closed client or a full queue was never sent', async () => {
+    const pipe = createPipeClient({ address, deadlineMs: 5000, maxQueuedOps: 1 });
+    await pipe.get('warm-up');
+    store.child.kill('SIGSTOP');
+    try {
+      const inFlight = failure(pipe.put('closing', Buffer.from('x'), { ttlMs: 60_000 }));
+      await new Promise((r) => setImmediate(r)); // flushed: the batch is on the stream
+      const queued = pipe.put('queued', Buffer.from('x'), { ttlMs: 60_000 });
+      const full = await failure(pipe.put('full', Buffer.from('x'), { ttlMs: 60_000 }));
+      pipe.close();
+      const closed = await failure(pipe.put('after-close', Buffer.from('x'), { ttlMs: 60_000 }));
+      const sent = await inFlight;
+      const waiting = await failure(queued);
+      assert.deepEqual([sent.outcomeUnknown, sent.call], [true, 'put'], sent.message);
+      for (const err of [full, closed, waiting]) assert.deepEqual([err.kind, err.outcomeUnknown, err.call], ['unavailable', false, 'put'], err.message);
+    } finally {
+      store.child.kill('SIGCONT');
+      pipe.close();
+    }
+  });
+
+  it('answered by the store (conflict, invalid argument): not outcomeUnknown', async () => {
+    for (const [name, client] of clients) {
+      const first = await client.put(`answered-${name}`, Buffer.from('a'), { ttlMs: 60_000 });
+      const conflict = await failure(client.put(`answered-${name}`, Buffer.from('b'), { ttlMs: 60_000, expectedVersion: first.version + 1 }));
+      const invalid = await failure(client.put('', Buffer.from('b'), { ttlMs: 60_000 }));
+      assert.deepEqual([conflict.kind, conflict.outcomeUnknown, conflict.call], ['conflict', false, 'put'], name);
+      assert.deepEqual([invalid.kind, invalid.outcomeUnknown, invalid.call], ['invalid', false, 'put'], name);
+    }
+  });
+
+  it('nothing listening at the address (connection refused): unavailable, not outcomeUnknown', async () => {
+    const port = await freeBasePort([0]);
+    for (const connect of [createStoreClient, createPipeClient]) {
+      const client = connect({ address: `127.0.0.1:${port}`, deadlineMs: 2000 });
+      try {
+        const err = await failure(client.put('refused', Buffer.from('x'), { ttlMs: 60_000 }));
+        assert.deepEqual([err.kind, err.outcomeUnknown], ['unavailable', false], err.message);
+      } finally {
+        client.close();
+      }
+    }
+  });
+
+  it("unary: the store's own UNAVAILABLE and DEADLINE_EXCEEDED (it skipped the call) are answers, not outcomeUnknown; a dropped connection is", async () => {
+    const answers: Array<Partial<ServiceError>> = [
+      { code: status.UNAVAILABLE, details: 'the store is stopping; retry on a new connection' },
+      { code: status.DEADLINE_EXCEEDED, details: 'deadline passed before the call was served' },
+    ];
+    const fake = new Server();
+    fake.addService(SessionStoreService, {
+      put: (_call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => callback(answers.shift() ?? null),
+      // Never answers: the test drops the connection under it.
+      delete: () => undefined,
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      fake.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const unary = createStoreClient({ address: `127.0.0.1:${port}`, deadlineMs: 5000 });
+    try {
+      for (const code of [status.UNAVAILABLE, status.DEADLINE_EXCEEDED]) {
+        const err = await failure(unary.put('answered', Buffer.from('x'), { ttlMs: 60_000 }));
+        assert.deepEqual([err.code, err.outcomeUnknown], [code, false], err.message);
+      }
+      const pending = failure(unary.delete('dropped'));
+      await new Promise((r) => setTimeout(r, 100));
+      fake.forceShutdown();
+      const dropped = await pending;
+      assert.deepEqual([dropped.kind, dropped.outcomeUnknown, dropped.call], ['unavailable', true, 'delete'], dropped.message);
+    } finally {
+      unary.close();
+      fake.forceShutdown();
     }
   });
 });

@@ -291,6 +291,67 @@ describe('web over HTTP (createApp over a real store process)', function () {
   });
 });
 
+describe('the 503 page says whether a change may have been saved (createApp over a real store process)', function () {
+  const UNKNOWN = /it is not known whether your last change was saved/;
+  const NOT_REACHED = /cannot be reached right now, so your counters could not be read or saved\. Nothing was lost\./;
+  const transports: Array<[string, (address: string) => StoreClient]> = [
+    ['unary', (address) => createStoreClient({ address, deadlineMs: 700 })],
+    ['pipe', (address) => createPipeClient({ address, deadlineMs: 700 })],
+  ];
+
+  for (const [name, connect] of transports) {
+    it(`${name} client: an increment sent to a frozen store (SIGSTOP) that does not answer in time gets the "not known whether saved" 503 page`, async () => {
+      const own = await startStoreWithClient();
+      const client = connect(own.address);
+      const served = await serveApp(createApp({ store: client, session: { keys: [TEST_KEY] }, logger: memoryLogger('info').logger }));
+      try {
+        const jar = new CookieJarClient(served.base);
+        const { csrf, status } = await jar.page();
+        assert.equal(status, 200);
+        own.proc.child.kill('SIGSTOP');
+        try {
+          // The web remembers the session's version: the increment is one compare-and-set put, sent and never answered.
+          const res = await jar.post('/increment', { _csrf: csrf }, false);
+          const html = await res.text();
+          assert.equal(res.status, 503);
+          assert.equal(res.headers.get('retry-after'), '1');
+          assert.match(html, /<h1>Counters unavailable<\/h1>/);
+          assert.match(html, UNKNOWN);
+          assert.match(html, /see where they stand before trying again/);
+          assert.doesNotMatch(html, /Nothing was lost/);
+        } finally {
+          own.proc.child.kill('SIGCONT');
+        }
+      } finally {
+        client.close();
+        await served.close();
+        await own.stop();
+      }
+    });
+
+    it(`${name} client: an increment while the store is down (connection refused) gets the "nothing was lost" 503 page`, async () => {
+      const own = await startStoreWithClient();
+      const client = connect(own.address);
+      const served = await serveApp(createApp({ store: client, session: { keys: [TEST_KEY] }, logger: memoryLogger('info').logger }));
+      try {
+        const jar = new CookieJarClient(served.base);
+        const { csrf } = await jar.page();
+        await own.proc.stop('SIGKILL');
+        const res = await jar.post('/increment', { _csrf: csrf }, false);
+        const html = await res.text();
+        assert.equal(res.status, 503);
+        assert.match(html, /<h1>Counters unavailable<\/h1>/);
+        assert.match(html, NOT_REACHED);
+        assert.doesNotMatch(html, UNKNOWN);
+      } finally {
+        client.close();
+        await served.close();
+        await own.stop();
+      }
+    });
+  }
+});
+
 describe('request id reaches the store (in-process store server watching what arrives)', () => {
   let tmp: ReturnType<typeof tempDir>;
   let backend: SqliteBackend;

@@ -6,7 +6,9 @@ import {
   createRawClient,
   fromServiceError,
   listEntries,
+  neverSent,
   type PutOptions,
+  type StoreCall,
   type StoreClient,
   StoreClientError,
   type StoreClientOptions,
@@ -60,15 +62,19 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
   // the client does not know: grpc-js' default 4 MiB receive limit would fail a batch of Gets of
   // large values, and with it every operation in flight on the stream. The store is trusted.
   const transport = new PipeTransport(createRawClient(options, { 'grpc.max_receive_message_length': -1 }), options);
-  const run = (op: Op) => transport.enqueue(op);
+  // The transport's errors are shared by the operations of a batch: each caller's copy names its call.
+  const run = (call: StoreCall, op: Op) =>
+    transport.enqueue(op).catch((err: unknown) => {
+      throw err instanceof StoreClientError ? err.forCall(call) : err;
+    });
   return {
     async get(key, opts = {}) {
-      const result = await run({ op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
+      const result = await run('get', { op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       const get = result.result?.$case === 'get' ? result.result.value : undefined;
       return get?.found && get.entry ? get.entry : null;
     },
     async put(key: string, value: Buffer, opts: PutOptions): Promise<Entry> {
-      const result = await run({
+      const result = await run('put', {
         op: { $case: 'put', value: { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion } },
         timeoutMs: options.deadlineMs,
         requestId: opts.requestId ?? '',
@@ -77,7 +83,7 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
       return result.result.value.entry;
     },
     async delete(key, opts = {}) {
-      const result = await run({ op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
+      const result = await run('delete', { op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       return result.result?.$case === 'delete' ? result.result.value.deleted : false;
     },
     list(opts = {}) {
@@ -137,7 +143,8 @@ class PipeTransport {
   close(): void {
     this.closed = true;
     clearTimeout(this.queueTimer);
-    this.failAll(toClientError(status.UNAVAILABLE, 'the store client is closed'));
+    // Batches in flight were sent: the store may apply them although nobody will read the answer.
+    this.failAll(toClientError(status.UNAVAILABLE, 'the store client was closed before the store answered; the outcome of the operation is unknown', { outcomeUnknown: true }));
     for (const pending of this.queue.splice(0)) pending.reject(toClientError(status.UNAVAILABLE, 'the store client is closed'));
     this.stream?.end();
     this.client.close();
@@ -154,7 +161,7 @@ class PipeTransport {
       let i = 0;
       for (; i < queue.length && ops.length < this.maxBatchOps; i += 1) {
         if (queue[i].deadline <= now) {
-          queue[i].reject(this.timedOut());
+          queue[i].reject(this.timedOut(false));
           continue;
         }
         // Values up to the store's limit add up: cap the message, not only the count.
@@ -175,7 +182,7 @@ class PipeTransport {
     // Deadlines grow along the queue (one deadlineMs, queued in order), so the expired ones lead it.
     let i = 0;
     let err: StoreClientError | undefined;
-    while (i < this.queue.length && this.queue[i].deadline <= now + 1) this.queue[i++].reject((err ??= this.timedOut()));
+    while (i < this.queue.length && this.queue[i].deadline <= now + 1) this.queue[i++].reject((err ??= this.timedOut(false)));
     if (i > 0) this.queue = this.queue.slice(i);
     if (this.draining) this.armQueueTimer();
   }
@@ -226,7 +233,7 @@ class PipeTransport {
     if (this.stream) return this.stream;
     const stream = this.client.pipe(this.metadata);
     this.stream = stream;
-    const broken = (err: StoreClientError) => {
+    const broken = (err: StoreClientError, notSent = false) => {
       if (this.stream !== stream) return;
       this.stream = undefined;
       this.draining = false;
@@ -246,11 +253,16 @@ class PipeTransport {
       // The stream's status is about the stream, not about an operation: batches in flight on it
       // may have run before it broke, so their outcome is unknown (an operation's own code comes
       // only from its OpResult). Except UNAUTHENTICATED: the store refuses such a stream before it
-      // reads a batch, and the caller must learn that the token is wrong.
+      // reads a batch, and the caller must learn that the token is wrong. And except a stream
+      // grpc-js never opened (no connection to the store): nothing on it reached the store.
       this.failAll(
         err.code === status.UNAUTHENTICATED
           ? err
-          : toClientError(status.UNAVAILABLE, `the pipe to the store broke (${status[err.code] ?? err.code}: ${err.message}); the outcome of the operation is unknown`),
+          : notSent
+            ? toClientError(status.UNAVAILABLE, `no pipe to the store could be opened (${status[err.code] ?? err.code}: ${err.message}); the operation was not sent`)
+            : toClientError(status.UNAVAILABLE, `the pipe to the store broke (${status[err.code] ?? err.code}: ${err.message}); the outcome of the operation is unknown`, {
+                outcomeUnknown: true,
+              }),
       );
       if (this.queue.length > 0 && !this.scheduled) {
         this.scheduled = true;
@@ -258,7 +270,7 @@ class PipeTransport {
       }
     };
     stream.on('data', (response: BatchResponse) => this.answer(response));
-    stream.on('error', (err: ServiceError) => broken(fromServiceError(err)));
+    stream.on('error', (err: ServiceError) => broken(fromServiceError(err), neverSent(err)));
     stream.on('end', () => broken(toClientError(status.UNAVAILABLE, 'the store closed the pipe')));
     return stream;
   }
@@ -285,15 +297,18 @@ class PipeTransport {
     let err: StoreClientError | undefined;
     for (const pending of flight.ops) {
       // Rejecting one twice, or resolving it after, does nothing: a promise settles once.
-      if (pending.deadline <= now + 1) pending.reject((err ??= this.timedOut()));
+      if (pending.deadline <= now + 1) pending.reject((err ??= this.timedOut(true)));
       else next = Math.min(next, pending.deadline);
     }
     if (next === Infinity) this.inFlight.delete(id);
     else flight.timer = setTimeout(() => this.expire(id), next - now);
   }
 
-  private timedOut(): StoreClientError {
-    return toClientError(status.DEADLINE_EXCEEDED, `no answer from the store within ${this.options.deadlineMs} ms`);
+  /** A deadline passed: before the operation was sent (the store never saw it), or after (it may have run). */
+  private timedOut(sent: boolean): StoreClientError {
+    return sent
+      ? toClientError(status.DEADLINE_EXCEEDED, `no answer from the store within ${this.options.deadlineMs} ms; the outcome of the operation is unknown`, { outcomeUnknown: true })
+      : toClientError(status.DEADLINE_EXCEEDED, `not sent: the ${this.options.deadlineMs} ms deadline passed while the operation waited to be sent to the store`);
   }
 
   private fail(id: number, err: StoreClientError): void {

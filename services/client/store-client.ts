@@ -24,15 +24,35 @@ export interface StoreClientOptions {
 
 export type StoreErrorKind = 'conflict' | 'unavailable' | 'invalid' | 'unauthenticated' | 'other';
 
+/** The store operation a call made: put and delete change data, get and list only read it (a get may move an expiry). */
+export type StoreCall = 'get' | 'put' | 'delete' | 'list';
+
 /** The one error type of the client: `kind` says what the caller can do about it. */
 export class StoreClientError extends Error {
   override name = 'StoreClientError';
+  /**
+   * True when the request was sent and no answer came (a deadline passed after sending, the
+   * connection or stream broke after sending, the call was cancelled): the store may have applied
+   * it. False when the request never reached the store or the store answered it.
+   */
+  readonly outcomeUnknown: boolean;
+  /** The operation that failed, when the client knows it. */
+  readonly call: StoreCall | undefined;
   constructor(
     readonly kind: StoreErrorKind,
     readonly code: status,
     message: string,
+    options: { outcomeUnknown?: boolean; call?: StoreCall } = {},
   ) {
     super(message);
+    this.outcomeUnknown = options.outcomeUnknown ?? false;
+    this.call = options.call;
+  }
+
+  /** This error as the failure of `call` (a new error when it named no call or another one). */
+  forCall(call: StoreCall): StoreClientError {
+    if (this.call === call) return this;
+    return new StoreClientError(this.kind, this.code, this.message, { outcomeUnknown: this.outcomeUnknown, call });
   }
 }
 
@@ -46,12 +66,48 @@ const KIND_BY_CODE: Partial<Record<status, StoreErrorKind>> = {
   [status.UNAUTHENTICATED]: 'unauthenticated',
 };
 
-export function toClientError(code: status, details: string): StoreClientError {
-  return new StoreClientError(KIND_BY_CODE[code] ?? 'other', code, details || status[code]);
+export function toClientError(code: status, details: string, options: { outcomeUnknown?: boolean; call?: StoreCall } = {}): StoreClientError {
+  return new StoreClientError(KIND_BY_CODE[code] ?? 'other', code, details || status[code], options);
 }
 
-export function fromServiceError(err: ServiceError): StoreClientError {
-  return toClientError(err.code ?? status.UNKNOWN, err.details ?? err.message);
+export function fromServiceError(err: ServiceError, call?: StoreCall): StoreClientError {
+  return toClientError(err.code ?? status.UNKNOWN, err.details ?? err.message, { outcomeUnknown: sentWithoutAnswer(err), call });
+}
+
+/**
+ * grpc-js's own statuses for a call that never went out on a connection: no connection could be
+ * made (pick-first or round-robin gave up), the channel was closed first, the store refused the
+ * stream before reading it, or the deadline passed while the call still waited for a connection.
+ */
+const NOT_SENT = /No connection established|^Channel closed before call started|^Stream refused by server|Waiting for LB pick|waiting for name resolution|waiting for metadata filters/;
+
+/**
+ * Whether a failed call may have been applied by the store: its request went out and no answer
+ * came. Only DEADLINE_EXCEEDED, UNAVAILABLE and CANCELLED can mean that; any other status is the
+ * store's answer, or a refusal before sending. An answer from the store carries its response
+ * headers (content-type) in the error's metadata, a status grpc-js made up itself carries none:
+ * - the store's own UNAVAILABLE (stopping, full, backend down) and DEADLINE_EXCEEDED (the call was
+ *   skipped because its deadline had passed when the store reached it) say it did nothing; except
+ *   grpc-js's server-side timer ("Deadline exceeded"), which answers while the handler may run;
+ * - made up by grpc-js: unknown unless its details say the call never went out (NOT_SENT); an
+ *   unrecognised message counts as unknown, the side that claims nothing false;
+ * - CANCELLED: we or the store cancelled a call that had started.
+ */
+function sentWithoutAnswer(err: ServiceError): boolean {
+  const { code } = err;
+  if (code !== status.DEADLINE_EXCEEDED && code !== status.UNAVAILABLE && code !== status.CANCELLED) return false;
+  if (code === status.CANCELLED) return true;
+  if (answeredByStore(err)) return code === status.DEADLINE_EXCEEDED && err.details === 'Deadline exceeded';
+  return !neverSent(err);
+}
+
+function answeredByStore(err: ServiceError): boolean {
+  return (err.metadata?.get('content-type').length ?? 0) > 0;
+}
+
+/** Whether grpc-js failed the call before it went out on a connection (see NOT_SENT). */
+export function neverSent(err: ServiceError): boolean {
+  return !answeredByStore(err) && NOT_SENT.test(err.details ?? err.message ?? '');
 }
 
 /** Per-call options every operation accepts. */
@@ -173,18 +229,18 @@ export function createStoreClient(options: StoreClientOptions): StoreClient {
   const client = createRawClient(options);
   const metadata = authMetadata(options.token);
   const callOptions = () => ({ deadline: Date.now() + options.deadlineMs });
-  const call = <Res>(invoke: (cb: (err: ServiceError | null, res?: Res) => void) => void): Promise<Res> =>
-    new Promise((resolve, reject) => invoke((err, res) => (err ? reject(fromServiceError(err)) : resolve(res as Res))));
+  const call = <Res>(name: StoreCall, invoke: (cb: (err: ServiceError | null, res?: Res) => void) => void): Promise<Res> =>
+    new Promise((resolve, reject) => invoke((err, res) => (err ? reject(fromServiceError(err, name)) : resolve(res as Res))));
 
   return {
     async get(key, opts = {}) {
-      const res = await call<{ found: boolean; entry?: Entry }>((cb) =>
+      const res = await call<{ found: boolean; entry?: Entry }>('get', (cb) =>
         client.get({ key, refreshTtlMs: opts.refreshTtlMs ?? 0 }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
       return res.found && res.entry ? res.entry : null;
     },
     async put(key, value, opts) {
-      const res = await call<{ entry?: Entry }>((cb) =>
+      const res = await call<{ entry?: Entry }>('put', (cb) =>
         client.put(
           { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion },
           withRequestId(metadata, opts.requestId),
@@ -195,7 +251,7 @@ export function createStoreClient(options: StoreClientOptions): StoreClient {
       return res.entry!;
     },
     async delete(key, opts = {}) {
-      const res = await call<{ deleted: boolean }>((cb) =>
+      const res = await call<{ deleted: boolean }>('delete', (cb) =>
         client.delete({ key, expectedVersion: opts.expectedVersion }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
       return res.deleted;
@@ -226,7 +282,7 @@ export async function* listEntries(
   try {
     for await (const entry of stream as AsyncIterable<Entry>) yield entry;
   } catch (err) {
-    throw fromServiceError(err as ServiceError);
+    throw fromServiceError(err as ServiceError, 'list');
   } finally {
     stream.cancel();
   }

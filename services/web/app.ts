@@ -167,6 +167,16 @@ const PAGES: Record<number, { title: string; happened: string; todo: string }> =
   },
 };
 
+/**
+ * The 503 page when a change was sent to the store and no answer came (a deadline passed, the
+ * connection broke): the store may have applied it, so the page must not say nothing was saved.
+ */
+const UNKNOWN_WRITE_PAGE = {
+  title: 'Counters unavailable',
+  happened: 'The session store did not answer in time, so it is not known whether your last change was saved.',
+  todo: 'Go back to the counters to see where they stand before trying again.',
+};
+
 const FALLBACK_PAGE = {
   title: 'Something went wrong',
   happened: 'The page could not be shown because of an error on the server.',
@@ -217,12 +227,17 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
         // A 501 for a method nobody serves is the client's doing, not a failure to log.
         logger.error({ err, reqId: ctx.state.requestId }, 'request failed');
       }
-      const page = PAGES[status] ?? FALLBACK_PAGE;
+      const page = status === 503 && isUnknownWrite(err) ? UNKNOWN_WRITE_PAGE : (PAGES[status] ?? FALLBACK_PAGE);
       ctx.status = status;
       ctx.set('Cache-Control', 'no-store');
       render(ctx, 'error.njk', { status, ...page });
     }
   };
+}
+
+/** A store write (put or delete) that was sent and never answered: it may have been applied. */
+function isUnknownWrite(err: unknown): boolean {
+  return err instanceof StoreClientError && err.outcomeUnknown && (err.call === 'put' || err.call === 'delete');
 }
 
 /** Request ids we accept from a client or proxy: short and printable, so they are safe in logs and metadata. */
