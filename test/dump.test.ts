@@ -520,6 +520,26 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(fromOption.stderr, `dump: --tls-ca: cannot read the TLS CA file ${missing}: ENOENT\n`);
     });
 
+    it('a STORE_TOKEN or --token gRPC metadata cannot carry (a line break, a non-ASCII character, a space) or under 16 characters is a usage error naming its source, never showing the value', async () => {
+      const port = await deadPort();
+      const rule = 'expected at least 16 printable ASCII characters without spaces';
+      const bad = ['tok3n-in-env-0123456789\n', 'tok3n-in-env-01234567\u00e9', 'tok3n in env 0123456789', 'tok3n-short'];
+      for (const token of bad) {
+        const what = JSON.stringify(token);
+        const fromEnv = await runDump([`127.0.0.1:${port}`], { STORE_TOKEN: token }, tmp.dir);
+        assert.equal(fromEnv.code, 2, what);
+        assert.equal(fromEnv.stderr, `dump: invalid configuration: STORE_TOKEN=(hidden): ${rule}\n`, what);
+        const fromOption = await runDump([`127.0.0.1:${port}`, '--token', token], {}, tmp.dir);
+        assert.equal(fromOption.code, 2, what);
+        assert.equal(fromOption.stderr, `dump: --token=(hidden): ${rule}\n`, what);
+        for (const run of [fromEnv, fromOption]) assert.ok(!`${run.stdout}${run.stderr}`.includes('tok3n'), `${what}: the value is not printed`);
+      }
+      // A valid --token does not excuse a bad STORE_TOKEN: the environment is checked as a whole, as the web does.
+      const both = await runDump([`127.0.0.1:${port}`, '--token', 'good-token-0123456789'], { STORE_TOKEN: 'tok3n-short' }, tmp.dir);
+      assert.equal(both.code, 2);
+      assert.match(both.stderr, /^dump: invalid configuration: STORE_TOKEN=\(hidden\)/);
+    });
+
     it('a bad address names STORE_ADDRESS when it came from there, and not when it is the argument', async () => {
       const expected = 'not a store address: "bad::" (expected host:port, e.g. localhost:5100)';
       const fromEnv = await runDump([], { STORE_ADDRESS: 'bad::' }, tmp.dir);
@@ -574,7 +594,7 @@ describe('bin/dump (child process against a real store)', function () {
       } finally {
         withEnvFile.remove();
       }
-      const wrong = await runDump([target, '--token', 'wrong'], {}, tmp.dir);
+      const wrong = await runDump([target, '--token', 'wrong-token-0123456789'], {}, tmp.dir);
       assert.equal(wrong.code, 1);
     });
   });

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { resolveEndpoint, type StoreEndpoint } from '../client/store-client';
-import { ConfigError } from '../shared/env';
+import { ConfigError, envs } from '../shared/env';
 import { loadDumpConfig } from './config';
 import type { Form } from './format';
 
@@ -96,7 +96,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--progress', 'progress on stderr even when stderr is not a terminal')
     .option('--no-progress', 'no progress on stderr')
     // No commander default here: it would print the token in --help.
-    .option('--token <token>', 'bearer token (default: STORE_TOKEN)')
+    .option('--token <token>', 'bearer token: 16+ printable ASCII characters, no spaces (default: STORE_TOKEN)')
     .option('--tls', 'connect with TLS, trusting the default roots (as https:// does)')
     .option('--tls-ca <file>', 'connect with TLS, trusting the CA certificate in this PEM file (default: STORE_TLS_CA)', defaults.tlsCa)
     .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', positiveInt, 5000)
@@ -166,7 +166,7 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
   const form: Form = opts.json ? 'json' : (opts.table ?? terminal.stdoutIsTTY) ? 'table' : 'lines';
   return {
     target: endpoint.target,
-    token: opts.token ?? config.token,
+    token: opts.token === undefined ? config.token : checkToken(opts.token),
     tls: endpoint.tls,
     tlsCa,
     connectTimeoutMs: opts.connectTimeout,
@@ -180,6 +180,17 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
     // Progress is for a long dump to a file or pipe watched from a terminal, never mixed into a table.
     progress: opts.progress ?? (terminal.stderrIsTTY && !terminal.stdoutIsTTY),
   };
+}
+
+/**
+ * --token follows STORE_TOKEN's rule (checked in loadDumpConfig), so that gRPC never gets a value it
+ * cannot carry and fails with the token in its message. The value is never shown: a near miss is
+ * still the secret.
+ */
+function checkToken(token: string): string {
+  const checked = envs.token().safeParse(token);
+  if (!checked.success) throw new UsageError(`--token=(hidden): ${checked.error.issues[0].message}`);
+  return token;
 }
 
 function readCa(file: string, from: string): Buffer {

@@ -6,7 +6,8 @@ export function loadDumpConfig(raw = readEnv()) {
   const env = parseEnv(
     {
       STORE_ADDRESS: z.string().default('localhost:5100'),
-      STORE_TOKEN: envs.optionalString(),
+      // The web's and the store's rule: a value gRPC metadata cannot carry would fail with the token in the message.
+      STORE_TOKEN: envs.token(),
       STORE_TLS_CA: envs.optionalString(),
     },
     raw,
