@@ -644,20 +644,22 @@ describe('bin/dump against a store serving TLS (self-signed certificate made by 
     assert.equal(trusted.stdout, 'tls-1 over TLS\n');
     assert.equal(untrusted.code, 1);
     assert.equal(lines(untrusted.stderr).length, 1, untrusted.stderr);
-    assert.match(untrusted.stderr, /TLS handshake failed: self-signed certificate/);
+    assert.match(untrusted.stderr, /TLS handshake failed: self-signed certificate \(the default roots do not trust it: pass --tls-ca <file>/);
   });
 
-  it('a CA that did not sign the certificate, or no TLS at all: one line, exit 1', async () => {
-    const [wrongCa, plaintext] = await Promise.all([
+  it('a CA that did not sign the certificate, or no TLS at all: one line naming where the CA came from, exit 1', async () => {
+    const [wrongCa, wrongEnvCa, plaintext] = await Promise.all([
       runDump([address, '--tls-ca', stranger.cert], {}, dir.dir),
+      runDump([address], { STORE_TLS_CA: stranger.cert }, dir.dir),
       runDump([address], {}, dir.dir),
     ]);
-    for (const run of [wrongCa, plaintext]) {
+    for (const run of [wrongCa, wrongEnvCa, plaintext]) {
       assert.equal(run.code, 1);
       assert.equal(lines(run.stderr).length, 1, run.stderr);
       assert.match(run.stderr, /^dump: cannot dump the store at localhost:\d+: /);
     }
-    assert.match(wrongCa.stderr, /TLS handshake failed: self-signed certificate/);
+    assert.match(wrongCa.stderr, /TLS handshake failed: self-signed certificate \(does --tls-ca name the CA/);
+    assert.match(wrongEnvCa.stderr, /TLS handshake failed: self-signed certificate \(does STORE_TLS_CA name the CA/);
     assert.match(plaintext.stderr, /if the store uses TLS, pass --tls-ca/);
   });
 

@@ -17,6 +17,8 @@ export interface DumpSettings {
   token?: string;
   tls: boolean;
   tlsCa?: Buffer;
+  /** Which of --tls-ca and STORE_TLS_CA gave tlsCa, so that errors name the one the user set. */
+  tlsCaFrom?: string;
   connectTimeoutMs: number;
   prefix: string;
   limit: number;
@@ -169,6 +171,7 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
     token: opts.token === undefined ? config.token : checkToken(opts.token),
     tls: endpoint.tls,
     tlsCa,
+    tlsCaFrom: tlsCa ? caFrom : undefined,
     connectTimeoutMs: opts.connectTimeout,
     prefix: opts.prefix,
     limit: opts.limit,

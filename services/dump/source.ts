@@ -21,6 +21,8 @@ export interface SourceOptions {
   /** TLS (decided by resolveEndpoint), trusting tlsCa when given, else the default roots. */
   tls: boolean;
   tlsCa?: Buffer;
+  /** Where tlsCa came from (--tls-ca or STORE_TLS_CA), for error messages. */
+  tlsCaFrom?: string;
   /** How long the store gets to accept the connection; a refused connection fails at once. */
   connectTimeoutMs: number;
 }
@@ -171,6 +173,12 @@ function describeUnavailable(details: string, options: SourceOptions): string {
     return `TLS handshake failed: the store certificate does not name ${host} (connect by a host name it lists, or add ${host} to its subjectAltName)`;
   }
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
-  if (options.tls) return `TLS handshake failed: ${ssl ?? lastError} (does --tls-ca name the CA that signed the store certificate?)`;
+  if (options.tls) {
+    // Without a CA file the default roots were trusted: naming --tls-ca as the culprit would mislead.
+    const hint = options.tlsCa
+      ? `does ${options.tlsCaFrom ?? '--tls-ca'} name the CA that signed the store certificate?`
+      : 'the default roots do not trust it: pass --tls-ca <file> with the CA that signed the store certificate';
+    return `TLS handshake failed: ${ssl ?? lastError} (${hint})`;
+  }
   return `unavailable: ${lastError} (if the store uses TLS, pass --tls-ca <file> or --tls)`;
 }
