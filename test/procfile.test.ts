@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
-import { root, TEST_KEY, tempDir } from './helpers/procs';
+import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireProgram } from './helpers/system';
 import { exited, freeBasePort, isFree } from './helpers/ports';
 
@@ -45,7 +45,7 @@ for (const [name, command, args, program, pkg, signal] of [
     it(`starts the web on the base port, the store on base+100 (metrics base+101) and the web finds the store; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
       // No STORE_ADDRESS or STORE_METRICS_PORT: the Procfile derives them from the base port.
       const base = await freeBasePort([0, 100, 101]);
-      child = spawn(command, [...args, '-p', String(base)], {
+      child = spawn(command, [...args, '-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
         cwd: root,
         env: {
           PATH: process.env.PATH ?? '',
@@ -53,6 +53,7 @@ for (const [name, command, args, program, pkg, signal] of [
           STORE_DATA_DIR: tmp.dir,
           WEB_DATA_DIR: tmp.dir,
           SESSION_KEYS: TEST_KEY,
+          ...NO_ENV_FILE,
         },
         stdio: ['ignore', 'pipe', 'pipe'],
       });
@@ -65,7 +66,7 @@ for (const [name, command, args, program, pkg, signal] of [
       assert.equal((await jar.page()).count1, 0);
       assert.equal((await jar.page()).count1, 1);
       const dump = await new Promise<string>((resolve, reject) =>
-        execFile(path.join(root, 'bin', 'dump'), [`localhost:${base + 100}`], { env: { PATH: process.env.PATH ?? '' } }, (err, stdout) =>
+        execFile(path.join(root, 'bin', 'dump'), [`localhost:${base + 100}`], { env: { PATH: process.env.PATH ?? '', ...NO_ENV_FILE } }, (err, stdout) =>
           err ? reject(err) : resolve(stdout),
         ),
       );

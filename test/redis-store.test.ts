@@ -5,7 +5,7 @@ import { status } from '@grpc/grpc-js';
 import { createRawClient, createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
 import type { WatchEvent } from '../services/generated/kv';
 import { checkHealth, waitForHealth } from './helpers/health';
-import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
 import { freePort, type RedisServer, redisCommand, requireRedis, startRedisServer } from './helpers/redis';
 
 const isUnavailable = (err: StoreClientError) => err.code === status.UNAVAILABLE;
@@ -81,7 +81,10 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     store = await startStore(tmp.dir, storeEnv(redis.url));
     client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
     const raw = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
-    const dump = spawn(path.join(root, 'bin', 'dump'), [`127.0.0.1:${store.port}`, '--watch', '--table'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const dump = spawn(path.join(root, 'bin', 'dump'), [`127.0.0.1:${store.port}`, '--watch', '--table'], {
+      env: { PATH: process.env.PATH ?? '', ...NO_ENV_FILE },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let dumpOut = '';
     let dumpErr = '';
     dump.stdout!.on('data', (d: Buffer) => (dumpOut += d.toString()));

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
-import { root, TEST_KEY, tempDir } from './helpers/procs';
+import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireRedis } from './helpers/redis';
 import { exited, freeBasePort, isFree } from './helpers/ports';
 
@@ -41,9 +41,9 @@ describe('Procfile.redis under foreman (nf start -j Procfile.redis)', function (
 
   it('runs two webs, two stores and redis-server; a cookie jar alternating between the webs keeps its counters; SIGINT stops all five', async () => {
     const base = await freeBasePort(OFFSETS);
-    child = spawn(path.join(root, 'node_modules', '.bin', 'nf'), ['start', '-j', 'Procfile.redis', '-p', String(base)], {
+    child = spawn(path.join(root, 'node_modules', '.bin', 'nf'), ['-e', NO_ENV_FILE.DOTENV_CONFIG_PATH, 'start', '-j', 'Procfile.redis', '-p', String(base)], {
       cwd: root,
-      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? tmp.dir, STORE_DATA_DIR: tmp.dir, WEB_DATA_DIR: tmp.dir, SESSION_KEYS: TEST_KEY },
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? tmp.dir, STORE_DATA_DIR: tmp.dir, WEB_DATA_DIR: tmp.dir, SESSION_KEYS: TEST_KEY, ...NO_ENV_FILE },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     child.stdout!.on('data', (d: Buffer) => (output += d.toString()));

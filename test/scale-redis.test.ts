@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, root, startStore, startWeb, tempDir } from './helpers/procs';
+import { NO_ENV_FILE, type Proc, root, startStore, startWeb, tempDir } from './helpers/procs';
 import { type RedisClusterProcs, requireRedis, startRedisCluster } from './helpers/redis';
 
 const TOKEN = 'scale-test-token-0123456789';
@@ -12,7 +12,7 @@ const idOf = (jar: CookieJarClient) => jar.cookies.get('sid')!.split('.')[0];
 
 function dump(storePort: number, ...args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
-    execFile(path.join(root, 'bin', 'dump'), [`127.0.0.1:${storePort}`, ...args], { env: { PATH: process.env.PATH ?? '', STORE_TOKEN: TOKEN }, timeout: 20_000 }, (err, stdout, stderr) =>
+    execFile(path.join(root, 'bin', 'dump'), [`127.0.0.1:${storePort}`, ...args], { env: { PATH: process.env.PATH ?? '', STORE_TOKEN: TOKEN, ...NO_ENV_FILE }, timeout: 20_000 }, (err, stdout, stderr) =>
       err ? reject(new Error(`bin/dump failed: ${stderr}`)) : resolve(stdout),
     ),
   );

@@ -10,7 +10,7 @@ import { loadStoreConfig } from '../services/store/config';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { SERVICE_NAME, StoreHealth } from '../services/store/health';
 import { healthClient } from './helpers/raw-grpc';
-import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
 
 const exitOf = (proc: Proc) =>
   proc.child.exitCode !== null || proc.child.signalCode !== null
@@ -47,7 +47,7 @@ async function fill(client: SessionStoreClient, count: number, size: number): Pr
 function runStore(env: Record<string, string>): { code: number | null; stderr: string } {
   const result = spawnSync(process.execPath, [path.join(root, 'dist/services/store/main.js')], {
     cwd: root,
-    env: { PATH: process.env.PATH ?? '', STORE_METRICS_PORT: '0', PORT: '0', ...env },
+    env: { PATH: process.env.PATH ?? '', STORE_METRICS_PORT: '0', PORT: '0', ...NO_ENV_FILE, ...env },
     encoding: 'utf8',
     timeout: 15_000,
   });
@@ -280,6 +280,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       // Settings whose names contain KEY but hold no secret: their values are shown like any other.
       ['REDIS_KEY_PREFIX with a hash tag (shown)', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX="\{s\}:": expected no \{ or \}/],
       ['STORE_MAX_KEY_BYTES=0 (shown)', { STORE_MAX_KEY_BYTES: '0' }, /STORE_MAX_KEY_BYTES="0": expected an integer 1-4096 bytes/],
+      ['DOTENV_CONFIG_PATH naming a missing file', { DOTENV_CONFIG_PATH: '/no/such/sessions.env' }, /^store: invalid configuration: DOTENV_CONFIG_PATH=\/no\/such\/sessions.env: no such file/],
     ];
     for (const [name, env, message] of cases) {
       it(name, () => {
@@ -289,6 +290,14 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
         assert.doesNotMatch(stderr, /\n\s+at /, 'one clear line, no stack trace');
       });
     }
+  });
+
+  it('DOTENV_CONFIG_PATH names the file read in place of .env in the working directory', () => {
+    const file = path.join(tmp.dir, 'other.env');
+    writeFileSync(file, 'STORE_MAX_KEY_BYTES=0\n');
+    const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, DOTENV_CONFIG_PATH: file });
+    assert.notEqual(code, 0);
+    assert.match(stderr, /STORE_MAX_KEY_BYTES="0": expected an integer 1-4096 bytes/);
   });
 
   it('a PEM pasted into STORE_TLS_KEY instead of a path stops the store without printing it', () => {

@@ -13,10 +13,13 @@ export const projectRoot = path.resolve(__dirname, '..', '..', '..');
 
 /**
  * Reads the environment once: process.env wins over `.env` in the working directory (the file
- * foreman loads too), so a variable set by the caller is never overridden.
+ * foreman loads too), so a variable set by the caller is never overridden. DOTENV_CONFIG_PATH
+ * (dotenv's own name for it) names another file instead; `/dev/null` reads none.
  */
 export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, string | undefined> {
-  const file = path.resolve('.env');
+  const named = env.DOTENV_CONFIG_PATH;
+  const file = path.resolve(named || '.env');
+  if (named && !existsSync(file)) throw new ConfigError(`invalid configuration: DOTENV_CONFIG_PATH=${named}: no such file`);
   const fromFile = existsSync(file) ? dotenv.parse(readFileSync(file)) : {};
   return { ...fromFile, ...env };
 }

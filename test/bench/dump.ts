@@ -16,7 +16,7 @@ import { cpus } from 'node:os';
 import path from 'node:path';
 import { SqliteBackend } from '../../services/store/backends/sqlite';
 import type { BackendOp } from '../../services/store/backends/backend';
-import { root, startStore, tempDir } from '../helpers/procs';
+import { NO_ENV_FILE, root, startStore, tempDir } from '../helpers/procs';
 
 const TARGET_RATE = 100_000;
 const TARGET_RSS_MB = 150;
@@ -63,7 +63,7 @@ function measure(args: string[]): Promise<Measured> {
   const command = gnuTime ? '/usr/bin/time' : process.execPath;
   const argv = gnuTime ? ['-v', process.execPath, ...args] : args;
   const started = process.hrtime.bigint();
-  const child = spawn(command, argv, { cwd: root, stdio: ['ignore', 'ignore', 'pipe'], env: { PATH: process.env.PATH ?? '' } });
+  const child = spawn(command, argv, { cwd: root, stdio: ['ignore', 'ignore', 'pipe'], env: { PATH: process.env.PATH ?? '', ...NO_ENV_FILE } });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   let polledKb = 0;

@@ -15,6 +15,12 @@ export interface Proc {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
+/**
+ * The environment every process a test starts gets: no .env is read, so a developer's own (say,
+ * the README's TLS lines in the repository's .env) cannot change what the tests see.
+ */
+export const NO_ENV_FILE = { DOTENV_CONFIG_PATH: '/dev/null' } as const;
+
 /** keep = false: drop a process's log lines once it listens (benchmarks: no parsing on the load generator). */
 export const logCapture = { keep: true };
 
@@ -22,7 +28,7 @@ export const logCapture = { keep: true };
 export function startProcess(script: string, env: Record<string, string>, timeoutMs = 15_000): Promise<Proc> {
   const child = spawn(process.execPath, [path.join(root, script)], {
     cwd: root,
-    env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'info', ...env },
+    env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'info', ...NO_ENV_FILE, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const lines: string[] = [];
