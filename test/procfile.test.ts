@@ -4,7 +4,7 @@ import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireProgram } from './helpers/system';
-import { exited, freeBasePort, isFree } from './helpers/ports';
+import { exited, freeBasePort, isFree, stopForeman } from './helpers/ports';
 
 async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs;
@@ -35,10 +35,7 @@ for (const [name, command, args, program, pkg, signal] of [
       tmp = tempDir();
     });
     after(async () => {
-      if (child && child.exitCode === null) {
-        child.kill('SIGKILL');
-        await exited(child);
-      }
+      await stopForeman(child, signal);
       tmp?.remove();
     });
 

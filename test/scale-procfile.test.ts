@@ -4,7 +4,7 @@ import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireRedis } from './helpers/redis';
-import { exited, freeBasePort, isFree } from './helpers/ports';
+import { exited, freeBasePort, isFree, stopForeman } from './helpers/ports';
 
 /** Ports of Procfile.redis from foreman's base: five lines, 100 apart, and the two stores' metrics. */
 const OFFSETS = [0, 100, 200, 300, 400, 4200, 4300];
@@ -32,10 +32,7 @@ describe('Procfile.redis under foreman (nf start -j Procfile.redis)', function (
     tmp = tempDir();
   });
   after(async () => {
-    if (child && child.exitCode === null) {
-      child.kill('SIGKILL');
-      await exited(child);
-    }
+    await stopForeman(child, 'SIGINT');
     tmp?.remove();
   });
 
