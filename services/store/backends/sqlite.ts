@@ -344,6 +344,32 @@ export class SqliteBackend implements Backend {
     if (taken === 0) return;
     if (this.catchUp) this.finishCheckpoint();
     const batches = this.queue.splice(0, taken);
+    if (!this.commit(batches, count * COMPACT_PER_WRITE)) return;
+    // The group was rolled back (a full disk, say): each batch gets a transaction of its own, without
+    // compaction (its copies need room too). If its writes still fail, its plain Gets are answered from
+    // what is committed, as if they ran after the refused writes: reading needs no room, and before
+    // this one write that could not be stored failed every Get that happened to share its turn.
+    for (const b of batches) {
+      const failure = this.commit([b], 0);
+      if (failure) b.resolve(b.ops.map((op) => (op.kind === 'get' && op.refreshTtlMs === 0 ? this.read(op.key) : failure)));
+    }
+  }
+
+  /** A Get without refresh, outside any write transaction. */
+  private read(key: string): BackendResult {
+    try {
+      return this.apply({ kind: 'get', key, refreshTtlMs: 0 }, Date.now(), [], { keys: [], logRows: this.logRows });
+    } catch (err) {
+      return unavailable(`sqlite: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * Runs these batches and up to compactBudget rows of compaction in one transaction, then answers
+   * the batches and reports their changes. When it fails, nothing is answered: the index is put back
+   * as the database still has it and the failure is returned.
+   */
+  private commit(batches: readonly Pending[], compactBudget: number): BackendResult | undefined {
     const changes: ChangeEvent[] = [];
     const undo: Undo = { keys: [], logRows: this.logRows };
     let answers: BackendResult[][];
@@ -351,19 +377,18 @@ export class SqliteBackend implements Backend {
       answers = this.db.transaction(() => {
         const now = Date.now();
         const results = batches.map((b) => b.ops.map((op) => this.apply(op, now, changes, undo)));
-        this.compact(count * COMPACT_PER_WRITE, now, changes, undo);
+        this.compact(compactBudget, now, changes, undo);
         return results;
       }).immediate();
     } catch (err) {
       // Rolled back: the index goes back to what the database still says.
       for (let i = undo.keys.length - 1; i >= 0; i -= 1) this.keydir.restore(undo.keys[i][0], undo.keys[i][1]);
       this.logRows = undo.logRows;
-      const failure = unavailable(`sqlite: ${(err as Error).message}`);
-      for (const b of batches) b.resolve(b.ops.map(() => failure));
-      return;
+      return unavailable(`sqlite: ${(err as Error).message}`);
     }
     batches.forEach((b, i) => b.resolve(answers[i]));
     for (const change of changes) this.events.emit('change', change);
+    return undefined;
   }
 
   private apply(op: BackendOp, now: number, changes: ChangeEvent[], undo: Undo): BackendResult {

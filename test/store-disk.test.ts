@@ -1,0 +1,66 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { unlinkSync } from 'node:fs';
+import path from 'node:path';
+import { createPipeClient } from '../services/client/pipe-client';
+import { type StoreClient, StoreClientError } from '../services/client/store-client';
+import { type Proc, startStore } from './helpers/procs';
+import { mountTmpfs, type Tmpfs } from './helpers/system';
+
+const TTL = { ttlMs: 3_600_000 };
+const VALUE = Buffer.alloc(2000, 'v');
+
+describe('SQLite store on a disk that fills up (real store process on a 4 MiB tmpfs)', function () {
+  this.timeout(60_000);
+  let disk: Tmpfs | undefined;
+  let store: Proc | undefined;
+  let client: StoreClient | undefined;
+
+  beforeEach(async function () {
+    disk = mountTmpfs(this, 4);
+    store = await startStore(disk.dir, { STORE_SYNCHRONOUS: 'FULL' });
+    client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
+  });
+  afterEach(async () => {
+    client?.close();
+    await store?.stop('SIGKILL');
+    disk?.remove();
+  });
+
+  /** Fills what is left of the disk with a file of its own (dd stops with "no space left"). */
+  const fill = () => {
+    try {
+      execFileSync('dd', ['if=/dev/zero', `of=${path.join(disk!.dir, 'filler')}`, 'bs=64k'], { stdio: 'ignore' });
+    } catch {
+      // the disk is full
+    }
+  };
+
+  it('Gets that share a commit with Puts the full disk refuses still answer; the Puts answer UNAVAILABLE', async () => {
+    const versions = new Map<string, number>();
+    for (let i = 0; i < 100; i += 1) versions.set(`k${i}`, (await client!.put(`k${i}`, VALUE, TTL)).version);
+    fill();
+    // Until the write-ahead log has no room left either.
+    for (let i = 0; i < 500; i += 1) await client!.put(`w${i}`, VALUE, TTL).catch(() => undefined);
+
+    const refused: string[] = [];
+    const gets = await Promise.all(
+      [...versions].map(async ([key], i) => {
+        // Issued in the same turn: the pipe client sends them together, the store commits them together.
+        const put = client!.put(`new${i}`, VALUE, TTL).then(
+          () => assert.fail('a put succeeded on a full disk'),
+          (err: StoreClientError) => refused.push(`${err.code} ${err.message}`),
+        );
+        const entry = await client!.get(key);
+        await put;
+        return [key, entry?.version] as const;
+      }),
+    );
+    assert.deepEqual(new Set(refused), new Set(['14 sqlite: database or disk is full']));
+    for (const [key, version] of gets) assert.equal(version, versions.get(key), key);
+
+    unlinkSync(path.join(disk!.dir, 'filler'));
+    const after = await client!.put('after', VALUE, TTL);
+    assert.equal((await client!.get('after'))?.version, after.version);
+  });
+});
