@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
@@ -184,6 +184,17 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     db.close();
     assert.throws(() => new SqliteBackend(options), /schema version 99, newer than this store/);
     assert.equal(existsSync(path.join(tmp.dir, 'sessions.db-wal')), false, 'SQLite removes the WAL when the last connection closes');
+  });
+
+  it('a damaged sessions.db (truncated, or not a database at all) is refused with an error naming the file', async () => {
+    const file = path.join(tmp.dir, 'sessions.db');
+    const b = new SqliteBackend(options);
+    await b.batch([put('x', 'x'.repeat(10_000))]);
+    await b.close();
+    truncateSync(file, 4096 + 100);
+    assert.throws(() => new SqliteBackend(options), (err: Error) => err.message === `cannot open ${file}: database disk image is malformed`);
+    writeFileSync(file, 'a text file\n');
+    assert.throws(() => new SqliteBackend(options), (err: Error) => err.message === `cannot open ${file}: file is not a database`);
   });
 
   it('a database of schema version 1 (one row per key) is migrated: live entries kept with their versions, expired ones dropped', async () => {

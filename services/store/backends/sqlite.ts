@@ -118,11 +118,12 @@ export class SqliteBackend implements Backend {
     this.maxEntries = Math.min(options.maxEntries ?? DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS);
     mkdirSync(options.dataDir, { recursive: true });
     this.dirLock = lockDataDir(options.dataDir);
+    const file = path.join(options.dataDir, 'sessions.db');
     try {
-      this.db = new Database(path.join(options.dataDir, 'sessions.db'));
+      this.db = new Database(file);
     } catch (err) {
       this.dirLock.close();
-      throw err;
+      throw naming(file, err);
     }
     try {
       requireWalResetFix(this.db.prepare<[], string>('SELECT sqlite_version()').pluck().get()!);
@@ -162,7 +163,7 @@ export class SqliteBackend implements Backend {
       // A database this store cannot use (a newer schema, a damaged file) is not left open.
       this.db.close();
       this.dirLock.close();
-      throw err;
+      throw naming(file, err);
     }
     if ((options.checkpoint ?? 'worker') === 'worker') this.startCheckpointer();
     this.events.setMaxListeners(0);
@@ -553,6 +554,14 @@ function expiredEvent(key: string, version: number): ChangeEvent {
 
 function unavailable(message: string): BackendResult {
   return { ok: false, error: new StoreError('unavailable', message) };
+}
+
+/**
+ * SQLite's own errors ("file is not a database", "database disk image is malformed") do not say
+ * which file: at start the operator needs to know.
+ */
+function naming(file: string, err: unknown): unknown {
+  return err instanceof Database.SqliteError ? new Error(`cannot open ${file}: ${err.message}`) : err;
 }
 
 /**
