@@ -197,6 +197,24 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     assert.throws(() => new SqliteBackend(options), (err: Error) => err.message === `cannot open ${file}: file is not a database`);
   });
 
+  it("another program's SQLite database in the directory is refused, naming the file, and left as it was", () => {
+    const file = path.join(tmp.dir, 'sessions.db');
+    const other = new Database(file);
+    other.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users (name) VALUES ('ada')");
+    other.close();
+    assert.throws(
+      () => new SqliteBackend(options),
+      (err: Error) => err.message.startsWith(`${file} is not a database of this store: it has no schema version of this store and holds other tables (users)`),
+    );
+    const after = new Database(file, { readonly: true });
+    try {
+      assert.deepEqual(after.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'").pluck().all(), ['users']);
+      assert.equal(after.pragma('journal_mode', { simple: true }), 'delete');
+    } finally {
+      after.close();
+    }
+  });
+
   it('a database of schema version 1 (one row per key) is migrated: live entries kept with their versions, expired ones dropped', async () => {
     const file = path.join(tmp.dir, 'sessions.db');
     const db = new Database(file);

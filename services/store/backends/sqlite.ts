@@ -127,6 +127,8 @@ export class SqliteBackend implements Backend {
     }
     try {
       requireWalResetFix(this.db.prepare<[], string>('SELECT sqlite_version()').pluck().get()!);
+      // Before anything is changed in it (journal_mode = WAL is written into the file).
+      requireStoreDatabase(this.db, file);
       this.db.pragma('journal_mode = WAL');
       this.db.pragma(`synchronous = ${options.synchronous}`);
       this.db.pragma('busy_timeout = 5000');
@@ -605,6 +607,19 @@ export function requireWalResetFix(version: string): void {
       throw new Error(`SQLite ${version} has the WAL-reset bug, which can corrupt a database written and checkpointed from two connections as this store does; it needs SQLite ${MIN_SQLITE_VERSION} or later (update better-sqlite3)`);
     }
   }
+}
+
+/**
+ * Refuses a database with tables but no schema version of this store: another program's, put in
+ * STORE_DATA_DIR by mistake. The store would have added its tables to it, and started empty.
+ */
+function requireStoreDatabase(db: Database.Database, file: string): void {
+  if (db.pragma('user_version', { simple: true }) !== 0) return;
+  const tables = db.prepare<[], string>("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name").pluck().all();
+  if (tables.length === 0) return;
+  throw new Error(
+    `${file} is not a database of this store: it has no schema version of this store and holds other tables (${tables.slice(0, 5).join(', ')}); give the store a directory of its own (STORE_DATA_DIR)`,
+  );
 }
 
 /** Creates or upgrades the schema; user_version records what is there. */
