@@ -284,6 +284,30 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a frozen Redis (SIGSTOP): writes meanwhile answer UNAVAILABLE and are not kept on the connection to be applied when it thaws', async () => {
+    const frozen = await startRedisServer();
+    const stalled = new RedisBackend(backendOptions({ url: frozen.url, keyPrefix: 'z:', commandTimeoutMs: 200 }));
+    try {
+      await stalled.batch([put('before')]);
+      frozen.pause();
+      const answers: Array<Promise<unknown>> = [];
+      for (let i = 0; i < 60; i += 1) {
+        answers.push(stalled.batch([put(`during${i}`)]).then(([r]) => !r.ok && toStatus(r.error).code));
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.deepEqual(new Set(await Promise.all(answers)), new Set([status.UNAVAILABLE]));
+      frozen.resume();
+      await until(async () => (await stalled.batch([put('after')]))[0].ok);
+      // Only writes sent before the connection was given up (within the command timeout) may land;
+      // the rest never reached Redis. Before, all 60 were held and applied late.
+      const applied = Number(await redisCommand(frozen.port, 'DBSIZE')) - 2;
+      assert.ok(applied < 20, `${applied} of 60 writes answered UNAVAILABLE were applied after the thaw`);
+    } finally {
+      await stalled.close();
+      await frozen.stop('SIGKILL');
+    }
+  });
+
   it('a Redis that refuses writes after a failed snapshot (MISCONF) makes writes fail as unavailable, not the batch as internal', async () => {
     const dir = tempDir();
     const failing = await startRedisServer({ dir: dir.dir, args: ['--save', '3600 1'] });

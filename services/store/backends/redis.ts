@@ -81,7 +81,8 @@ const READ_PAGE = 500;
  *   the resume point, then reads and yields them; the next pass starts after the last of them.
  *   A listing of N keys costs about N / listWindow passes over the keyspace.
  * - Failing fast: no offline queue, no resending after a reconnect, every command bounded by
- *   commandTimeoutMs; any connection or failover error is StoreError('unavailable').
+ *   commandTimeoutMs, and a connection that answers nothing for that long is dropped; any
+ *   connection or failover error is StoreError('unavailable').
  */
 export class RedisBackend implements Backend {
   readonly name = 'redis';
@@ -110,6 +111,10 @@ export class RedisBackend implements Backend {
     const failFast: RedisOptions = {
       ...auth,
       commandTimeout: options.commandTimeoutMs,
+      // A Redis that stops answering (frozen, or its host gone without a reset) would otherwise
+      // keep the connection: every later command would be written to it, held in memory until it
+      // answers, and applied when it thaws, long after we answered UNAVAILABLE. Drop it instead.
+      socketTimeout: options.commandTimeoutMs,
       connectTimeout: Math.max(options.commandTimeoutMs, 1000),
       maxRetriesPerRequest: 0,
       autoResendUnfulfilledCommands: false,
