@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { createConnection, createServer, type Socket } from 'node:net';
 import { status } from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry, StoreError } from '../services/store/backends/backend';
@@ -328,6 +329,88 @@ describe('Redis backend: what others do to the Redis under it', function () {
       await misconf.close();
       await failing.stop('SIGKILL'); // a SIGTERM would try (and fail) to save again and not exit
       dir.remove();
+    }
+  });
+});
+
+/**
+ * A TCP proxy to a Redis that can hold back Redis' replies and then cut the connections, as a
+ * network failure between a command and its reply does.
+ */
+async function startReplyCutter(port: number) {
+  const clients = new Set<Socket>();
+  let holding = false;
+  const server = createServer((client) => {
+    const upstream = createConnection({ host: '127.0.0.1', port });
+    clients.add(client);
+    const end = () => {
+      clients.delete(client);
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('data', (chunk) => upstream.write(chunk));
+    upstream.on('data', (chunk) => holding || client.write(chunk));
+    for (const socket of [client, upstream]) socket.on('close', end).on('error', end);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as { port: number }).port,
+    holdReplies: () => (holding = true),
+    cut: () => {
+      holding = false;
+      for (const client of clients) client.destroy();
+    },
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const client of clients) client.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+describe('Redis backend on a Redis Cluster: a connection lost between a write and its reply', function () {
+  let cluster: RedisClusterProcs | undefined;
+  let cutter: Awaited<ReturnType<typeof startReplyCutter>> | undefined;
+  before(async function () {
+    requireRedis(this);
+    cluster = await startRedisCluster(3);
+    // The first master announces the proxy's port, so the cluster's clients reach it through the proxy.
+    const [first] = cluster.masters;
+    cutter = await startReplyCutter(first.port);
+    await redisCommand(first.port, 'CONFIG', 'SET', 'cluster-announce-port', String(cutter.port));
+    await until(async () => {
+      const views = await Promise.all(cluster!.masters.map((m) => redisCommand(m.port, 'CLUSTER', 'NODES')));
+      return views.every((nodes) => nodes.includes(`:${cutter!.port}@`));
+    }, 10_000);
+  });
+  after(async () => {
+    await cutter?.close();
+    await cluster?.stop();
+  });
+
+  it('a compare-and-set Put that Redis applied is answered UNAVAILABLE (it may have been applied), not resent and then refused as ABORTED', async () => {
+    const [first, second] = cluster!.masters;
+    const backend = new RedisBackend(backendOptions({ clusterNodes: [{ host: '127.0.0.1', port: second.port }], keyPrefix: 'm:' }));
+    try {
+      let key = '';
+      for (let i = 0; !key; i += 1) {
+        const owned = await redisCommand(first.port, 'EXISTS', `m:k${i}`).then(() => true, () => false); // others answer MOVED
+        if (owned) key = `k${i}`;
+      }
+      const [created] = await backend.batch([{ kind: 'put', key, value: Buffer.from('one'), ttlMs: 60_000 }]);
+      assert.ok(created.ok);
+      const version = (created.value as StoredEntry).version;
+      cutter!.holdReplies();
+      const answer = backend.batch([{ kind: 'put', key, value: Buffer.from('two'), ttlMs: 60_000, expectedVersion: version }]);
+      await until(async () => (await redisCommand(first.port, 'HGET', `m:${key}`, 'v')) === 'two');
+      cutter!.cut();
+      const [result] = await answer;
+      assert.equal(!result.ok && toStatus(result.error).code, status.UNAVAILABLE);
+      // Applied once: a resend would have found its own write and answered a conflict.
+      const [read] = await backend.batch([{ kind: 'get', key, refreshTtlMs: 0 }]);
+      assert.equal(read.ok && (read.value as StoredEntry).value.toString(), 'two');
+    } finally {
+      await backend.close();
     }
   });
 });

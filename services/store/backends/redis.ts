@@ -127,6 +127,11 @@ export class RedisBackend implements Backend {
         enableOfflineQueue: false,
         clusterRetryStrategy: reconnect,
         slotsRefreshTimeout: Math.max(options.commandTimeoutMs, 1000),
+        // ioredis would send a command again when its connection closed before the reply (or when
+        // the cluster was down): Redis may have applied it already, so a compare-and-set Put would
+        // then find its own write and be answered ABORTED. Fail instead, as in the other modes.
+        retryDelayOnFailover: 0,
+        retryDelayOnClusterDown: 0,
         scaleReads: 'master',
       });
       this.client = this.cluster;
