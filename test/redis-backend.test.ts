@@ -285,6 +285,30 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a wrong Redis password: calls answer UNAVAILABLE with Redis\' reason (WRONGPASS), which the log gives once, not once per retry', async () => {
+    const guarded = await startRedisServer();
+    const warnings: string[] = [];
+    await redisCommand(guarded.port, 'CONFIG', 'SET', 'requirepass', 'right');
+    const denied = new RedisBackend(
+      backendOptions({
+        url: `redis://:wrong@127.0.0.1:${guarded.port}`,
+        commandTimeoutMs: 300,
+        log: { info: () => undefined, warn: (detail) => warnings.push((detail as { err?: string }).err ?? '') },
+      }),
+    );
+    try {
+      const [result] = await denied.batch([put('a')]);
+      assert.equal(!result.ok && toStatus(result.error).code, status.UNAVAILABLE);
+      assert.match(!result.ok ? result.error.message : '', /WRONGPASS/);
+      await assert.rejects(denied.ping(), /WRONGPASS/);
+      await new Promise((r) => setTimeout(r, 1000)); // several reconnection attempts
+      assert.equal(warnings.filter((w) => /WRONGPASS/.test(w)).length, 1, warnings.join('\n'));
+    } finally {
+      await denied.close();
+      await guarded.stop('SIGKILL');
+    }
+  });
+
   it('a frozen Redis (SIGSTOP): writes meanwhile answer UNAVAILABLE and are not kept on the connection to be applied when it thaws', async () => {
     const frozen = await startRedisServer();
     const stalled = new RedisBackend(backendOptions({ url: frozen.url, keyPrefix: 'z:', commandTimeoutMs: 200 }));

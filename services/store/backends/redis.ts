@@ -93,6 +93,10 @@ export class RedisBackend implements Backend {
   private readonly firstReady: Promise<void>;
   private everReady = false;
   private connected = false;
+  /** Why the last connection attempt failed (a wrong password, a refused connection), until ready. */
+  private lastError: string | undefined;
+  /** The reasons logged since the connection was last ready. */
+  private readonly reported = new Set<string>();
   private closed = false;
 
   constructor(private readonly options: RedisBackendOptions) {
@@ -156,9 +160,17 @@ export class RedisBackend implements Backend {
     this.client.defineCommand('sessionDelete', { numberOfKeys: 1, lua: DELETE });
 
     this.firstReady = new Promise((resolve) => this.client.once('ready', () => resolve()));
-    this.client.on('error', () => undefined);
+    this.client.on('error', (err: Error) => {
+      // ioredis retries without end: say why once per reason, not once per attempt.
+      this.lastError = err.message;
+      if (this.reported.has(err.message) || this.closed) return;
+      this.reported.add(err.message);
+      options.log?.warn({ mode: this.mode, err: err.message }, 'redis connection failed; retrying');
+    });
     this.client.on('ready', () => {
       this.everReady = true;
+      this.lastError = undefined;
+      this.reported.clear();
       if (!this.connected) options.log?.info({ mode: this.mode }, 'redis ready');
       this.connected = true;
       this.syncWatch();
@@ -341,7 +353,8 @@ export class RedisBackend implements Backend {
       clearTimeout(timer);
       if ((this.client.status as string) === 'ready') return;
     }
-    throw new StoreError('unavailable', `redis is not connected (${this.client.status})`);
+    const reason = this.lastError ? `: ${this.lastError}` : '';
+    throw new StoreError('unavailable', `redis is not connected (${this.client.status})${reason}`);
   }
 
   private redisKey(key: string): string {
