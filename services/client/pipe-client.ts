@@ -62,11 +62,7 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
   // the client does not know: grpc-js' default 4 MiB receive limit would fail a batch of Gets of
   // large values, and with it every operation in flight on the stream. The store is trusted.
   const transport = new PipeTransport(createRawClient(options, { 'grpc.max_receive_message_length': -1 }), options);
-  // The transport's errors are shared by the operations of a batch: each caller's copy names its call.
-  const run = (call: StoreCall, op: Op) =>
-    transport.enqueue(op).catch((err: unknown) => {
-      throw err instanceof StoreClientError ? err.forCall(call) : err;
-    });
+  const run = (call: StoreCall, op: Op) => transport.enqueue(call, op);
   return {
     async get(key, opts = {}) {
       const result = await run('get', { op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
@@ -123,10 +119,11 @@ class PipeTransport {
     this.maxQueuedOps = options.maxQueuedOps ?? 20_000;
   }
 
-  enqueue(op: Op): Promise<OpResult> {
-    if (this.closed) return Promise.reject(toClientError(status.UNAVAILABLE, 'the store client is closed'));
+  /** Queues op for the next batch; its error names `call` (the transport's errors are shared by the operations of a batch). */
+  enqueue(call: StoreCall, op: Op): Promise<OpResult> {
+    if (this.closed) return Promise.reject(toClientError(status.UNAVAILABLE, 'the store client is closed', { call }));
     if (this.queue.length >= this.maxQueuedOps) {
-      return Promise.reject(toClientError(status.UNAVAILABLE, `the store is not keeping up: ${this.queue.length} operations queued`));
+      return Promise.reject(toClientError(status.UNAVAILABLE, `the store is not keeping up: ${this.queue.length} operations queued`, { call }));
     }
     return new Promise<OpResult>((resolve, reject) => {
       this.queue.push({ op, deadline: performance.now() + this.options.deadlineMs, resolve, reject });
@@ -134,10 +131,15 @@ class PipeTransport {
         this.scheduled = true;
         setImmediate(this.flushNow);
       }
-    }).then((result) => {
-      if (result.code !== status.OK) throw toClientError(result.code, result.message);
-      return result;
-    });
+    }).then(
+      (result) => {
+        if (result.code !== status.OK) throw toClientError(result.code, result.message, { call });
+        return result;
+      },
+      (err: unknown) => {
+        throw err instanceof StoreClientError ? err.forCall(call) : err;
+      },
+    );
   }
 
   close(): void {
