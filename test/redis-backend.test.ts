@@ -309,24 +309,32 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
-  it('a frozen Redis (SIGSTOP): writes meanwhile answer UNAVAILABLE and are not kept on the connection to be applied when it thaws', async () => {
+  it('a frozen Redis (SIGSTOP): writes meanwhile answer UNAVAILABLE, are not kept on the connection to be applied when it thaws, and every one that may still be applied says its outcome is unknown', async () => {
     const frozen = await startRedisServer();
     const stalled = new RedisBackend(backendOptions({ url: frozen.url, keyPrefix: 'z:', commandTimeoutMs: 200 }));
     try {
       await stalled.batch([put('before')]);
       frozen.pause();
-      const answers: Array<Promise<unknown>> = [];
+      const answers: Array<Promise<{ code: unknown; unknown: boolean }>> = [];
       for (let i = 0; i < 60; i += 1) {
-        answers.push(stalled.batch([put(`during${i}`)]).then(([r]) => !r.ok && toStatus(r.error).code));
+        answers.push(stalled.batch([put(`during${i}`)]).then(([r]) => ({ code: !r.ok && toStatus(r.error).code, unknown: !r.ok && r.error.outcomeUnknown })));
         await new Promise((r) => setTimeout(r, 20));
       }
-      assert.deepEqual(new Set(await Promise.all(answers)), new Set([status.UNAVAILABLE]));
+      const settled = await Promise.all(answers);
+      assert.deepEqual(new Set(settled.map((a) => a.code)), new Set([status.UNAVAILABLE]));
+      const unknown = new Set(settled.flatMap((a, i) => (a.unknown ? [`during${i}`] : [])));
+      // Sent on the frozen connection (unknown), then refused unsent while no connection was ready.
+      assert.ok(unknown.size > 0 && unknown.size < 60, `${unknown.size} of 60 said their outcome is unknown`);
       frozen.resume();
       await until(async () => (await stalled.batch([put('after')]))[0].ok);
       // Only writes sent before the connection was given up (within the command timeout) may land;
       // the rest never reached Redis. Before, all 60 were held and applied late.
-      const applied = Number(await redisCommand(frozen.port, 'DBSIZE')) - 2;
-      assert.ok(applied < 20, `${applied} of 60 writes answered UNAVAILABLE were applied after the thaw`);
+      const keys = settled.map((_, i) => `during${i}`);
+      const found = await stalled.batch(keys.map((key): BackendOp => ({ kind: 'get', key, refreshTtlMs: 0 })));
+      const applied = keys.filter((_, i) => found[i].ok && found[i].value !== null);
+      assert.ok(applied.length < 20, `${applied.length} of 60 writes answered UNAVAILABLE were applied after the thaw`);
+      // A write answered as not applied must not have been: each one that landed said it might.
+      assert.deepEqual(applied.filter((key) => !unknown.has(key)), []);
     } finally {
       await stalled.close();
       await frozen.stop('SIGKILL');

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
+import { createPipeClient } from '../services/client/pipe-client';
 import { createRawClient, createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
 import type { WatchEvent } from '../services/generated/kv';
 import { checkHealth, waitForHealth } from './helpers/health';
@@ -74,6 +75,43 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     redis.resume();
     await waitForHealth(store.port, 'SERVING', 10_000);
     assert.equal((await client.get('k'))?.value.toString(), 'x');
+  });
+
+  it('a write that reached a frozen Redis and got no reply says its outcome is unknown (unary and pipe); one refused before it was sent does not', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, storeEnv(redis.url));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    const pipe = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    try {
+      await Promise.all([client.put('k', Buffer.from('x'), { ttlMs: 60_000 }), pipe.put('p', Buffer.from('x'), { ttlMs: 60_000 })]);
+      redis.pause();
+      const failure = (call: Promise<unknown>) =>
+        call.then(
+          () => assert.fail('the call succeeded'),
+          (err: StoreClientError) => err,
+        );
+      // Sent on the connection to the frozen Redis: the store cannot know whether Redis ran them.
+      const [unary, piped] = await Promise.all([
+        failure(client.put('k', Buffer.from('y'), { ttlMs: 60_000 })),
+        failure(pipe.put('p', Buffer.from('y'), { ttlMs: 60_000 })),
+      ]);
+      for (const err of [unary, piped]) {
+        assert.equal(err.code, status.UNAVAILABLE, err.message);
+        assert.equal(err.outcomeUnknown, true, err.message);
+        assert.equal(err.call, 'put');
+      }
+      // The store has given up that connection: a later write is refused unsent.
+      const later = await failure(client.put('k', Buffer.from('z'), { ttlMs: 60_000 }));
+      assert.equal(later.code, status.UNAVAILABLE, later.message);
+      assert.equal(later.outcomeUnknown, false, later.message);
+      await waitForHealth(store.port, 'NOT_SERVING', 5000);
+      redis.resume();
+      await waitForHealth(store.port, 'SERVING', 10_000);
+      // Redis ran the two writes when it thawed (their connection was gone, not their commands).
+      assert.equal((await client.get('k'))?.value.toString(), 'y');
+    } finally {
+      pipe.close();
+    }
   });
 
   it('the store losing its change feed while Redis stays up (CLIENT KILL TYPE pubsub) ends Watch with UNAVAILABLE, and bin/dump --watch with exit 1', async () => {

@@ -133,7 +133,7 @@ class PipeTransport {
       }
     }).then(
       (result) => {
-        if (result.code !== status.OK) throw toClientError(result.code, result.message, { call });
+        if (result.code !== status.OK) throw toClientError(result.code, result.message, { call, outcomeUnknown: result.outcomeUnknown });
         return result;
       },
       (err: unknown) => {

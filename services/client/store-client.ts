@@ -83,11 +83,13 @@ const NOT_SENT = /No connection established|^Channel closed before call started|
 
 /**
  * Whether a failed call may have been applied by the store: its request went out and no answer
- * came. Only DEADLINE_EXCEEDED, UNAVAILABLE and CANCELLED can mean that; any other status is the
- * store's answer, or a refusal before sending. An answer from the store carries its response
- * headers (content-type) in the error's metadata, a status grpc-js made up itself carries none:
+ * came, or the store answered that its backend may have applied it. Only DEADLINE_EXCEEDED,
+ * UNAVAILABLE and CANCELLED can mean that; any other status is the store's answer, or a refusal
+ * before sending. An answer from the store carries its response headers (content-type) in the
+ * error's metadata, a status grpc-js made up itself carries none:
  * - the store's own UNAVAILABLE (stopping, full, backend down) and DEADLINE_EXCEEDED (the call was
- *   skipped because its deadline had passed when the store reached it) say it did nothing; except
+ *   skipped because its deadline had passed when the store reached it) say it did nothing, unless
+ *   the store adds `outcome-unknown: 1` (a Redis command sent and never answered); and except
  *   grpc-js's server-side timer ("Deadline exceeded"), which answers while the handler may run;
  * - made up by grpc-js: unknown unless its details say the call never went out (NOT_SENT); an
  *   unrecognised message counts as unknown, the side that claims nothing false;
@@ -97,9 +99,14 @@ function sentWithoutAnswer(err: ServiceError): boolean {
   const { code } = err;
   if (code !== status.DEADLINE_EXCEEDED && code !== status.UNAVAILABLE && code !== status.CANCELLED) return false;
   if (code === status.CANCELLED) return true;
-  if (answeredByStore(err)) return code === status.DEADLINE_EXCEEDED && err.details === 'Deadline exceeded';
+  if (answeredByStore(err)) {
+    return (code === status.DEADLINE_EXCEEDED && err.details === 'Deadline exceeded') || err.metadata.get(OUTCOME_UNKNOWN_KEY).length > 0;
+  }
   return !neverSent(err);
 }
+
+/** Trailing metadata with which the store says that a failed call may have been applied (OpResult.outcome_unknown in batches). */
+const OUTCOME_UNKNOWN_KEY = 'outcome-unknown';
 
 function answeredByStore(err: ServiceError): boolean {
   return (err.metadata?.get('content-type').length ?? 0) > 0;

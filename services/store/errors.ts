@@ -16,15 +16,22 @@ const CODES: Record<StoreErrorKind, status> = {
 export interface MappedStatus {
   code: status;
   details: string;
+  /** The operation may have been applied (see StoreError.outcomeUnknown). */
+  outcomeUnknown: boolean;
 }
+
+/** Trailing metadata of a unary call that failed with an unknown outcome (OpResult.outcome_unknown in batches). */
+export const OUTCOME_UNKNOWN_KEY = 'outcome-unknown';
 
 /** Maps any thrown value to a status; unexpected errors never leak their message to the client. */
 export function toStatus(err: unknown): MappedStatus {
-  if (err instanceof StoreError) return { code: CODES[err.kind], details: err.message };
-  return { code: status.INTERNAL, details: 'internal error' };
+  if (err instanceof StoreError) return { code: CODES[err.kind], details: err.message, outcomeUnknown: err.outcomeUnknown };
+  return { code: status.INTERNAL, details: 'internal error', outcomeUnknown: false };
 }
 
 export function toServiceError(err: unknown): Partial<ServiceError> {
   const mapped = toStatus(err);
-  return { code: mapped.code, details: mapped.details, metadata: new Metadata() };
+  const metadata = new Metadata();
+  if (mapped.outcomeUnknown) metadata.set(OUTCOME_UNKNOWN_KEY, '1');
+  return { code: mapped.code, details: mapped.details, metadata };
 }

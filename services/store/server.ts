@@ -394,11 +394,11 @@ function toGetResponse(entry: StoredEntry | null): GetResponse {
 function succeeded(op: BackendOp, value: unknown): OpResult {
   switch (op.kind) {
     case 'get':
-      return { code: status.OK, message: '', result: { $case: 'get', value: toGetResponse(value as StoredEntry | null) } };
+      return { code: status.OK, message: '', result: { $case: 'get', value: toGetResponse(value as StoredEntry | null) }, outcomeUnknown: false };
     case 'put':
-      return { code: status.OK, message: '', result: { $case: 'put', value: { entry: value as StoredEntry } } };
+      return { code: status.OK, message: '', result: { $case: 'put', value: { entry: value as StoredEntry } }, outcomeUnknown: false };
     case 'delete':
-      return { code: status.OK, message: '', result: { $case: 'delete', value: { deleted: value as boolean } } };
+      return { code: status.OK, message: '', result: { $case: 'delete', value: { deleted: value as boolean } }, outcomeUnknown: false };
   }
 }
 
@@ -414,7 +414,7 @@ function answerBytes(response: BatchResponse): number {
 
 function failed(err: unknown): OpResult {
   const mapped = toStatus(err);
-  return { code: mapped.code, message: mapped.details, result: undefined };
+  return { code: mapped.code, message: mapped.details, result: undefined, outcomeUnknown: mapped.outcomeUnknown };
 }
 
 /**

@@ -92,11 +92,18 @@ export type StoreErrorKind =
 /** The one domain error of the store. `kind` decides the gRPC status (see ../errors.ts). */
 export class StoreError extends Error {
   override name = 'StoreError';
+  /**
+   * True when the operation may have been applied although it failed: it reached the database and
+   * no answer came back (a Redis command sent on a connection that then broke or timed out).
+   */
+  readonly outcomeUnknown: boolean;
   constructor(
     readonly kind: StoreErrorKind,
     message: string,
+    options: { outcomeUnknown?: boolean } = {},
   ) {
     super(message);
+    this.outcomeUnknown = options.outcomeUnknown ?? false;
   }
 }
 

@@ -211,7 +211,9 @@ export class RedisBackend implements Backend {
       // A write sent after watch() returned must reach the new watcher: wait for its subscription.
       await this.watcher.settled();
     } catch (err) {
-      const error = toStoreError(err);
+      // Nothing was sent: whatever the error, no operation can have been applied.
+      const failure = toStoreError(err);
+      const error = failure.outcomeUnknown ? new StoreError(failure.kind, failure.message) : failure;
       return ops.map(() => ({ ok: false, error }));
     }
     const replies = await this.run(ops);
@@ -493,8 +495,16 @@ function isRedirect(err: Error | null): boolean {
 }
 
 /**
+ * ioredis' refusals of a command it never wrote to a connection (no connection is ready, and the
+ * offline queue is off). Every other failure that is not a reply from Redis came after the command
+ * was written: its connection broke or timed out before the reply, and Redis may have run it.
+ */
+const NOT_SENT = /^Stream isn't writeable|^Cluster isn't ready|enableOfflineQueue options is false/;
+
+/**
  * Connection, timeout and failover errors, and replies that say Redis cannot serve now, become
- * StoreError('unavailable'). Any other reply error is the failure of that one operation, never
+ * StoreError('unavailable'); one for a command that was sent and never answered says its outcome
+ * is unknown (see NOT_SENT). Any other reply error is the failure of that one operation, never
  * an exception: 'failed_precondition' (FAILED_PRECONDITION) for a key of another type under our
  * prefix, since only removing that foreign key helps, not retrying; 'internal' (INTERNAL) for
  * anything else (a wrong script, an ACL that denies a command), a fault of the deployment that
@@ -509,6 +519,8 @@ function toStoreError(err: unknown): StoreError {
     }
     return new StoreError('internal', `redis: ${error.message}`);
   }
-  return new StoreError('unavailable', `redis: ${error?.message ?? String(err)}`);
+  if (error?.name === 'ReplyError') return new StoreError('unavailable', `redis: ${error.message}`);
+  const message = error?.message ?? String(err);
+  return new StoreError('unavailable', `redis: ${message}`, { outcomeUnknown: !NOT_SENT.test(message) });
 }
 
