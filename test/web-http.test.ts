@@ -83,11 +83,13 @@ describe('web over HTTP (createApp over a real store process)', function () {
           .end();
       });
 
-    it('405 and 501 are error pages with Allow and Cache-Control: no-store; OPTIONS and HEAD still work; a path out of /static/ is a 404 page', async () => {
+    it('405 and 501 are error pages with Allow and Cache-Control: no-store, static files included; OPTIONS and HEAD still work; a path out of /static/ is a 404 page', async () => {
       const { base, logs } = await site();
       const cases: Array<[string, string, number, string]> = [
         ['PUT', '/', 405, 'Method not allowed'],
         ['DELETE', '/healthz', 405, 'Method not allowed'],
+        ['PUT', '/static/style.css', 405, 'Method not allowed'],
+        ['POST', '/static/missing.css', 405, 'Method not allowed'],
         ['PROPFIND', '/', 501, 'Not supported'],
         ['TRACE', '/', 501, 'Not supported'],
         ['GET', '/static/%2e%2e/%2e%2e/app.ts', 404, 'Page not found'],
@@ -104,6 +106,8 @@ describe('web over HTTP (createApp over a real store process)', function () {
       }
       const options = await raw(base, 'OPTIONS', '/');
       assert.deepEqual([options.status, options.headers.allow, options.body], [200, 'HEAD, GET', '']);
+      const staticOptions = await raw(base, 'OPTIONS', '/static/style.css');
+      assert.deepEqual([staticOptions.status, staticOptions.headers.allow, staticOptions.body], [200, 'HEAD, GET', '']);
       const head = await raw(base, 'HEAD', '/');
       assert.equal(head.status, 200);
       assert.equal((await raw(base, 'GET', '/static/style.css')).status, 200);

@@ -107,7 +107,10 @@ export class StoreSource {
       call.on('error', (err: ServiceError) => {
         if (err.code === status.CANCELLED && this.closing) return resolve();
         if (err.code === status.UNAVAILABLE && established) {
-          return reject(new StoreUnreachableError(`the change feed broke, changes may have been missed (${err.details || err.message}); run it again`));
+          const why = err.details || err.message;
+          // The store's own message may already say it (Redis: "... broke, so changes may have been missed; ...").
+          const told = /may have been missed/.test(why) ? `${why}` : `changes may have been missed (${why})`;
+          return reject(new StoreUnreachableError(`the change feed broke: ${told}; run it again`));
         }
         reject(this.translate(err));
       });

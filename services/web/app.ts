@@ -86,7 +86,14 @@ export function createApp(deps: AppDeps): Koa {
   const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
   app.use((ctx, next) => {
     if (OPERATION_PATHS.has(ctx.path)) return operations(ctx, next);
-    if (ctx.path.startsWith('/static/')) return assets(ctx, next).catch(notFoundOutsideStatic);
+    if (ctx.path.startsWith('/static/')) {
+      if (ctx.method === 'GET' || ctx.method === 'HEAD') return assets(ctx, next).catch(notFoundOutsideStatic);
+      // Files are only read: other methods get what the router gives a route's other methods.
+      ctx.set('Allow', 'HEAD, GET');
+      ctx.status = ctx.method === 'OPTIONS' ? 200 : 405;
+      if (ctx.status === 200) ctx.body = '';
+      return;
+    }
     return next();
   });
   const warnForged = rateLimited(10, 10_000, (ctx: Koa.Context, info: { cookieHash: string }, suppressed: number) =>
