@@ -335,6 +335,13 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
   router.get('/state', async (ctx) => {
     ctx.body = (await ctx.session.get()) ?? {};
   });
+  router.get('/form', async (ctx) => {
+    const data = await ctx.session.get();
+    ctx.body = { data, csrf: ctx.session.csrfToken() };
+  });
+  router.post('/checked', async (ctx) => {
+    ctx.body = { accepted: ctx.session.verifyCsrf(ctx.query.token) };
+  });
   app.use(router.routes());
   return app;
 }
@@ -571,6 +578,22 @@ describe('session races and failures (real store process; some calls delayed or 
     const again = await call(base, 'POST', '/set?mode=y', `sid=${planted.set}`);
     assert.deepEqual(again.setCookies, [], 'nor on an update through the old id');
     assert.match((await stored(login.set!))!, /"mode":"y"/, 'which reached the session (the grace window keeps parallel requests working)');
+  });
+
+  it('a request carrying the id a login replaced gets no form token that the logged-in browser accepts; its token works with its own cookie only', async () => {
+    const base = await serve(store.client);
+    const planted = await call(base, 'POST', '/set?mode=x');
+    const login = await call(base, 'POST', '/login', `sid=${planted.set}`);
+    const attacker = await call(base, 'GET', '/form', `sid=${planted.set}`);
+    assert.deepEqual(attacker.body.data, { mode: 'x', user: 'alice' }, 'within the grace window the old id reaches the session');
+    const token = encodeURIComponent(String(attacker.body.csrf));
+    const victim = await call(base, 'POST', `/checked?token=${token}`, `sid=${login.set}`);
+    assert.deepEqual(victim.body, { accepted: false }, "the old id's page carries no token for the new id");
+    const own = await call(base, 'POST', `/checked?token=${token}`, `sid=${planted.set}`);
+    assert.deepEqual(own.body, { accepted: true }, 'the token is for the cookie the request carried');
+    const fresh = await call(base, 'GET', '/form', `sid=${login.set}`);
+    const accepted = await call(base, 'POST', `/checked?token=${encodeURIComponent(String(fresh.body.csrf))}`, `sid=${login.set}`);
+    assert.deepEqual(accepted.body, { accepted: true }, "the new id's own page token is accepted");
   });
 
   it('requests whose client went away while they waited for the session give up their turn: the next one is not held up by them', async () => {

@@ -205,13 +205,17 @@ export class Session<T extends SessionData = SessionData> {
   }
 
   /**
-   * The form token bound to the current session id (issues an id, without a store write, if there
-   * is none). Call it after get() or update(), which may move the request to a new id.
+   * The form token bound to the session id the browser holds after this response (issues an id,
+   * without a store write, if there is none). Call it after get() or update(), which may move the
+   * request to a new id.
    */
   csrfToken(): string {
     this.readCookie();
     if (!this.currentId) this.useId(newSessionId(), false);
-    return this.proofFor(this.currentId!).csrf;
+    // The id sent in this response, else the one the request carried. A request that reached a
+    // regenerated session through its old id stands for the new id but is never told it, nor a
+    // token for it: whoever planted the old id would get a token the logged-in browser accepts.
+    return this.proofFor(this.sentId ?? this.cookieId!).csrf;
   }
 
   /** Constant-time check of a form token against the id the request carried; false without a valid cookie. */
