@@ -8,7 +8,7 @@ import { createApp } from '../services/web/app';
 import { WebMetrics } from '../services/web/metrics';
 import { type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
 import { IdSigner } from '../services/web/signed-id';
-import { CookieJarClient } from './helpers/browser';
+import { CookieJarClient, parsePage } from './helpers/browser';
 import { type Proc, startStore, startWeb, TEST_KEY, tempDir } from './helpers/procs';
 import { countingStore, idOf, memoryLogger, serveApp, startStoreWithClient } from './helpers/web-app';
 
@@ -118,6 +118,43 @@ describe('session middleware (createApp over a real store process)', function ()
       await res.text();
       const warning = logs.entries().find((e) => e.msg === 'suspicious session cookie: signature does not verify');
       assert.equal(warning?.remote, '198.51.100.7');
+    });
+  });
+
+  describe('several cookies of the session\'s name', () => {
+    it('a stale, forged or retired-key cookie sent before the valid one (another path or a parent domain) does not hide the session: the page counts on, no new session is made, and POSTs with its form token work', async () => {
+      const { base, counted } = await site();
+      const jar = new CookieJarClient(base);
+      await jar.page();
+      const genuine = jar.cookies.get('sid')!;
+      const others: Array<[string, string]> = [
+        ['a cookie signed with a retired key', new IdSigner([OTHER_KEY]).prove('AAAAAAAAAAAAAAAAAAAAAAAA').cookie],
+        ['a garbage value', 'garbage'],
+        ['an empty value', ''],
+      ];
+      let expected = 1;
+      for (const [i, [what, other]] of others.entries()) {
+        const cookie = `sid=${other}; sid=${genuine}`;
+        const res = await fetch(base + '/', { headers: { cookie } });
+        const page = parsePage(res.status, await res.text());
+        assert.deepEqual(res.headers.getSetCookie(), [], `${what}: no new cookie`);
+        assert.deepEqual([page.status, page.count1, page.count2], [200, expected, i], `${what}: the session counts on`);
+        const post = await fetch(base + '/increment', {
+          method: 'POST',
+          headers: { cookie, 'content-type': 'application/x-www-form-urlencoded' },
+          body: new URLSearchParams({ _csrf: page.csrf }).toString(),
+          redirect: 'manual',
+        });
+        assert.equal(post.status, 303, `${what}: the form is accepted`);
+        expected += 1;
+      }
+      assert.deepEqual(
+        [...new Set(counted.calls.map((c) => c.key))],
+        [idOf(genuine)],
+        'no other session was created or read',
+      );
+      const after = await jar.page();
+      assert.deepEqual([after.count1, after.count2], [expected, others.length]);
     });
   });
 

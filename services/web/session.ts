@@ -228,16 +228,22 @@ export class Session<T extends SessionData = SessionData> {
   private readCookie(): void {
     if (this.cookieRead) return;
     this.cookieRead = true;
-    const raw = this.ctx.cookies.get(this.cookieName());
-    if (raw === undefined || raw === '') return;
-    const verified = this.cfg.signer.verify(raw);
-    if (!verified) {
-      this.cfg.onForgedCookie(this.ctx, { cookieHash: shortHash(raw) });
-      return;
+    // A browser sends every cookie of the name that matches (another path's first, then a parent
+    // domain's): a stale or foreign one before ours must not hide the session, so the first that
+    // verifies counts. That gives whoever can set such a cookie nothing more: a longer path already
+    // puts theirs first.
+    let forged: string | undefined;
+    for (const raw of cookieValues(this.ctx.get('cookie'), this.cookieName())) {
+      const verified = this.cfg.signer.verify(raw);
+      if (verified) {
+        this.cookieId = verified.id;
+        this.currentId = verified.id;
+        this.proof = verified.proof;
+        return;
+      }
+      forged ??= raw;
     }
-    this.cookieId = verified.id;
-    this.currentId = verified.id;
-    this.proof = verified.proof;
+    if (forged !== undefined) this.cfg.onForgedCookie(this.ctx, { cookieHash: shortHash(forged) });
   }
 
   /** Runs fn under this process's lock for the session, re-locking if a regeneration moved it meanwhile. */
@@ -511,6 +517,23 @@ export class Session<T extends SessionData = SessionData> {
 
   private cookieAttributes() {
     return { httpOnly: true, sameSite: 'lax' as const, path: '/', secure: this.secure(), overwrite: true, signed: false };
+  }
+}
+
+/** Cookies of the session's name looked at per request: a browser sends one per path and domain, never many. */
+const MAX_SAME_NAME_COOKIES = 8;
+
+/** The non-empty values of the cookies called `name` in a Cookie header, in order, at most MAX_SAME_NAME_COOKIES (quotes removed, as the cookies library does). */
+function* cookieValues(header: string, name: string): Generator<string> {
+  if (!header.includes(name)) return;
+  let seen = 0;
+  for (const pair of header.split(';')) {
+    const eq = pair.indexOf('=');
+    if (eq < 0 || pair.slice(0, eq).trim() !== name) continue;
+    if ((seen += 1) > MAX_SAME_NAME_COOKIES) return;
+    let value = pair.slice(eq + 1).trim();
+    if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) value = value.slice(1, -1);
+    if (value !== '') yield value;
   }
 }
 
