@@ -352,6 +352,7 @@ describe('web process settings and logs', function () {
     ['SESSION_SECURE=maybe', { SESSION_SECURE: 'maybe' }, /SESSION_SECURE="maybe": expected one of auto, always, never/],
     ['PORT=x', { PORT: 'x' }, /PORT="x": expected a TCP port number 0-65535/],
     ['SESSION_IDLE_TTL_MS=soon', { SESSION_IDLE_TTL_MS: 'soon' }, /SESSION_IDLE_TTL_MS="soon": expected an integer/],
+    ['SESSION_COOKIE_NAME=__Host-sid', { SESSION_COOKIE_NAME: '__Host-sid' }, /SESSION_COOKIE_NAME="__Host-sid": expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__"/],
     ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
     ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],
     ['a STORE_ADDRESS port above 65535', { STORE_ADDRESS: '127.0.0.1:99999' }, /STORE_ADDRESS="127.0.0.1:99999": expected host:port .*port 1-65535/],

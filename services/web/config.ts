@@ -32,7 +32,11 @@ export function loadWebConfig(raw = readEnv()) {
           message: 'expected comma-separated keys of at least 32 characters, newest first',
         })
         .optional(),
-      SESSION_COOKIE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: 'expected 1-64 of A-Z a-z 0-9 _ -' }).default('sid'),
+      // The session middleware's own rule: "__" is left for the __Host- prefix it adds over HTTPS.
+      SESSION_COOKIE_NAME: z
+        .string()
+        .regex(/^(?!__)[A-Za-z0-9_-]{1,64}$/, { message: 'expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__" (__Host- is added over HTTPS)' })
+        .default('sid'),
       SESSION_IDLE_TTL_MS: envs.int(30 * MINUTE, 1000, 30 * 24 * 60 * MINUTE, ' ms'),
       SESSION_ABSOLUTE_TTL_MS: envs.int(24 * 60 * MINUTE, 1000, 365 * 24 * 60 * MINUTE, ' ms'),
       SESSION_SECURE: envs.oneOf(['auto', 'always', 'never'] as const, 'auto'),
