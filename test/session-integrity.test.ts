@@ -374,7 +374,7 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
   });
   router.get('/form', async (ctx) => {
     const data = await ctx.session.get();
-    ctx.body = { data, csrf: ctx.session.csrfToken() };
+    ctx.body = { data, csrf: ctx.session.csrfToken(), id: ctx.session.id };
   });
   router.post('/checked', async (ctx) => {
     ctx.body = { accepted: ctx.session.verifyCsrf(ctx.query.token) };
@@ -617,12 +617,13 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.match((await stored(login.set!))!, /"mode":"y"/, 'which reached the session (the grace window keeps parallel requests working)');
   });
 
-  it('a request carrying the id a login replaced gets no form token that the logged-in browser accepts; its token works with its own cookie only', async () => {
+  it('a request carrying the id a login replaced gets no form token nor ctx.session.id that the logged-in browser holds; its token works with its own cookie only', async () => {
     const base = await serve(store.client);
     const planted = await call(base, 'POST', '/set?mode=x');
     const login = await call(base, 'POST', '/login', `sid=${planted.set}`);
     const attacker = await call(base, 'GET', '/form', `sid=${planted.set}`);
     assert.deepEqual(attacker.body.data, { mode: 'x', user: 'alice' }, 'within the grace window the old id reaches the session');
+    assert.equal(attacker.body.id, idOf(planted.set), 'ctx.session.id is the id the request carried, not the new one');
     const token = encodeURIComponent(String(attacker.body.csrf));
     const victim = await call(base, 'POST', `/checked?token=${token}`, `sid=${login.set}`);
     assert.deepEqual(victim.body, { accepted: false }, "the old id's page carries no token for the new id");

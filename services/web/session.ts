@@ -144,10 +144,14 @@ export class Session<T extends SessionData = SessionData> {
     private readonly cfg: ResolvedOptions,
   ) {}
 
-  /** The current session id, if any (never log it: see shortHash). */
+  /**
+   * The session id the browser holds after this response, if any (never log it: see shortHash).
+   * A request that reached a regenerated session through its old id gets the old id, as its token
+   * (csrfToken), never the new one.
+   */
   get id(): string | undefined {
     this.readCookie();
-    return this.currentId;
+    return this.sentId ?? this.cookieId;
   }
 
   /** True when the request carried a valid signed id (no store call). */
