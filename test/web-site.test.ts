@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { Agent, type IncomingMessage, request } from 'node:http';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { type Proc, root, startStore, startWeb, tempDir, waitForLine, webStartFailure } from './helpers/procs';
@@ -291,6 +291,27 @@ describe('web process settings and logs', function () {
       }
     });
   }
+
+  it('SIGTERM: connections that have sent no request yet (a browser preconnect) or only part of its headers do not hold up the stop: closed at once, exit 0', async () => {
+    const web = await startWeb(store.port, tmp.dir);
+    const sockets = [connect(web.port, '127.0.0.1'), connect(web.port, '127.0.0.1')];
+    try {
+      await Promise.all(sockets.map((s) => once(s, 'connect')));
+      const closedAll = Promise.all(sockets.map((s) => once(s, 'close')));
+      sockets[1].write('GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+      await new Promise((r) => setTimeout(r, 200)); // the partial head has reached the web's parser
+      const started = Date.now();
+      const code = await web.stop('SIGTERM');
+      await closedAll;
+      assert.equal(code, 0);
+      const took = Date.now() - started;
+      assert.ok(took < 3000, `exited ${took} ms after the signal`);
+      assert.ok(!web.lines.some((l) => l.includes('after the grace period')), 'no error line about responses in flight');
+    } finally {
+      for (const s of sockets) s.destroy();
+      await web.stop();
+    }
+  });
 
   it('a second signal a second or more after the first exits at once with code 1, without the request in flight', async () => {
     const web = await startWeb(store.port, tmp.dir);

@@ -1,4 +1,5 @@
 import { createServer, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type Koa from 'koa';
 import type { Logger } from '../shared/log';
 
@@ -6,8 +7,9 @@ export interface WebServer {
   server: Server;
   /**
    * Graceful stop: no new connections; responses not started yet go out with Connection: close;
-   * idle connections are closed at once and busy ones after their response; `done` runs when the
-   * last response is finished. After graceMs the rest are given up: an error line and exit code 1.
+   * connections without a response in flight (idle, or not yet through a request's headers) are
+   * closed at once and busy ones after their response; `done` runs when the last response is
+   * finished. After graceMs the rest are given up: an error line and exit code 1.
    */
   stop(signal: string, done: () => void): void;
 }
@@ -15,6 +17,7 @@ export interface WebServer {
 /** An HTTP server for the app that knows its responses in flight, so that a stop can finish them. */
 export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebServer {
   const inFlight = new Set<ServerResponse>();
+  const connections = new Set<Socket>();
   let stopping = false;
   const handle = app.callback();
   // One listener for every response (no closure per request: this is on every page's path).
@@ -24,6 +27,9 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebS
     // now, or server.close() would wait for the client to hang up.
     if (stopping) server.closeIdleConnections();
   }
+  function forget(this: Socket): void {
+    connections.delete(this);
+  }
   const server = createServer((req, res) => {
     inFlight.add(res);
     res.once('close', closed);
@@ -32,6 +38,10 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebS
     if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
   });
+  server.on('connection', (socket: Socket) => {
+    connections.add(socket);
+    socket.once('close', forget);
+  });
   return {
     server,
     stop(signal, done) {
@@ -39,7 +49,13 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebS
       stopping = true;
       for (const res of inFlight) if (!res.headersSent) res.shouldKeepAlive = false;
       server.close(done);
-      server.closeIdleConnections();
+      // Node's closeIdleConnections() spares a connection that has not finished a request yet (a
+      // browser's preconnect sends nothing for seconds; a slow client may be halfway through its
+      // headers): either would hold the stop for the whole grace period. No request of theirs has
+      // reached the app, so nothing of it was done: close every connection without a response.
+      const busy = new Set<Socket | null>();
+      for (const res of inFlight) busy.add(res.socket);
+      for (const socket of connections) if (!busy.has(socket)) socket.destroy();
       setTimeout(() => {
         logger.error({ graceMs, inFlight: inFlight.size }, 'stopping: responses still in flight after the grace period, exiting without them');
         process.exit(1);
