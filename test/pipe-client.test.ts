@@ -193,6 +193,36 @@ describe('pipe client: batched store calls over one stream (real store process)'
     }
   });
 
+  it('a pipe the store ends with status OK (it is stopping) fails the operations it left unanswered as unavailable and not applied; the next call opens a new pipe', async () => {
+    let pipes = 0;
+    const fake = new Server();
+    fake.addService(SessionStoreService, {
+      // A stopping store that has answered everything it ran: a batch read after that is not run, and the pipe ends.
+      pipe: (call: ServerDuplexStream<BatchRequest, BatchResponse>) => {
+        pipes += 1;
+        call.on('error', () => undefined);
+        call.once('data', () => call.end());
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      fake.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const ended = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 5000 });
+    try {
+      for (const attempt of [1, 2]) {
+        const err = await failure(ended.put('not-written', Buffer.from('x'), { ttlMs: 60_000 }));
+        assert.equal(err.kind, 'unavailable', err.message);
+        assert.equal(err.outcomeUnknown, false, err.message);
+        assert.equal(err.call, 'put');
+        assert.match(err.message, /closed the pipe .*without running the operation/);
+        assert.equal(pipes, attempt, 'each call went out on a pipe of its own');
+      }
+    } finally {
+      ended.close();
+      fake.forceShutdown();
+    }
+  });
+
   it('falls back to the unary Batch RPC when the store has no Pipe, coalescing one turn into one batch', async () => {
     const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000 });
     const batches: number[] = [];

@@ -54,7 +54,8 @@ interface InFlight {
  *   the stream does not drain.
  * - Reconnect: a broken stream fails its in-flight operations as unavailable, outcome unknown
  *   (never silently retried, since a write may have landed), and the next flush opens a new
- *   stream on the same channel.
+ *   stream on the same channel. A stream the store ended (status OK: it is stopping) fails those
+ *   it left unanswered as unavailable, not run: the store answers every batch it runs before it ends.
  * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
  */
 export function createPipeClient(options: PipeClientOptions): StoreClient {
@@ -235,7 +236,8 @@ class PipeTransport {
     if (this.stream) return this.stream;
     const stream = this.client.pipe(this.metadata);
     this.stream = stream;
-    const broken = (err: StoreClientError, notSent = false) => {
+    /** `notRun`: the store says it ran none of the batches still unanswered (never sent, or ended the pipe without reading them). */
+    const broken = (err: StoreClientError, notRun?: 'unsent' | 'unread') => {
       if (this.stream !== stream) return;
       this.stream = undefined;
       this.draining = false;
@@ -256,11 +258,12 @@ class PipeTransport {
       // may have run before it broke, so their outcome is unknown (an operation's own code comes
       // only from its OpResult). Except UNAUTHENTICATED: the store refuses such a stream before it
       // reads a batch, and the caller must learn that the token is wrong. And except a stream
-      // grpc-js never opened (no connection to the store): nothing on it reached the store.
+      // grpc-js never opened (no connection to the store): nothing on it reached the store; and a
+      // pipe the store ended itself (see 'end' below).
       this.failAll(
-        err.code === status.UNAUTHENTICATED
+        err.code === status.UNAUTHENTICATED || notRun === 'unread'
           ? err
-          : notSent
+          : notRun === 'unsent'
             ? toClientError(status.UNAVAILABLE, `no pipe to the store could be opened (${status[err.code] ?? err.code}: ${err.message}); the operation was not sent`)
             : toClientError(status.UNAVAILABLE, `the pipe to the store broke (${status[err.code] ?? err.code}: ${err.message}); the outcome of the operation is unknown`, {
                 outcomeUnknown: true,
@@ -272,8 +275,11 @@ class PipeTransport {
       }
     };
     stream.on('data', (response: BatchResponse) => this.answer(response));
-    stream.on('error', (err: ServiceError) => broken(fromServiceError(err), neverSent(err)));
-    stream.on('end', () => broken(toClientError(status.UNAVAILABLE, 'the store closed the pipe')));
+    stream.on('error', (err: ServiceError) => broken(fromServiceError(err), neverSent(err) ? 'unsent' : undefined));
+    // An end without an error is the store's status OK: a stopping store ends a pipe only once it
+    // has answered every batch it read, and runs none it reads after (see Pipe in kv.proto). A
+    // broken connection is an error, never an end, so the batches unanswered now were not run.
+    stream.on('end', () => broken(toClientError(status.UNAVAILABLE, 'the store closed the pipe (it is stopping) without running the operation'), 'unread'));
     return stream;
   }
 
