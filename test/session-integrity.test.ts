@@ -9,6 +9,7 @@ import { WebMetrics } from '../services/web/metrics';
 import { type SessionBackend, type SessionOptions, sessionMiddleware } from '../services/web/session';
 import { IdSigner } from '../services/web/signed-id';
 import { CookieJarClient, parsePage } from './helpers/browser';
+import { parsePrometheus } from './helpers/prometheus';
 import { type Proc, startStore, startWeb, TEST_KEY, tempDir } from './helpers/procs';
 import { countingStore, idOf, memoryLogger, serveApp, startStoreWithClient } from './helpers/web-app';
 
@@ -236,10 +237,17 @@ describe('session middleware (createApp over a real store process)', function ()
   });
 
   describe('lifetime', () => {
+    /** How many sessions /metrics counts as found ended since this call. */
+    const endedSessions = async (base: string) => {
+      const read = async () => parsePrometheus(await (await fetch(base + '/metrics')).text()).get('web_sessions_total{event="expired"}') ?? 0;
+      const before = await read();
+      return async () => (await read()) - before;
+    };
     it('the absolute lifetime ends a session however often it is used; replaying its cookie afterwards starts a new empty one', async () => {
       const absoluteTtlMs = 1500;
       const { base } = await site({ idleTtlMs: 1000, absoluteTtlMs });
       const jar = new CookieJarClient(base);
+      const ended = await endedSessions(base);
       const started = Date.now();
       await jar.page();
       const original = jar.cookies.get('sid')!;
@@ -255,6 +263,7 @@ describe('session middleware (createApp over a real store process)', function ()
       assert.deepEqual([last.count1, last.count2], [0, 0], 'the new session starts empty');
       assert.ok(visits >= 8, `the session was in use all along (${visits} visits, idle timeout never reached)`);
       assert.ok(endedAfter >= absoluteTtlMs - 100, `not before the absolute lifetime (${endedAfter} ms)`);
+      assert.equal(await ended(), 1, 'web_sessions_total{event="expired"} counted the visit that found its session ended');
 
       const replay = await fetch(base + '/', { headers: { cookie: `sid=${original}` } });
       assert.match(await replay.text(), /Counter 1: 0\b/, 'the replayed cookie does not revive the data');
@@ -266,6 +275,7 @@ describe('session middleware (createApp over a real store process)', function ()
     it('an idle timeout ends an unused session with a new id at 0/0, while use keeps sliding it', async () => {
       const { base } = await site({ idleTtlMs: 700, absoluteTtlMs: 60_000 });
       const jar = new CookieJarClient(base);
+      const ended = await endedSessions(base);
       await jar.page();
       const original = jar.cookies.get('sid');
       for (let i = 0; i < 5; i += 1) {
@@ -277,6 +287,7 @@ describe('session middleware (createApp over a real store process)', function ()
       const after = await jar.page();
       assert.notEqual(jar.cookies.get('sid'), original, 'idle past the timeout: a new id');
       assert.deepEqual([after.count1, after.count2], [0, 0]);
+      assert.equal(await ended(), 1, 'web_sessions_total{event="expired"}: once, for the visit after the timeout');
     });
   });
 

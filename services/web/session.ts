@@ -10,7 +10,11 @@ import { type IdProof, IdSigner, newSessionId } from './signed-id';
  */
 export type SessionBackend = Pick<StoreClient, 'get' | 'put' | 'delete'>;
 
-/** Lifecycle events, for metrics: a session written for the first time, moved to a new id, deleted, or past its absolute lifetime. */
+/**
+ * Lifecycle events, for metrics: a session written for the first time, moved to a new id, deleted,
+ * or found ended: the request carried a valid id whose session is gone (idle or absolute timeout,
+ * or deleted meanwhile), so a returning visitor lost it. At most one 'expired' per request.
+ */
 export type SessionEvent = 'created' | 'regenerated' | 'destroyed' | 'expired';
 
 /** Options of {@link sessionMiddleware}. Checked when the middleware is created; a bad one throws a TypeError saying what to fix. */
@@ -134,6 +138,8 @@ export class Session<T extends SessionData = SessionData> {
   /** The id this response's Set-Cookie carries, if any. */
   private sentId: string | undefined;
   private proof: IdProof | undefined;
+  /** 'expired' was reported for this request. */
+  private endedReported = false;
   private loaded: Loaded | null | undefined; // undefined = not read yet; null = no session
   private requestIdCache: string | undefined | null = null;
   /** Set while this request holds the session's lock. */
@@ -435,7 +441,10 @@ export class Session<T extends SessionData = SessionData> {
         this.currentId = found.id;
         return found;
       }
-      if (found === 'missing' || found === 'gone') return null;
+      if (found === 'missing' || found === 'gone') {
+        this.reportEnded();
+        return null;
+      }
       this.cfg.moves.remember(id, found.forward, found.untilMs - Date.now());
       id = found.forward;
     }
@@ -452,8 +461,7 @@ export class Session<T extends SessionData = SessionData> {
     const forward = parseForward(entry.value);
     if (forward) return forward.untilMs > Date.now() ? forward : 'gone';
     if (entry.createdAtMs + this.cfg.absoluteTtlMs <= Date.now()) {
-      const deleted = await this.cfg.store.delete(id, { expectedVersion: entry.version, ...this.callOptions() }).catch(ignoreConflict);
-      if (deleted) this.cfg.onEvent('expired', this.ctx);
+      await this.cfg.store.delete(id, { expectedVersion: entry.version, ...this.callOptions() }).catch(ignoreConflict);
       return 'gone';
     }
     const data = parseData(entry.value);
@@ -465,6 +473,13 @@ export class Session<T extends SessionData = SessionData> {
     }
     this.markPrivate();
     return { id, version: entry.version, createdAtMs: entry.createdAtMs, data, raw: entry.value, refreshed: refresh };
+  }
+
+  /** Reports, once per request, that the valid id the request carried led to no live session. */
+  private reportEnded(): void {
+    if (this.cookieId === undefined || this.endedReported) return;
+    this.endedReported = true;
+    this.cfg.onEvent('expired', this.ctx);
   }
 
   /** Slides the idle timeout of unchanged data without a write (the version stays, so no one conflicts). */
