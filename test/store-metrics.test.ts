@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import { Metadata, status } from '@grpc/grpc-js';
-import { createStoreClient, type StoreClient } from '../services/client/store-client';
+import { createPipeClient } from '../services/client/pipe-client';
+import { createStoreClient, StoreClientError, type StoreClient } from '../services/client/store-client';
 import { BatchRequest, GetRequest } from '../services/generated/kv';
 import { type Backend, StoreError } from '../services/store/backends/backend';
 import { StoreMetrics, throttledCount } from '../services/store/metrics';
 import { callRaw, rawStoreClient } from './helpers/raw-grpc';
-import { type Proc, startStore, tempDir } from './helpers/procs';
+import { type Proc, startStore, tempDir, waitForLine } from './helpers/procs';
 import { parsePrometheus } from './helpers/prometheus';
 
 describe('store metrics endpoint (real store process)', function () {
@@ -90,6 +91,63 @@ describe('store metrics endpoint (real store process)', function () {
     assert.equal(delta('store_batch_ops_sum'), 2);
     assert.equal(at(after, 'store_live_entries'), 3);
     assert.equal(delta('store_expired_swept_total'), 1);
+  });
+});
+
+describe('failed operations inside batches (real store process)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+
+  before(async () => {
+    tmp = tempDir();
+    // One key at most: a second new key is refused with UNAVAILABLE ("the store is full").
+    store = await startStore(tmp.dir, { STORE_MAX_ENTRIES: '1', LOG_LEVEL: 'debug' });
+  });
+  after(async () => {
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it('an operation refused inside an OK Pipe batch or Batch call is logged at its own level, counted by code, and named in the line', async () => {
+    const address = `127.0.0.1:${store.port}`;
+    const pipe = createPipeClient({ address, deadlineMs: 5000 });
+    try {
+      await pipe.put('first', Buffer.from('x'), { ttlMs: 60_000, requestId: 'req-fits' });
+      await assert.rejects(pipe.put('second', Buffer.from('x'), { ttlMs: 60_000, requestId: 'req-full' }), (err: unknown) => {
+        assert.ok(err instanceof StoreClientError && err.kind === 'unavailable', String(err));
+        return true;
+      });
+    } finally {
+      pipe.close();
+    }
+    const raw = rawStoreClient(address);
+    try {
+      const batch = BatchRequest.encode({
+        id: 1,
+        ops: [
+          { op: { $case: 'get', value: { key: 'first', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: 'req-bad-batch' },
+          { op: { $case: 'get', value: { key: '', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: 'req-bad-batch' },
+        ],
+      }).finish();
+      assert.equal((await callRaw(raw, 'Batch', [Buffer.from(batch)])).code, status.OK);
+    } finally {
+      raw.close();
+    }
+    const entry = async (requestId: string) =>
+      JSON.parse(await waitForLine(store, (l) => l.includes('"msg":"rpc"') && l.includes(`"requestId":"${requestId}"`))) as Record<string, unknown>;
+    const full = await entry('req-full');
+    assert.deepEqual([full.method, full.code, full.level, full.failed], ['Pipe', 'OK', 40, { UNAVAILABLE: 1 }], 'UNAVAILABLE at warn, as for a unary call');
+    const fits = await entry('req-fits');
+    assert.deepEqual([fits.level, fits.failed], [20, undefined], 'a batch whose operations all succeed stays at debug');
+    const invalid = await entry('req-bad-batch');
+    assert.deepEqual([invalid.method, invalid.code, invalid.level, invalid.failed], ['Batch', 'OK', 30, { INVALID_ARGUMENT: 1 }], 'a refused operation at info');
+
+    const line = store.lines.map((l) => JSON.parse(l) as { msg: string; port: number }).find((l) => l.msg === 'metrics listening');
+    const samples = parsePrometheus(await (await fetch(`http://127.0.0.1:${line!.port}/metrics`)).text());
+    assert.equal(samples.get('store_batch_op_failures_total{method="Pipe",code="UNAVAILABLE"}'), 1);
+    assert.equal(samples.get('store_batch_op_failures_total{method="Batch",code="INVALID_ARGUMENT"}'), 1);
+    assert.equal(samples.get('store_rpc_handled_total{method="Pipe",code="OK"}'), 2, 'each Pipe batch is still one OK call');
   });
 });
 

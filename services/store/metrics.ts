@@ -64,6 +64,8 @@ export function throttledCount(count: () => Promise<number>, duty = COUNT_DUTY, 
  * - store_backend_duration_seconds{op}: backend batches (op = get, put or delete for a single
  *   operation, batch for several);
  * - store_batch_ops: operations per Batch call or Pipe batch;
+ * - store_batch_op_failures_total{method,code}: operations that failed inside a Batch call or Pipe
+ *   batch that ran (the batch itself counts as OK in store_rpc_handled_total);
  * - store_live_entries: unexpired entries, counted when scraped (throttled: see throttledCount);
  * - store_live_entries_count_failures_total: scrapes whose count failed;
  * - store_expired_swept_total: expired entries removed (by the sweeper, or by a write that reached them first);
@@ -75,6 +77,7 @@ export class StoreMetrics {
   private readonly duration: Histogram<'method' | 'code'>;
   private readonly backendDuration: Histogram<'op'>;
   private readonly batchOps: Histogram;
+  private readonly opFailures: Counter<'method' | 'code'>;
   private readonly unwatch: () => void;
   /** Label children by method and code, so that recording a call allocates nothing. */
   private readonly children = new Map<RpcMethod, Array<{ handled: Counter.Internal; duration: Histogram.Internal<'method' | 'code'> }>>();
@@ -100,6 +103,12 @@ export class StoreMetrics {
       name: 'store_batch_ops',
       help: 'Operations per Batch call or Pipe batch',
       buckets: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+      registers,
+    });
+    this.opFailures = new Counter({
+      name: 'store_batch_op_failures_total',
+      help: 'Operations that failed inside a Batch call or Pipe batch that ran (the batch counts as OK in store_rpc_handled_total), by method and status code',
+      labelNames: ['method', 'code'],
       registers,
     });
     const countLive = throttledCount(() => backend.countLive());
@@ -144,6 +153,11 @@ export class StoreMetrics {
     child.handled.inc();
     child.duration.observe(seconds);
     if (ops !== undefined) this.batchOps.observe(ops);
+  }
+
+  /** Records one operation of a batch that failed on its own (the batch is recorded by recordRpc). */
+  recordOpFailure(method: RpcMethod, code: status): void {
+    this.opFailures.inc({ method, code: status[code] ?? String(code) });
   }
 
   /** The backend with the latency of every batch recorded. */

@@ -104,7 +104,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       promise.then(
         (res) => {
           callback(null, res);
-          observe(method, status.OK, startedAt, call.metadata, opsOf(call.request));
+          observe(method, status.OK, startedAt, call.metadata, opsOf(call.request), resultsOf(res));
         },
         (err) => {
           logUnexpected(logger, err, call.getPath());
@@ -291,7 +291,8 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           )
           .then(([response, code]) => {
             inFlight -= 1;
-            observe('Pipe', code, startedAt, call.metadata, request.ops);
+            // The operations' own codes only when the batch ran: a batch refused as a whole is counted by its code.
+            observe('Pipe', code, startedAt, call.metadata, request.ops, code === status.OK ? response.results : undefined);
             if (call.cancelled || closed) return;
             const size = answerBytes(response);
             unsentBytes += size;
@@ -427,6 +428,10 @@ function failStream(call: NodeJS.EventEmitter, error: Partial<ServiceError>): vo
 
 function opsOf(request: unknown): readonly Op[] | undefined {
   return (request as Partial<BatchRequest>).ops;
+}
+
+function resultsOf(response: unknown): readonly OpResult[] | undefined {
+  return (response as Partial<BatchResponse> | undefined)?.results;
 }
 
 function deadlineOf(call: { getDeadline(): Date | number }): number | undefined {

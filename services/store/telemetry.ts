@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks';
 import { type Metadata, status } from '@grpc/grpc-js';
-import type { Op } from '../generated/kv';
+import type { Op, OpResult } from '../generated/kv';
 import type { Logger } from '../shared/log';
 import type { RpcMethod, StoreMetrics } from './metrics';
 
@@ -9,23 +9,48 @@ export type { RpcMethod };
 /**
  * Called once per finished call (once per batch on a Pipe stream). `startedAt` is a
  * performance.now() reading; `metadata` carries the call's x-request-id; `ops` are the
- * operations of a Batch call or Pipe batch, which carry their own request ids.
+ * operations of a Batch call or Pipe batch, which carry their own request ids; `results` are their
+ * answers when the batch ran (each operation succeeds or fails on its own inside an OK batch).
  */
-export type RpcObserver = (method: RpcMethod, code: status, startedAt: number, metadata: Metadata, ops?: readonly Op[]) => void;
+export type RpcObserver = (
+  method: RpcMethod,
+  code: status,
+  startedAt: number,
+  metadata: Metadata,
+  ops?: readonly Op[],
+  results?: readonly OpResult[],
+) => void;
 
 /**
  * One log line and one metrics sample per call. Successful calls (and the routine ABORTED of a
  * compare-and-set and CANCELLED of a client that hung up) log at debug, since at info they would
  * be one line per page view; refused calls log at info, UNAUTHENTICATED and UNAVAILABLE at warn,
- * INTERNAL and UNKNOWN at error. Nothing is formatted when the level is off.
+ * INTERNAL and UNKNOWN at error. A batch (Batch call, Pipe batch) is one call whose operations
+ * fail on their own: its line has the level of its worst operation and counts the failed ones by
+ * code (`failed`), and they are counted in store_batch_op_failures_total, so a Redis outage or a
+ * full store shows in the log and the metrics whether the client batches or not. Nothing is
+ * formatted when the level is off.
  */
 export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObserver {
-  return (method, code, startedAt, metadata, ops) => {
+  return (method, code, startedAt, metadata, ops, results) => {
     const ms = performance.now() - startedAt;
     metrics.recordRpc(method, code, ms / 1000, ops?.length);
-    const level = levelOf(code);
+    let level = levelOf(code);
+    let failed: Record<string, number> | undefined;
+    if (results) {
+      for (const result of results) {
+        if (result.code === status.OK) continue;
+        metrics.recordOpFailure(method, result.code);
+        const name = status[result.code] ?? String(result.code);
+        failed ??= {};
+        failed[name] = (failed[name] ?? 0) + 1;
+        const opLevel = levelOf(result.code);
+        if (SEVERITY[opLevel] > SEVERITY[level]) level = opLevel;
+      }
+    }
     if (!logger.isLevelEnabled(level)) return;
     const line: Record<string, unknown> = { method, code: status[code] ?? code, ms: Math.round(ms * 100) / 100 };
+    if (failed) line.failed = failed;
     const requestId = requestIdOf(metadata);
     if (requestId) line.requestId = requestId;
     if (ops) {
@@ -37,6 +62,8 @@ export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObs
     logger[level](line, 'rpc');
   };
 }
+
+const SEVERITY = { debug: 0, info: 1, warn: 2, error: 3 } as const;
 
 function levelOf(code: status): 'debug' | 'info' | 'warn' | 'error' {
   switch (code) {
