@@ -264,6 +264,11 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
   describe('bad configuration stops the store with a message naming the variable (exit code != 0)', () => {
     const cases: Array<[string, Record<string, string>, RegExp]> = [
       ['PORT=abc', { PORT: 'abc' }, /PORT="abc": expected a TCP port number/],
+      // Number(' ') is 0: these would have meant "any free port" and "never sweep".
+      ['a PORT of blanks', { PORT: ' ' }, /PORT=" ": expected a TCP port number 0-65535/],
+      ['a STORE_SWEEP_INTERVAL_MS of blanks', { STORE_SWEEP_INTERVAL_MS: '  ' }, /STORE_SWEEP_INTERVAL_MS="  ": expected an integer 0-3600000 ms/],
+      ['STORE_GRACE_MS in exponent form', { STORE_GRACE_MS: '5e3' }, /STORE_GRACE_MS="5e3": expected an integer 0-600000 ms/],
+      ['a STORE_MAX_TTL_MS of 20 digits, said once', { STORE_MAX_TTL_MS: '9'.repeat(20) }, /^store: invalid configuration: STORE_MAX_TTL_MS="9{20}": expected an integer 1-31536000000 ms\n$/],
       ['STORE_SYNCHRONOUS=maybe', { STORE_SYNCHRONOUS: 'maybe' }, /STORE_SYNCHRONOUS="maybe": expected one of FULL, NORMAL/],
       ['STORE_METRICS_PORT=99999', { STORE_METRICS_PORT: '99999' }, /STORE_METRICS_PORT="99999"/],
       ['STORE_MAX_ENTRIES past what one index holds', { STORE_MAX_ENTRIES: '20000000' }, /STORE_MAX_ENTRIES="20000000": expected an integer 1-16000000 keys/],

@@ -373,6 +373,9 @@ describe('web process settings and logs', function () {
     ['SESSION_SECURE=maybe', { SESSION_SECURE: 'maybe' }, /SESSION_SECURE="maybe": expected one of auto, always, never/],
     ['PORT=x', { PORT: 'x' }, /PORT="x": expected a TCP port number 0-65535/],
     ['SESSION_IDLE_TTL_MS=soon', { SESSION_IDLE_TTL_MS: 'soon' }, /SESSION_IDLE_TTL_MS="soon": expected an integer/],
+    // Number(' ') is 0: a PORT of blanks would have listened on any free port.
+    ['a PORT of blanks', { PORT: '  ' }, /PORT="  ": expected a TCP port number 0-65535/],
+    ['STORE_DEADLINE_MS in hexadecimal', { STORE_DEADLINE_MS: '0x3e8' }, /STORE_DEADLINE_MS="0x3e8": expected an integer 10-60000 ms/],
     ['SESSION_COOKIE_NAME=__Host-sid', { SESSION_COOKIE_NAME: '__Host-sid' }, /SESSION_COOKIE_NAME="__Host-sid": expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__"/],
     ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
     ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],

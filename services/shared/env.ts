@@ -52,27 +52,30 @@ export function parseEnv<S extends z.ZodRawShape>(
       const shown = SECRET_NAME.test(name) ? '(hidden)' : JSON.stringify(raw[name] ?? '');
       return `${name}=${shown}: ${issue.message}`;
     });
-    throw new ConfigError(`invalid configuration: ${lines.join('; ')}`);
+    // A value can break several checks that share one message (20 digits: not a safe integer, and above the maximum).
+    throw new ConfigError(`invalid configuration: ${[...new Set(lines)].join('; ')}`);
   }
   return Object.freeze(result.data) as Readonly<z.infer<z.ZodObject<S>>>;
 }
 
+/**
+ * A whole number written in decimal, checked against [min, max]. Spaces around it are forgiven,
+ * anything else is refused: Number() would read "" or " " as 0 (for PORT, "any free port"; for
+ * STORE_SWEEP_INTERVAL_MS, "never sweep"), and "0x10" or "1e3" as numbers nobody wrote.
+ */
+const wholeNumber = (message: string, min: number, max: number, fallback: number) =>
+  z
+    .string()
+    .trim()
+    .regex(/^-?\d+$/, { message })
+    .transform(Number)
+    .pipe(z.number().int({ message }).min(min, { message }).max(max, { message }))
+    .default(fallback);
+
 /** Common variable forms, each with a message that states the expected form. */
 export const envs = {
-  port: (fallback: number) =>
-    z.coerce
-      .number({ message: 'expected a TCP port number 0-65535' })
-      .int({ message: 'expected a TCP port number 0-65535' })
-      .min(0, { message: 'expected a TCP port number 0-65535' })
-      .max(65535, { message: 'expected a TCP port number 0-65535' })
-      .default(fallback),
-  int: (fallback: number, min: number, max: number, unit = '') =>
-    z.coerce
-      .number({ message: `expected an integer ${min}-${max}${unit}` })
-      .int({ message: `expected an integer ${min}-${max}${unit}` })
-      .min(min, { message: `expected an integer ${min}-${max}${unit}` })
-      .max(max, { message: `expected an integer ${min}-${max}${unit}` })
-      .default(fallback),
+  port: (fallback: number) => wholeNumber('expected a TCP port number 0-65535', 0, 65535, fallback),
+  int: (fallback: number, min: number, max: number, unit = '') => wholeNumber(`expected an integer ${min}-${max}${unit}`, min, max, fallback),
   bool: (fallback: boolean) =>
     z
       .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
