@@ -269,6 +269,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['a STORE_SWEEP_INTERVAL_MS of blanks', { STORE_SWEEP_INTERVAL_MS: '  ' }, /STORE_SWEEP_INTERVAL_MS="  ": expected an integer 0-3600000 ms/],
       ['STORE_GRACE_MS in exponent form', { STORE_GRACE_MS: '5e3' }, /STORE_GRACE_MS="5e3": expected an integer 0-600000 ms/],
       ['a STORE_MAX_TTL_MS of 20 digits, said once', { STORE_MAX_TTL_MS: '9'.repeat(20) }, /^store: invalid configuration: STORE_MAX_TTL_MS="9{20}": expected an integer 1-31536000000 ms\n$/],
+      ['a STORE_DEFAULT_TTL_MS above STORE_MAX_TTL_MS', { STORE_DEFAULT_TTL_MS: '3600000', STORE_MAX_TTL_MS: '600000' }, /STORE_DEFAULT_TTL_MS=3600000 is above STORE_MAX_TTL_MS=600000/],
       ['STORE_SYNCHRONOUS=maybe', { STORE_SYNCHRONOUS: 'maybe' }, /STORE_SYNCHRONOUS="maybe": expected one of FULL, NORMAL/],
       ['STORE_METRICS_PORT=99999', { STORE_METRICS_PORT: '99999' }, /STORE_METRICS_PORT="99999"/],
       ['STORE_MAX_ENTRIES past what one index holds', { STORE_MAX_ENTRIES: '20000000' }, /STORE_MAX_ENTRIES="20000000": expected an integer 1-16000000 keys/],
@@ -331,6 +332,11 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(code, 1);
     assert.match(stderr, /STORE_HOST="0.0.0.0" is reachable from other machines but STORE_TOKEN is not set/);
     assert.match(stderr, /Set STORE_TOKEN/);
+  });
+
+  it('STORE_MAX_TTL_MS set alone below the default TTL lowers the default TTL to it', () => {
+    assert.equal(loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_MAX_TTL_MS: '600000' }).limits.defaultTtlMs, 600_000);
+    assert.equal(loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_DEFAULT_TTL_MS: '60000', STORE_MAX_TTL_MS: '600000' }).limits.defaultTtlMs, 60_000);
   });
 
   it('loopback hosts need no token; any other host is accepted once a token is set (configuration only, nothing is bound)', () => {

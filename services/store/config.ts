@@ -68,6 +68,14 @@ export function loadStoreConfig(raw = readEnv()) {
         `(STORE_MAX_VALUE_BYTES + STORE_MAX_KEY_BYTES + 64 = ${env.STORE_MAX_VALUE_BYTES + env.STORE_MAX_KEY_BYTES + 64})`,
     );
   }
+  // Set together, they contradict each other: say so rather than quietly use another TTL. Left
+  // unset, the default TTL follows a STORE_MAX_TTL_MS below it (set alone, the maximum needs no partner).
+  if (raw.STORE_DEFAULT_TTL_MS && env.STORE_DEFAULT_TTL_MS > env.STORE_MAX_TTL_MS) {
+    throw new ConfigError(
+      `invalid configuration: STORE_DEFAULT_TTL_MS=${env.STORE_DEFAULT_TTL_MS} is above STORE_MAX_TTL_MS=${env.STORE_MAX_TTL_MS}: ` +
+        'a Put with ttl_ms 0 would get a TTL the store refuses; lower it or raise STORE_MAX_TTL_MS',
+    );
+  }
   if (Boolean(env.STORE_TLS_CERT) !== Boolean(env.STORE_TLS_KEY)) {
     throw new ConfigError('invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY must be set together (PEM file paths), or neither');
   }
