@@ -41,7 +41,7 @@ export class WebMetrics {
 
   private readonly sessions = new Counter({
     name: 'web_sessions_total',
-    help: 'Session lifecycle events: created, regenerated, destroyed (by the site), expired (absolute lifetime reached).',
+    help: 'Session lifecycle events: created, regenerated, destroyed (by the site), expired (a visit whose valid cookie found its session ended: idle or absolute timeout, or deleted meanwhile).',
     labelNames: ['event'] as const,
     registers: [this.registry],
   });
