@@ -491,6 +491,14 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
+    it('--connect-timeout out of range or not a number says the range it takes (1 to 3600000)', async () => {
+      for (const value of ['0', 'soon', '3600001']) {
+        const run = await runDump([address, '--connect-timeout', value], {}, tmp.dir);
+        assert.equal(run.code, 2);
+        assert.equal(run.stderr, `dump: option '--connect-timeout <ms>' argument '${value}' is invalid. expected a whole number from 1 to 3600000 (see dump --help)\n`);
+      }
+    });
+
     it('--json agrees with --no-table (both mean the line form); only --table conflicts with it', async () => {
       for (const args of [
         ['--json', '--no-table'],

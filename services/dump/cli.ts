@@ -63,20 +63,14 @@ Examples:
   dump --json | jq -r 'select(.value | fromjson | .count1 > 10) | .key'
   dump --redact --watch`;
 
-function nonNegativeInt(max: number) {
+function wholeNumber(min: number, max: number) {
   return (value: string): number => {
     const n = Number(value);
-    if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n > max) {
-      throw new InvalidArgumentError(`expected a whole number from 0 to ${max}`);
+    if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
+      throw new InvalidArgumentError(`expected a whole number from ${min} to ${max}`);
     }
     return n;
   };
-}
-
-function positiveInt(value: string): number {
-  const n = nonNegativeInt(3_600_000)(value);
-  if (n === 0) throw new InvalidArgumentError('expected a whole number above 0');
-  return n;
 }
 
 function buildProgram(defaults: { address: string; tlsCa?: string }, version: string): Command {
@@ -87,7 +81,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .helpOption('-h, --help', 'print this help and exit')
     .argument('[address]', 'store address: host:port, http://host:port or https://host:port (TLS)', defaults.address)
     .option('--prefix <prefix>', 'only keys starting with this prefix', '')
-    .option('--limit <n>', 'at most n entries (0 = all)', nonNegativeInt(0xffff_ffff), 0)
+    .option('--limit <n>', 'at most n entries (0 = all)', wholeNumber(0, 0xffff_ffff), 0)
     .option('--keys-only', 'keys without values')
     .addOption(new Option('--count', 'print only the number of entries').conflicts('watch'))
     .option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt')
@@ -101,7 +95,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--token <token>', 'bearer token: 16+ printable ASCII characters, no spaces (default: STORE_TOKEN)')
     .option('--tls', 'connect with TLS, trusting the default roots (as https:// does)')
     .option('--tls-ca <file>', 'connect with TLS, trusting the CA certificate in this PEM file (default: STORE_TLS_CA)', defaults.tlsCa)
-    .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', positiveInt, 5000)
+    .option('--connect-timeout <ms>', 'how long the store gets to accept the connection', wholeNumber(1, 3_600_000), 5000)
     .addHelpText('after', HELP_AFTER)
     .exitOverride()
     .configureOutput({
