@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -425,6 +426,21 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(lines(run.stderr).length, 1, run.stderr);
       assert.match(run.stderr, new RegExp(`^dump: cannot dump the store at 127\\.0\\.0\\.1:${port}: connection refused`));
       assert.ok(run.ms < 7000, `took ${run.ms} ms`);
+    });
+
+    it('output it cannot write (a full disk): one line saying so, exit 1', async function () {
+      if (!existsSync('/dev/full')) this.skip(); // Linux's always-full device stands in for a full disk
+      for (const args of [[address], [address, '--json'], [address, '--count']]) {
+        const full = openSync('/dev/full', 'w');
+        const child = spawn(dumpBin, args, { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', full, 'pipe'] });
+        closeSync(full);
+        let stderr = '';
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        const [code] = (await once(child, 'close')) as [number | null];
+        assert.equal(code, 1, `${args.join(' ')}: ${stderr}`);
+        assert.equal(lines(stderr).length, 1, stderr);
+        assert.match(stderr, /^dump: cannot write the output: ENOSPC: no space left on device/);
+      }
     });
 
     it('a store that accepts TCP but never answers: gives up after --connect-timeout, exit 1', async () => {

@@ -54,7 +54,7 @@ Environment (and a .env in the current directory): STORE_ADDRESS, STORE_TOKEN, S
 
 Exit codes:
   0  done (or --watch stopped with Ctrl-C)
-  1  store error: unreachable, refused, unauthenticated, failed mid-stream
+  1  store error: unreachable, refused, unauthenticated, failed mid-stream; or output it cannot write
   2  usage error: bad option, argument or environment value
 
 Examples:

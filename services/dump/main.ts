@@ -91,7 +91,10 @@ if (require.main === module) {
   process.noDeprecation = true;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     // `dump | head` closes the pipe early: that is a normal way to stop reading.
-    process.exit(err.code === 'EPIPE' ? EXIT.ok : EXIT.storeError);
+    if (err.code === 'EPIPE') process.exit(EXIT.ok);
+    // Anything else (a full disk, a file system gone read-only) would leave a short dump behind: say so.
+    process.stderr.write(`dump: cannot write the output: ${oneLine(err.message)}\n`);
+    process.exit(EXIT.storeError);
   });
   run(process.argv.slice(2)).then(
     (code) => {
