@@ -267,6 +267,31 @@ describe('bin/dump (child process against a real store)', function () {
         assert.deepEqual(lines(run.stdout), printed.map((l) => fields(l)[0]));
       });
 
+      it('--json: such a key or value is a \\u escape in its JSON string, never raw, and parses back exactly', async () => {
+        await client.put('jx-\u009b2J\u202e', Buffer.from('c1\u009b31m del\x7f bidi\u2066x\u2069 nel\u0085 ls\u2028 ps\u2029'), { ttlMs: 30 * 60_000 });
+        const run = await runDump([address, '--json', '--prefix', 'jx-'], {}, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stdout, RAW_CONTROL);
+        assert.doesNotMatch(run.stdout, RAW_BIDI);
+        assert.equal(run.stdout.split('\n').length, 2, run.stdout);
+        assert.match(run.stdout, /^\{"key":"jx-\\u009b2J\\u202e","value":"c1\\u009b31m del\\u007f bidi\\u2066x\\u2069 nel\\u0085 ls\\u2028 ps\\u2029",/);
+        const entry = JSON.parse(run.stdout) as { key: string; value: string };
+        assert.equal(entry.key, 'jx-\u009b2J\u202e');
+        assert.equal(entry.value, 'c1\u009b31m del\x7f bidi\u2066x\u2069 nel\u0085 ls\u2028 ps\u2029');
+        // The change feed's lines too.
+        const watch = startDump([address, '--watch', '--json', '--prefix', 'jx-'], tmp.dir);
+        try {
+          await watch.waitFor((l) => l.startsWith('{"key"'));
+          await client.put('jx-\u202ewatched', Buffer.from('\u009b2J'), { ttlMs: 60_000 });
+          const event = await watch.waitFor((l) => l.startsWith('{"event"'));
+          assert.doesNotMatch(event, RAW_CONTROL);
+          assert.doesNotMatch(event, RAW_BIDI);
+          assert.match(event, /^\{"event":"put","key":"jx-\\u202ewatched","value":"\\u009b2J",/);
+        } finally {
+          assert.equal(await watch.stop('SIGINT'), 0, watch.stderr());
+        }
+      });
+
       it('--table: no control character reaches a cell; each entry is one row', async () => {
         const run = await runDump([address, '--table', '--prefix', 'esc-'], { COLUMNS: '200' }, tmp.dir);
         assert.equal(run.code, 0, run.stderr);

@@ -60,12 +60,17 @@ const UNSAFE_VALUE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e
 /** A key also may not hold a space (it ends the key in "<key> <value>") or a backslash. */
 const UNSAFE_KEY = /[\u0000-\u0020\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\\]/;
 /** What JSON.stringify leaves raw but a terminal or a line reader does not take as text. */
-const RAW_IN_JSON = /[\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g;
+const RAW_IN_JSON = /[\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/;
+const RAW_IN_JSON_ALL = new RegExp(RAW_IN_JSON.source, 'g');
 const QUOTE = 0x22;
 
-/** The JSON string for text, with every character outside plain printable text as a \u escape. */
+/**
+ * The JSON string for text, with every character outside plain printable text as a \u escape.
+ * Every key and value of a --json dump goes through here: the common case is one test.
+ */
 export function quoted(text: string): string {
-  return JSON.stringify(text).replace(RAW_IN_JSON, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+  const json = JSON.stringify(text);
+  return RAW_IN_JSON.test(json) ? json.replace(RAW_IN_JSON_ALL, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0')) : json;
 }
 
 /**
@@ -107,7 +112,7 @@ class LineFormatter implements Formatter {
 
 /** The value as a JSON member: "value" when it is UTF-8 text, else "valueBase64". */
 function jsonValue(value: Buffer): string {
-  return isUtf8(value) ? ',"value":' + JSON.stringify(value.toString('utf8')) : ',"valueBase64":"' + value.toString('base64') + '"';
+  return isUtf8(value) ? ',"value":' + quoted(value.toString('utf8')) : ',"valueBase64":"' + value.toString('base64') + '"';
 }
 
 const DAY_MS = 86_400_000;
@@ -156,7 +161,7 @@ class JsonFormatter implements Formatter {
     for (const entry of entries) {
       out +=
         '{"key":' +
-        JSON.stringify(keyOf(entry.key, redact)) +
+        quoted(keyOf(entry.key, redact)) +
         (keysOnly ? '' : jsonValue(entry.value)) +
         ',"version":' +
         entry.version +
@@ -175,7 +180,7 @@ class JsonFormatter implements Formatter {
       '{"event":"' +
       kindName(event.kind) +
       '","key":' +
-      JSON.stringify(keyOf(event.key, this.options.redact)) +
+      quoted(keyOf(event.key, this.options.redact)) +
       (put && !this.options.keysOnly ? jsonValue(event.value) : '') +
       ',"version":' +
       event.version +
