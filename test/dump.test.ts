@@ -425,6 +425,34 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(json.stderr(), '');
     });
 
+    it('Ctrl-C or SIGTERM stops it, exit 0, also while its reader has stopped reading', async () => {
+      const own = tempDir();
+      // More than the pipe and both processes' buffers hold, so the listing waits for the reader.
+      const backend = new SqliteBackend({ dataDir: own.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 5000 });
+      await backend.batch(Array.from({ length: 3000 }, (_, i) => ({ kind: 'put' as const, key: `bulk-${i}`, value: Buffer.alloc(1000, 'v'), ttlMs: 600_000 })));
+      await backend.close();
+      const bulkStore = await startStore(own.dir);
+      const children: ChildProcess[] = [];
+      try {
+        for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+          const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`, '--watch'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+          children.push(child);
+          let stderr = '';
+          child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+          const exited = once(child, 'exit') as Promise<[number | null, string | null]>;
+          await once(child.stdout!, 'readable'); // listing; nothing more is read from here on
+          child.kill(signal);
+          const [code] = await Promise.race([exited, new Promise<[string]>((r) => setTimeout(() => r(['still running 15 s after the signal']), 15_000))]);
+          assert.equal(code, 0, `${signal}: ${stderr}`);
+          assert.equal(stderr, '', signal);
+        }
+      } finally {
+        for (const child of children) child.kill('SIGKILL');
+        await bulkStore.stop();
+        own.remove();
+      }
+    });
+
     it('the store going away ends --watch with one line and exit 1', async () => {
       const own = tempDir();
       const shortLived = await startStore(own.dir, { STORE_GRACE_MS: '0' });

@@ -5,6 +5,11 @@ import { Output, Progress } from './output';
 import { StoreSource, StoreUnreachableError } from './source';
 
 const DEFAULT_COLUMNS = 120;
+/**
+ * After Ctrl-C or SIGTERM, how long output still queued for stdout may take to reach a reader
+ * that is reading; one that stopped reading (a paused pager, a stuck pipe) is not waited for.
+ */
+const STOP_FLUSH_MS = 1000;
 
 /**
  * Lists the store to stdout, then (with --watch) follows its changes until SIGINT or SIGTERM.
@@ -23,6 +28,9 @@ async function dump(settings: DumpSettings): Promise<void> {
   const stop = () => {
     stopped = true;
     source.close();
+    // A write waiting for the reader would otherwise hold the process (and the exit) for as long as
+    // the reader does not read. Unref'd: when the output drains, the process ends on its own first.
+    setTimeout(() => process.exit(EXIT.ok), STOP_FLUSH_MS).unref();
   };
   try {
     // The feed starts before the listing so no change falls between the two; changes that arrive
