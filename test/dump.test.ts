@@ -12,6 +12,7 @@ import { type Entry, EntryPage, type ListRequest, SessionStoreService } from '..
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { shortHash } from '../services/shared/log';
 import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { type RedisServer, requireRedis, startRedisServer } from './helpers/redis';
 import { selfSigned } from './helpers/tls';
 
 const dumpBin = path.join(root, 'bin', 'dump');
@@ -89,6 +90,20 @@ function startDump(args: string[], cwd: string) {
       return exited;
     },
   };
+}
+
+/**
+ * A store holding entries of 1 KB each: a listing of more than the pipe and both processes' buffers
+ * hold waits for its reader.
+ */
+async function startBulkStore(dir: string, entries: number): Promise<Proc> {
+  const backend = new SqliteBackend({ dataDir: dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 5000 });
+  for (let i = 0; i < entries; i += 5000) {
+    const ops = Array.from({ length: Math.min(5000, entries - i) }, (_, j) => ({ kind: 'put' as const, key: `bulk-${i + j}`, value: Buffer.alloc(1000, 'v'), ttlMs: 600_000 }));
+    await backend.batch(ops);
+  }
+  await backend.close();
+  return startStore(dir);
 }
 
 function hasProgram(name: string): boolean {
@@ -427,11 +442,7 @@ describe('bin/dump (child process against a real store)', function () {
 
     it('Ctrl-C or SIGTERM stops it, exit 0, also while its reader has stopped reading', async () => {
       const own = tempDir();
-      // More than the pipe and both processes' buffers hold, so the listing waits for the reader.
-      const backend = new SqliteBackend({ dataDir: own.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 5000 });
-      await backend.batch(Array.from({ length: 3000 }, (_, i) => ({ kind: 'put' as const, key: `bulk-${i}`, value: Buffer.alloc(1000, 'v'), ttlMs: 600_000 })));
-      await backend.close();
-      const bulkStore = await startStore(own.dir);
+      const bulkStore = await startBulkStore(own.dir, 3000);
       const children: ChildProcess[] = [];
       try {
         for (const signal of ['SIGINT', 'SIGTERM'] as const) {
@@ -493,6 +504,32 @@ describe('bin/dump (child process against a real store)', function () {
         assert.equal(code, 1, `${args.join(' ')}: ${stderr}`);
         assert.equal(lines(stderr).length, 1, stderr);
         assert.match(stderr, /^dump: cannot write the output: ENOSPC: no space left on device/);
+      }
+    });
+
+    it('the store dying mid-listing: one line saying the connection broke, no TLS hint, exit 1, never a short listing with exit 0', async () => {
+      const own = tempDir();
+      // 20 MB: more than the HTTP/2 window and the socket buffers, so the store is still sending when it dies.
+      const bulkStore = await startBulkStore(own.dir, 20_000);
+      const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      try {
+        let stderr = '';
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        const exited = once(child, 'exit') as Promise<[number | null]>;
+        await once(child.stdout!, 'readable'); // listing, and held up by this reader from here on
+        await bulkStore.stop('SIGKILL');
+        let printed = 0;
+        child.stdout!.on('data', (chunk: Buffer) => (printed += chunk.toString().split('\n').length - 1));
+        const [code] = await exited;
+        assert.equal(code, 1, stderr);
+        assert.ok(printed < 20_000, `printed ${printed} entries`);
+        assert.equal(lines(stderr).length, 1, stderr);
+        assert.match(stderr, /^dump: cannot dump the store at 127\.0\.0\.1:\d+: the connection to the store broke: .* \(run it again\)\n$/);
+        assert.doesNotMatch(stderr, /TLS|--tls/);
+      } finally {
+        child.kill('SIGKILL');
+        await bulkStore.stop('SIGKILL');
+        own.remove();
       }
     });
 
@@ -758,6 +795,39 @@ describe('bin/dump against a store serving TLS (self-signed certificate made by 
       );
     } finally {
       await named.stop();
+    }
+  });
+});
+
+describe('bin/dump against a store on Redis (real redis-server)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let redis: RedisServer | undefined;
+  let store: Proc | undefined;
+
+  before(function () {
+    requireRedis(this);
+    tmp = tempDir();
+  });
+  after(async () => {
+    await store?.stop();
+    await redis?.stop();
+    tmp?.remove();
+  });
+
+  it('Redis down: one line with the store\'s own answer, not "connection refused (is the store running...)", exit 1', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_URL: redis.url, REDIS_COMMAND_TIMEOUT_MS: '500' });
+    const address = `127.0.0.1:${store.port}`;
+    const up = await runDump([address], {}, tmp.dir);
+    assert.equal(up.code, 0, up.stderr);
+    // Killed, Redis refuses the store's reconnections: ECONNREFUSED is in the store's answer.
+    await redis.stop('SIGKILL');
+    for (const args of [[address], [address, '--watch']]) {
+      const run = await runDump(args, {}, tmp.dir);
+      assert.equal(run.code, 1, run.stderr);
+      assert.equal(lines(run.stderr).length, 1, run.stderr);
+      assert.match(run.stderr, new RegExp(`^dump: cannot dump the store at ${address.replace(/\./g, '\\.')}: the store is running but cannot serve: redis `), run.stderr);
+      assert.doesNotMatch(run.stderr, /is the store running|TLS|--tls/);
     }
   });
 });

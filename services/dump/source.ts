@@ -56,6 +56,8 @@ export class StoreSource {
   private readonly calls = new Set<ClientReadableStream<unknown>>();
   private timedOut = false;
   private closing = false;
+  /** True once the store has sent response headers on some call: the connection was made. */
+  private answered = false;
   private readonly connectTimer: NodeJS.Timeout;
 
   constructor(private readonly options: SourceOptions) {
@@ -134,7 +136,10 @@ export class StoreSource {
 
   private track<T extends ClientReadableStream<unknown>>(call: T): T {
     this.calls.add(call);
-    call.once('metadata', () => clearTimeout(this.connectTimer));
+    call.once('metadata', () => {
+      this.answered = true;
+      clearTimeout(this.connectTimer);
+    });
     call.once('close', () => this.calls.delete(call));
     return call;
   }
@@ -143,6 +148,16 @@ export class StoreSource {
     if (this.client.getChannel().getConnectivityState(false) === connectivityState.READY) return;
     this.timedOut = true;
     for (const call of this.calls) call.cancel();
+  }
+
+  /**
+   * Whether the store itself answered with this status rather than grpc-js failing the call: a
+   * status the store sent comes with its response headers (on an error before any entry) or over a
+   * connection that is still up (on an error mid-listing); one grpc-js made up has neither.
+   */
+  private fromStore(err: ServiceError): boolean {
+    if (err.metadata && Object.keys(err.metadata.getMap()).length > 0) return true;
+    return this.answered && this.client.getChannel().getConnectivityState(false) === connectivityState.READY;
   }
 
   /** One line that says what went wrong and, where it helps, what to do. */
@@ -156,14 +171,20 @@ export class StoreSource {
     if (code === status.UNAUTHENTICATED) {
       return new StoreUnreachableError(`unauthenticated: ${text} (pass --token or set STORE_TOKEN)`);
     }
-    if (code === status.UNAVAILABLE) return new StoreUnreachableError(describeUnavailable(text, this.options));
+    if (code === status.UNAVAILABLE) {
+      // The store's own UNAVAILABLE (its Redis is down, it is closing) says nothing about the
+      // connection: its words, without hints about addresses or TLS, which would mislead.
+      if (this.fromStore(err as ServiceError)) return new StoreUnreachableError(`the store is running but cannot serve: ${text}`);
+      if (this.answered) return new StoreUnreachableError(`the connection to the store broke: ${text} (run it again)`);
+      return new StoreUnreachableError(describeUnavailable(text, this.options));
+    }
     if (code === status.CANCELLED) return new StoreUnreachableError('the store closed the call (is it stopping?)');
     if (code === status.UNIMPLEMENTED) return new StoreUnreachableError(`the store does not support this call (${text})`);
     return new StoreUnreachableError(`${status[code] ?? 'error'}: ${text}`);
   }
 }
 
-/** grpc-js wraps the socket error in a long sentence; keep the part a person acts on. */
+/** grpc-js wraps the socket error in a long sentence; keep the part a person acts on. Only for errors of the connection. */
 function describeUnavailable(details: string, options: SourceOptions): string {
   const text = details.replace(/\s+/g, ' ').trim();
   if (/ECONNREFUSED/.test(text)) return 'connection refused (is the store running and listening there?)';
