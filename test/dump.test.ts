@@ -368,6 +368,35 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(rows[1].indexOf('{'), header.indexOf('VALUE'));
     });
 
+    it('--table lines up keys and values with wide characters (CJK, emoji) and combining marks by the columns they take', async () => {
+      // [text, the columns a terminal gives it], counted by hand.
+      const rows: Array<[[string, number], [string, number]]> = [
+        [['wide-a', 6], ['{"name":"山田"}', 15]],
+        [['wide-e\u0301', 6], ['😀 ok', 5]],
+        [['wide-z', 6], ['山田太郎山田太郎', 16]],
+        [['wide-中文', 9], ['{"n":"x"}', 9]],
+      ];
+      for (const [[key], [value]] of rows) await client.put(key, Buffer.from(value), { ttlMs: 30 * 60_000 });
+      const cell = ([text, width]: [string, number], columns: number) => text + ' '.repeat(columns - width);
+
+      const run = await runDump([address, '--table', '--prefix', 'wide-'], { COLUMNS: '100' }, tmp.dir);
+      assert.equal(run.code, 0, run.stderr);
+      const [header, ...printed] = lines(run.stdout);
+      assert.ok(header.startsWith(`ID${' '.repeat(7)}  VALUE${' '.repeat(11)}  `), header);
+      for (const [i, [key, value]] of rows.entries()) {
+        assert.ok(printed[i].startsWith(`${cell(key, 9)}  ${cell(value, 16)}  `), printed[i]);
+        assert.match(printed[i].slice(`${cell(key, 9)}  ${cell(value, 16)}  `.length), /^\d{16} {2}\s*\d+m \d\ds$/);
+      }
+
+      // Narrow: values are cut to the 12 columns left for them, never a wide character past the edge.
+      const narrow = await runDump([address, '--table', '--prefix', 'wide-'], { COLUMNS: '50' }, tmp.dir);
+      assert.equal(narrow.code, 0, narrow.stderr);
+      const cut = lines(narrow.stdout).slice(1);
+      assert.ok(cut[0].startsWith(`${cell(rows[0][0], 9)}  {"name":"山…  `), cut[0]);
+      assert.ok(cut[2].startsWith(`${cell(rows[2][0], 9)}  山田太郎山…   `), cut[2]);
+      assert.ok(cut[3].startsWith(`${cell(rows[3][0], 9)}  ${cell(rows[3][1], 12)}  `), cut[3]);
+    });
+
     it('on a terminal the table is the default, and a dump to a file shows progress on the terminal', async function () {
       if (!hasProgram('script')) {
         if (process.env.CI) throw new Error('script (Debian package bsdutils) is required in CI');

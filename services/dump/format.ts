@@ -209,9 +209,46 @@ const GAP = '  ';
 const MAX_ID_WIDTH = 48;
 const MIN_VALUE_WIDTH = 12;
 
-/** Cuts text to width characters, marking the cut with an ellipsis. */
+/** Text of which every character takes one column: the common case, measured by its length. */
+const NARROW_TEXT = /^[\u0020-\u007e\u00a0-\u02ff]*$/;
+/** Characters that take no column of their own: combining marks, zero-width joiners and spaces, variation selectors. */
+const ZERO_WIDTH = /^[\p{Mn}\p{Me}\u200b-\u200d\u2060\ufe00-\ufe0f\u{e0100}-\u{e01ef}]$/u;
+/**
+ * Characters a terminal shows two columns wide: East Asian Wide and Fullwidth (Hangul Jamo, CJK,
+ * kana, Hangul syllables, fullwidth forms) and emoji shown as emoji.
+ */
+const DOUBLE_WIDTH =
+  /^(?:[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\ua960-\ua97f\uac00-\ud7a3\uf900-\ufaff\ufe10-\ufe19\ufe30-\ufe6f\uff00-\uff60\uffe0-\uffe6\u{20000}-\u{2fffd}\u{30000}-\u{3fffd}]|\p{Emoji_Presentation})$/u;
+
+function charWidth(char: string): number {
+  return ZERO_WIDTH.test(char) ? 0 : DOUBLE_WIDTH.test(char) ? 2 : 1;
+}
+
+/** The columns text takes on a terminal, so that cells with CJK or emoji line up with the others. */
+export function displayWidth(text: string): number {
+  if (NARROW_TEXT.test(text)) return text.length;
+  let width = 0;
+  for (const char of text) width += charWidth(char);
+  return width;
+}
+
+/** Cuts text to width columns, marking the cut with an ellipsis. */
 function fit(text: string, width: number): string {
-  return text.length <= width ? text : text.slice(0, Math.max(0, width - 1)) + '…';
+  if (displayWidth(text) <= width) return text;
+  let cut = '';
+  let used = 0;
+  for (const char of text) {
+    const w = charWidth(char);
+    if (used + w > width - 1) break;
+    cut += char;
+    used += w;
+  }
+  return cut + '…';
+}
+
+/** Pads text on the right with spaces to width columns. */
+function pad(text: string, width: number): string {
+  return text + ' '.repeat(Math.max(0, width - displayWidth(text)));
 }
 
 /**
@@ -263,7 +300,7 @@ class TableFormatter implements Formatter {
   }
 
   private measure(rows: Array<ReturnType<TableFormatter['cells']>>) {
-    const widest = (pick: (r: (typeof rows)[number]) => string, title: string) => Math.max(title.length, ...rows.map((r) => pick(r).length));
+    const widest = (pick: (r: (typeof rows)[number]) => string, title: string) => Math.max(title.length, ...rows.map((r) => displayWidth(pick(r))));
     const id = Math.min(widest((r) => r.id, 'ID'), MAX_ID_WIDTH);
     const version = widest((r) => r.version, 'VERSION');
     const expires = Math.max(widest((r) => r.expires, 'EXPIRES IN'), '23h 59m'.length);
@@ -274,8 +311,8 @@ class TableFormatter implements Formatter {
 
   private row(cells: { id: string; value: string; version: string; expires: string }): string {
     const w = this.widths!;
-    const id = fit(cells.id, w.id).padEnd(w.id);
-    const value = this.options.keysOnly ? '' : fit(cells.value, w.value).padEnd(w.value) + GAP;
+    const id = pad(fit(cells.id, w.id), w.id);
+    const value = this.options.keysOnly ? '' : pad(fit(cells.value, w.value), w.value) + GAP;
     return `${id}${GAP}${value}${cells.version.padStart(w.version)}${GAP}${cells.expires.padStart(w.expires)}\n`;
   }
 }
