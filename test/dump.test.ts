@@ -562,6 +562,35 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
+    it('--progress: an error starts a line of its own, never appended to a half-drawn progress line', async () => {
+      const own = tempDir();
+      const bulkStore = await startBulkStore(own.dir, 20_000);
+      const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`, '--progress'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      try {
+        let stderr = '';
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        const exited = once(child, 'exit') as Promise<[number | null]>;
+        // A slow reader (64 KB each 50 ms: 20 MB take 15 s), so the progress line is redrawn mid-listing.
+        child.stdout!.on('data', () => {
+          child.stdout!.pause();
+          setTimeout(() => child.stdout!.resume(), 50);
+        });
+        const deadline = Date.now() + 20_000;
+        while (!/\x1b\[K[\d,]+ entries {2}/.test(stderr) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+        assert.match(stderr, /\x1b\[K[\d,]+ entries {2}/, 'a progress line was drawn');
+        await bulkStore.stop('SIGKILL');
+        const [code] = await exited;
+        assert.equal(code, 1, stderr);
+        // What a terminal shows on the last line: the text after the last carriage return.
+        const lastLine = stderr.trimEnd().split('\n').at(-1)!.split('\r').at(-1)!.replace(/^\x1b\[K/, '');
+        assert.match(lastLine, /^dump: cannot dump the store at /, JSON.stringify(stderr.slice(-300)));
+      } finally {
+        child.kill('SIGKILL');
+        await bulkStore.stop('SIGKILL');
+        own.remove();
+      }
+    });
+
     it('a store that accepts TCP but never answers: gives up after --connect-timeout, exit 1', async () => {
       const silent = createServer(() => undefined);
       await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));

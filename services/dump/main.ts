@@ -11,6 +11,9 @@ const DEFAULT_COLUMNS = 120;
  */
 const STOP_FLUSH_MS = 1000;
 
+/** The progress line on stderr, if any: an error line must not be appended to it. */
+let progress: Progress | undefined;
+
 /**
  * Lists the store to stdout, then (with --watch) follows its changes until SIGINT or SIGTERM.
  * Resolves when done; rejects with a StoreUnreachableError.
@@ -24,6 +27,7 @@ async function dump(settings: DumpSettings): Promise<void> {
     redact: settings.redact,
     columns: process.stdout.columns || Number(process.env.COLUMNS) || DEFAULT_COLUMNS,
   });
+  progress = settings.progress ? new Progress(process.stderr) : undefined;
   let stopped = false;
   const stop = () => {
     stopped = true;
@@ -43,7 +47,6 @@ async function dump(settings: DumpSettings): Promise<void> {
       feed.catch(() => undefined); // observed below, after the listing
     }
 
-    const progress = settings.progress ? new Progress(process.stderr) : undefined;
     let count = 0;
     for await (const page of source.list({ prefix: settings.prefix, limit: settings.limit, keysOnly: settings.keysOnly || settings.count })) {
       count += page.length;
@@ -60,6 +63,8 @@ async function dump(settings: DumpSettings): Promise<void> {
       await feed;
     }
   } catch (err) {
+    // The error line that follows must not be appended to a half-drawn progress line.
+    progress?.clear();
     if (!stopped) throw err;
   } finally {
     process.off('SIGINT', stop).off('SIGTERM', stop);
@@ -101,6 +106,7 @@ if (require.main === module) {
     // `dump | head` closes the pipe early: that is a normal way to stop reading.
     if (err.code === 'EPIPE') process.exit(EXIT.ok);
     // Anything else (a full disk, a file system gone read-only) would leave a short dump behind: say so.
+    progress?.clear();
     process.stderr.write(`dump: cannot write the output: ${oneLine(err.message)}\n`);
     process.exit(EXIT.storeError);
   });

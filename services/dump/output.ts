@@ -35,11 +35,18 @@ export class Progress {
     this.stream.write(`\r\x1b[K${count.toLocaleString('en')} entries  ${this.rate(count, now).toLocaleString('en')}/s`);
   }
 
+  /** Erases the progress line, if one is drawn, so that what is written next starts a line of its own. */
+  clear(): void {
+    if (this.drawn) this.stream.write('\r\x1b[K');
+    this.drawn = false;
+  }
+
   /** Replaces the progress line with a summary. */
   finish(count: number): void {
     const now = Date.now();
     const seconds = ((now - this.started) / 1000).toFixed(1);
     const clear = this.drawn ? '\r\x1b[K' : '';
+    this.drawn = false;
     this.stream.write(`${clear}${count.toLocaleString('en')} entries in ${seconds} s (${this.rate(count, now).toLocaleString('en')}/s)\n`);
   }
 
