@@ -11,7 +11,7 @@ import { decodeEntryPage } from '../services/dump/entry-page';
 import { type Entry, EntryPage, type ListRequest, SessionStoreService } from '../services/generated/kv';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { shortHash } from '../services/shared/log';
-import { type Proc, root, startStore, tempDir } from './helpers/procs';
+import { type Proc, root, startStore, tempDir, waitForLine } from './helpers/procs';
 import { type RedisServer, requireRedis, startRedisServer } from './helpers/redis';
 import { selfSigned } from './helpers/tls';
 
@@ -489,6 +489,41 @@ describe('bin/dump (child process against a real store)', function () {
       } finally {
         for (const child of children) child.kill('SIGKILL');
         await bulkStore.stop();
+        own.remove();
+      }
+    });
+
+    it('a reader that stops reading holds the feed, not dump\'s memory: the store ends it, and once read, dump says changes were missed, exit 1', async () => {
+      const own = tempDir();
+      const watched = await startStore(own.dir, { STORE_SYNCHRONOUS: 'NORMAL' });
+      const writer = createStoreClient({ address: `127.0.0.1:${watched.port}`, deadlineMs: 10_000 });
+      await writer.put('wb-listed', Buffer.from('x'), { ttlMs: 60_000 });
+      const child = spawn(dumpBin, [`127.0.0.1:${watched.port}`, '--watch', '--prefix', 'wb-'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      try {
+        let stderr = '';
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        const exited = once(child, 'exit') as Promise<[number | null]>;
+        // The listing's line: the feed is open (it starts before the listing).
+        const [first] = (await once(child.stdout!, 'data')) as [Buffer];
+        assert.equal(first.toString(), 'wb-listed x\n');
+        child.stdout!.pause();
+        // Nothing more is read from dump's stdout until the store has ended the feed: 60 KB events,
+        // past the store's 16 MiB for a Watch client that stops reading (and dump's and the pipe's buffers).
+        const value = Buffer.alloc(60_000, 'w');
+        const cut = () => watched.lines.some((l) => /"method":"Watch","code":"RESOURCE_EXHAUSTED"/.test(l));
+        for (let i = 0; i < 1000 && !cut(); i += 20) {
+          await Promise.all(Array.from({ length: 20 }, (_, j) => writer.put(`wb-${(i + j) % 100}`, value, { ttlMs: 60_000 })));
+        }
+        await waitForLine(watched, (l) => /"method":"Watch","code":"RESOURCE_EXHAUSTED"/.test(l), 10_000);
+        child.stdout!.resume();
+        const [code] = await exited;
+        assert.equal(code, 1, stderr);
+        assert.equal(lines(stderr).length, 1, stderr);
+        assert.match(stderr, /^dump: cannot dump the store at [\d.:]+: the change feed ended: the watcher fell behind .*, so changes were missed; run it again\n$/);
+      } finally {
+        child.kill('SIGKILL');
+        writer.close();
+        await watched.stop();
         own.remove();
       }
     });

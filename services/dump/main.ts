@@ -43,7 +43,15 @@ async function dump(settings: DumpSettings): Promise<void> {
     let feed: Promise<void> | undefined;
     if (settings.watch) {
       process.once('SIGINT', stop).once('SIGTERM', stop);
-      feed = source.watch(settings.prefix, (event) => (early ? early.push(event) : out.writeNow(formatter.event(event))));
+      feed = source.watch(settings.prefix, (event) => {
+        if (early) {
+          early.push(event);
+          return undefined;
+        }
+        // A reader that falls behind pauses the feed, so the store (which ends a Watch that falls
+        // too far behind) holds the backlog rather than this process's memory.
+        return out.writeNow(formatter.event(event)) ? undefined : out.drained();
+      });
       feed.catch(() => undefined); // observed below, after the listing
     }
 

@@ -11,9 +11,17 @@ export class Output {
     if (text.length > 0 && !this.stream.write(text)) await once(this.stream, 'drain');
   }
 
-  /** Writes without waiting: for small texts (change events) whose order matters more than pacing. */
-  writeNow(text: string): void {
-    if (text.length > 0) this.stream.write(text);
+  /**
+   * Writes without waiting: for small texts (change events) whose order matters more than pacing.
+   * False when the stream's buffer is full: the caller should take no more until drained().
+   */
+  writeNow(text: string): boolean {
+    return text.length === 0 || this.stream.write(text);
+  }
+
+  /** Resolves once the stream has room again, after writeNow returned false. */
+  async drained(): Promise<void> {
+    await once(this.stream, 'drain');
   }
 }
 

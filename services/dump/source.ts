@@ -95,12 +95,18 @@ export class StoreSource {
   }
 
   /**
-   * Subscribes to changes of keys with the prefix. Events go to onEvent; the returned promise
-   * rejects with a StoreUnreachableError when the feed fails and resolves when it is cancelled.
+   * Subscribes to changes of keys with the prefix. Events go to onEvent, which may return a promise
+   * to pause the feed until it settles; the returned promise rejects with a StoreUnreachableError
+   * when the feed fails and resolves when it is cancelled.
    */
-  watch(prefix: string, onEvent: (event: WatchEvent) => void): Promise<void> {
+  watch(prefix: string, onEvent: (event: WatchEvent) => Promise<void> | undefined): Promise<void> {
     const call = this.track(this.client.watch({ prefix }, this.metadata));
-    call.on('data', onEvent);
+    call.on('data', (event: WatchEvent) => {
+      const wait = onEvent(event);
+      if (!wait) return;
+      call.pause();
+      void wait.then(() => call.resume());
+    });
     // The store sends headers once the feed is established: UNAVAILABLE after that is the feed
     // breaking (the store lost its change feed, or the connection dropped), not a failed connect.
     let established = false;
@@ -113,6 +119,11 @@ export class StoreSource {
           // The store's own message may already say it (Redis: "... broke, so changes may have been missed; ...").
           const told = /may have been missed/.test(why) ? `${why}` : `changes may have been missed (${why})`;
           return reject(new StoreUnreachableError(`the change feed broke: ${told}; run it again`));
+        }
+        if (err.code === status.RESOURCE_EXHAUSTED && established) {
+          // The store ends a Watch whose client stopped taking events: here, the output was not read.
+          const why = err.details || err.message;
+          return reject(new StoreUnreachableError(`the change feed ended: ${why} (the output was not read fast enough), so changes were missed; run it again`));
         }
         reject(this.translate(err));
       });
