@@ -191,12 +191,22 @@ describe('in Chromium: two users on the counter page, and the error pages', func
     for (const url of [base + '/', base + '/narrow/missing']) {
       if (url.endsWith('missing')) problems.expect(url, 404);
       await page.goto(url);
-      const widths = await page.evaluate(() => ({
-        scroll: document.documentElement.scrollWidth,
-        widest: Math.max(...[...document.querySelectorAll('body *')].map((el) => el.getBoundingClientRect().right)),
-      }));
-      assert.ok(widths.scroll <= 320, `${url}: page is ${widths.scroll} px wide`);
-      assert.ok(widths.widest <= 320, `${url}: an element reaches ${widths.widest} px`);
+      await assertFitsWidth(page, 320);
+    }
+    assertNoProblems();
+  });
+
+  it('with the browser set to a large text size (24 px, Chrome\'s "Very large"), nothing overflows sideways at 320 px', async () => {
+    const { context, page, problems } = await openUser({ width: 320, height: 640 });
+    // The user's default font size, as the browser's settings (or a phone's text scaling) set it: rem grows, px does not.
+    const cdp = await context.newCDPSession(page);
+    await cdp.send('Page.enable');
+    await cdp.send('Page.setFontSizes', { fontSizes: { standard: 24, fixed: 24 } });
+    for (const url of [base + '/', base + '/large-text/missing']) {
+      if (url.endsWith('missing')) problems.expect(url, 404);
+      await page.goto(url);
+      assert.equal(await page.evaluate(() => getComputedStyle(document.documentElement).fontSize), '24px', 'the text size setting applies');
+      await assertFitsWidth(page, 320);
     }
     assertNoProblems();
   });
@@ -292,6 +302,17 @@ describe('in Chromium: two users on the counter page, and the error pages', func
     assert.deepEqual(await runAxe(page), []);
   }
 });
+
+/** Nothing on the page reaches past the right edge of a viewport this wide. */
+async function assertFitsWidth(page: Page, width: number): Promise<void> {
+  const widths = await page.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth,
+    widest: Math.max(...[...document.querySelectorAll('body *')].map((el) => el.getBoundingClientRect().right)),
+  }));
+  const url = page.url();
+  assert.ok(widths.scroll <= width, `${url}: page is ${widths.scroll} px wide`);
+  assert.ok(widths.widest <= width, `${url}: an element reaches ${widths.widest} px`);
+}
 
 /** The two counters as rendered text, e.g. "Counter 1: 3". */
 async function counters(page: Page): Promise<[number, number]> {
