@@ -446,3 +446,36 @@ describe('Redis backend on a Redis Cluster: a connection lost between a write an
     }
   });
 });
+
+describe('Redis backend on a Redis Cluster with replicas: the change feed across a failover', function () {
+  let cluster: RedisClusterProcs | undefined;
+  before(async function () {
+    requireRedis(this);
+    cluster = await startRedisCluster(3, 1);
+  });
+  after(async () => cluster?.stop());
+
+  const seeds = () => cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port }));
+
+  it('a replica promoted by CLUSTER FAILOVER ends a watcher as unavailable (writes on the new master may have been missed), not silently', async () => {
+    const backend = new RedisBackend(backendOptions({ clusterNodes: seeds(), keyPrefix: 'fo:' }));
+    let failed: StoreError | undefined;
+    const stop = backend.watch('', () => undefined, { onError: (err) => (failed = err) });
+    try {
+      await backend.batch([put('before')]);
+      const replica = cluster!.replicas[0];
+      assert.equal(await redisCommand(replica.port, 'CLUSTER', 'FAILOVER'), 'OK');
+      await until(async () => /role:master/.test(await redisCommand(replica.port, 'INFO', 'replication')), 15_000);
+      // Writes make the store learn the new slot map (MOVED), as a page load would.
+      await until(async () => {
+        await backend.batch(Array.from({ length: 20 }, (_, i) => put(`after${i}`)));
+        return failed !== undefined;
+      }, 15_000);
+      assert.equal(toStatus(failed).code, status.UNAVAILABLE);
+    } finally {
+      stop();
+      await backend.close();
+    }
+  });
+
+});

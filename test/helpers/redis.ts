@@ -171,17 +171,19 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
 
 export interface RedisClusterProcs {
   masters: RedisServer[];
+  replicas: RedisServer[];
   /** Seed nodes as REDIS_CLUSTER_NODES expects them: 127.0.0.1:p1,127.0.0.1:p2,... */
   seeds: string;
   stop(): Promise<void>;
 }
 
 /**
- * Starts a Redis Cluster of `masters` masters without replicas (`redis-server --cluster-enabled yes`
- * on free ports, joined by `redis-cli --cluster create`) and resolves once every node reports
- * cluster_state:ok with all 16384 slots and every node known.
+ * Starts a Redis Cluster of `masters` masters, each with `replicasPerMaster` replicas
+ * (`redis-server --cluster-enabled yes` on free ports, joined by `redis-cli --cluster create`) and
+ * resolves once every node reports cluster_state:ok with all 16384 slots and every node known.
+ * `masters` lists the first `masters` nodes, which `--cluster create` makes the masters; `replicas` the others.
  */
-export async function startRedisCluster(masters = 3): Promise<RedisClusterProcs> {
+export async function startRedisCluster(masters = 3, replicasPerMaster = 0): Promise<RedisClusterProcs> {
   const tmp = tempDir('sessions-redis-cluster-');
   const nodes: RedisServer[] = [];
   const stop = async () => {
@@ -189,7 +191,8 @@ export async function startRedisCluster(masters = 3): Promise<RedisClusterProcs>
     tmp.remove();
   };
   try {
-    for (let i = 0; i < masters; i += 1) {
+    const total = masters * (1 + replicasPerMaster);
+    for (let i = 0; i < total; i += 1) {
       nodes.push(
         await startRedisServer({
           dir: path.join(tmp.dir, `node${i}`),
@@ -202,19 +205,27 @@ export async function startRedisCluster(masters = 3): Promise<RedisClusterProcs>
     }
     const addresses = nodes.map((n) => `${HOST}:${n.port}`);
     await new Promise<void>((resolve, reject) =>
-      execFile('redis-cli', ['--cluster', 'create', ...addresses, '--cluster-replicas', '0', '--cluster-yes'], { timeout: 30_000 }, (err, stdout, stderr) =>
+      execFile('redis-cli', ['--cluster', 'create', ...addresses, '--cluster-replicas', String(replicasPerMaster), '--cluster-yes'], { timeout: 30_000 }, (err, stdout, stderr) =>
         err ? reject(new Error(`redis-cli --cluster create failed: ${stderr || stdout}`)) : resolve(),
       ),
     );
     await until('cluster_state:ok on every node', async () => {
       for (const node of nodes) {
         const info = await redisCommand(node.port, 'CLUSTER', 'INFO');
-        const ok = /cluster_state:ok/.test(info) && /cluster_slots_ok:16384/.test(info) && new RegExp(`cluster_known_nodes:${masters}\\b`).test(info);
+        const ok = /cluster_state:ok/.test(info) && /cluster_slots_ok:16384/.test(info) && new RegExp(`cluster_known_nodes:${total}\\b`).test(info);
         if (!ok) return false;
       }
       return true;
     });
-    return { masters: nodes, seeds: addresses.join(','), stop };
+    if (replicasPerMaster > 0) {
+      await until('every replica in sync', async () => {
+        for (const node of nodes.slice(masters)) {
+          if (!/master_link_status:up/.test(await redisCommand(node.port, 'INFO', 'replication'))) return false;
+        }
+        return true;
+      });
+    }
+    return { masters: nodes.slice(0, masters), replicas: nodes.slice(masters), seeds: addresses.slice(0, masters).join(','), stop };
   } catch (err) {
     await stop();
     throw err;

@@ -130,6 +130,11 @@ export class KeyspaceWatch {
   sync(): void {
     const nodes = this.subscriptions.size === 0 ? [] : this.deps.masters();
     const wanted = new Map(nodes.map((n) => [n ? `${n.host}:${n.port}` : '', n] as const));
+    // A master we are not subscribed to while others are (a replica promoted by a failover, a node
+    // given slots by a resharding) may have taken writes before we knew of it: the listeners
+    // already there may have missed them, so they end, as when a subscriber connection closes.
+    const joined = [...wanted].find(([id]) => !this.subscribers.has(id));
+    if (joined && this.subscribers.size > 0 && this.fail(joined[1], 'was not watched when it became a master')) return;
     for (const [id, sub] of this.subscribers) {
       if (!wanted.has(id)) {
         this.subscribers.delete(id);
@@ -252,18 +257,19 @@ export class KeyspaceWatch {
   }
 
   /**
-   * The connection to a master closed: what happens there until it is back is never reported, so
-   * every listener that can be told ends (after the events that arrived before the close).
+   * The connection to a master closed (or a master joined, see sync()): what happened there
+   * meanwhile is never reported, so every listener that can be told ends (after the events that
+   * arrived before). Answers whether any did.
    */
-  private fail(node: MasterNode | null): void {
+  private fail(node: MasterNode | null, what = 'broke'): boolean {
     const listeners = new Set<Listener>();
     for (const subscription of this.subscriptions.values()) {
       for (const listener of subscription.listeners) if (listener.onError) listeners.add(listener);
     }
-    if (listeners.size === 0) return;
+    if (listeners.size === 0) return false;
     for (const listener of listeners) listener.remove();
     const where = node ? `redis ${node.host}:${node.port}` : 'redis';
-    const error = new StoreError('unavailable', `the change feed from ${where} broke, so changes may have been missed; list again and watch again`);
+    const error = new StoreError('unavailable', `the change feed from ${where} ${what}, so changes may have been missed; list again and watch again`);
     this.delivery = this.delivery.then(() => {
       for (const listener of listeners) {
         try {
@@ -274,6 +280,7 @@ export class KeyspaceWatch {
       }
     });
     this.sync();
+    return true;
   }
 
   /** Turns one notification (a key with our prefix, as bytes) into events for the subscription's listeners. */
