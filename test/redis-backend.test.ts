@@ -447,7 +447,7 @@ describe('Redis backend on a Redis Cluster: a connection lost between a write an
   });
 });
 
-describe('Redis backend on a Redis Cluster with replicas: the change feed across a failover', function () {
+describe('Redis backend on a Redis Cluster with replicas: the change feed across failover and resharding', function () {
   let cluster: RedisClusterProcs | undefined;
   before(async function () {
     requireRedis(this);
@@ -478,4 +478,34 @@ describe('Redis backend on a Redis Cluster with replicas: the change feed across
     }
   });
 
+  it('a key MIGRATEd to another master by a resharding is not reported as deleted; a Delete still is', async () => {
+    const backend = new RedisBackend(backendOptions({ clusterNodes: seeds(), keyPrefix: 'rs:' }));
+    const seen: string[] = [];
+    const stop = backend.watch('', (e) => seen.push(`${e.kind} ${e.key}`), { onError: () => undefined });
+    try {
+      await backend.batch([put('moving')]);
+      await until(() => seen.includes('put moving'));
+      const slot = await redisCommand(cluster!.masters[0].port, 'CLUSTER', 'KEYSLOT', 'rs:moving');
+      const nodes = (await redisCommand(cluster!.masters[0].port, 'CLUSTER', 'NODES')).split('\n').filter(Boolean).map((l) => l.split(' '));
+      const masters = nodes.filter((n) => n[2].includes('master') && n.length > 8);
+      const owns = (n: string[]) => n.slice(8).some((range) => {
+        const [low, high = low] = range.split('-').map(Number);
+        return Number(slot) >= low && Number(slot) <= high;
+      });
+      const source = masters.find(owns)!;
+      const target = masters.find((n) => !owns(n))!;
+      const portOf = (n: string[]) => Number(n[1].split('@')[0].split(':')[1]);
+      await redisCommand(portOf(target), 'CLUSTER', 'SETSLOT', slot, 'IMPORTING', source[0]);
+      await redisCommand(portOf(source), 'CLUSTER', 'SETSLOT', slot, 'MIGRATING', target[0]);
+      await redisCommand(portOf(source), 'MIGRATE', '127.0.0.1', String(portOf(target)), '', '0', '5000', 'KEYS', 'rs:moving');
+      for (const node of masters) await redisCommand(portOf(node), 'CLUSTER', 'SETSLOT', slot, 'NODE', target[0]);
+      await backend.batch([{ kind: 'delete', key: 'moving' }]);
+      await backend.batch([put('done')]);
+      await until(() => seen.includes('put done'));
+      assert.deepEqual(seen, ['put moving', 'delete moving', 'put done']);
+    } finally {
+      stop();
+      await backend.close();
+    }
+  });
 });

@@ -14,7 +14,10 @@ import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry, Store
  * A watcher of every kind subscribes to one keyspace pattern per prefix; a write is the script's
  * "hset" (a refresh only moves the expiry: "expire", ignored). That event does not carry the
  * value, so a put event reads the entry back: value and version are those of the entry at that
- * moment (0 and empty when it is already gone). A watcher of expiries only (metrics) subscribes to
+ * moment (0 and empty when it is already gone). A "del" is a Delete, but also what a cluster
+ * node publishes when a resharding MIGRATEs the key to another node, where it lives on: so a
+ * delete event is checked by a read too, and dropped when the entry is live (moved, or already
+ * created again, whose put event follows). A watcher of expiries only (metrics) subscribes to
  * the "expired" and "evicted" keyevent channels instead: no message per write, no read-back.
  *
  * Events of one key arrive in order; events are delivered in arrival order. Notifications are
@@ -290,18 +293,22 @@ export class KeyspaceWatch {
     const listeners = [...subscription.listeners].filter((l) => key.startsWith(l.prefix));
     if (listeners.length === 0) return;
     const base: ChangeEvent = { kind, key, version: 0, value: EMPTY_VALUE, expiresAtMs: 0 };
-    let ready: Promise<ChangeEvent> = Promise.resolve(base);
-    if (kind === 'put' && this.pendingReads < MAX_PENDING_READS) {
+    let ready: Promise<ChangeEvent | null> = Promise.resolve(base);
+    if ((kind === 'put' || kind === 'delete') && this.pendingReads < MAX_PENDING_READS) {
       this.pendingReads += 1;
       ready = this.deps
         .read(key)
-        .then((entry) => (entry ? { ...base, version: entry.version, value: entry.value, expiresAtMs: entry.expiresAtMs } : base))
+        .then((entry) => {
+          if (kind === 'delete') return entry ? null : base;
+          return entry ? { ...base, version: entry.version, value: entry.value, expiresAtMs: entry.expiresAtMs } : base;
+        })
         .catch(() => base)
         .finally(() => (this.pendingReads -= 1));
     }
     // Read-backs run in parallel; events are delivered in the order they arrived.
     this.delivery = this.delivery.then(async () => {
       const event = await ready;
+      if (!event) return;
       for (const listener of listeners) {
         try {
           listener.onEvent(event);
