@@ -3,6 +3,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { parseAddress, resolveEndpoint, type StoreEndpoint } from '../client/store-client';
+import { COOKIE_NAME } from './session';
 import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
 
 const MINUTE = 60_000;
@@ -35,7 +36,7 @@ export function loadWebConfig(raw = readEnv()) {
       // The session middleware's own rule: "__" is left for the __Host- prefix it adds over HTTPS.
       SESSION_COOKIE_NAME: z
         .string()
-        .regex(/^(?!__)[A-Za-z0-9_-]{1,64}$/, { message: 'expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__" (__Host- is added over HTTPS)' })
+        .regex(COOKIE_NAME, { message: 'expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__" (__Host- is added over HTTPS)' })
         .default('sid'),
       SESSION_IDLE_TTL_MS: envs.int(30 * MINUTE, 1000, 30 * 24 * 60 * MINUTE, ' ms'),
       SESSION_ABSOLUTE_TTL_MS: envs.int(24 * 60 * MINUTE, 1000, 365 * 24 * 60 * MINUTE, ' ms'),

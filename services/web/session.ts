@@ -539,6 +539,9 @@ export class Session<T extends SessionData = SessionData> {
   }
 }
 
+/** The cookieName rule: 1-64 of A-Z a-z 0-9 _ -, not starting with "__" (the __Host- prefix is added for Secure cookies). */
+export const COOKIE_NAME = /^(?!__)[A-Za-z0-9_-]{1,64}$/;
+
 /** Cookies of the session's name looked at per request: a browser sends one per path and domain, never many. */
 const MAX_SAME_NAME_COOKIES = 8;
 
@@ -799,7 +802,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     return value;
   };
   const cookieName = options.cookieName ?? 'sid';
-  if (typeof cookieName !== 'string' || !/^[A-Za-z0-9_-]{1,64}$/.test(cookieName) || cookieName.startsWith('__')) {
+  if (typeof cookieName !== 'string' || !COOKIE_NAME.test(cookieName)) {
     throw new TypeError('session option cookieName must be 1-64 of A-Z a-z 0-9 _ - and not start with "__" (the __Host- prefix is added for Secure cookies)');
   }
   const secure = options.secure ?? 'auto';
