@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, startStore, startWeb, tempDir } from './helpers/procs';
+import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 
 describe('counter site (real web + real store processes)', function () {
   let tmp: ReturnType<typeof tempDir>;
@@ -126,6 +126,56 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal(status, 200);
     const page = await jar.page();
     assert.ok(page.count1 >= 2, 'the session survived the outage');
+  });
+});
+
+describe('a web whose settings its store refuses is not ready, and says which setting (real processes)', function () {
+  const TOKEN = 'store-token-0123456789';
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  const webs: Proc[] = [];
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir, { STORE_TOKEN: TOKEN, STORE_MAX_TTL_MS: '600000' });
+  });
+  after(async () => {
+    for (const web of webs) await web.stop();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  async function readyz(web: Proc): Promise<{ status: number; body: { status: string; store: string; problem?: string } }> {
+    const res = await fetch(`http://127.0.0.1:${web.port}/readyz`);
+    return { status: res.status, body: await res.json() };
+  }
+
+  it('a wrong STORE_TOKEN: /readyz 503 naming STORE_TOKEN, logged at start without a request; pages 503', async () => {
+    const web = await startWeb(store.port, tmp.dir, { STORE_TOKEN: 'another-token-0123456789' });
+    webs.push(web);
+    const logged = await waitForLine(web, (l) => l.includes('not ready: the store refuses'));
+    assert.match(logged, /"level":50/);
+    assert.match(logged, /STORE_TOKEN/);
+    assert.doesNotMatch(logged, /another-token|store-token-0123/, 'no token in the log');
+    const { status, body } = await readyz(web);
+    assert.equal(status, 503);
+    assert.equal(body.store, 'SERVING');
+    assert.match(body.problem ?? '', /^the store refuses this web's STORE_TOKEN/);
+    assert.equal((await fetch(`http://127.0.0.1:${web.port}/`)).status, 503);
+  });
+
+  it('SESSION_IDLE_TTL_MS above STORE_MAX_TTL_MS of the store: /readyz 503 naming both; within it: ready, and the probe wrote nothing', async () => {
+    const tooLong = await startWeb(store.port, tmp.dir, { STORE_TOKEN: TOKEN });
+    webs.push(tooLong);
+    const { status, body } = await readyz(tooLong);
+    assert.equal(status, 503);
+    assert.match(body.problem ?? '', /SESSION_IDLE_TTL_MS=1800000.*STORE_MAX_TTL_MS/);
+    const fits = await startWeb(store.port, tmp.dir, { STORE_TOKEN: TOKEN, SESSION_IDLE_TTL_MS: '600000', SESSION_ABSOLUTE_TTL_MS: '600000' });
+    webs.push(fits);
+    assert.deepEqual(await readyz(fits), { status: 200, body: { status: 'ready', store: 'SERVING' } });
+    const jar = new CookieJarClient(`http://127.0.0.1:${fits.port}`);
+    assert.deepEqual(pick(await jar.page()), [0, 0]);
+    assert.deepEqual(pick(await jar.page()), [1, 0]);
   });
 });
 

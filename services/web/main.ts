@@ -18,7 +18,13 @@ function main(): void {
   const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
   // Same address and TLS as the store client (a plaintext check of a TLS store never succeeds);
   // no token: grpc.health.v1 answers without one.
-  const readiness = createStoreReadiness({ address: config.store.address, tlsCa: config.store.tlsCa, timeoutMs: config.store.deadlineMs });
+  // The probe asks through the store client itself whether the store accepts its token and TTL.
+  const readiness = createStoreReadiness({
+    address: config.store.address,
+    tlsCa: config.store.tlsCa,
+    timeoutMs: config.store.deadlineMs,
+    probe: { store, ttlMs: config.session.idleTtlMs, logger },
+  });
   const metrics = new WebMetrics();
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
@@ -29,6 +35,8 @@ function main(): void {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;
     logger.info({ host: config.host, port, store: config.store.address }, 'listening');
+    // A store that refuses this web's settings is logged now, not at the first /readyz.
+    void readiness.check();
   });
   server.on('error', (err: NodeJS.ErrnoException) => {
     process.stderr.write(`web: cannot listen on ${config.host}:${config.port} (${listenVariables(err.code, 'PORT', 'WEB_HOST')}): ${err.message}\n`);

@@ -6,8 +6,8 @@ import type { ReadinessCheck } from './readiness';
 export const OPERATION_PATHS: ReadonlySet<string> = new Set(['/healthz', '/readyz', '/metrics']);
 
 /**
- * GET /healthz: the process is alive and serving HTTP. GET /readyz: the store answers SERVING, so
- * pages can work (503 otherwise). GET /metrics: Prometheus text.
+ * GET /healthz: the process is alive and serving HTTP. GET /readyz: the store answers SERVING and
+ * accepts this web's calls, so pages can work (503 otherwise). GET /metrics: Prometheus text.
  */
 export function createOperationRoutes(deps: { metrics: WebMetrics; readiness?: ReadinessCheck }): Router {
   const router = new Router();
@@ -20,10 +20,11 @@ export function createOperationRoutes(deps: { metrics: WebMetrics; readiness?: R
   const { readiness } = deps;
   if (readiness) {
     router.get('/readyz', async (ctx) => {
-      const store = await readiness.check();
+      const { store, problem } = await readiness.check();
+      const ready = store === 'SERVING' && !problem;
       ctx.set('Cache-Control', 'no-store');
-      ctx.status = store === 'SERVING' ? 200 : 503;
-      ctx.body = { status: store === 'SERVING' ? 'ready' : 'not ready', store };
+      ctx.status = ready ? 200 : 503;
+      ctx.body = { status: ready ? 'ready' : 'not ready', store, ...(problem && { problem }) };
     });
   }
 

@@ -1,14 +1,24 @@
 import { type Client, makeGenericClientConstructor, Metadata, type ServiceDefinition, type ServiceError, status } from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
-import { CHANNEL_OPTIONS, type StoreClientOptions, storeChannel } from '../client/store-client';
+import type { Logger } from 'pino';
+import { CHANNEL_OPTIONS, type StoreClient, StoreClientError, type StoreClientOptions, storeChannel } from '../client/store-client';
 import { SessionStoreService } from '../generated/kv';
 
 /** The store's answer to a grpc.health.v1 Check: its serving status, or UNREACHABLE when no answer came in time. */
 export type StoreHealthStatus = 'SERVING' | 'NOT_SERVING' | 'UNKNOWN' | 'SERVICE_UNKNOWN' | 'UNREACHABLE';
 
+/**
+ * What /readyz reports: the store's health, and when it serves, whether it accepts this web's calls
+ * (`problem` names the setting it refuses: a wrong STORE_TOKEN, a session TTL above its maximum).
+ */
+export interface Readiness {
+  store: StoreHealthStatus;
+  problem?: string;
+}
+
 export interface ReadinessCheck {
   /** Asks the store once (parallel callers share one call). */
-  check(): Promise<StoreHealthStatus>;
+  check(): Promise<Readiness>;
   close(): void;
 }
 
@@ -28,22 +38,73 @@ const HealthClientConstructor = makeGenericClientConstructor(healthService as un
   ...args: ConstructorParameters<typeof Client>
 ) => HealthClient;
 
+/** Not a session id (those are 24 base64url characters) nor a forward: a key that never exists. */
+const PROBE_KEY = 'readiness-probe';
+
+/**
+ * How the web calls the store, for the readiness probe: a serving store can still refuse every
+ * page's calls when the two are configured apart.
+ */
+export interface ReadinessProbe {
+  /** The web's own store client (its token, TLS and transport). */
+  store: Pick<StoreClient, 'get'>;
+  /** The longest TTL the web asks for (SESSION_IDLE_TTL_MS). */
+  ttlMs: number;
+  /** Told once each time the problem changes, so a misconfiguration shows in the log and not only in /readyz. */
+  logger?: Pick<Logger, 'error' | 'info'>;
+}
+
+/**
+ * The setting a serving store refuses in this web's calls, from one Get of a key that never exists
+ * with the web's longest TTL as refresh (nothing is written). undefined: accepted, or the store
+ * could not be asked (health says why).
+ */
+async function refusedSetting(probe: ReadinessProbe): Promise<string | undefined> {
+  try {
+    await probe.store.get(PROBE_KEY, { refreshTtlMs: probe.ttlMs });
+    return undefined;
+  } catch (err) {
+    if (!(err instanceof StoreClientError) || err.kind === 'unavailable') return undefined;
+    if (err.kind === 'unauthenticated') return `the store refuses this web's STORE_TOKEN: ${err.message}`;
+    if (err.kind === 'invalid') return `the store refuses this web's session TTL (SESSION_IDLE_TTL_MS=${probe.ttlMs}): ${err.message}`;
+    return `the store refuses this web's calls: ${err.message}`;
+  }
+}
+
 /**
  * Readiness of the web service = the store answers grpc.health.v1 Check with SERVING for the
- * SessionStore service within timeoutMs. It never touches a session.
+ * SessionStore service within timeoutMs and, with a probe, accepts this web's token and TTL. It
+ * never touches a session.
  */
-export function createStoreReadiness(options: Pick<StoreClientOptions, 'address' | 'tlsCa'> & { timeoutMs: number }): ReadinessCheck {
+export function createStoreReadiness(
+  options: Pick<StoreClientOptions, 'address' | 'tlsCa'> & { timeoutMs: number; probe?: ReadinessProbe },
+): ReadinessCheck {
   const { target, credentials } = storeChannel(options);
   const client = new HealthClientConstructor(target, credentials, CHANNEL_OPTIONS);
   const metadata = new Metadata();
-  let inFlight: Promise<StoreHealthStatus> | undefined;
-  const ask = () =>
+  const { probe } = options;
+  let inFlight: Promise<Readiness> | undefined;
+  let reported: string | undefined;
+  const report = (problem: string | undefined) => {
+    if (problem === reported) return;
+    if (problem) probe?.logger?.error({ problem }, 'not ready: the store refuses this web\'s calls');
+    else probe?.logger?.info('ready: the store accepts this web\'s calls again');
+    reported = problem;
+  };
+  const health = () =>
     new Promise<StoreHealthStatus>((resolve) => {
       client.check({ service: STORE_SERVICE }, metadata, { deadline: Date.now() + options.timeoutMs }, (err, res) => {
         if (err) resolve(err.code === status.NOT_FOUND ? 'SERVICE_UNKNOWN' : 'UNREACHABLE');
         else resolve(res?.status ?? 'UNKNOWN');
       });
     });
+  const ask = async (): Promise<Readiness> => {
+    const store = await health();
+    if (store !== 'SERVING' || !probe) return { store };
+    const problem = await refusedSetting(probe);
+    report(problem);
+    return problem ? { store, problem } : { store };
+  };
   return {
     check() {
       inFlight ??= ask().finally(() => {
