@@ -311,7 +311,7 @@ export class RedisBackend implements Backend {
         return;
       }
       if (this.cluster.status !== 'ready') throw new StoreError('unavailable', `redis cluster: ${this.cluster.status}`);
-      const masters = this.cluster.nodes('master');
+      const masters = await this.clusterMasters(this.cluster);
       if (masters.length === 0) throw new StoreError('unavailable', 'redis cluster: no master known');
       await Promise.all(
         masters.map(async (node) => {
@@ -466,8 +466,8 @@ export class RedisBackend implements Backend {
 
   /** Calls onKey for every key matching the pattern on every master (a key may come twice), until aborted. */
   private async scan(pattern: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
-    const nodes = this.cluster ? this.cluster.nodes('master') : [this.client as Redis];
     try {
+      const nodes = this.cluster ? await this.clusterMasters(this.cluster) : [this.client as Redis];
       await Promise.all(
         nodes.map(async (node) => {
           let cursor = '0';
@@ -483,6 +483,25 @@ export class RedisBackend implements Backend {
     } catch (err) {
       throw toStoreError(err);
     }
+  }
+
+  /**
+   * The masters that own the slots, by a slot map read now. ioredis updates its map only when a
+   * command is redirected (MOVED), so after a failover in a quiet moment its nodes lack the
+   * promoted replica, and while a master is down they lack that master: a scan of them would miss
+   * its keys and say nothing. A master that owns slots and cannot be reached fails the caller
+   * (unavailable) instead. The refresh also tells the watch about new masters ('refresh').
+   */
+  private async clusterMasters(cluster: Cluster): Promise<Redis[]> {
+    await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
+    const connected = new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const owners = new Set<string>();
+    for (const nodes of cluster.slots) if (nodes?.[0]) owners.add(nodes[0]);
+    return [...owners].map((owner) => {
+      const node = connected.get(owner);
+      if (!node) throw new StoreError('unavailable', `redis cluster: the master ${owner} is not connected`);
+      return node;
+    });
   }
 
   private syncWatch(): void {

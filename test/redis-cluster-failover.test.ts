@@ -1,0 +1,111 @@
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import { createStoreClient, type StoreClient } from '../services/client/store-client';
+import { checkHealth, waitForHealth } from './helpers/health';
+import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
+import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster } from './helpers/redis';
+
+/** Runs bin/dump --keys-only against the store: its exit code and the keys it printed. */
+function dumpKeys(storePort: number): Promise<{ code: number; keys: string[]; stderr: string }> {
+  return new Promise((resolve) =>
+    execFile(
+      path.join(root, 'bin', 'dump'),
+      [`127.0.0.1:${storePort}`, '--keys-only'],
+      { env: { PATH: process.env.PATH ?? '', ...NO_ENV_FILE }, timeout: 20_000 },
+      (err, stdout, stderr) =>
+        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, keys: stdout.split('\n').filter(Boolean).sort(), stderr }),
+    ),
+  );
+}
+
+/** The replica that replicates `master`. */
+async function replicaOf(cluster: RedisClusterProcs, master: RedisServer): Promise<RedisServer> {
+  for (const replica of cluster.replicas) {
+    if (new RegExp(`master_port:${master.port}\\b`).test(await redisCommand(replica.port, 'INFO', 'replication'))) return replica;
+  }
+  throw new Error(`no replica of port ${master.port}`);
+}
+
+describe('Redis Cluster with replicas: a master fails over (real redis-server processes, a real store, bin/dump)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let cluster: RedisClusterProcs | undefined;
+  let store: Proc | undefined;
+  let client: StoreClient | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    cluster = await startRedisCluster(3, 1);
+    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
+  });
+  after(async () => {
+    client?.close();
+    await store?.stop();
+    await cluster?.stop();
+    tmp?.remove();
+  });
+
+  it('bin/dump lists every session or fails while a master is down and after its replica took over, even when no write reached its slots since: never a listing with its keys left out', async () => {
+    const expected = Array.from({ length: 60 }, (_, i) => `sess-${String(i).padStart(2, '0')}`);
+    for (const key of expected) await client!.put(key, Buffer.from('{"count1":1}'), { ttlMs: 600_000 });
+    const victim = cluster!.masters[0];
+    const heir = await replicaOf(cluster!, victim);
+    const held = await redisCommand(victim.port, 'DBSIZE');
+    assert.ok(Number(held) > 0, 'the master to be killed holds none of the sessions');
+    for (const end = Date.now() + 5000; (await redisCommand(heir.port, 'DBSIZE')) !== held; ) {
+      assert.ok(Date.now() < end, 'the replica never caught up');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.deepEqual((await dumpKeys(store!.port)).keys, expected);
+
+    await victim.stop('SIGKILL');
+    // No write from here on: the store learns of the failover only by asking the cluster.
+    const failures: string[] = [];
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const promoted = /role:master/.test(await redisCommand(heir.port, 'INFO', 'replication'));
+      const run = await dumpKeys(store!.port);
+      if (run.code === 0) assert.deepEqual(run.keys, expected, `bin/dump exited 0 with ${run.keys.length} of ${expected.length} keys`);
+      else failures.push(run.stderr.trim());
+      if (promoted && run.code === 0) break;
+      assert.ok(Date.now() < deadline, `bin/dump never listed every session after the failover: ${failures.at(-1)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.ok(failures.every((f) => /cannot serve|redis/.test(f)), failures.join('\n'));
+    await waitForHealth(store!.port, 'SERVING');
+  });
+});
+
+describe('Redis Cluster: a master down before the cluster notices (real redis-server processes, a real store)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let cluster: RedisClusterProcs | undefined;
+  let store: Proc | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    cluster = await startRedisCluster(3);
+    // The cluster marks a node failed after cluster-node-timeout (Redis' default is 15 s): until
+    // then every other node still reports cluster_state:ok.
+    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
+    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
+    await waitForHealth(store.port, 'SERVING');
+  });
+  after(async () => {
+    await store?.stop();
+    await cluster?.stop();
+    tmp?.remove();
+  });
+
+  it('the store reports NOT_SERVING while a master that owns slots is down, though the other masters still say cluster_state:ok; SERVING again once it is back', async () => {
+    const [victim, other] = cluster!.masters;
+    await victim.stop('SIGKILL');
+    await waitForHealth(store!.port, 'NOT_SERVING', 5000);
+    assert.match(await redisCommand(other.port, 'CLUSTER', 'INFO'), /cluster_state:ok/);
+    assert.equal(await checkHealth(store!.port), 'NOT_SERVING');
+    await victim.start();
+    await waitForHealth(store!.port, 'SERVING');
+  });
+});
