@@ -12,6 +12,7 @@ import {
   versionConflict,
   type WatchOptions,
 } from './backend';
+import { coversEverySlot, movedSlots, parseSlotSnapshot, type SlotSnapshot } from './cluster-slots';
 import { KeyWindow } from './key-window';
 import { DELETE, READ, WRITE } from './redis-scripts';
 import { escapeGlob, KeyspaceWatch } from './redis-watch';
@@ -67,6 +68,8 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
 const READ_PAGE = 500;
+/** Passes of a cluster listing that are scanned again because a master was missing from the slot map. */
+const SCAN_ATTEMPTS = 5;
 
 /**
  * The backend for Redis: one server, a Sentinel-managed master, or a Redis Cluster (ioredis).
@@ -90,6 +93,7 @@ export class RedisBackend implements Backend {
   private readonly cluster: Cluster | undefined;
   private readonly watcher: KeyspaceWatch;
   private readonly prefixBytes: number;
+  private readonly auth: RedisOptions;
   private readonly firstReady: Promise<void>;
   private everReady = false;
   private connected = false;
@@ -107,11 +111,11 @@ export class RedisBackend implements Backend {
     this.prefixBytes = Buffer.byteLength(options.keyPrefix);
     const url = new URL(options.url);
     const db = Number(url.pathname.slice(1) || '0');
-    const auth: RedisOptions = {
+    const auth: RedisOptions = (this.auth = {
       username: decodeURIComponent(url.username) || undefined,
       password: decodeURIComponent(url.password) || undefined,
       tls: url.protocol === 'rediss:' ? {} : undefined,
-    };
+    });
     const failFast: RedisOptions = {
       ...auth,
       commandTimeout: options.commandTimeoutMs,
@@ -230,7 +234,6 @@ export class RedisBackend implements Backend {
 
   async *list(options: ListOptions): AsyncIterable<StoredEntry> {
     await this.ready();
-    const pattern = `${escapeGlob(this.options.keyPrefix + options.prefix)}*`;
     let after = Buffer.from(this.options.keyPrefix + options.startAfter).toString('latin1');
     let remaining = options.limit > 0 ? options.limit : Infinity;
     while (remaining > 0) {
@@ -238,7 +241,7 @@ export class RedisBackend implements Backend {
       const window = new KeyWindow(Math.min(this.options.listWindow, remaining));
       const floor = after;
       await this.scan(
-        pattern,
+        this.options.keyPrefix + options.prefix,
         (key) => {
           const rendered = key.toString('latin1');
           if (rendered > floor) window.offer(rendered);
@@ -329,7 +332,7 @@ export class RedisBackend implements Backend {
   async countLive(): Promise<number> {
     if (this.closed) return 0;
     let count = 0;
-    await this.scan(`${escapeGlob(this.options.keyPrefix)}*`, () => (count += 1));
+    await this.scan(this.options.keyPrefix, () => (count += 1), undefined, false);
     return count;
   }
 
@@ -382,10 +385,12 @@ export class RedisBackend implements Backend {
         members.forEach((i, j) => (replies[i] = answers[j]));
       }),
     );
-    // A slot that moved since the slot map was read sent MOVED/ASK and ran nothing: run those
-    // operations again one by one, in order, through the cluster's routing, which follows redirects.
+    // A slot that moved since the slot map was read sent MOVED/ASK and ran nothing, and while slots
+    // move ioredis may refuse a whole pipeline before sending it (its own slot groups, updated one
+    // slot per MOVED, disagree with its slot map): run those operations again one by one, in order,
+    // through the cluster's routing, which follows redirects.
     for (let i = 0; i < ops.length; i += 1) {
-      if (!isRedirect(replies[i][0])) continue;
+      if (!isRedirect(replies[i][0]) && !isRegroup(replies[i][0])) continue;
       replies[i] = await this.single(ops[i], withValue).then(
         (reply): Reply => [null, reply],
         (err: Error): Reply => [err, null],
@@ -464,22 +469,40 @@ export class RedisBackend implements Backend {
     return entry;
   }
 
-  /** Calls onKey for every key matching the pattern on every master (a key may come twice), until aborted. */
-  private async scan(pattern: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
+  /**
+   * Calls onKey for every key starting with `prefix` on every master (a key may come twice), until
+   * aborted. In a cluster, slots may move while the masters are scanned: a key MIGRATEd from a
+   * master not scanned yet to one already scanned would be missed. So with `complete` (List) the
+   * masters' own view of their slots is read before and after the scan, and the keys of every slot
+   * that moved or was being moved meanwhile are read again from the nodes involved, source before
+   * target. A scan during which a master outside the slot map held slots is done again, a few
+   * times, then fails as unavailable rather than list entries short. The masters are those of a
+   * slot map read at each pass (see clusterMasters).
+   */
+  private async scan(prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal, complete = true): Promise<void> {
     try {
-      const nodes = this.cluster ? await this.clusterMasters(this.cluster) : [this.client as Redis];
-      await Promise.all(
-        nodes.map(async (node) => {
-          let cursor = '0';
-          do {
-            if (this.closed) throw new StoreError('unavailable', 'the store is closing');
-            if (signal?.aborted) return;
-            const [next, keys] = await node.scanBuffer(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT);
-            cursor = next.toString();
-            for (const key of keys) onKey(key);
-          } while (cursor !== '0');
-        }),
-      );
+      if (!this.cluster || !complete) {
+        await this.scanNodes(this.cluster ? await this.clusterMasters(this.cluster) : [this.client as Redis], prefix, onKey, signal);
+        return;
+      }
+      for (let attempt = 1; ; attempt += 1) {
+        const masters = await this.clusterMasters(this.cluster);
+        const before = await this.slotSnapshot(masters);
+        if (coversEverySlot(before)) {
+          await this.scanNodes(masters, prefix, onKey, signal);
+          if (signal?.aborted) return;
+          const after = await this.slotSnapshot(masters);
+          if (coversEverySlot(after)) {
+            await this.rescanMovedSlots(before, after, Buffer.from(prefix), onKey);
+            return;
+          }
+        }
+        if (attempt >= SCAN_ATTEMPTS) {
+          throw new StoreError('unavailable', 'redis cluster: masters the store does not know yet hold slots (a resharding or failover is under way), so the listing could miss entries; run it again');
+        }
+        // The next attempt reads the slot map again (clusterMasters).
+        await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+      }
     } catch (err) {
       throw toStoreError(err);
     }
@@ -504,6 +527,58 @@ export class RedisBackend implements Backend {
     });
   }
 
+  private async scanNodes(nodes: readonly Redis[], prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
+    const pattern = `${escapeGlob(prefix)}*`;
+    await Promise.all(
+      nodes.map(async (node) => {
+        let cursor = '0';
+        do {
+          if (this.closed) throw new StoreError('unavailable', 'the store is closing');
+          if (signal?.aborted) return;
+          const [next, keys] = await node.scanBuffer(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT);
+          cursor = next.toString();
+          for (const key of keys) onKey(key);
+        } while (cursor !== '0');
+      }),
+    );
+  }
+
+  private async slotSnapshot(masters: readonly Redis[]): Promise<SlotSnapshot> {
+    return parseSlotSnapshot(await Promise.all(masters.map(async (node) => String(await node.cluster('NODES')))));
+  }
+
+  /** Reads the keys of every slot that moved between the snapshots from its nodes, in order. */
+  private async rescanMovedSlots(before: SlotSnapshot, after: SlotSnapshot, prefix: Buffer, onKey: (key: Buffer) => void): Promise<void> {
+    const moved = movedSlots(before, after);
+    if (moved.size === 0) return;
+    const known = new Map(this.cluster!.nodes('all').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const extra = new Map<string, Redis>();
+    const connectionOf = (id: string): Redis => {
+      const address = after.addresses.get(id) ?? before.addresses.get(id);
+      if (!address) throw new StoreError('unavailable', `redis cluster: node ${id} of a moving slot has no known address`);
+      const name = `${address.host}:${address.port}`;
+      let node = known.get(name) ?? extra.get(name);
+      if (!node) {
+        node = new Redis({ ...this.auth, host: address.host, port: address.port, commandTimeout: this.options.commandTimeoutMs, maxRetriesPerRequest: 0, enableOfflineQueue: true, retryStrategy: () => null });
+        node.on('error', () => undefined);
+        extra.set(name, node);
+      }
+      return node;
+    };
+    try {
+      await Promise.all(
+        [...moved].map(async ([slot, ids]) => {
+          for (const id of ids) {
+            const keys = (await connectionOf(id).callBuffer('CLUSTER', 'GETKEYSINSLOT', String(slot), '1000000000')) as Buffer[];
+            for (const key of keys) if (key.subarray(0, prefix.length).equals(prefix)) onKey(key);
+          }
+        }),
+      );
+    } finally {
+      for (const node of extra.values()) node.disconnect();
+    }
+  }
+
   private syncWatch(): void {
     if (!this.closed) this.watcher.sync();
   }
@@ -513,12 +588,17 @@ function isRedirect(err: Error | null): boolean {
   return err !== null && /^(MOVED|ASK) /.test(err.message);
 }
 
+/** ioredis refused a cluster pipeline, unsent, because its slot groups disagree while slots move. */
+function isRegroup(err: Error | null): boolean {
+  return err !== null && /^All keys in the pipeline should belong to the same slots allocation group/.test(err.message);
+}
+
 /**
  * ioredis' refusals of a command it never wrote to a connection (no connection is ready, and the
  * offline queue is off). Every other failure that is not a reply from Redis came after the command
  * was written: its connection broke or timed out before the reply, and Redis may have run it.
  */
-const NOT_SENT = /^Stream isn't writeable|^Cluster isn't ready|enableOfflineQueue options is false/;
+const NOT_SENT = /^Stream isn't writeable|^Cluster isn't ready|enableOfflineQueue options is false|^All keys in the pipeline should belong/;
 
 /**
  * Connection, timeout and failover errors, and replies that say Redis cannot serve now, become
