@@ -181,6 +181,19 @@ describe('Redis backend on a 3-master Redis Cluster', function () {
       },
     };
   });
+
+  it('the first calls of a new backend, sent together, all succeed while its connections to the masters open (none refused as "Connection is closed.")', async () => {
+    for (let round = 0; round < 3; round += 1) {
+      const backend = new RedisBackend(backendOptions({ clusterNodes: cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port })) }));
+      try {
+        const batches = await Promise.all([backend.batch(['a', 'b', 'c', 'd', 'e'].map(put)), backend.batch([put('x')]), backend.batch([put('y')]), backend.batch([put('z')])]);
+        assert.deepEqual(batches.flat().filter((r) => !r.ok).map((r) => !r.ok && r.error.message), []);
+      } finally {
+        await backend.close();
+      }
+    }
+    await flush(cluster!.masters.map((m) => m.port));
+  });
 });
 
 describe('Redis backend: what others do to the Redis under it', function () {

@@ -102,6 +102,8 @@ export class RedisBackend implements Backend {
   /** The reasons logged since the connection was last ready. */
   private readonly reported = new Set<string>();
   private closed = false;
+  /** First connections to cluster nodes in progress (see mastersConnected). */
+  private readonly connecting = new WeakMap<Redis, Promise<void>>();
 
   constructor(private readonly options: RedisBackendOptions) {
     if (options.clusterNodes.length > 0 && options.sentinels.length > 0) {
@@ -350,16 +352,50 @@ export class RedisBackend implements Backend {
   /** Resolves when commands can be sent; at start-up it waits (bounded) for the first connection. */
   private async ready(): Promise<void> {
     if (this.closed) throw new StoreError('unavailable', 'the store is closing');
-    if (this.client.status === 'ready') return;
-    if (!this.everReady) {
+    if (this.client.status !== 'ready' && !this.everReady) {
       let timer: NodeJS.Timeout | undefined;
       const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.options.commandTimeoutMs)));
       await Promise.race([this.firstReady, timeout]);
       clearTimeout(timer);
-      if ((this.client.status as string) === 'ready') return;
+    }
+    if ((this.client.status as string) === 'ready') {
+      if (this.cluster) await this.mastersConnected();
+      return;
     }
     const reason = this.lastError ? `: ${this.lastError}` : '';
     throw new StoreError('unavailable', `redis is not connected (${this.client.status})${reason}`);
+  }
+
+  /**
+   * ioredis opens a cluster node's connection at the first command for it and, without an offline
+   * queue, refuses every other command for that node until it is up, unsent, as "Connection is
+   * closed.": concurrent first calls after the cluster is ready (or after a new master appears)
+   * would fail. Waits, at most commandTimeoutMs, for every master's connection being made.
+   */
+  private async mastersConnected(): Promise<void> {
+    const opening = this.cluster!.nodes('master').filter((node) => ['wait', 'connecting', 'connect'].includes(node.status));
+    if (opening.length === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.options.commandTimeoutMs)));
+    await Promise.race([Promise.all(opening.map((node) => this.connectionOf(node))), timeout]);
+    clearTimeout(timer);
+  }
+
+  private connectionOf(node: Redis): Promise<void> {
+    let pending = this.connecting.get(node);
+    if (!pending) {
+      pending = new Promise<void>((resolve) => {
+        const done = () => {
+          for (const event of ['ready', 'close', 'end']) node.off(event, done);
+          this.connecting.delete(node);
+          resolve();
+        };
+        for (const event of ['ready', 'close', 'end']) node.on(event, done);
+        if (node.status === 'wait') node.connect().catch(() => undefined);
+      });
+      this.connecting.set(node, pending);
+    }
+    return pending;
   }
 
   private redisKey(key: string): string {
