@@ -53,7 +53,6 @@ describe('Two stores sharing one Redis with different REDIS_KEY_PREFIX values (r
     return [store, client];
   }
 
-  // Prefixes that nest ("app" and "app2") are not separate: see REDIS_KEY_PREFIX in the README.
   it('app: and app2: are separate data sets: Get, Put, Delete, List, bin/dump, Watch, the live count and expiries of one never show the other', async () => {
     redis = await startRedisServer();
     const [storeA, a] = await start('app:');
@@ -75,12 +74,30 @@ describe('Two stores sharing one Redis with different REDIS_KEY_PREFIX values (r
       assert.deepEqual(await dumpKeys(storeA.port), ['mine']);
       await new Promise((r) => setTimeout(r, 600));
       assert.deepEqual(await listKeys(b), ['mine']);
+      // The store's own marker key (the prefix itself) is neither an entry nor a live session.
       assert.equal((await metricsOf(storeA)).get('store_live_entries'), 1);
       assert.equal((await metricsOf(storeB)).get('store_live_entries'), 1);
       assert.equal((await metricsOf(storeA)).get('store_expired_swept_total'), 0);
       assert.deepEqual(seenByA, ['mine']);
+      assert.ok(!storeA.lines.some((l) => /REDIS_KEY_PREFIX/.test(l)), 'no warning about prefixes');
     } finally {
       watch.cancel();
     }
   });
+
+  for (const [shorter, longer] of [
+    ['a:', 'a:b:'],
+    ['app', 'app2'],
+  ]) {
+    it(`nested prefixes ("${shorter}" and "${longer}") are reported in the log of both stores instead of mixing their sessions silently`, async () => {
+      redis = await startRedisServer();
+      const [storeShort] = await start(shorter);
+      const [storeLong, long] = await start(longer);
+      const warning = await waitForLine(storeLong, (l) => l.includes(`"other":"${shorter}"`));
+      assert.match(warning, new RegExp(`REDIS_KEY_PREFIX=\\\\"${longer}\\\\" starts with \\\\"${shorter}\\\\", the prefix of another store's data set`));
+      await long.put('x', Buffer.from('1'), { ttlMs: 60_000 });
+      await dumpKeys(storeShort.port);
+      await waitForLine(storeShort, (l) => l.includes(`"other":"${longer}"`) && l.includes('starts with this store'));
+    });
+  }
 });

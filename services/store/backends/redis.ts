@@ -68,6 +68,12 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
 const READ_PAGE = 500;
+/**
+ * The value of the Redis key named exactly REDIS_KEY_PREFIX, which the store writes when it
+ * connects: it marks a data set (never an entry: store keys are not empty), so that a store whose
+ * prefix starts with another store's prefix can tell, and say so.
+ */
+const DATA_SET_MARKER = 'sessions store data set';
 /** Passes of a cluster listing that are scanned again because a master was missing from the slot map. */
 const SCAN_ATTEMPTS = 5;
 
@@ -180,6 +186,7 @@ export class RedisBackend implements Backend {
       if (!this.connected) options.log?.info({ mode: this.mode }, 'redis ready');
       this.connected = true;
       this.syncWatch();
+      void this.markDataSet();
     });
     this.client.on('close', () => {
       if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
@@ -259,7 +266,8 @@ export class RedisBackend implements Backend {
       const keys: string[] = [];
       for (const rendered of raw) {
         const key = this.decodeKey(Buffer.from(rendered, 'latin1'));
-        if (key !== null) keys.push(key);
+        // '' is the data set's marker (see DATA_SET_MARKER), not an entry.
+        if (key !== null && key !== '') keys.push(key);
       }
       for (let i = 0; i < keys.length; i += READ_PAGE) {
         const page = keys.slice(i, i + READ_PAGE);
@@ -275,6 +283,13 @@ export class RedisBackend implements Backend {
             // listing skips it (and says so in the log) rather than fail for good until it is removed.
             const failure = toStoreError(error);
             if (failure.kind !== 'failed_precondition') throw failure;
+            if (await this.isDataSetMarker(this.redisKey(page[j]))) {
+              this.options.log?.warn(
+                { prefix: this.options.keyPrefix, other: this.redisKey(page[j]) },
+                `another store keeps its sessions under REDIS_KEY_PREFIX="${this.redisKey(page[j])}", which starts with this store's prefix: this store lists, counts and watches them as its own. Give each data set a prefix that does not start with another's`,
+              );
+              continue;
+            }
             this.options.log?.warn({ key: page[j], err: failure.message }, 'list skips a key under REDIS_KEY_PREFIX that the store did not write');
             continue;
           }
@@ -334,7 +349,7 @@ export class RedisBackend implements Backend {
   async countLive(): Promise<number> {
     if (this.closed) return 0;
     let count = 0;
-    await this.scan(this.options.keyPrefix, () => (count += 1), undefined, false);
+    await this.scan(this.options.keyPrefix, (key) => key.length > this.prefixBytes && (count += 1), undefined, false);
     return count;
   }
 
@@ -347,6 +362,34 @@ export class RedisBackend implements Backend {
     } catch {
       this.client.disconnect();
     }
+  }
+
+  /**
+   * Writes the data set's marker and warns when a shorter prefix of ours marks another store's
+   * data set: that store takes every key under its prefix, ours included, for its own (List,
+   * Watch, the live count, and a Put or Delete of a key that spells ours). Best effort: a Redis
+   * that refuses writes now is marked at the next connection.
+   */
+  private async markDataSet(): Promise<void> {
+    const prefix = this.options.keyPrefix;
+    try {
+      await this.client.set(prefix, DATA_SET_MARKER);
+      const characters = [...prefix];
+      const shorter = characters.slice(1).map((_, i) => characters.slice(0, i + 1).join(''));
+      for (const other of shorter) {
+        if (!(await this.isDataSetMarker(other))) continue;
+        this.options.log?.warn(
+          { prefix, other },
+          `REDIS_KEY_PREFIX="${prefix}" starts with "${other}", the prefix of another store's data set in this Redis: that store lists, counts and watches this store's sessions as its own. Give each data set a prefix that does not start with another's (or delete the key "${other}" if that data set is gone)`,
+        );
+      }
+    } catch {
+      // Redis refusing or gone: nothing to say until it is back.
+    }
+  }
+
+  private async isDataSetMarker(redisKey: string): Promise<boolean> {
+    return (await this.client.get(redisKey).catch(() => null)) === DATA_SET_MARKER;
   }
 
   /** Resolves when commands can be sent; at start-up it waits (bounded) for the first connection. */
