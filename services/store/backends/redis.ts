@@ -331,14 +331,17 @@ export class RedisBackend implements Backend {
         return;
       }
       if (this.cluster.status !== 'ready') throw new StoreError('unavailable', `redis cluster: ${this.cluster.status}`);
-      const masters = await this.clusterMasters(this.cluster);
-      if (masters.length === 0) throw new StoreError('unavailable', 'redis cluster: no master known');
-      await Promise.all(
-        masters.map(async (node) => {
-          const info = await node.cluster('INFO');
-          if (!/cluster_state:ok/.test(String(info))) throw new StoreError('unavailable', 'redis cluster: cluster_state is not ok');
-        }),
-      );
+      // Every master that owns slots in a slot map read now (which also tells the watch about a
+      // promoted replica within a health interval). One that cannot be reached fails only its own
+      // sessions' calls (UNAVAILABLE): reporting NOT_SERVING for it would take every web out of
+      // rotation, the sessions on the other masters too. The cluster says when it refuses every
+      // command (cluster_state:fail), and then the store is NOT_SERVING.
+      const { connected } = await this.slotOwners(this.cluster);
+      const answers = (await Promise.allSettled(connected.map((node) => node.cluster('INFO'))))
+        .filter((outcome) => outcome.status === 'fulfilled')
+        .map((outcome) => String(outcome.value));
+      if (answers.length === 0) throw new StoreError('unavailable', 'redis cluster: no master that owns slots answers');
+      if (answers.some((info) => !/cluster_state:ok/.test(info))) throw new StoreError('unavailable', 'redis cluster: cluster_state is not ok');
     } catch (err) {
       const error = toStoreError(err);
       throw error.kind === 'unavailable' ? error : new StoreError('unavailable', error.message);
@@ -595,15 +598,25 @@ export class RedisBackend implements Backend {
    * (unavailable) instead. The refresh also tells the watch about new masters ('refresh').
    */
   private async clusterMasters(cluster: Cluster): Promise<Redis[]> {
+    const { connected, missing } = await this.slotOwners(cluster);
+    if (missing.length > 0) throw new StoreError('unavailable', `redis cluster: the master ${missing[0]} is not connected`);
+    return connected;
+  }
+
+  /** The masters that own slots in a slot map read now: those the store holds a connection to, and the others' addresses. */
+  private async slotOwners(cluster: Cluster): Promise<{ connected: Redis[]; missing: string[] }> {
     await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
-    const connected = new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const nodes = new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
     const owners = new Set<string>();
-    for (const nodes of cluster.slots) if (nodes?.[0]) owners.add(nodes[0]);
-    return [...owners].map((owner) => {
-      const node = connected.get(owner);
-      if (!node) throw new StoreError('unavailable', `redis cluster: the master ${owner} is not connected`);
-      return node;
-    });
+    for (const slot of cluster.slots) if (slot?.[0]) owners.add(slot[0]);
+    const connected: Redis[] = [];
+    const missing: string[] = [];
+    for (const owner of owners) {
+      const node = nodes.get(owner);
+      if (node) connected.push(node);
+      else missing.push(owner);
+    }
+    return { connected, missing };
   }
 
   private async scanNodes(nodes: readonly Redis[], prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
