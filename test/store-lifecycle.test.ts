@@ -170,6 +170,29 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(await watchStatus, status.OK, 'the Watch stream was ended, not cut');
   });
 
+
+  it('many Watch and Pipe streams open at once (a dozen webs, several bin/dump --watch) log no MaxListenersExceededWarning, and all still end at a stop', async () => {
+    const { client, proc } = await connect();
+    const statuses: Array<Promise<number>> = [];
+    for (let i = 0; i < 15; i += 1) {
+      const watch = client.watch({ prefix: '' });
+      // The store sends a Watch's headers once it is subscribed.
+      const subscribed = new Promise<void>((resolve) => watch.once('metadata', () => resolve()));
+      watch.on('data', () => undefined);
+      watch.on('error', () => undefined);
+      statuses.push(new Promise((resolve) => watch.on('status', (s: { code: number }) => resolve(s.code))));
+      await subscribed;
+      const pipe = client.pipe(new Metadata());
+      const answered = new Promise<void>((resolve) => pipe.once('data', () => resolve()));
+      pipe.on('error', () => undefined);
+      pipe.write({ id: 1, ops: [] });
+      await answered;
+    }
+    proc.child.kill('SIGTERM');
+    assert.equal(await exitOf(proc), 0);
+    assert.deepEqual(await Promise.all(statuses), new Array(15).fill(status.OK));
+    assert.deepEqual(proc.lines.filter((line) => line.includes('Warning')), []);
+  });
   it('a call still running when STORE_GRACE_MS runs out is cancelled, and the store still exits 0', async () => {
     const { client, proc } = await connect({ STORE_GRACE_MS: '300' });
     await fill(client, 2000, 4000); // 8 MB: more than any socket and HTTP/2 window hold

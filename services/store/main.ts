@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import type { Server } from '@grpc/grpc-js';
 import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger } from '../shared/log';
@@ -27,6 +28,9 @@ async function main(): Promise<void> {
       : new SqliteBackend(config.sqlite);
   const metrics = new StoreMetrics(backend);
   const stopping = new AbortController();
+  // Every open Watch and Pipe stream listens for the stop (one Pipe per web process, one Watch per
+  // bin/dump --watch): more than Node's default 10 is normal, not a leak, and must not log a warning.
+  setMaxListeners(0, stopping.signal);
   const server = createStoreServer(
     {
       backend: metrics.instrument(backend),
