@@ -1,13 +1,16 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { getEventListeners, setMaxListeners } from 'node:events';
 import { writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
+import pino from 'pino';
 import { createRawClient } from '../services/client/store-client';
 import type { BatchRequest, BatchResponse, Entry, SessionStoreClient, WatchEvent } from '../services/generated/kv';
 import { loadStoreConfig } from '../services/store/config';
 import { SqliteBackend } from '../services/store/backends/sqlite';
+import { createStoreServer } from '../services/store/server';
 import { SERVICE_NAME, StoreHealth } from '../services/store/health';
 import { healthClient } from './helpers/raw-grpc';
 import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
@@ -192,6 +195,43 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(await exitOf(proc), 0);
     assert.deepEqual(await Promise.all(statuses), new Array(15).fill(status.OK));
     assert.deepEqual(proc.lines.filter((line) => line.includes('Warning')), []);
+  });
+
+  it('every Watch and Pipe stream stops listening for the stop when it ends, cancelled or ended by the client', async () => {
+    const backend = new SqliteBackend({ dataDir: tmp.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 200, maxOpsPerCommit: 2000 });
+    const stopping = new AbortController();
+    setMaxListeners(0, stopping.signal); // as main.ts does
+    const server = createStoreServer({ backend, limits: loadStoreConfig({ STORE_DATA_DIR: tmp.dir }).limits, logger: pino({ level: 'silent' }), stopping: stopping.signal });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const listening = () => getEventListeners(stopping.signal, 'abort').length;
+    try {
+      for (let round = 0; round < 2; round += 1) {
+        const client = createRawClient({ address: `127.0.0.1:${port}`, deadlineMs: 10_000 });
+        const streams: Array<{ cancel(): void; end?(): void }> = [];
+        for (let i = 0; i < 10; i += 1) {
+          const watch = client.watch({ prefix: '' });
+          watch.on('data', () => undefined);
+          watch.on('error', () => undefined);
+          await new Promise((resolve) => watch.once('metadata', resolve));
+          const pipe = client.pipe(new Metadata());
+          pipe.on('error', () => undefined);
+          const answered = new Promise((resolve) => pipe.once('data', resolve));
+          pipe.write({ id: 1, ops: [] });
+          await answered;
+          streams.push(watch, pipe);
+        }
+        assert.equal(listening(), 20, 'one listener per open stream');
+        // A Pipe the client ends is ended by the store in turn; a Watch only ever ends by a cancel.
+        for (const stream of streams) (round === 1 && stream.end ? stream.end : stream.cancel).call(stream);
+        await until(() => listening() === 0, 'every stream to remove its stop listener');
+        client.close();
+      }
+    } finally {
+      server.forceShutdown();
+      await backend.close();
+    }
   });
   it('a call still running when STORE_GRACE_MS runs out is cancelled, and the store still exits 0', async () => {
     const { client, proc } = await connect({ STORE_GRACE_MS: '300' });
