@@ -5,6 +5,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
 import { requireWalResetFix, SqliteBackend, type SqliteOptions } from '../services/store/backends/sqlite';
+import type { KeyDir } from '../services/store/backends/sqlite-keydir';
 import { tempDir } from './helpers/procs';
 
 const put = (key: string, value: string, ttlMs = 60_000): BackendOp => ({ kind: 'put', key, value: Buffer.from(value), ttlMs });
@@ -164,6 +165,45 @@ describe('SQLite backend: append-only log and in-memory index', function () {
       assert.deepEqual((await listAll(b)).map(([k, v]) => `${k}=${v}`), ['c=c2', 'd=d1', 'e=e1']);
     } finally {
       await b.close();
+    }
+  });
+
+  it('after most keys expired at once, the sweeper pass gives their index memory back, and the keys left still read, write, list and survive a restart', async () => {
+    const b = new SqliteBackend({ ...options, sweepBatch: 5000 });
+    const index = (b as unknown as { keydir: KeyDir }).keydir;
+    try {
+      const ops: BackendOp[] = [];
+      for (let i = 0; i < 50_000; i += 1) ops.push(put(`s:${String(i).padStart(5, '0')}`, `v${i}`, i % 500 === 0 ? 60_000 : 30));
+      await b.batch(ops);
+      assert.ok(index.capacity >= 50_000);
+      await sleep(60);
+      let passes = 0;
+      do {
+        b.sweep();
+        passes += 1;
+        await new Promise((r) => setImmediate(r));
+      } while ((b as unknown as { sweeping: boolean }).sweeping && passes < 1000);
+      assert.equal(index.size, 100);
+      assert.ok(index.capacity <= 1024, `the index holds 100 keys in ${index.capacity} slots (it held 50,000)`);
+      assert.equal(await b.countLive(), 100);
+      assert.equal((await read(b, 's:00500'))?.value.toString(), 'v500');
+      assert.equal((await read(b, 's:00501')), null);
+      const [updated, created, deleted] = await b.batch([put('s:00500', 'again'), put('new', 'n'), del('s:49500')]);
+      assert.ok(updated.ok && created.ok && deleted.ok && deleted.value === true);
+      const listed = await listAll(b);
+      assert.equal(listed.length, 100);
+      assert.deepEqual(listed.slice(0, 2).map(([k, v]) => `${k}=${v}`), ['new=n', 's:00000=v0']);
+      assert.equal(listed.find(([k]) => k === 's:00500')?.[1], 'again');
+    } finally {
+      await b.close();
+    }
+    const again = new SqliteBackend(options);
+    try {
+      assert.equal(await again.countLive(), 100);
+      assert.equal((await read(again, 's:00500'))?.value.toString(), 'again');
+      assert.equal(await read(again, 's:49500'), null);
+    } finally {
+      await again.close();
     }
   });
 

@@ -9,6 +9,8 @@
 export const MAX_KEYDIR_KEYS = 16_000_000;
 /** Keys the SQLite store holds unless told otherwise: about 1.1 GB of index. */
 export const DEFAULT_MAX_KEYS = 10_000_000;
+/** Slots of an empty index. */
+const MIN_CAPACITY = 1024;
 
 export interface KeyState {
   seq: number;
@@ -22,10 +24,10 @@ export class KeyDir {
   private keys: Array<string | undefined> = [];
   private freeSlots: number[] = [];
   private used = 0;
-  seq: Float64Array<ArrayBuffer> = new Float64Array(1024);
-  version: Float64Array<ArrayBuffer> = new Float64Array(1024);
-  expires: Float64Array<ArrayBuffer> = new Float64Array(1024);
-  created: Float64Array<ArrayBuffer> = new Float64Array(1024);
+  seq: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
+  version: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
+  expires: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
+  created: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
 
   /** Keys in the index (live or expired but not swept yet). */
   get size(): number {
@@ -49,7 +51,7 @@ export class KeyDir {
   set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot = this.slots.get(key)): number {
     let s = slot;
     if (s === undefined) {
-      s = this.freeSlots.pop() ?? this.grow();
+      s = this.takeFreeSlot() ?? this.grow();
       this.slots.set(key, s);
       this.keys[s] = key;
     }
@@ -99,11 +101,77 @@ export class KeyDir {
     return { keys, next: s >= this.used ? 0 : s };
   }
 
+  /** Slots the arrays have room for (they grow by doubling, and shrink only through pack()). */
+  get capacity(): number {
+    return this.seq.length;
+  }
+
+  /**
+   * Gives memory back, a step at a time, once at most a quarter of the slots hold a key (after
+   * many keys expired or were deleted at once): else the arrays, and the scans of countLive and
+   * expired, keep the size of the most keys ever held. Each step moves up to `moves` keys from the
+   * top slots into free ones below (a Map update each: renumbering half a million keys at once
+   * held the event loop for 0.3-0.5 s), and once no key is left above, the arrays are cut down.
+   * Slots change, so no caller may hold a slot number across a step. True while work is left.
+   */
+  pack(moves: number): boolean {
+    const target = this.packTarget();
+    if (target >= this.seq.length) return false;
+    let work = 0;
+    while (this.used > target && work < moves) {
+      const from = this.used - 1;
+      const key = this.keys[from];
+      if (key !== undefined) {
+        // A free slot below the target: there are at least target - size of them (target >= 2 size).
+        // Free slots above it go with the cut.
+        let to = this.freeSlots.pop();
+        while (to !== undefined && to >= target) {
+          to = this.freeSlots.pop();
+          work += 1;
+        }
+        if (to === undefined) return false; // cannot happen (see above); the arrays just stay as they are
+        this.seq[to] = this.seq[from];
+        this.version[to] = this.version[from];
+        this.expires[to] = this.expires[from];
+        this.created[to] = this.created[from];
+        this.keys[to] = key;
+        this.slots.set(key, to);
+      }
+      this.keys[from] = undefined;
+      this.expires[from] = 0;
+      this.used -= 1;
+      work += 1;
+    }
+    if (this.used > target) return true;
+    this.seq = this.seq.slice(0, target);
+    this.version = this.version.slice(0, target);
+    this.expires = this.expires.slice(0, target);
+    this.created = this.created.slice(0, target);
+    this.keys.length = this.used;
+    this.freeSlots = this.freeSlots.filter((slot) => slot < this.used);
+    return false;
+  }
+
+  /** The capacity the arrays are cut to: room for twice the keys held, and at least MIN_CAPACITY. */
+  private packTarget(): number {
+    if (this.seq.length <= MIN_CAPACITY || this.slots.size * 4 > this.seq.length) return this.seq.length;
+    let size = MIN_CAPACITY;
+    while (size < this.slots.size * 2) size *= 2;
+    return size;
+  }
+
   clear(): void {
     this.slots.clear();
     this.keys = [];
     this.freeSlots = [];
     this.used = 0;
+  }
+
+  /** A free slot below `used` (pack leaves the free slots it cut off in the list). */
+  private takeFreeSlot(): number | undefined {
+    let s = this.freeSlots.pop();
+    while (s !== undefined && s >= this.used) s = this.freeSlots.pop();
+    return s;
   }
 
   private grow(): number {

@@ -68,6 +68,8 @@ const COMPACT_PER_WRITE = 4;
 const COMPACT_MIN_ROWS = 256;
 /** Slots the sweeper looks at per step (a few ms at most). */
 const SWEEP_SCAN = 65_536;
+/** Keys the index moves per sweeper step when it gives memory back (a Map update each: a few ms). */
+const PACK_MOVES = 4096;
 
 /**
  * The embedded default backend: one SQLite file in WAL mode. Every operation goes through one
@@ -319,7 +321,9 @@ export class SqliteBackend implements Backend {
     this.sweepFrom = next;
     // Nothing can have run between finding the keys and here: the transaction is synchronous.
     for (const { key, state } of expired) this.events.emit('change', expiredEvent(key, state.version));
-    if (next !== 0) {
+    // After many keys expired at once, the index gives their memory back, a bounded step per turn.
+    const packing = this.keydir.pack(PACK_MOVES);
+    if (next !== 0 || packing) {
       this.sweeping = true;
       setImmediate(() => this.sweep());
     }
