@@ -12,6 +12,7 @@ import type {
   PutResponse,
   SessionStoreClient,
 } from '../services/generated/kv';
+import { type WatchEvent, WatchEvent_Kind } from '../services/generated/kv';
 import { type Proc, startStore, tempDir } from './helpers/procs';
 
 type Callback<Res> = (err: ServiceError | null, res: Res) => void;
@@ -132,6 +133,51 @@ describe('SessionStore over gRPC (real store process, temp SQLite)', function ()
         assert.equal(err.code, code, err.details);
         assert.match(err.details, message);
       });
+    }
+  });
+});
+
+describe('a full store (STORE_MAX_ENTRIES) whose sessions expired (real store process, sweeper off)', function () {
+  this.timeout(20_000);
+  it('new sessions get in as soon as held ones have expired, without waiting for the sweeper; each expiry is reported to Watch once, before the put that took its place', async () => {
+    const tmp = tempDir();
+    const store = await startStore(tmp.dir, { STORE_MAX_ENTRIES: '20', STORE_SWEEP_INTERVAL_MS: '0' });
+    const client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 2000 });
+    const raw = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 2000 });
+    const events: string[] = [];
+    const watch = raw.watch({ prefix: '' }, new Metadata());
+    watch.on('data', (e: WatchEvent) => events.push(`${e.kind === WatchEvent_Kind.EXPIRE ? 'expire' : e.kind === WatchEvent_Kind.PUT ? 'put' : 'delete'}:${e.key}`));
+    watch.on('error', () => undefined);
+    try {
+      // Watch is open once a put is seen on it.
+      await client.put('probe', Buffer.from('p'), { ttlMs: 300 });
+      for (let i = 0; events.length === 0 && i < 100; i += 1) await new Promise((r) => setTimeout(r, 20));
+      for (let i = 0; i < 19; i += 1) await client.put(`old:${i}`, Buffer.from('o'), { ttlMs: 300 });
+      const refused = await client.put('new:0', Buffer.from('n'), { ttlMs: 60_000 }).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      assert.ok(refused instanceof StoreClientError && refused.code === status.UNAVAILABLE, 'full: a new key is refused');
+      assert.match(refused.message, /the store is full.*STORE_MAX_ENTRIES/);
+      await new Promise((r) => setTimeout(r, 400));
+      for (let i = 0; i < 20; i += 1) await client.put(`new:${i}`, Buffer.from('n'), { ttlMs: 60_000 });
+      assert.equal((await client.get('new:19'))?.value.toString(), 'n');
+      assert.equal(await client.get('old:0'), null);
+      const keys: string[] = [];
+      for await (const entry of client.list({ keysOnly: true })) keys.push(entry.key);
+      assert.equal(keys.length, 20);
+      assert.ok(keys.every((key) => key.startsWith('new:')));
+      await new Promise((r) => setTimeout(r, 200));
+      const expired = events.filter((e) => e.startsWith('expire:'));
+      assert.equal(new Set(expired).size, 20, `every key held before (old:0-18 and probe) is reported expired once: ${expired.join(' ')}`);
+      assert.equal(expired.length, 20);
+      assert.ok(events.indexOf(expired[0]) < events.indexOf('put:new:0'), 'an expiry comes before the first new put');
+    } finally {
+      watch.cancel();
+      client.close();
+      raw.close();
+      await store.stop();
+      tmp.remove();
     }
   });
 });

@@ -40,7 +40,8 @@ export interface SqliteOptions {
   checkpointIntervalMs?: number;
   /**
    * Most keys held (live, or expired and not swept yet; default 10 million). A put that would
-   * create one more is refused as unavailable; updates and deletes still work. This bounds the
+   * create one more first removes expired keys the sweeper has not reached, and is refused as
+   * unavailable if none are left; updates and deletes still work. This bounds the
    * index's memory (~110 bytes a key) and keeps it under a JavaScript Map's 2^24 entries.
    */
   maxEntries?: number;
@@ -103,6 +104,10 @@ export class SqliteBackend implements Backend {
   private sweeping = false;
   /** Where the sweeper goes on in the KeyDir's slots. */
   private sweepFrom = 0;
+  /** Where a put that finds the store full goes on looking for expired keys (see makeRoom). */
+  private roomFrom = 0;
+  /** Slots makeRoom may still look at in the current transaction. */
+  private roomScan = 0;
   /** Held while the store is open: see lockDataDir. */
   private readonly dirLock: Database.Database;
   private readonly stmt: {
@@ -383,6 +388,7 @@ export class SqliteBackend implements Backend {
     try {
       answers = this.db.transaction(() => {
         const now = Date.now();
+        this.roomScan = SWEEP_SCAN;
         const results = batches.map((b) => b.ops.map((op) => this.apply(op, now, changes, undo)));
         this.compact(compactBudget, now, changes, undo);
         return results;
@@ -420,7 +426,7 @@ export class SqliteBackend implements Backend {
         if (op.expectedVersion !== undefined && liveVersion !== op.expectedVersion) {
           return versionConflict(op.expectedVersion, liveVersion);
         }
-        if (slot === undefined && dir.size >= this.maxEntries) {
+        if (slot === undefined && dir.size >= this.maxEntries && !this.makeRoom(now, changes, undo)) {
           return unavailable(
             `the store is full: it holds ${dir.size} keys, its limit (STORE_MAX_ENTRIES); new keys are refused until sessions expire or are deleted`,
           );
@@ -454,6 +460,30 @@ export class SqliteBackend implements Backend {
         return { ok: true, value: live };
       }
     }
+  }
+
+  /**
+   * For a put that finds the store full: removes expired keys the sweeper has not reached yet (up
+   * to sweepBatch), as the sweeper would, inside the caller's transaction. Without it a full store
+   * refused new sessions until the next sweeper pass, and for ever with STORE_SWEEP_INTERVAL_MS=0,
+   * though most of what it held had expired. It looks at SWEEP_SCAN slots per transaction at most,
+   * so a store full of live keys pays a bounded scan per commit. True when it made room.
+   */
+  private makeRoom(now: number, changes: ChangeEvent[], undo: Undo): boolean {
+    const dir = this.keydir;
+    if (this.roomScan <= 0) return false;
+    const from = this.roomFrom < dir.capacity ? this.roomFrom : 0;
+    const { keys, next } = dir.expired(now, from, this.roomScan, this.options.sweepBatch);
+    this.roomScan -= next === 0 ? dir.capacity - from : next - from;
+    this.roomFrom = next;
+    for (const key of keys) {
+      const slot = dir.slot(key)!;
+      this.tombstone(key, dir.version[slot], dir.created[slot]);
+      undo.keys.push([key, dir.stateAt(slot)]);
+      changes.push(expiredEvent(key, dir.version[slot]));
+      dir.remove(key);
+    }
+    return keys.length > 0;
   }
 
   /** Appends a delete's row for the key and takes it out of List's key table (the caller updates the index). */
