@@ -47,6 +47,21 @@ describe('Redis Cluster with replicas: a master fails over (real redis-server pr
     tmp?.remove();
   });
 
+  it('health checks (one a second) open no new Redis connection while the slot map has not changed', async () => {
+    const nodes = [...cluster!.masters, ...cluster!.replicas];
+    const received = async () => {
+      let total = 0;
+      for (const node of nodes) total += Number(/total_connections_received:(\d+)/.exec(await redisCommand(node.port, 'INFO', 'stats'))?.[1]);
+      return total;
+    };
+    await waitForHealth(store!.port, 'SERVING');
+    const before = await received();
+    await new Promise((r) => setTimeout(r, 3500));
+    // Each INFO above comes over a connection of its own: that many are ours, the rest the store's.
+    const opened = (await received()) - before - nodes.length;
+    assert.equal(opened, 0, `${opened} connections opened by the store in 3.5 s`);
+  });
+
   it('bin/dump lists every session or fails while a master is down and after its replica took over, even when no write reached its slots since: never a listing with its keys left out', async () => {
     const expected = Array.from({ length: 60 }, (_, i) => `sess-${String(i).padStart(2, '0')}`);
     for (const key of expected) await client!.put(key, Buffer.from('{"count1":1}'), { ttlMs: 600_000 });

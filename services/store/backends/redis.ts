@@ -605,7 +605,11 @@ export class RedisBackend implements Backend {
 
   /** The masters that own slots in a slot map read now: those the store holds a connection to, and the others' addresses. */
   private async slotOwners(cluster: Cluster): Promise<{ connected: Redis[]; missing: string[] }> {
-    await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
+    // ioredis reads the slot map over a new connection each time (a second apart for health): read
+    // it over a connection held, and have ioredis refresh its own only when they differ.
+    if (!(await slotMapCurrent(cluster))) {
+      await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
+    }
     const nodes = new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
     const owners = new Set<string>();
     for (const slot of cluster.slots) if (slot?.[0]) owners.add(slot[0]);
@@ -673,6 +677,28 @@ export class RedisBackend implements Backend {
 
   private syncWatch(): void {
     if (!this.closed) this.watcher.sync();
+  }
+}
+
+/**
+ * True when a master the store is connected to reports the same owner for every slot as ioredis'
+ * slot map (CLUSTER SLOTS over that master's own connection); false when they differ or it cannot
+ * be asked.
+ */
+async function slotMapCurrent(cluster: Cluster): Promise<boolean> {
+  const node = cluster.nodes('master').find((candidate) => candidate.status === 'ready');
+  if (!node) return false;
+  try {
+    const ranges = (await node.cluster('SLOTS')) as unknown as [number, number, [string, number, ...unknown[]], ...unknown[]][];
+    let covered = 0;
+    for (const [start, end, [host, port]] of ranges) {
+      const owner = `${host}:${port}`;
+      for (let slot = start; slot <= end; slot += 1) if (cluster.slots[slot]?.[0] !== owner) return false;
+      covered += end - start + 1;
+    }
+    return covered === cluster.slots.filter((owners) => owners?.[0] !== undefined).length;
+  } catch {
+    return false;
   }
 }
 
