@@ -558,8 +558,8 @@ export class RedisBackend implements Backend {
    * masters' own view of their slots is read before and after the scan, and the keys of every slot
    * that moved or was being moved meanwhile are read again from the nodes involved, source before
    * target. A scan during which a master outside the slot map held slots is done again, a few
-   * times, then fails as unavailable rather than list entries short. The masters are those of a
-   * slot map read at each pass (see clusterMasters).
+   * times, then fails as unavailable rather than list entries short. The masters are those of the
+   * slot map checked at each pass (see clusterMasters).
    */
   private async scan(prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal, complete = true): Promise<void> {
     try {
@@ -582,7 +582,9 @@ export class RedisBackend implements Backend {
         if (attempt >= SCAN_ATTEMPTS) {
           throw new StoreError('unavailable', 'redis cluster: masters the store does not know yet hold slots (a resharding or failover is under way), so the listing could miss entries; run it again');
         }
-        // The next attempt reads the slot map again (clusterMasters).
+        // The masters seen did not cover every slot: have ioredis read the slot map again, even if
+        // the master clusterMasters asks still agrees with its old one.
+        await new Promise<void>((resolve) => this.cluster!.refreshSlotsCache(() => resolve()));
         await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
       }
     } catch (err) {
