@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
@@ -77,3 +78,67 @@ for (const [name, command, args, program, pkg, signal] of [
     });
   });
 }
+
+// What `npm start` runs: nf under bin/start, which turns every stop signal into one SIGINT for nf.
+describe('npm start (bin/start around nf start)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let child: ChildProcess | undefined;
+
+  before(() => {
+    tmp = tempDir();
+  });
+  afterEach(async () => {
+    if (child?.pid !== undefined && child.exitCode === null && child.signalCode === null) {
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+      await exited(child);
+    }
+    child = undefined;
+  });
+  after(() => tmp?.remove());
+
+  it('package.json\'s start script runs bin/start in place of its shell, so npm\'s signals reach it', async () => {
+    const pkg = JSON.parse(await readFile(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
+    assert.match(pkg.scripts.start, /&& exec bin\/start$/);
+  });
+
+  // 'group SIGINT' is Ctrl-C in a terminal: every process of the foreground group gets it.
+  for (const how of ['SIGTERM', 'SIGHUP', 'group SIGINT'] as const) {
+    it(`${how} to it stops both services gracefully, once each, and frees their ports`, async () => {
+      const base = await freeBasePort([0, 100, 101]);
+      let output = '';
+      // detached: the launcher leads a process group, as npm does in a terminal.
+      child = spawn(path.join(root, 'bin', 'start'), ['-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
+        cwd: root,
+        detached: true,
+        env: {
+          PATH: process.env.PATH ?? '',
+          HOME: process.env.HOME ?? tmp.dir,
+          STORE_DATA_DIR: path.join(tmp.dir, how),
+          WEB_DATA_DIR: path.join(tmp.dir, how),
+          SESSION_KEYS: TEST_KEY,
+          ...NO_ENV_FILE,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+      const jar = new CookieJarClient(`http://127.0.0.1:${base}`);
+      await waitForPage(jar).catch((err: Error) => {
+        throw new Error(`${err.message}\n${output}`);
+      });
+      assert.equal((await jar.page()).count1, 0);
+      if (how === 'group SIGINT') process.kill(-child.pid!, 'SIGINT');
+      else child.kill(how);
+      const code = await exited(child);
+      assert.equal(await isFree(base), true, `web port released\n${output}`);
+      assert.equal(await isFree(base + 100), true, 'store port released');
+      assert.match(output, /"msg":"stopping: NOT_SERVING/, 'the store stopped gracefully');
+      assert.doesNotMatch(output, /second signal/, 'one stop signal per service');
+      assert.equal(code, 0, output);
+    });
+  }
+});
