@@ -23,9 +23,9 @@ async function waitForHealthz(jar: CookieJarClient, output: () => string, timeou
   }
 }
 
-// nf forwards only SIGINT (Ctrl-C) to its processes; Ruby's foreman forwards SIGTERM too.
+// bin/start runs nf and hands it any stop signal as SIGINT; Ruby's foreman forwards SIGTERM itself.
 for (const [name, command, args, program, pkg, signal] of [
-  ['nf start -j Procfile.redis', path.join(root, 'node_modules', '.bin', 'nf'), ['start', '-j', 'Procfile.redis'], 'node', 'nodejs', 'SIGINT'],
+  ['bin/start -j Procfile.redis', path.join(root, 'bin', 'start'), ['-j', 'Procfile.redis'], 'node', 'nodejs', 'SIGTERM'],
   ["Ruby's foreman start -f Procfile.redis", 'foreman', ['start', '-f', 'Procfile.redis'], 'foreman', 'ruby-foreman', 'SIGTERM'],
 ] as const) {
   describe(`Procfile.redis under foreman (${name})`, function () {
