@@ -21,6 +21,36 @@ async function waitForPage(jar: CookieJarClient, timeoutMs = 20_000): Promise<vo
   }
 }
 
+/**
+ * Starts a foreman on the Procfile with its base port, data in dir and no .env, and waits until
+ * the page works. output() is everything it printed so far.
+ */
+async function startForeman(command: string, args: readonly string[], base: number, dir: string, options: { detached?: boolean } = {}) {
+  let output = '';
+  const child = spawn(command, [...args, '-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
+    cwd: root,
+    detached: options.detached ?? false,
+    env: {
+      PATH: process.env.PATH ?? '',
+      HOME: process.env.HOME ?? dir,
+      STORE_DATA_DIR: dir,
+      WEB_DATA_DIR: dir,
+      SESSION_KEYS: TEST_KEY,
+      ...NO_ENV_FILE,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+  const jar = new CookieJarClient(`http://127.0.0.1:${base}`);
+  const result = { child, jar, output: () => output };
+  await waitForPage(jar).catch((err: Error) => {
+    child.kill('SIGKILL');
+    throw new Error(`${err.message}\n${output}`);
+  });
+  return result;
+}
+
 // nf forwards only SIGINT (Ctrl-C) to its processes; Ruby's foreman forwards SIGTERM too.
 for (const [name, command, args, program, pkg, signal] of [
   ['foreman (npm, nf start)', path.join(root, 'node_modules', '.bin', 'nf'), ['start'], 'node', 'nodejs', 'SIGINT'],
@@ -29,7 +59,6 @@ for (const [name, command, args, program, pkg, signal] of [
   describe(`Procfile under ${name}`, function () {
     let tmp: ReturnType<typeof tempDir>;
     let child: ChildProcess | undefined;
-    let output = '';
 
     before(function () {
       requireProgram(this, program, pkg);
@@ -43,24 +72,9 @@ for (const [name, command, args, program, pkg, signal] of [
     it(`starts the web on the base port, the store on base+100 (metrics base+101) and the web finds the store; the page counts and bin/dump sees the session; ${signal} stops both`, async () => {
       // No STORE_ADDRESS or STORE_METRICS_PORT: the Procfile derives them from the base port.
       const base = await freeBasePort([0, 100, 101]);
-      child = spawn(command, [...args, '-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
-        cwd: root,
-        env: {
-          PATH: process.env.PATH ?? '',
-          HOME: process.env.HOME ?? tmp.dir,
-          STORE_DATA_DIR: tmp.dir,
-          WEB_DATA_DIR: tmp.dir,
-          SESSION_KEYS: TEST_KEY,
-          ...NO_ENV_FILE,
-        },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
-      child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
-      const jar = new CookieJarClient(`http://127.0.0.1:${base}`);
-      await waitForPage(jar).catch((err: Error) => {
-        throw new Error(`${err.message}\n${output}`);
-      });
+      const started = await startForeman(command, args, base, tmp.dir);
+      child = started.child;
+      const { jar } = started;
       assert.equal((await jar.page()).count1, 0);
       assert.equal((await jar.page()).count1, 1);
       const dump = await new Promise<string>((resolve, reject) =>
@@ -109,31 +123,15 @@ describe('npm start (bin/start around nf start)', function () {
   for (const how of ['SIGTERM', 'SIGHUP', 'group SIGINT'] as const) {
     it(`${how} to it stops both services gracefully, once each, and frees their ports`, async () => {
       const base = await freeBasePort([0, 100, 101]);
-      let output = '';
       // detached: the launcher leads a process group, as npm does in a terminal.
-      child = spawn(path.join(root, 'bin', 'start'), ['-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
-        cwd: root,
-        detached: true,
-        env: {
-          PATH: process.env.PATH ?? '',
-          HOME: process.env.HOME ?? tmp.dir,
-          STORE_DATA_DIR: path.join(tmp.dir, how),
-          WEB_DATA_DIR: path.join(tmp.dir, how),
-          SESSION_KEYS: TEST_KEY,
-          ...NO_ENV_FILE,
-        },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
-      child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
-      const jar = new CookieJarClient(`http://127.0.0.1:${base}`);
-      await waitForPage(jar).catch((err: Error) => {
-        throw new Error(`${err.message}\n${output}`);
-      });
+      const started = await startForeman(path.join(root, 'bin', 'start'), [], base, path.join(tmp.dir, how), { detached: true });
+      child = started.child;
+      const { jar } = started;
       assert.equal((await jar.page()).count1, 0);
       if (how === 'group SIGINT') process.kill(-child.pid!, 'SIGINT');
       else child.kill(how);
       const code = await exited(child);
+      const output = started.output();
       assert.equal(await isFree(base), true, `web port released\n${output}`);
       assert.equal(await isFree(base + 100), true, 'store port released');
       assert.match(output, /"msg":"stopping: NOT_SERVING/, 'the store stopped gracefully');
