@@ -328,9 +328,13 @@ describe('Redis backend: what others do to the Redis under it', function () {
     try {
       await stalled.batch([put('before')]);
       frozen.pause();
-      const answers: Array<Promise<{ code: unknown; unknown: boolean }>> = [];
+      const answers: Array<Promise<{ code: unknown; unknown: boolean; message: string }>> = [];
       for (let i = 0; i < 60; i += 1) {
-        answers.push(stalled.batch([put(`during${i}`)]).then(([r]) => ({ code: !r.ok && toStatus(r.error).code, unknown: !r.ok && r.error.outcomeUnknown })));
+        answers.push(
+          stalled
+            .batch([put(`during${i}`)])
+            .then(([r]) => ({ code: !r.ok && toStatus(r.error).code, unknown: !r.ok && r.error.outcomeUnknown, message: r.ok ? '' : r.error.message })),
+        );
         await new Promise((r) => setTimeout(r, 20));
       }
       const settled = await Promise.all(answers);
@@ -338,6 +342,10 @@ describe('Redis backend: what others do to the Redis under it', function () {
       const unknown = new Set(settled.flatMap((a, i) => (a.unknown ? [`during${i}`] : [])));
       // Sent on the frozen connection (unknown), then refused unsent while no connection was ready.
       assert.ok(unknown.size > 0 && unknown.size < 60, `${unknown.size} of 60 said their outcome is unknown`);
+      // In words an operator can act on, not only ioredis' "Command timed out".
+      for (const { message } of settled.filter((a) => a.unknown)) {
+        assert.match(message, /^redis: (Redis gave no answer within REDIS_COMMAND_TIMEOUT_MS|the connection to Redis (closed|was lost) before an answer came) \(/);
+      }
       frozen.resume();
       await until(async () => (await stalled.batch([put('after')]))[0].ok);
       // Only writes sent before the connection was given up (within the command timeout) may land;

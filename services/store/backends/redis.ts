@@ -740,6 +740,15 @@ function toStoreError(err: unknown): StoreError {
   }
   if (error?.name === 'ReplyError') return new StoreError('unavailable', `redis: ${error.message}`);
   const message = error?.message ?? String(err);
-  return new StoreError('unavailable', `redis: ${message}`, { outcomeUnknown: !NOT_SENT.test(message) });
+  const plain = PLAIN_WORDS.find(([terse]) => terse.test(message))?.[1];
+  return new StoreError('unavailable', plain ? `redis: ${plain} (${message})` : `redis: ${message}`, { outcomeUnknown: !NOT_SENT.test(message) });
 }
+
+/** ioredis' terse messages for a command that got no answer, said so that an operator reading the log knows what happened. */
+const PLAIN_WORDS: ReadonlyArray<[RegExp, string]> = [
+  [/^Connection is closed\.$/, 'the connection to Redis closed before an answer came'],
+  // What ioredis gives the commands in flight on a connection it drops (maxRetriesPerRequest is 0: none is resent).
+  [/^Reached the max retries per request limit/, 'the connection to Redis was lost before an answer came'],
+  [/^Command timed out$/, 'Redis gave no answer within REDIS_COMMAND_TIMEOUT_MS'],
+];
 
