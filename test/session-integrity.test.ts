@@ -628,6 +628,18 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.match((await stored(login.set!))!, /"mode":"y"/, 'which reached the session (the grace window keeps parallel requests working)');
   });
 
+  it('a request carrying the id a login replaced cannot regenerate the session again: it is sent no id, and after the grace window the logged-in browser still has the session (session fixation)', async () => {
+    const base = await serve(store.client, { regenerateGraceMs: 300 });
+    const planted = await call(base, 'POST', '/set?mode=x');
+    const login = await call(base, 'POST', '/login', `sid=${planted.set}`);
+    const attacker = await call(base, 'POST', '/renew', `sid=${planted.set}`);
+    assert.equal(attacker.status, 200);
+    assert.deepEqual(attacker.setCookies, [], 'no live id of the session for whoever holds the old one');
+    await sleep(400);
+    assert.deepEqual((await call(base, 'GET', '/state', `sid=${login.set}`)).body, { mode: 'x', user: 'alice' }, 'the logged-in browser keeps its session');
+    assert.deepEqual((await call(base, 'GET', '/state', `sid=${planted.set}`)).body, {}, 'and the old id leads nowhere');
+  });
+
   it('a request carrying the id a login replaced gets no form token nor ctx.session.id that the logged-in browser holds; its token works with its own cookie only', async () => {
     const base = await serve(store.client);
     const planted = await call(base, 'POST', '/set?mode=x');

@@ -192,7 +192,7 @@ export class Session<T extends SessionData = SessionData> {
    * an id known before is worthless after. The new id starts a new absolute lifetime, as a new
    * login would. For regenerateGraceMs the old id still leads to the new session, so parallel
    * requests still carrying it are served the session, never an empty one (but never told the new
-   * id: see load()).
+   * id: see load()); their own regenerate() changes nothing.
    */
   async regenerate(): Promise<void> {
     return this.locked(() => this.renew());
@@ -381,6 +381,10 @@ export class Session<T extends SessionData = SessionData> {
       this.useId(newId, false);
       return;
     }
+    // Reached through an id a regeneration replaced: the session already has an id this request was
+    // never told. Moving it again would send this request a live id of it (whoever planted the old
+    // id would get the logged-in session) and end the one the browser that regenerated holds.
+    if (current.id !== (this.sentId ?? this.cookieId)) return;
     let newVersion = 0;
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
