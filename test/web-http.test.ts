@@ -44,7 +44,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
   }
 
   describe('security headers', () => {
-    it('pages carry a CSP with no inline script and frame-ancestors none, nosniff, a Referrer-Policy, and Cache-Control: no-store', async () => {
+    it('pages carry a CSP with no inline script and frame-ancestors none (X-Frame-Options DENY), nosniff, a Referrer-Policy, and Cache-Control: no-store', async () => {
       const { base } = await site();
       const jar = new CookieJarClient(base);
       const home = await jar.get('/');
@@ -52,6 +52,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
       const csp = home.headers.get('content-security-policy') ?? '';
       assert.match(csp, /default-src 'none'/);
       assert.match(csp, /frame-ancestors 'none'/);
+      assert.equal(home.headers.get('x-frame-options'), 'DENY', 'the same answer for browsers that read only X-Frame-Options');
       assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
       assert.doesNotMatch(csp, /script-src/, 'no script source at all: default-src none applies');
       assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)/i, 'no inline script in the page');

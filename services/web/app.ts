@@ -77,6 +77,8 @@ export function createApp(deps: AppDeps): Koa {
         },
       },
       referrerPolicy: { policy: 'same-origin' },
+      // The header older browsers read instead of frame-ancestors: the same answer, never framed.
+      xFrameOptions: { action: 'deny' },
       strictTransportSecurity: false,
     }),
   );
