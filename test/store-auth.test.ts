@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
+import http2 from 'node:http2';
 import { Metadata, status } from '@grpc/grpc-js';
 import { authMetadata, createRawClient, createStoreClient } from '../services/client/store-client';
-import { BatchRequest, DeleteRequest, GetRequest, ListRequest, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
+import { BatchRequest, DeleteRequest, GetRequest, ListRequest, type Op, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
 import { callRaw, METHODS, type MethodName, rawStoreClient } from './helpers/raw-grpc';
 import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 
@@ -57,6 +58,56 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
       });
     }
   }
+
+  // A request is decoded before its handler runs: a 4 MiB Batch of tiny operations became some
+  // 100 MB of objects (and a log line listing its request ids) for a client without the token.
+  it('a call without the token is refused from its metadata, before its request is read: a message still being sent gets UNAUTHENTICATED', async () => {
+    const session = http2.connect(`http://127.0.0.1:${store.port}`);
+    session.on('error', () => undefined);
+    try {
+      for (const method of Object.keys(METHODS) as MethodName[]) {
+        const code = await new Promise<string | undefined>((resolve) => {
+          const stream = session.request({
+            ':method': 'POST',
+            ':path': `/sessions.kv.v1.SessionStore/${method}`,
+            'content-type': 'application/grpc',
+            te: 'trailers',
+            authorization: 'Bearer wrong-token-0123456789',
+          });
+          const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), 2000);
+          const take = (headers: http2.IncomingHttpHeaders) => {
+            if (headers['grpc-status'] === undefined) return;
+            clearTimeout(timer);
+            resolve(String(headers['grpc-status']));
+          };
+          stream.on('response', take);
+          stream.on('trailers', take);
+          stream.on('data', () => undefined);
+          stream.on('error', () => undefined);
+          stream.on('close', () => resolve(undefined));
+          // The start of a message that announces 1 MiB and never comes.
+          const header = Buffer.alloc(5);
+          header.writeUInt32BE(1024 * 1024, 1);
+          stream.write(Buffer.concat([header, Buffer.alloc(100)]));
+        });
+        assert.equal(code, String(status.UNAUTHENTICATED), `${method} answered ${code ?? 'nothing within 2 s'}`);
+      }
+    } finally {
+      session.close();
+    }
+  });
+
+  it("a Batch without the token is logged in one short line, without its operations' request ids", async () => {
+    const ops: Op[] = Array.from({ length: 5000 }, (_, i) => ({ op: { $case: 'get', value: { key: 'k', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: `unauthenticated-${i}-${'x'.repeat(100)}` }));
+    const request = Buffer.from(BatchRequest.encode({ id: 7, ops }).finish());
+    const metadata = bearer(undefined);
+    metadata.set('x-request-id', 'batch-without-token');
+    const outcome = await callRaw(raw, 'Batch', [request], metadata);
+    assert.equal(outcome.code, status.UNAUTHENTICATED);
+    const line = await waitForLine(store, (l) => l.includes('batch-without-token'));
+    assert.ok(!line.includes('unauthenticated-'), `${line.length} bytes: ${line.slice(0, 200)}`);
+    assert.ok(line.length < 1024, `${line.length} bytes`);
+  });
 
   it('every unary RPC, List, ListPages and Pipe with the right token succeed', async () => {
     for (const method of ['Put', 'Get', 'Delete', 'Batch', 'List', 'ListPages', 'Pipe'] as const) {

@@ -8,6 +8,8 @@ import {
   type ServerDuplexStream,
   type sendUnaryData,
   Metadata,
+  ServerInterceptingCall,
+  type ServerInterceptor,
   type ServiceError,
   status,
 } from '@grpc/grpc-js';
@@ -70,10 +72,49 @@ interface Stamped {
  * backend, map the error (errors.ts), fill the response. It holds no state of its own.
  */
 export function createStoreServer(options: StoreServiceOptions, serverOptions: ServerOptions = {}): Server {
-  const server = new Server(serverOptions);
+  const interceptors = [...(serverOptions.interceptors ?? []), authenticateFirst(options)];
+  const server = new Server({ ...serverOptions, interceptors });
   addStoreService(server, options);
   return server;
 }
+
+/**
+ * Refuses a SessionStore call without the token from its metadata, before its request is read:
+ * grpc-js decodes a request before the handler sees it, and a 4 MiB Batch of tiny operations
+ * decodes into some 100 MB of objects, so a client without the token could spend the store's
+ * memory and CPU (and fill its log with the batch's request ids). Health and reflection need no
+ * token. The handlers check the token again (addStoreService may be used without this).
+ */
+function authenticateFirst(options: StoreServiceOptions): ServerInterceptor {
+  const authorize = createAuthorizer(options.token);
+  const observe: RpcObserver = options.observe ?? (() => undefined);
+  return (descriptor, call) => {
+    const method = STORE_METHODS.get(descriptor.path);
+    if (!options.token || !method) return new ServerInterceptingCall(call);
+    return new ServerInterceptingCall(call, {
+      start: (next) =>
+        next({
+          onReceiveMetadata: (metadata, pass) => {
+            const startedAt = performance.now();
+            try {
+              authorize(metadata);
+            } catch (err) {
+              const error = toServiceError(err);
+              call.sendStatus({ code: error.code!, details: error.details!, metadata: error.metadata! });
+              observe(method, error.code!, startedAt, metadata);
+              return;
+            }
+            pass(metadata);
+          },
+        }),
+    });
+  };
+}
+
+/** Each SessionStore path ('/sessions.kv.v1.SessionStore/Get') and its method's name. */
+const STORE_METHODS = new Map<string, RpcMethod>(
+  Object.values(SessionStoreService).map((method) => [method.path, method.path.slice(method.path.lastIndexOf('/') + 1) as RpcMethod]),
+);
 
 export function addStoreService(server: Server, options: StoreServiceOptions): void {
   const { backend, limits, logger, stopping } = options;
