@@ -193,6 +193,20 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     assert.deepEqual(pipeLines[0].requestIds, ['req-op-A', 'req-op-B']);
   });
 
+  it("a batch's log line lists at most 20 of its operations' request ids, and counts the others", async () => {
+    const raw = rawStoreClient(address);
+    const ops: Op[] = Array.from({ length: 1500 }, (_, i) => ({ op: { $case: 'get', value: { key: 'k', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: `many-ids-${i}` }));
+    try {
+      const outcome = await callRaw(raw, 'Batch', [Buffer.from(BatchRequest.encode({ id: 3, ops }).finish())]);
+      assert.equal(outcome.code, status.RESOURCE_EXHAUSTED, outcome.details);
+    } finally {
+      raw.close();
+    }
+    const line = JSON.parse(await waitForLine(store, (l) => l.includes('"many-ids-0"'))) as Record<string, unknown>;
+    assert.deepEqual(line.requestIds, ops.slice(0, 20).map((op) => op.requestId));
+    assert.equal(line.moreRequestIds, 1480);
+  });
+
   it("an op's timeout_ms counts the time its batch waited while the Pipe stream was paused for backpressure", async () => {
     await client.put('paused-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
     const batch = (id: number, op: Op) => frame(Buffer.from(BatchRequest.encode({ id, ops: [op] }).finish()));

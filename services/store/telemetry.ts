@@ -57,11 +57,18 @@ export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObs
       line.ops = ops.length;
       const ids = [...new Set(ops.map((op) => op.requestId.slice(0, 128)).filter(Boolean))];
       if (ids.length === 1) line.requestId = ids[0];
-      else if (ids.length > 1) line.requestIds = ids;
+      else if (ids.length > 1) line.requestIds = ids.slice(0, MAX_LOGGED_IDS);
+      if (ids.length > MAX_LOGGED_IDS) line.moreRequestIds = ids.length - MAX_LOGGED_IDS;
     }
     logger[level](line, 'rpc');
   };
 }
+
+/**
+ * Request ids a batch's line lists at most: a batch of 1000 operations with ids of their own (or a
+ * 4 MiB one refused for having too many) would otherwise be a line of up to megabytes.
+ */
+const MAX_LOGGED_IDS = 20;
 
 const SEVERITY = { debug: 0, info: 1, warn: 2, error: 3 } as const;
 
