@@ -72,7 +72,8 @@ interface Stamped {
  * backend, map the error (errors.ts), fill the response. It holds no state of its own.
  */
 export function createStoreServer(options: StoreServiceOptions, serverOptions: ServerOptions = {}): Server {
-  const interceptors = [...(serverOptions.interceptors ?? []), authenticateFirst(options)];
+  // Without a token there is nothing to refuse early, and no call pays for an interceptor.
+  const interceptors = options.token ? [...(serverOptions.interceptors ?? []), authenticateFirst(options.token, options.observe)] : serverOptions.interceptors;
   const server = new Server({ ...serverOptions, interceptors });
   addStoreService(server, options);
   return server;
@@ -85,12 +86,12 @@ export function createStoreServer(options: StoreServiceOptions, serverOptions: S
  * memory and CPU (and fill its log with the batch's request ids). Health and reflection need no
  * token. The handlers check the token again (addStoreService may be used without this).
  */
-function authenticateFirst(options: StoreServiceOptions): ServerInterceptor {
-  const authorize = createAuthorizer(options.token);
-  const observe: RpcObserver = options.observe ?? (() => undefined);
+function authenticateFirst(token: string, observer: RpcObserver | undefined): ServerInterceptor {
+  const authorize = createAuthorizer(token);
+  const observe: RpcObserver = observer ?? (() => undefined);
   return (descriptor, call) => {
     const method = STORE_METHODS.get(descriptor.path);
-    if (!options.token || !method) return new ServerInterceptingCall(call);
+    if (!method) return new ServerInterceptingCall(call);
     return new ServerInterceptingCall(call, {
       start: (next) =>
         next({
