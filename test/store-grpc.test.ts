@@ -265,6 +265,36 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it("a Batch answer holds at most STORE_MAX_MESSAGE_BYTES of entries: the Gets past it are RESOURCE_EXHAUSTED on their own; writes and misses keep their answers", async () => {
+    await client.put('answer-big', Buffer.alloc(60_000, 1), { ttlMs: 0 });
+    const typed = createRawClient({ address, deadlineMs: 3000 });
+    try {
+      const get = (key: string): Op => ({ op: { $case: 'get', value: { key, refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' });
+      const request: BatchRequest = {
+        id: 1,
+        ops: [
+          get('answer-big'),
+          get('answer-big'),
+          { op: { $case: 'put', value: { key: 'answer-small', value: Buffer.from('x'), ttlMs: 0 } }, timeoutMs: 0, requestId: '' },
+          get('answer-missing'),
+          get('answer-big'),
+        ],
+      };
+      // 9 bytes a Get asks for, 60 KB it answers: three would make 180 KB against a 100 KB limit.
+      const response = await new Promise<BatchResponse>((resolve, reject) =>
+        typed.batch(request, (err: ServiceError | null, res?: BatchResponse) => (err ? reject(err) : resolve(res!))),
+      );
+      assert.deepEqual(
+        response.results.map((r) => r.code),
+        [status.OK, status.RESOURCE_EXHAUSTED, status.OK, status.OK, status.RESOURCE_EXHAUSTED],
+      );
+      assert.match(response.results[1].message, /STORE_MAX_MESSAGE_BYTES/);
+      assert.equal((await client.get('answer-small'))?.value.toString(), 'x', 'the write in the batch ran');
+    } finally {
+      typed.close();
+    }
+  });
+
   it('a negative timeout_ms is INVALID_ARGUMENT for that op alone', async () => {
     const typed = createRawClient({ address, deadlineMs: 3000 });
     try {

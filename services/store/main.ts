@@ -39,6 +39,7 @@ async function main(): Promise<void> {
       logger,
       observe: createRpcObserver(logger, metrics),
       stopping: stopping.signal,
+      maxAnswerBytes: config.maxMessageBytes,
     },
     storeServerOptions(config.maxMessageBytes),
   );

@@ -50,6 +50,11 @@ export interface StoreServiceOptions {
    * carry (later batches get UNAVAILABLE) and end, so that a graceful stop is not held up by them.
    */
   stopping?: AbortSignal;
+  /**
+   * Bytes of entries a unary Batch answer carries at most (default 4 MiB; the store passes
+   * STORE_MAX_MESSAGE_BYTES): the Gets past it fail on their own with RESOURCE_EXHAUSTED.
+   */
+  maxAnswerBytes?: number;
 }
 
 /** Marks a request whose bytes did not decode, so the handler answers INVALID_ARGUMENT (not INTERNAL). */
@@ -118,7 +123,7 @@ const STORE_METHODS = new Map<string, RpcMethod>(
 );
 
 export function addStoreService(server: Server, options: StoreServiceOptions): void {
-  const { backend, limits, logger, stopping } = options;
+  const { backend, limits, logger, stopping, maxAnswerBytes = 4 * 1024 * 1024 } = options;
   const observe: RpcObserver = options.observe ?? (() => undefined);
   const authorize = createAuthorizer(options.token);
 
@@ -246,7 +251,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       if (!answer.ok) throw answer.error;
       return { deleted: answer.value as boolean };
     }),
-    batch: unary('Batch', (request: BatchRequest) => runBatch(request)),
+    batch: unary('Batch', async (request: BatchRequest) => capAnswer(await runBatch(request), maxAnswerBytes)),
 
     list: (call: ServerWritableStream<ListRequest, Entry>) => {
       streamListing(call, 'List', {
@@ -453,6 +458,27 @@ function answerBytes(response: BatchResponse): number {
     if (entry) bytes += entry.key.length + entry.value.length;
   }
   return bytes;
+}
+
+/**
+ * Fails, each with RESOURCE_EXHAUSTED, the Gets of a unary Batch answer past maxBytes of entries.
+ * A Batch of 1000 Gets of one 64 KiB value is a 9 KB request and would be a 64 MB answer: held
+ * until the client reads it, and larger than most clients accept (grpc's default is 4 MiB). A
+ * Pipe stream's answers are paced by its backpressure instead. Writes keep their answers: they ran.
+ */
+function capAnswer(response: BatchResponse, maxBytes: number): BatchResponse {
+  let bytes = 0;
+  response.results.forEach(({ result }, i) => {
+    const entry = result?.$case === 'get' ? result.value.entry : undefined;
+    if (!entry) return;
+    bytes += entry.key.length + entry.value.length;
+    if (bytes > maxBytes) {
+      response.results[i] = failed(
+        new StoreError('too_large', `the batch's answer would hold over ${maxBytes} bytes of entries (STORE_MAX_MESSAGE_BYTES): read this key in another batch`),
+      );
+    }
+  });
+  return response;
 }
 
 function failed(err: unknown): OpResult {
