@@ -109,6 +109,19 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     assert.ok(line.length < 1024, `${line.length} bytes`);
   });
 
+  it('a client calling again and again without the token gets at most 10 log lines per 10 s for each method, not one per call', async () => {
+    const calls = Array.from({ length: 40 }, (_, i) => {
+      const metadata = bearer(undefined);
+      metadata.set('x-request-id', `flood-${i}`);
+      return callRaw(raw, 'Delete', REQUESTS.Delete, metadata);
+    });
+    assert.deepEqual(new Set((await Promise.all(calls)).map((c) => c.code)), new Set([status.UNAUTHENTICATED]));
+    await waitForLine(store, (l) => l.includes('"requestId":"flood-'));
+    await new Promise((r) => setTimeout(r, 200)); // the rest of the lines, had they been written
+    const logged = store.lines.filter((l) => l.includes('"requestId":"flood-')).length;
+    assert.ok(logged >= 1 && logged <= 10, `${logged} lines for 40 refused calls`);
+  });
+
   it('every unary RPC, List, ListPages and Pipe with the right token succeed', async () => {
     for (const method of ['Put', 'Get', 'Delete', 'Batch', 'List', 'ListPages', 'Pipe'] as const) {
       const outcome = await callRaw(raw, method, REQUESTS[method], bearer(`Bearer ${TOKEN}`), { streamMs: 2000 });

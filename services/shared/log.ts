@@ -25,3 +25,28 @@ export function createLogger(name: string, level: string): Logger {
 export function shortHash(secret: string): string {
   return createHash('sha256').update(secret).digest('base64url').slice(0, 10);
 }
+
+/**
+ * Calls fn at most `max` times per window of `windowMs`: for log lines that a misbehaving client or
+ * an outage could otherwise repeat once per request. The next call let through after a window
+ * reports how many were dropped (`suppressed`).
+ */
+export function rateLimited<C, A>(max: number, windowMs: number, fn: (ctx: C, arg: A, suppressed: number) => void): (ctx: C, arg: A) => void {
+  let windowStart = 0;
+  let used = 0;
+  let suppressed = 0;
+  return (ctx: C, arg: A) => {
+    const now = Date.now();
+    if (now - windowStart >= windowMs) {
+      windowStart = now;
+      used = 0;
+    }
+    if (used >= max) {
+      suppressed += 1;
+      return;
+    }
+    used += 1;
+    fn(ctx, arg, suppressed);
+    suppressed = 0;
+  };
+}

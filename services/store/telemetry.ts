@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import { type Metadata, status } from '@grpc/grpc-js';
 import type { Op, OpResult } from '../generated/kv';
-import type { Logger } from '../shared/log';
+import { type Logger, rateLimited } from '../shared/log';
 import type { RpcMethod, StoreMetrics } from './metrics';
 
 export type { RpcMethod };
@@ -29,9 +29,24 @@ export type RpcObserver = (
  * fail on their own: its line has the level of its worst operation and counts the failed ones by
  * code (`failed`), and they are counted in store_batch_op_failures_total, so a Redis outage or a
  * full store shows in the log and the metrics whether the client batches or not. Nothing is
- * formatted when the level is off.
+ * formatted when the level is off. Lines at info and above are limited to 10 per 10 s for each
+ * method and code; metrics count every call.
  */
 export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObserver {
+  // Lines at info and above, per method and code: a client with a wrong token or bad requests, or
+  // a Redis outage, would otherwise log one line per call, hundreds a second.
+  const limited = new Map<string, (line: Record<string, unknown>, level: 'info' | 'warn' | 'error') => void>();
+  const write = (key: string, line: Record<string, unknown>, level: 'info' | 'warn' | 'error') => {
+    let emit = limited.get(key);
+    if (!emit) {
+      if (limited.size >= 256) limited.clear(); // batches' mixes of failed codes: keep the map small
+      emit = rateLimited(LOGGED_PER_WINDOW, LOG_WINDOW_MS, (l: Record<string, unknown>, lvl: 'info' | 'warn' | 'error', suppressed: number) =>
+        logger[lvl](suppressed > 0 ? { ...l, suppressed } : l, 'rpc'),
+      );
+      limited.set(key, emit);
+    }
+    emit(line, level);
+  };
   return (method, code, startedAt, metadata, ops, results) => {
     const ms = performance.now() - startedAt;
     metrics.recordRpc(method, code, ms / 1000, ops?.length);
@@ -60,9 +75,14 @@ export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObs
       else if (ids.length > 1) line.requestIds = ids.slice(0, MAX_LOGGED_IDS);
       if (ids.length > MAX_LOGGED_IDS) line.moreRequestIds = ids.length - MAX_LOGGED_IDS;
     }
-    logger[level](line, 'rpc');
+    if (level === 'debug') logger.debug(line, 'rpc');
+    else write(`${method} ${String(line.code)}${failed ? ` ${Object.keys(failed).sort().join(',')}` : ''}`, line, level);
   };
 }
+
+/** Lines at info and above that one method and code may log per window; the next one after it counts the dropped ones in `suppressed`. */
+const LOGGED_PER_WINDOW = 10;
+const LOG_WINDOW_MS = 10_000;
 
 /**
  * Request ids a batch's line lists at most: a batch of 1000 operations with ids of their own (or a

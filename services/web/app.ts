@@ -6,7 +6,7 @@ import serve from 'koa-static';
 import nunjucks from 'nunjucks';
 import { StoreClientError } from '../client/store-client';
 import { projectRoot } from '../shared/env';
-import type { Logger } from '../shared/log';
+import { type Logger, rateLimited } from '../shared/log';
 import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
@@ -301,24 +301,3 @@ function isClientAbort(err: unknown): boolean {
 }
 
 const CLIENT_ABORT_CODES = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED', 'ERR_STREAM_PREMATURE_CLOSE']);
-
-/** Calls fn at most `max` times per window; the next call after a window reports how many were dropped. */
-function rateLimited<C, A>(max: number, windowMs: number, fn: (ctx: C, arg: A, suppressed: number) => void) {
-  let windowStart = 0;
-  let used = 0;
-  let suppressed = 0;
-  return (ctx: C, arg: A) => {
-    const now = Date.now();
-    if (now - windowStart >= windowMs) {
-      windowStart = now;
-      used = 0;
-    }
-    if (used >= max) {
-      suppressed += 1;
-      return;
-    }
-    used += 1;
-    fn(ctx, arg, suppressed);
-    suppressed = 0;
-  };
-}
