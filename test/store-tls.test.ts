@@ -71,6 +71,14 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.match(await res.text(), /Counter 1: 0\b/);
     });
 
+    it('at an IP address (127.0.0.1) too; its log stays JSON lines (no Node warning text on stderr)', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_TLS_CA: pki.cert, STORE_ADDRESS: `127.0.0.1:${store.port}`, LOG_LEVEL: 'debug' });
+      const res = await fetch(`http://127.0.0.1:${web.port}/`);
+      assert.equal(res.status, 200);
+      await new Promise((r) => setTimeout(r, 200)); // Node writes its warnings on a later tick
+      assert.deepEqual(web.lines.filter((line) => !line.startsWith('{')), []);
+    });
+
     it('/readyz is ready: the readiness check uses TLS too', async () => {
       web = await startWeb(store.port, tmp.dir, { STORE_TLS_CA: pki.cert, STORE_ADDRESS: address });
       const res = await fetch(`http://127.0.0.1:${web.port}/readyz`);

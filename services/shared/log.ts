@@ -50,3 +50,16 @@ export function rateLimited<C, A>(max: number, windowMs: number, fn: (ctx: C, ar
     suppressed = 0;
   };
 }
+
+/**
+ * Node's process warnings (deprecations, MaxListenersExceededWarning, ...) as log lines instead of
+ * free text on stderr, which log collectors reading JSON lines would garble. DEP0123 comes from
+ * grpc-js passing an IP address as the TLS server name (a store reached over TLS at 127.0.0.1):
+ * nothing an operator can change, so it is logged at debug.
+ */
+export function logProcessWarnings(logger: Logger): void {
+  process.removeAllListeners('warning');
+  process.on('warning', (warning: Error & { code?: string }) => {
+    logger[warning.code === 'DEP0123' ? 'debug' : 'warn']({ warning: warning.name, code: warning.code }, warning.message);
+  });
+}

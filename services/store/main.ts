@@ -1,7 +1,7 @@
 import { setMaxListeners } from 'node:events';
 import type { Server } from '@grpc/grpc-js';
 import { ConfigError, listenVariables } from '../shared/env';
-import { createLogger } from '../shared/log';
+import { createLogger, logProcessWarnings } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
 import { SqliteBackend } from './backends/sqlite';
 import { loadStoreConfig } from './config';
@@ -20,6 +20,7 @@ import { bindServer, storeCredentials, storeServerOptions } from './transport';
 async function main(): Promise<void> {
   const config = loadStoreConfig();
   const logger = createLogger('store', config.logLevel);
+  logProcessWarnings(logger);
   for (const warning of config.warnings) logger.warn(warning);
   // ioredis is loaded only when used: a SQLite store starts without it.
   const backend =

@@ -1,7 +1,7 @@
 import { createPipeClient } from '../client/pipe-client';
 import { createStoreClient } from '../client/store-client';
 import { ConfigError, listenVariables } from '../shared/env';
-import { createLogger } from '../shared/log';
+import { createLogger, logProcessWarnings } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
 import { createApp } from './app';
 import { createWebServer } from './http-server';
@@ -13,6 +13,7 @@ import { createStoreReadiness } from './readiness';
 function main(): void {
   const config = loadWebConfig();
   const logger = createLogger('web', config.logLevel);
+  logProcessWarnings(logger);
   for (const warning of config.warnings) logger.warn(warning);
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
   const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
