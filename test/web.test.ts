@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { CookieJarClient } from './helpers/browser';
-import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
+import { type Proc, startStore, startWeb, TEST_KEY, tempDir, waitForLine } from './helpers/procs';
 
 describe('counter site (real web + real store processes)', function () {
   let tmp: ReturnType<typeof tempDir>;
@@ -176,6 +176,36 @@ describe('a web whose settings its store refuses is not ready, and says which se
     const jar = new CookieJarClient(`http://127.0.0.1:${fits.port}`);
     assert.deepEqual(pick(await jar.page()), [0, 0]);
     assert.deepEqual(pick(await jar.page()), [1, 0]);
+  });
+
+  it('the listening lines state the settings in effect (transport, deadline, TLS, token set, session timeouts; the store\'s limits), never a token or key', async () => {
+    const web = await startWeb(store.port, tmp.dir, {
+      STORE_TOKEN: TOKEN,
+      STORE_TRANSPORT: 'unary',
+      STORE_DEADLINE_MS: '700',
+      SESSION_IDLE_TTL_MS: '600000',
+      SESSION_ABSOLUTE_TTL_MS: '600000',
+      SESSION_COOKIE_NAME: 'visit',
+      TRUST_PROXY: 'true',
+    });
+    webs.push(web);
+    const line = (proc: Proc) => JSON.parse(proc.lines.find((l) => l.includes('"msg":"listening"'))!) as Record<string, unknown>;
+    assert.deepEqual(line(web), {
+      ...line(web),
+      store: `127.0.0.1:${store.port}`,
+      transport: 'unary',
+      deadlineMs: 700,
+      tls: false,
+      auth: true,
+      trustProxy: true,
+      session: { cookieName: 'visit', idleTtlMs: 600000, absoluteTtlMs: 600000, rolling: true, secure: 'auto', keys: 1 },
+    });
+    const stored = line(store);
+    assert.equal(stored.auth, true);
+    assert.equal(stored.graceMs, 5000);
+    assert.equal(stored.sweepIntervalMs, 1000);
+    assert.deepEqual(stored.limits, { maxKeyBytes: 256, maxValueBytes: 65536, defaultTtlMs: 600000, maxTtlMs: 600000, maxBatchOps: 1000 });
+    for (const proc of [web, store]) assert.doesNotMatch(proc.lines.join('\n'), new RegExp(`${TOKEN}|${TEST_KEY}`), 'no token or key in the log');
   });
 });
 

@@ -92,12 +92,26 @@ async function main(): Promise<void> {
       host: config.host,
       port,
       backend: backend.name,
-      // What locates the data: the SQLite directory and its durability, or the Redis topology (never the URL: it may hold a password).
+      // The effective settings: where the data is and how it is kept (SQLite: the directory, durability and
+      // sweeper; Redis: the topology and prefix, never the URL, which may hold a password), and the limits.
       ...(config.backend === 'redis'
-        ? { redis: config.redis.clusterNodes.length > 0 ? 'cluster' : config.redis.sentinels.length > 0 ? 'sentinel' : 'single' }
-        : { dataDir: config.sqlite.dataDir, synchronous: config.sqlite.synchronous }),
+        ? {
+            redis: config.redis.clusterNodes.length > 0 ? 'cluster' : config.redis.sentinels.length > 0 ? 'sentinel' : 'single',
+            keyPrefix: config.redis.keyPrefix,
+            commandTimeoutMs: config.redis.commandTimeoutMs,
+          }
+        : {
+            dataDir: config.sqlite.dataDir,
+            synchronous: config.sqlite.synchronous,
+            maxEntries: config.sqlite.maxEntries,
+            sweepIntervalMs: config.sqlite.sweepIntervalMs,
+            sweepBatch: config.sqlite.sweepBatch,
+          }),
       tls: Boolean(config.tls),
       auth: Boolean(config.token),
+      limits: config.limits,
+      maxMessageBytes: config.maxMessageBytes,
+      graceMs: config.graceMs,
     },
     'listening',
   );

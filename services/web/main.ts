@@ -1,5 +1,5 @@
 import { createPipeClient } from '../client/pipe-client';
-import { createStoreClient } from '../client/store-client';
+import { createStoreClient, resolveEndpoint } from '../client/store-client';
 import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger, logProcessWarnings } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
@@ -35,7 +35,28 @@ function main(): void {
   server.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;
-    logger.info({ host: config.host, port, store: config.store.address }, 'listening');
+    // The effective settings, so the log says what this process runs with; never a token or key.
+    logger.info(
+      {
+        host: config.host,
+        port,
+        store: config.store.address,
+        transport: config.store.transport,
+        deadlineMs: config.store.deadlineMs,
+        tls: resolveEndpoint(config.store.address, config.store.tlsCa ? 'STORE_TLS_CA' : undefined).tls,
+        auth: Boolean(config.store.token),
+        trustProxy: config.trustProxy,
+        session: {
+          cookieName: config.session.cookieName,
+          idleTtlMs: config.session.idleTtlMs,
+          absoluteTtlMs: config.session.absoluteTtlMs,
+          rolling: config.session.rolling,
+          secure: config.session.secure,
+          keys: config.session.keys.length,
+        },
+      },
+      'listening',
+    );
     // A store that refuses this web's settings is logged now, not at the first /readyz.
     void readiness.check();
   });
