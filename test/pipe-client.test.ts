@@ -164,6 +164,36 @@ describe('pipe client: batched store calls over one stream (real store process)'
     assert.equal(value, 'a');
   });
 
+  it('each end of a stream other than close() is reported with why: broken, unopened while the store is down; none while it works or at close', async () => {
+    const reasons: string[] = [];
+    const watched = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000, onBreak: (reason) => reasons.push(reason) });
+    try {
+      for (let i = 0; i < 3; i += 1) await watched.put('reported', Buffer.from(String(i)), { ttlMs: 60_000 });
+      assert.deepEqual(reasons, [], 'one stream for calls in a row');
+      const port = store.port;
+      await store.stop('SIGKILL');
+      await assert.rejects(watched.get('reported'), isKind('unavailable'));
+      await assert.rejects(watched.get('reported'), isKind('unavailable'));
+      // The killed store's stream broke (with a call in flight or none); the calls after it found no connection.
+      assert.equal(reasons[0], 'broken');
+      assert.ok(reasons.length >= 2 && reasons.slice(1).every((r) => r === 'unopened'), reasons.join());
+      store = await startStore(tmp.dir, {}, port);
+      let value: string | undefined;
+      for (let i = 0; i < 50 && value === undefined; i += 1) {
+        value = await watched.get('reported').then(
+          (e) => e?.value.toString(),
+          () => new Promise<undefined>((r) => setTimeout(() => r(undefined), 100)),
+        );
+      }
+      assert.equal(value, '2');
+    } finally {
+      const before = reasons.length;
+      watched.close();
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(reasons.length, before, 'close() is no break');
+    }
+  });
+
   it('a stream that breaks with any status fails its in-flight operations as unavailable, outcome unknown', async () => {
     const fake = new Server();
     fake.addService(SessionStoreService, {

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { CookieJarClient } from './helpers/browser';
+import { parsePrometheus } from './helpers/prometheus';
 import { type Proc, startStore, startWeb, TEST_KEY, tempDir, waitForLine } from './helpers/procs';
 
 describe('counter site (real web + real store processes)', function () {
@@ -126,6 +127,10 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal(status, 200);
     const page = await jar.page();
     assert.ok(page.count1 >= 2, 'the session survived the outage');
+    // The stopping store ended the web's pipe, and pages while it was down found no connection.
+    const metrics = parsePrometheus(await (await fetch(base + '/metrics')).text());
+    assert.ok((metrics.get('web_store_pipe_breaks_total{reason="ended"}') ?? 0) >= 1, 'the pipe the store ended is counted');
+    assert.ok((metrics.get('web_store_pipe_breaks_total{reason="unopened"}') ?? 0) >= 1, 'the pipes that could not be opened are counted');
   });
 });
 

@@ -25,7 +25,15 @@ export interface PipeClientOptions extends StoreClientOptions {
   maxBatchBytes?: number;
   /** Operations waiting to be sent beyond this are refused at once (the store is not keeping up). */
   maxQueuedOps?: number;
+  /** Told each time the stream ends other than by close(), with why (for metrics); the next call opens a new one. */
+  onBreak?: (reason: PipeBreak) => void;
 }
+
+/**
+ * Why a Pipe stream ended: it broke with batches possibly run (`broken`), no connection could be
+ * opened for it (`unopened`), or the store ended it because it is stopping (`ended`).
+ */
+export type PipeBreak = 'broken' | 'unopened' | 'ended';
 
 interface PendingOp {
   op: Op;
@@ -254,6 +262,7 @@ class PipeTransport {
         this.flush();
         return;
       }
+      if (!this.closed) this.options.onBreak?.(notRun === 'unread' ? 'ended' : notRun === 'unsent' ? 'unopened' : 'broken');
       // The stream's status is about the stream, not about an operation: batches in flight on it
       // may have run before it broke, so their outcome is unknown (an operation's own code comes
       // only from its OpResult). Except UNAUTHENTICATED: the store refuses such a stream before it

@@ -15,8 +15,12 @@ function main(): void {
   const logger = createLogger('web', config.logLevel);
   logProcessWarnings(logger);
   for (const warning of config.warnings) logger.warn(warning);
+  const metrics = new WebMetrics();
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
-  const store = config.store.transport === 'pipe' ? createPipeClient(config.store) : createStoreClient(config.store);
+  const store =
+    config.store.transport === 'pipe'
+      ? createPipeClient({ ...config.store, onBreak: (reason) => metrics.observePipeBreak(reason) })
+      : createStoreClient(config.store);
   // Same address and TLS as the store client (a plaintext check of a TLS store never succeeds);
   // no token: grpc.health.v1 answers without one.
   // The probe asks through the store client itself whether the store accepts its token and TTL.
@@ -26,7 +30,6 @@ function main(): void {
     timeoutMs: config.store.deadlineMs,
     probe: { store, ttlMs: config.session.idleTtlMs, logger },
   });
-  const metrics = new WebMetrics();
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
   // read and a write, each up to one: a response in flight at the stop normally ends well within

@@ -1,4 +1,5 @@
 import { Counter, collectDefaultMetrics, Histogram, Registry } from 'prom-client';
+import type { PipeBreak } from '../client/pipe-client';
 import { StoreClientError } from '../client/store-client';
 import type { SessionBackend, SessionEvent } from './session';
 
@@ -46,6 +47,13 @@ export class WebMetrics {
     registers: [this.registry],
   });
 
+  private readonly pipeBreaks = new Counter({
+    name: 'web_store_pipe_breaks_total',
+    help: 'Pipe streams to the store that ended, by reason: broken (the outcome of the calls in flight is unknown), unopened (no connection), ended (the store was stopping); the next call opens a new one.',
+    labelNames: ['reason'] as const,
+    registers: [this.registry],
+  });
+
   private readonly forged = new Counter({
     name: 'web_forged_cookies_total',
     help: 'Session cookies whose signature did not verify (forged or tampered).',
@@ -73,6 +81,10 @@ export class WebMetrics {
 
   observeSessionEvent(event: SessionEvent): void {
     this.sessions.inc({ event });
+  }
+
+  observePipeBreak(reason: PipeBreak): void {
+    this.pipeBreaks.inc({ reason });
   }
 
   observeForgedCookie(): void {
