@@ -158,7 +158,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
       const lines = logs.entries().filter((e) => e.msg === 'request');
       assert.equal(lines.length, 3, 'one line per request');
       assert.deepEqual(
-        lines.map((l) => [l.reqId === given.headers.get('x-request-id') || l.reqId === none.headers.get('x-request-id') || l.reqId === unsafe.headers.get('x-request-id'), l.method, l.route, l.status]),
+        lines.map((l) => [l.requestId === given.headers.get('x-request-id') || l.requestId === none.headers.get('x-request-id') || l.requestId === unsafe.headers.get('x-request-id'), l.method, l.route, l.status]),
         [
           [true, 'GET', '/', 200],
           [true, 'GET', '/static/*', 200],
@@ -209,7 +209,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
         }
         const refused = logs.entries().filter((e) => e.msg === 'the store refused STORE_TOKEN');
         assert.equal(refused.length, 10);
-        assert.ok(refused.every((e) => e.level === 50 && typeof e.reqId === 'string'), 'errors, each with its request id');
+        assert.ok(refused.every((e) => e.level === 50 && typeof e.requestId === 'string'), 'errors, each with its request id');
       } finally {
         await served.close();
         await secured.stop();

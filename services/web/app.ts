@@ -49,13 +49,13 @@ export function createApp(deps: AppDeps): Koa {
   // will, so it is no error of ours and must not flood the error log with stack traces. Real
   // failures stay errors, rate-limited all the same.
   const errorResponseFailed = rateLimited(10, 10_000, (ctx: Koa.Context | undefined, err: unknown, suppressed: number) =>
-    logger.error({ err, reqId: ctx?.state.requestId, suppressed }, 'response failed'),
+    logger.error({ err, requestId: ctx?.state.requestId, suppressed }, 'response failed'),
   );
   app.on('error', (err: unknown, ctx?: Koa.Context) => {
     if ((err as { expose?: boolean }).expose === true) return;
     if (isClientAbort(err)) {
       const { code, message } = err as NodeJS.ErrnoException;
-      logger.debug({ code, reason: message, reqId: ctx?.state.requestId }, 'client went away before the response was complete');
+      logger.debug({ code, reason: message, requestId: ctx?.state.requestId }, 'client went away before the response was complete');
       return;
     }
     errorResponseFailed(ctx, err);
@@ -99,7 +99,7 @@ export function createApp(deps: AppDeps): Koa {
     return next();
   });
   const warnForged = rateLimited(10, 10_000, (ctx: Koa.Context, info: { cookieHash: string }, suppressed: number) =>
-    logger.warn({ cookieHash: info.cookieHash, remote: ctx.ip, reqId: ctx.state.requestId, suppressed }, 'suspicious session cookie: signature does not verify'),
+    logger.warn({ cookieHash: info.cookieHash, remote: ctx.ip, requestId: ctx.state.requestId, suppressed }, 'suspicious session cookie: signature does not verify'),
   );
   app.use(
     sessionMiddleware({
@@ -205,11 +205,11 @@ const BODILESS_ERRORS: ReadonlySet<number> = new Set([404, 405, 501]);
 /** The one place where an error becomes an HTTP response. Store failures are 503, never 500. */
 function errorPages(logger: Logger, render: Render): Koa.Middleware {
   const warnUnavailable = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
-    logger.warn({ reason, reqId: ctx.state.requestId, suppressed }, 'store unavailable'),
+    logger.warn({ reason, requestId: ctx.state.requestId, suppressed }, 'store unavailable'),
   );
   // Every page fails the same way until the operator fixes the token: a few lines say so, not one per request.
   const errorRefusedToken = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
-    logger.error({ reason, reqId: ctx.state.requestId, suppressed }, 'the store refused STORE_TOKEN'),
+    logger.error({ reason, requestId: ctx.state.requestId, suppressed }, 'the store refused STORE_TOKEN'),
   );
   return async (ctx, next) => {
     try {
@@ -234,7 +234,7 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
         warnUnavailable(ctx, (err as Error).message);
       } else if (status >= 500 && (err as { expose?: unknown }).expose !== true) {
         // A 501 for a method nobody serves is the client's doing, not a failure to log.
-        logger.error({ err, reqId: ctx.state.requestId }, 'request failed');
+        logger.error({ err, requestId: ctx.state.requestId }, 'request failed');
       }
       const page = status === 503 && isUnknownWrite(err) ? UNKNOWN_WRITE_PAGE : (PAGES[status] ?? FALLBACK_PAGE);
       ctx.status = status;
@@ -274,7 +274,7 @@ function observeRequests(logger: Logger, metrics: WebMetrics): Koa.Middleware {
       const level = OPERATION_PATHS.has(route) ? 'debug' : 'info';
       if (logger.isLevelEnabled(level)) {
         logger[level](
-          { reqId: requestId, method: ctx.method, route, path: ctx.path.slice(0, 200), status: ctx.status, ms: Math.round(seconds * 1e5) / 100 },
+          { requestId: requestId, method: ctx.method, route, path: ctx.path.slice(0, 200), status: ctx.status, ms: Math.round(seconds * 1e5) / 100 },
           'request',
         );
       }
