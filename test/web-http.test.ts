@@ -259,10 +259,10 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.equal(logs.entries().filter((e) => String(e.msg).startsWith('suspicious')).length, 0);
     });
 
-    it('/readyz is 200 while the store serves, 503 within its timeout once the store stops, and 200 again by itself after a restart; /healthz stays 200', async () => {
+    it('/readyz is 200 while the store serves, 503 within its timeout once the store stops, and 200 again by itself after a restart, each change logged once; /healthz stays 200', async () => {
       const own = await startStoreWithClient();
-      const check = createStoreReadiness({ address: own.address, timeoutMs: 500 });
       const logs = memoryLogger('info');
+      const check = createStoreReadiness({ address: own.address, timeoutMs: 500, logger: logs.logger });
       const metrics = new WebMetrics({ defaultMetrics: false });
       const app = createApp({ store: own.client, session: { keys: [TEST_KEY] }, logger: logs.logger, metrics, readiness: check });
       const served = await serveApp(app);
@@ -284,6 +284,14 @@ describe('web over HTTP (createApp over a real store process)', function () {
         const again = await startStore(own.dir, { STORE_SYNCHRONOUS: 'NORMAL' }, port);
         try {
           await waitFor('/readyz to be 200 again', async () => (await fetch(served.base + '/readyz')).status === 200);
+          // Each change logged once, however often /readyz was asked.
+          assert.deepEqual(
+            logs.entries().filter((e) => String(e.msg).startsWith('not ready') || String(e.msg).startsWith('ready')).map((e) => [e.msg, e.store]),
+            [
+              ['not ready: the store does not serve', 'UNREACHABLE'],
+              ['ready: the store serves again', 'SERVING'],
+            ],
+          );
         } finally {
           await again.stop();
         }

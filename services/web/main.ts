@@ -28,7 +28,8 @@ function main(): void {
     address: config.store.address,
     tlsCa: config.store.tlsCa,
     timeoutMs: config.store.deadlineMs,
-    probe: { store, ttlMs: config.session.idleTtlMs, logger },
+    probe: { store, ttlMs: config.session.idleTtlMs },
+    logger,
   });
   const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store

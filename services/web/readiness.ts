@@ -50,8 +50,6 @@ export interface ReadinessProbe {
   store: Pick<StoreClient, 'get'>;
   /** The longest TTL the web asks for (SESSION_IDLE_TTL_MS). */
   ttlMs: number;
-  /** Told once each time the problem changes, so a misconfiguration shows in the log and not only in /readyz. */
-  logger?: Pick<Logger, 'error' | 'info'>;
 }
 
 /**
@@ -77,19 +75,36 @@ async function refusedSetting(probe: ReadinessProbe): Promise<string | undefined
  * never touches a session.
  */
 export function createStoreReadiness(
-  options: Pick<StoreClientOptions, 'address' | 'tlsCa'> & { timeoutMs: number; probe?: ReadinessProbe },
+  options: Pick<StoreClientOptions, 'address' | 'tlsCa'> & {
+    timeoutMs: number;
+    probe?: ReadinessProbe;
+    /**
+     * Told once each time the answer changes (the store stops serving or serves again, the probe's
+     * problem appears or goes), so the log shows when and why this web was out of rotation.
+     */
+    logger?: Pick<Logger, 'error' | 'warn' | 'info'>;
+  },
 ): ReadinessCheck {
   const { target, credentials } = storeChannel(options);
   const client = new HealthClientConstructor(target, credentials, CHANNEL_OPTIONS);
   const metadata = new Metadata();
   const { probe } = options;
   let inFlight: Promise<Readiness> | undefined;
+  const { logger } = options;
   let reported: string | undefined;
   const report = (problem: string | undefined) => {
     if (problem === reported) return;
-    if (problem) probe?.logger?.error({ problem }, 'not ready: the store refuses this web\'s calls');
-    else probe?.logger?.info('ready: the store accepts this web\'s calls again');
+    if (problem) logger?.error({ problem }, 'not ready: the store refuses this web\'s calls');
+    else logger?.info('ready: the store accepts this web\'s calls again');
     reported = problem;
+  };
+  // undefined until the first answer: a store that serves from the start is not news.
+  let reportedStore: StoreHealthStatus | undefined;
+  const reportStore = (store: StoreHealthStatus) => {
+    if (store === reportedStore) return;
+    if (store !== 'SERVING') logger?.warn({ store }, 'not ready: the store does not serve');
+    else if (reportedStore !== undefined) logger?.info({ store }, 'ready: the store serves again');
+    reportedStore = store;
   };
   const health = () =>
     new Promise<StoreHealthStatus>((resolve) => {
@@ -100,6 +115,7 @@ export function createStoreReadiness(
     });
   const ask = async (): Promise<Readiness> => {
     const store = await health();
+    reportStore(store);
     if (store !== 'SERVING' || !probe) return { store };
     const problem = await refusedSetting(probe);
     report(problem);
