@@ -4,7 +4,7 @@ import { unlinkSync } from 'node:fs';
 import path from 'node:path';
 import { createPipeClient } from '../services/client/pipe-client';
 import { type StoreClient, StoreClientError } from '../services/client/store-client';
-import { type Proc, startStore } from './helpers/procs';
+import { type Proc, startStore, waitForLine } from './helpers/procs';
 import { mountTmpfs, type Tmpfs } from './helpers/system';
 
 const TTL = { ttlMs: 3_600_000 };
@@ -56,11 +56,63 @@ describe('SQLite store on a disk that fills up (real store process on a 4 MiB tm
         return [key, entry?.version] as const;
       }),
     );
-    assert.deepEqual(new Set(refused), new Set(['14 sqlite: database or disk is full']));
+    assert.equal(new Set(refused).size, 1, refused.join('\n'));
+    assert.match(refused[0], /^14 sqlite: database or disk is full \(the disk of the data directory, STORE_DATA_DIR, is full: \d+ KiB free\)$/);
+    // The store's own log says why, not only its callers'.
+    await waitForLine(store!, (line) => line.includes('"failed":{"UNAVAILABLE"') && line.includes('"error":"sqlite: database or disk is full (the disk of the data directory, STORE_DATA_DIR, is full'));
     for (const [key, version] of gets) assert.equal(version, versions.get(key), key);
 
     unlinkSync(path.join(disk!.dir, 'filler'));
     const after = await client!.put('after', VALUE, TTL);
     assert.equal((await client!.get('after'))?.version, after.version);
+  });
+});
+
+describe('SQLite store starting on a full or read-only disk (real store process on a 4 MiB tmpfs)', function () {
+  this.timeout(60_000);
+  let disk: Tmpfs | undefined;
+
+  beforeEach(function () {
+    disk = mountTmpfs(this, 4);
+  });
+  afterEach(() => disk?.remove());
+
+  const startFailure = (dataDir: string) =>
+    startStore(dataDir).then(
+      async (store) => {
+        await store.stop('SIGKILL');
+        return 'it started';
+      },
+      (err: Error) => err.message,
+    );
+
+  it('a full disk stops the start with a message naming the lock file, STORE_DATA_DIR and the full disk; freed, the next start works', async () => {
+    const dataDir = path.join(disk!.dir, 'data');
+    try {
+      execFileSync('dd', ['if=/dev/zero', `of=${path.join(disk!.dir, 'filler')}`, 'bs=64k'], { stdio: 'ignore' });
+    } catch {
+      // the disk is full
+    }
+    const message = await startFailure(dataDir);
+    assert.match(message, /exited with 1 before listening/);
+    assert.match(message, new RegExp(`store: cannot start: cannot open ${dataDir}/sessions\\.lock: database or disk is full \\(the disk of the data directory, STORE_DATA_DIR, is full: 0 KiB free\\)`));
+
+    unlinkSync(path.join(disk!.dir, 'filler'));
+    const store = await startStore(dataDir);
+    const client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
+    try {
+      const entry = await client.put('k', VALUE, TTL);
+      assert.equal((await client.get('k'))?.version, entry.version);
+    } finally {
+      client.close();
+      await store.stop();
+    }
+  });
+
+  it('a data directory to create on a read-only file system is refused as read-only, not as a missing parent', async () => {
+    execFileSync('mount', ['-o', 'remount,ro', disk!.dir]);
+    const message = await startFailure(path.join(disk!.dir, 'data'));
+    assert.match(message, /cannot create the directory: EROFS: read-only file system/);
+    assert.match(message, /STORE_DATA_DIR=/);
   });
 });

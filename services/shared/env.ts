@@ -1,4 +1,4 @@
-import { accessSync, constants, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, readFileSync, rmdirSync } from 'node:fs';
 import path from 'node:path';
 import dotenv from 'dotenv';
 import { z } from 'zod';
@@ -128,7 +128,7 @@ export function makeDataDir(variable: string, value: string): string {
   try {
     mkdirSync(dir, { recursive: true });
   } catch (err) {
-    throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot create the directory: ${(err as Error).message}`);
+    throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot create the directory: ${mkdirFailure(dir, err).message}`);
   }
   try {
     accessSync(dir, constants.W_OK | constants.X_OK);
@@ -136,6 +136,24 @@ export function makeDataDir(variable: string, value: string): string {
     throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot write in the directory: ${(err as Error).message}`);
   }
   return dir;
+}
+
+/**
+ * Why a recursive mkdir failed. Node's says ENOENT whenever a directory it had to create could not
+ * be (on a read-only file system, say), as if a parent were missing: a plain mkdir of the first
+ * missing one gives the real reason.
+ */
+function mkdirFailure(dir: string, err: unknown): Error {
+  if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return err as Error;
+  let missing = dir;
+  while (!existsSync(path.dirname(missing)) && path.dirname(missing) !== missing) missing = path.dirname(missing);
+  try {
+    mkdirSync(missing);
+    rmdirSync(missing);
+  } catch (cause) {
+    return cause as Error;
+  }
+  return err as Error;
 }
 
 /** Addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost (a host name, or [v6] as in host:port). */

@@ -107,7 +107,7 @@ function authenticateFirst(token: string, observer: RpcObserver | undefined): Se
             } catch (err) {
               const error = toServiceError(err);
               call.sendStatus({ code: error.code!, details: error.details!, metadata: error.metadata! });
-              observe(method, error.code!, startedAt, metadata);
+              observe(method, error.code!, startedAt, metadata, undefined, undefined, error.details);
               return;
             }
             pass(metadata);
@@ -157,7 +157,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           logUnexpected(logger, err, call.getPath());
           const error = toServiceError(err);
           callback(error);
-          observe(method, error.code!, startedAt, call.metadata, opsOf(call.request));
+          observe(method, error.code!, startedAt, call.metadata, opsOf(call.request), undefined, error.details);
         },
       );
     };
@@ -197,7 +197,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         logUnexpected(logger, err, call.getPath());
         const error = toServiceError(err);
         if (!call.cancelled) failStream(call, error);
-        observe(method, call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata);
+        observe(method, call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata, undefined, undefined, error.details);
       }
     })();
   }
@@ -287,7 +287,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       } catch (err) {
         const error = toServiceError(err);
         failStream(call, error);
-        observe('Pipe', error.code!, performance.now(), call.metadata);
+        observe('Pipe', error.code!, performance.now(), call.metadata, undefined, undefined, error.details);
         return;
       }
       const lateness = createLatenessMeter();
@@ -324,7 +324,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           closed = true;
           const error = toServiceError(new StoreError('invalid', `request could not be decoded: ${request[UNDECODABLE]}`));
           failStream(call, error);
-          observe('Pipe', error.code!, startedAt, call.metadata);
+          observe('Pipe', error.code!, startedAt, call.metadata, undefined, undefined, error.details);
           return;
         }
         inFlight += 1;
@@ -339,7 +339,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           .then(([response, code]) => {
             inFlight -= 1;
             // The operations' own codes only when the batch ran: a batch refused as a whole is counted by its code.
-            observe('Pipe', code, startedAt, call.metadata, request.ops, code === status.OK ? response.results : undefined);
+            observe('Pipe', code, startedAt, call.metadata, request.ops, code === status.OK ? response.results : undefined, response.results[0]?.message);
             if (call.cancelled || closed) return;
             const size = answerBytes(response);
             unsentBytes += size;

@@ -10,7 +10,8 @@ export type { RpcMethod };
  * Called once per finished call (once per batch on a Pipe stream). `startedAt` is a
  * performance.now() reading; `metadata` carries the call's x-request-id; `ops` are the
  * operations of a Batch call or Pipe batch, which carry their own request ids; `results` are their
- * answers when the batch ran (each operation succeeds or fails on its own inside an OK batch).
+ * answers when the batch ran (each operation succeeds or fails on its own inside an OK batch);
+ * `details` is the message of a call that failed as a whole.
  */
 export type RpcObserver = (
   method: RpcMethod,
@@ -19,6 +20,7 @@ export type RpcObserver = (
   metadata: Metadata,
   ops?: readonly Op[],
   results?: readonly OpResult[],
+  details?: string,
 ) => void;
 
 /**
@@ -28,7 +30,9 @@ export type RpcObserver = (
  * INTERNAL and UNKNOWN at error. A batch (Batch call, Pipe batch) is one call whose operations
  * fail on their own: its line has the level of its worst operation and counts the failed ones by
  * code (`failed`), and they are counted in store_batch_op_failures_total, so a Redis outage or a
- * full store shows in the log and the metrics whether the client batches or not. Nothing is
+ * full store shows in the log and the metrics whether the client batches or not. A failure's line
+ * says why (`error`: the call's message, or a batch's first failed operation's), so a full or
+ * read-only disk is named in the store's own log, not only in its callers'. Nothing is
  * formatted when the level is off. Lines at info and above are limited to 10 per 10 s for each
  * method and code; metrics count every call.
  */
@@ -47,14 +51,16 @@ export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObs
     }
     emit(line, level);
   };
-  return (method, code, startedAt, metadata, ops, results) => {
+  return (method, code, startedAt, metadata, ops, results, details) => {
     const ms = performance.now() - startedAt;
     metrics.recordRpc(method, code, ms / 1000, ops?.length);
     let level = levelOf(code);
     let failed: Record<string, number> | undefined;
+    let error = code === status.OK ? undefined : details;
     if (results) {
       for (const result of results) {
         if (result.code === status.OK) continue;
+        error ??= result.message;
         metrics.recordOpFailure(method, result.code);
         const name = status[result.code] ?? String(result.code);
         failed ??= {};
@@ -66,6 +72,7 @@ export function createRpcObserver(logger: Logger, metrics: StoreMetrics): RpcObs
     if (!logger.isLevelEnabled(level)) return;
     const line: Record<string, unknown> = { method, code: status[code] ?? code, ms: Math.round(ms * 100) / 100 };
     if (failed) line.failed = failed;
+    if (error) line.error = error.slice(0, MAX_LOGGED_ERROR);
     const requestId = requestIdOf(metadata);
     if (requestId) line.requestId = requestId;
     if (ops) {
@@ -89,6 +96,9 @@ const LOG_WINDOW_MS = 10_000;
  * 4 MiB one refused for having too many) would otherwise be a line of up to megabytes.
  */
 const MAX_LOGGED_IDS = 20;
+
+/** Characters of a failure's message a line holds at most (a decoding error can quote much). */
+const MAX_LOGGED_ERROR = 300;
 
 const SEVERITY = { debug: 0, info: 1, warn: 2, error: 3 } as const;
 

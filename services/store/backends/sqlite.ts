@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { mkdirSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, statfsSync } from 'node:fs';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
@@ -231,7 +231,7 @@ export class SqliteBackend implements Backend {
     try {
       this.db.prepare('SELECT 1').get();
     } catch (err) {
-      throw new StoreError('unavailable', `sqlite: ${(err as Error).message}`);
+      throw new StoreError('unavailable', this.failure(err));
     }
   }
 
@@ -372,8 +372,13 @@ export class SqliteBackend implements Backend {
     try {
       return this.apply({ kind: 'get', key, refreshTtlMs: 0 }, Date.now(), [], { keys: [], logRows: this.logRows });
     } catch (err) {
-      return unavailable(`sqlite: ${(err as Error).message}`);
+      return unavailable(this.failure(err));
     }
+  }
+
+  /** A SQLite error as callers see it, with what the data directory says about its cause. */
+  private failure(err: unknown): string {
+    return `sqlite: ${(err as Error).message}${diskProblem(this.options.dataDir, err)}`;
   }
 
   /**
@@ -397,7 +402,7 @@ export class SqliteBackend implements Backend {
       // Rolled back: the index goes back to what the database still says.
       for (let i = undo.keys.length - 1; i >= 0; i -= 1) this.keydir.restore(undo.keys[i][0], undo.keys[i][1]);
       this.logRows = undo.logRows;
-      return unavailable(`sqlite: ${(err as Error).message}`);
+      return unavailable(this.failure(err));
     }
     batches.forEach((b, i) => b.resolve(answers[i]));
     for (const change of changes) this.events.emit('change', change);
@@ -597,7 +602,34 @@ function unavailable(message: string): BackendResult {
  * which file: at start the operator needs to know.
  */
 function naming(file: string, err: unknown): unknown {
-  return err instanceof Database.SqliteError ? new Error(`cannot open ${file}: ${err.message}`) : err;
+  return err instanceof Database.SqliteError ? new Error(`cannot open ${file}: ${err.message}${diskProblem(path.dirname(file), err)}`) : err;
+}
+
+/** Below this much free space, a write SQLite could not make is put down to a full disk. */
+const LOW_SPACE_BYTES = 1024 * 1024;
+
+/**
+ * What SQLite's words for a write the disk refused leave out: a read-only file system is "disk I/O
+ * error" alone, and so is a full disk when the shared-memory index cannot grow. The data directory
+ * tells them apart (a few system calls, only when a write failed). Empty for other errors.
+ */
+function diskProblem(dir: string, err: unknown): string {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code !== 'string' || !/^SQLITE_(FULL|IOERR|READONLY|CANTOPEN)/.test(code)) return '';
+  try {
+    // Opened for writing, not just access(W_OK): ext4 turned read-only by an error still passes that.
+    closeSync(openSync(path.join(dir, 'sessions.lock'), 'r+'));
+  } catch (cause) {
+    if ((cause as NodeJS.ErrnoException).code === 'EROFS') return ' (the data directory, STORE_DATA_DIR, is on a read-only file system)';
+  }
+  try {
+    const disk = statfsSync(dir);
+    const free = disk.bavail * disk.bsize;
+    if (free < LOW_SPACE_BYTES) return ` (the disk of the data directory, STORE_DATA_DIR, is full: ${Math.floor(free / 1024)} KiB free)`;
+  } catch {
+    // nothing more to say
+  }
+  return '';
 }
 
 /**
@@ -619,7 +651,7 @@ function lockDataDir(dir: string): Database.Database {
     if ((err as { code?: string }).code === 'SQLITE_BUSY') {
       throw new Error(`the data directory ${dir} is in use by another store process (it holds ${file}): run each store on a directory of its own`);
     }
-    throw err;
+    throw naming(file, err);
   }
 }
 
