@@ -1,11 +1,11 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, unlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createPipeClient } from '../services/client/pipe-client';
 import { type StoreClient, StoreClientError } from '../services/client/store-client';
-import { type Proc, startStore, waitForLine } from './helpers/procs';
-import { mountTmpfs, type Tmpfs } from './helpers/system';
+import { type Proc, startStore, tempDir, waitForLine } from './helpers/procs';
+import { mountTmpfs, requireProgram, type Tmpfs } from './helpers/system';
 
 const TTL = { ttlMs: 3_600_000 };
 const VALUE = Buffer.alloc(2000, 'v');
@@ -114,5 +114,59 @@ describe('SQLite store starting on a full or read-only disk (real store process 
     const message = await startFailure(path.join(disk!.dir, 'data'));
     assert.match(message, /cannot create the directory: EROFS: read-only file system/);
     assert.match(message, /STORE_DATA_DIR=/);
+  });
+});
+
+describe('SQLite store on a file system that turns read-only (real store process on a 16 MiB ext4 image)', function () {
+  this.timeout(60_000);
+  let image: { dir: string; remove(): void } | undefined;
+  let mountPoint: string | undefined;
+  let store: Proc | undefined;
+
+  before(function () {
+    requireProgram(this, 'mkfs.ext4', 'e2fsprogs');
+    image = tempDir('sessions-ext4-');
+    const file = path.join(image.dir, 'disk.img');
+    execFileSync('truncate', ['-s', '16M', file]);
+    execFileSync('mkfs.ext4', ['-q', '-F', file]);
+    mountPoint = path.join(image.dir, 'mnt');
+    mkdirSync(mountPoint);
+    try {
+      if (process.getuid?.() !== 0) throw new Error('mount needs root');
+      execFileSync('mount', ['-o', 'loop,errors=remount-ro', file, mountPoint], { stdio: 'pipe' });
+    } catch (err) {
+      mountPoint = undefined;
+      const message = `cannot mount an ext4 image (${(err as Error).message.split('\n')[0]})`;
+      if (process.env.CI && process.getuid?.() !== 0) throw new Error(`${message}; CI runs as root and must run every suite`);
+      process.stdout.write(`  skipped: ${message}\n`);
+      this.skip();
+    }
+  });
+  after(async () => {
+    await store?.stop('SIGKILL');
+    if (mountPoint) execFileSync('umount', [mountPoint], { stdio: 'pipe' });
+    image?.remove();
+  });
+
+  it('writes answer UNAVAILABLE naming the read-only file system; acknowledged ones still read', async function () {
+    const device = path.basename(execFileSync('findmnt', ['-n', '-o', 'SOURCE', mountPoint!]).toString().trim());
+    const trigger = `/sys/fs/ext4/${device}/trigger_fs_error`;
+    if (!existsSync(trigger)) {
+      process.stdout.write(`  skipped: this kernel has no ${trigger} to turn ext4 read-only\n`);
+      this.skip();
+    }
+    store = await startStore(path.join(mountPoint!, 'data'));
+    const client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
+    try {
+      const before = await client.put('k', VALUE, TTL);
+      writeFileSync(trigger, '1'); // ext4_error: with errors=remount-ro, the file system turns read-only
+      await assert.rejects(client.put('k2', VALUE, TTL), (err: StoreClientError) => {
+        assert.equal(`${err.code} ${err.message}`, '14 sqlite: disk I/O error (the data directory, STORE_DATA_DIR, is on a read-only file system)');
+        return true;
+      });
+      assert.equal((await client.get('k'))?.version, before.version);
+    } finally {
+      client.close();
+    }
   });
 });
