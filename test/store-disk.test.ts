@@ -159,7 +159,13 @@ describe('SQLite store on a file system that turns read-only (real store process
     const client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
     try {
       const before = await client.put('k', VALUE, TTL);
-      writeFileSync(trigger, '1'); // ext4_error: with errors=remount-ro, the file system turns read-only
+      try {
+        writeFileSync(trigger, '1'); // ext4_error: with errors=remount-ro, the file system turns read-only
+      } catch (err) {
+        // A container may mount sysfs read-only.
+        process.stdout.write(`  skipped: cannot write ${trigger} (${(err as Error).message})\n`);
+        this.skip();
+      }
       await assert.rejects(client.put('k2', VALUE, TTL), (err: StoreClientError) => {
         assert.equal(`${err.code} ${err.message}`, '14 sqlite: disk I/O error (the data directory, STORE_DATA_DIR, is on a read-only file system)');
         return true;
