@@ -119,6 +119,22 @@ describe('npm start (bin/start around nf start)', function () {
     assert.match(pkg.scripts.start, /&& exec bin\/start$/);
   });
 
+  it('a service that cannot start ends npm start with a failure (nf itself would exit 0)', async () => {
+    const base = await freeBasePort([0, 100, 101]);
+    let output = '';
+    child = spawn(path.join(root, 'bin', 'start'), ['-p', String(base), '-e', NO_ENV_FILE.DOTENV_CONFIG_PATH], {
+      cwd: root,
+      detached: true,
+      env: { PATH: process.env.PATH ?? '', HOME: tmp.dir, STORE_DATA_DIR: tmp.dir, WEB_DATA_DIR: tmp.dir, STORE_MAX_TTL_MS: 'soon', ...NO_ENV_FILE },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+    assert.equal(await exited(child), 1, output);
+    assert.match(output, /STORE_MAX_TTL_MS/, 'the store says why');
+    assert.equal(await isFree(base), true, 'the web was stopped too');
+  });
+
   // 'group SIGINT' is Ctrl-C in a terminal: every process of the foreground group gets it.
   for (const how of ['SIGTERM', 'SIGHUP', 'group SIGINT'] as const) {
     it(`${how} to it stops both services gracefully, once each, and frees their ports`, async () => {
