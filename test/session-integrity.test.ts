@@ -376,6 +376,11 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
     await ctx.session.destroy();
     ctx.body = { loggedOut: true };
   });
+  router.post('/logout-form', async (ctx) => {
+    await ctx.session.destroy();
+    const idAfterDestroy = ctx.session.id ?? null;
+    ctx.body = { idAfterDestroy, csrf: ctx.session.csrfToken(), id: ctx.session.id };
+  });
   router.post('/set', async (ctx) => {
     const mode = String(ctx.query.mode);
     ctx.body = await ctx.session.update((current: Record<string, unknown> | null) => ({ ...current, mode }));
@@ -614,6 +619,16 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.deepEqual(await store.client.get(idOf(second.set)), before, 'the old session is as it was');
     assert.ok(copy, 'a copy was written');
     assert.equal(await store.client.get(copy), null, 'and deleted again');
+  });
+
+  it('after destroy(), ctx.session.id is no id until a later call of the request sends a new one: never the id just deleted', async () => {
+    const a = await serve(store.client);
+    const first = await call(a, 'POST', '/inc');
+    const out = await call(a, 'POST', '/logout-form', `sid=${first.set}`);
+    assert.equal(out.body.idAfterDestroy, null, 'the browser holds no id once the cookie is cleared');
+    assert.equal(out.setCookies.length, 1, out.setCookies.join(' | '));
+    assert.notEqual(idOf(out.set), idOf(first.set));
+    assert.equal(out.body.id, idOf(out.set), 'the id csrfToken() issued is the one sent');
   });
 
   it('a request carrying the id a login replaced reaches the session within the grace window but is never told the new id (session fixation)', async () => {

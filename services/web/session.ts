@@ -137,6 +137,8 @@ export class Session<T extends SessionData = SessionData> {
   private issued = false;
   /** The id this response's Set-Cookie carries, if any. */
   private sentId: string | undefined;
+  /** destroy() cleared the cookie: the browser holds no id after this response unless one is sent. */
+  private cleared = false;
   private proof: IdProof | undefined;
   /** 'expired' was reported for this request. */
   private endedReported = false;
@@ -157,7 +159,7 @@ export class Session<T extends SessionData = SessionData> {
    */
   get id(): string | undefined {
     this.readCookie();
-    return this.sentId ?? this.cookieId;
+    return this.sentId ?? (this.cleared ? undefined : this.cookieId);
   }
 
   /** True when the request carried a valid signed id (no store call). */
@@ -210,6 +212,7 @@ export class Session<T extends SessionData = SessionData> {
     this.currentId = undefined;
     this.issued = false;
     this.sentId = undefined;
+    this.cleared = true;
     this.markPrivate();
     this.setCookie('', { maxAge: 0, expires: new Date(0) });
   }
