@@ -385,6 +385,10 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
     const mode = String(ctx.query.mode);
     ctx.body = await ctx.session.update((current: Record<string, unknown> | null) => ({ ...current, mode }));
   });
+  router.post('/replace', async (ctx) => {
+    const kind = String(ctx.query.kind);
+    ctx.body = await ctx.session.update(() => (kind === 'date' ? new Date() : { toJSON: () => [kind] }) as unknown as Record<string, unknown>);
+  });
   router.get('/state', async (ctx) => {
     ctx.body = (await ctx.session.get()) ?? {};
   });
@@ -619,6 +623,18 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.deepEqual(await store.client.get(idOf(second.set)), before, 'the old session is as it was');
     assert.ok(copy, 'a copy was written');
     assert.equal(await store.client.get(copy), null, 'and deleted again');
+  });
+
+  it('update() refuses what serializes to no JSON object (a Date, a toJSON giving an array) and writes nothing: the session keeps its data', async () => {
+    const a = await serve(store.client);
+    const first = await call(a, 'POST', '/inc');
+    for (const kind of ['date', 'array']) {
+      const out = await call(a, 'POST', `/replace?kind=${kind}`, `sid=${first.set}`);
+      assert.equal(out.status, 500, kind);
+      assert.match(String(out.body.error), /must return a plain object/, kind);
+      assert.equal(out.setCookies.length, 0, kind);
+    }
+    assert.deepEqual((await call(a, 'GET', '/state', `sid=${first.set}`)).body, { n: 1 });
   });
 
   it('after destroy(), ctx.session.id is no id until a later call of the request sends a new one: never the id just deleted', async () => {

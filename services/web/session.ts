@@ -316,10 +316,13 @@ export class Session<T extends SessionData = SessionData> {
       if (attempt > 0) await backoff(attempt);
       const current = await this.startingPoint(attempt === 0);
       const next = fn((current?.data as U | undefined) ?? null);
-      if (next === null || typeof next !== 'object' || Array.isArray(next)) {
+      // Checked as JSON too: a Date, or an object whose toJSON gives no object, would be stored as
+      // data no read accepts, and the session would end at the browser's next request.
+      const json = next !== null && typeof next === 'object' && !Array.isArray(next) ? JSON.stringify(next) : undefined;
+      if (!json?.startsWith('{')) {
         throw new TypeError('session update function must return a plain object (the new session data)');
       }
-      const value = Buffer.from(JSON.stringify(next));
+      const value = Buffer.from(json);
       try {
         if (current) {
           if (current.handedOn && value.equals(current.raw)) {
