@@ -30,6 +30,7 @@ describe('session middleware options are checked at creation', () => {
     ['rolling as a string', { rolling: 'yes' as unknown as boolean }, /rolling must be true or false/],
     ['a misspelt option', { idleTTL: 5 }, /option idleTTL is not known; the options are: store, keys, cookieName, idleTtlMs/],
     ['a queue wait of zero', { maxQueueWaitMs: 0 }, /maxQueueWaitMs must be a positive integer of milliseconds \(got 0\)/],
+    ['a queue wait longer than a timer can run (it would fire at once)', { maxQueueWaitMs: 2 ** 31 }, /maxQueueWaitMs must be at most 2147483647 \(about 24.8 days/],
     ['a negative number of remembered sessions', { recentSessions: -1 }, /recentSessions must be a non-negative integer \(got -1\)/],
     ['a callback that is not a function', { onForgedCookie: 'log' as unknown as () => void }, /onForgedCookie must be a function/],
   ];

@@ -765,6 +765,9 @@ interface ResolvedOptions {
   moves: RecentMoves;
 }
 
+/** The longest delay setTimeout keeps (2^31 - 1 ms). */
+const MAX_TIMER_MS = 2_147_483_647;
+
 const KNOWN_OPTIONS = new Set<string>([
   'store',
   'keys',
@@ -827,6 +830,11 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
   }
   const recentSessions = nonNegative('recentSessions', options.recentSessions, 10_000);
+  const maxQueueWaitMs = positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000);
+  // A longer timer fires at once (Node.js sets it to 1 ms): every queued call would give up.
+  if (maxQueueWaitMs > MAX_TIMER_MS) {
+    throw new TypeError(`session option maxQueueWaitMs must be at most ${MAX_TIMER_MS} (about 24.8 days, the longest timer Node.js keeps; got ${maxQueueWaitMs})`);
+  }
   return {
     store: options.store,
     signer: new IdSigner(options.keys, recentSessions),
@@ -840,7 +848,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     requestId: callback('requestId', options.requestId, () => undefined),
     onForgedCookie: callback('onForgedCookie', options.onForgedCookie, () => undefined),
     onEvent: callback('onEvent', options.onEvent, () => undefined),
-    locks: new KeyedLock(recentSessions, positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000)),
+    locks: new KeyedLock(recentSessions, maxQueueWaitMs),
     moves: new RecentMoves(),
   };
 }
