@@ -796,3 +796,27 @@ describe('a frozen store (real web and store processes)', function () {
     assert.equal(page.count2, statuses.filter((s) => s === 303).length, `answers: ${statuses.join(' ')}`);
   });
 });
+
+describe("an app's own types for its session data (real store process)", () => {
+  const store = realStore();
+
+  it('an interface types get<T>() and update<T>() without casts (this file compiles), and the data round-trips as JSON', async () => {
+    interface Cart {
+      items: number;
+      owner?: string;
+    }
+    const app = new Koa();
+    app.use(sessionMiddleware({ store: store.client, keys: [TEST_KEY] }));
+    app.use(async (ctx) => {
+      const before = await ctx.session.get<Cart>();
+      const cart = await ctx.session.update<Cart>((c) => ({ ...c, items: (c?.items ?? 0) + 1, owner: 'ann' }));
+      const items: number = cart.items;
+      ctx.body = { before: before?.items ?? null, items };
+    });
+    const served = await serveApp(app);
+    store.closers.push(served.close);
+    const jar = new CookieJarClient(served.base);
+    assert.deepEqual(await (await jar.get('/')).json(), { before: null, items: 1 });
+    assert.deepEqual(await (await jar.get('/')).json(), { before: 1, items: 2 });
+  });
+});

@@ -127,7 +127,7 @@ const MAX_LOCAL_HOPS = 64;
  * The per-request session handle (`ctx.session`). Nothing is verified or read until a method is
  * called, so requests that never use the session cost neither an HMAC nor a store call.
  */
-export class Session<T extends SessionData = SessionData> {
+export class Session<T extends object = SessionData> {
   private cookieRead = false;
   /** The verified id the request carried (undefined: none, or forged). */
   private cookieId: string | undefined;
@@ -169,9 +169,9 @@ export class Session<T extends SessionData = SessionData> {
   }
 
   /** The session data, or null when there is no live session. One store call, cached for the request. */
-  async get(): Promise<T | null> {
+  async get<U extends object = T>(): Promise<U | null> {
     if (this.loaded === undefined) this.loaded = await this.load(this.cfg.rolling);
-    return (this.loaded?.data as T | undefined) ?? null;
+    return (this.loaded?.data as U | undefined) ?? null;
   }
 
   /**
@@ -185,7 +185,7 @@ export class Session<T extends SessionData = SessionData> {
    * Updates of one session within this process run one after another, so parallel requests of one
    * browser do not fight; compare-and-set still guards against other processes.
    */
-  async update<U extends SessionData = T>(fn: (current: U | null) => U): Promise<U> {
+  async update<U extends object = T>(fn: (current: U | null) => U): Promise<U> {
     return this.locked(() => this.tryUpdate(fn));
   }
 
@@ -311,7 +311,7 @@ export class Session<T extends SessionData = SessionData> {
     if (this.handoff) this.handoff.last = loaded ? { id: loaded.id, version: loaded.version, createdAtMs: loaded.createdAtMs, raw: loaded.raw } : undefined;
   }
 
-  private async tryUpdate<U extends SessionData>(fn: (current: U | null) => U): Promise<U> {
+  private async tryUpdate<U extends object>(fn: (current: U | null) => U): Promise<U> {
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
       const current = await this.startingPoint(attempt === 0);
@@ -340,13 +340,13 @@ export class Session<T extends SessionData = SessionData> {
             expectedVersion: current.version,
             ...this.callOptions(),
           });
-          this.loaded = { ...current, version: entry.version, data: next, raw: value, refreshed: true };
+          this.loaded = { ...current, version: entry.version, data: next as SessionData, raw: value, refreshed: true };
           this.remember(this.loaded);
         } else {
           const id = this.issued ? this.currentId! : newSessionId();
           const entry = await this.cfg.store.put(id, value, { ttlMs: this.cfg.idleTtlMs, expectedVersion: 0, ...this.callOptions() });
           this.useId(id, true);
-          this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next, raw: value, refreshed: true };
+          this.loaded = { id, version: entry.version, createdAtMs: entry.createdAtMs, data: next as SessionData, raw: value, refreshed: true };
           this.remember(this.loaded);
           this.cfg.locks.prime(id, { id, version: entry.version, createdAtMs: entry.createdAtMs, raw: value });
           this.cfg.onEvent('created', this.ctx);
