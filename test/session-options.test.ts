@@ -20,6 +20,7 @@ describe('session middleware options are checked at creation', () => {
     ['no store', { store: undefined }, /store is required.*get, put and delete/],
     ['a store without delete', { store: { get: store.get, put: store.put } as unknown as SessionBackend }, /store is required/],
     ['no keys', { keys: [] }, /keys: give at least one secret key/],
+    ['one key as a string, not in an array', { keys: 'k'.repeat(40) as unknown as string[] }, /keys must be an array of keys .*not one string/],
     ['a short key', { keys: [KEY_A, 'short'] }, /keys\[1\]: every key must be a string of at least 32 characters/],
     ['a cookie name with a space', { cookieName: 'my sid' }, /cookieName must be 1-64 of/],
     ['a cookie name that already has the __Host- prefix', { cookieName: '__Host-sid' }, /not start with "__"/],

@@ -68,6 +68,9 @@ export class IdSigner {
     keys: readonly string[],
     private readonly recentProofs = RECENT_PROOFS,
   ) {
+    if (typeof keys === 'string') {
+      throw new TypeError('session option keys must be an array of keys (newest first), e.g. [key] or SESSION_KEYS split at commas, not one string');
+    }
     if (!Array.isArray(keys) || keys.length === 0) {
       throw new TypeError('session option keys: give at least one secret key (newest first), e.g. from SESSION_KEYS');
     }
