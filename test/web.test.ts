@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { connect } from 'node:net';
 import { CookieJarClient } from './helpers/browser';
 import { parsePrometheus } from './helpers/prometheus';
 import { type Proc, startStore, startWeb, TEST_KEY, tempDir, waitForLine } from './helpers/procs';
@@ -49,6 +50,28 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal(jar.cookies.has('sid'), false, 'reset clears the cookie');
     assert.deepEqual(pick(await jar.page()), [0, 0]);
     assert.notEqual(jar.cookies.get('sid'), firstId);
+  });
+
+  it("requests Node's HTTP parser refuses get Node's answers (400, 431) and are counted in web_http_refused_total by code; a client hanging up is not", async () => {
+    const raw = (bytes: string) =>
+      new Promise<string>((resolve) => {
+        const socket = connect(web.port, '127.0.0.1');
+        let answer = '';
+        socket.on('data', (d: Buffer) => (answer += d.toString()));
+        socket.on('error', () => undefined);
+        socket.on('close', () => resolve(answer));
+        socket.write(bytes);
+      });
+    assert.match(await raw('NOT A REQUEST\r\n\r\n'), /^HTTP\/1\.1 400 Bad Request\r\n/);
+    assert.match(await raw(`GET / HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`), /^HTTP\/1\.1 431 /);
+    const hangUp = connect(web.port, '127.0.0.1');
+    hangUp.on('error', () => undefined);
+    await new Promise((r) => hangUp.once('connect', r));
+    hangUp.resetAndDestroy(); // ECONNRESET on the server's side
+    const metrics = parsePrometheus(await (await fetch(`${base}/metrics`)).text());
+    const refused = [...metrics].filter(([name]) => name.startsWith('web_http_refused_total'));
+    assert.deepEqual(refused.map(([name]) => name).sort(), ['web_http_refused_total{code="HPE_HEADER_OVERFLOW"}', 'web_http_refused_total{code="HPE_INVALID_METHOD"}']);
+    assert.equal((await fetch(`${base}/`)).status, 200, 'the site serves on');
   });
 
   it('two cookie jars have separate counters', async () => {

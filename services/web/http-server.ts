@@ -1,5 +1,6 @@
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type Koa from 'koa';
 import type { Logger } from '../shared/log';
 
@@ -14,8 +15,26 @@ export interface WebServer {
   stop(signal: string, done: () => void): void;
 }
 
-/** An HTTP server for the app that knows its responses in flight, so that a stop can finish them. */
-export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebServer {
+/**
+ * What Node's HTTP server answers a request its parser refuses (it never reaches the app), by the
+ * parser's code; anything else is a 400. The same answers Node gives when no one listens.
+ */
+const REFUSALS: Record<string, string> = {
+  HPE_HEADER_OVERFLOW: 'HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n',
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: 'HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n\r\n',
+  ERR_HTTP_REQUEST_TIMEOUT: 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n',
+};
+const BAD_REQUEST = 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n';
+
+/** A connection that ended under the client, not a request the parser refused. */
+const HANG_UPS = new Set(['ECONNRESET', 'EPIPE']);
+
+/**
+ * An HTTP server for the app that knows its responses in flight, so that a stop can finish them.
+ * onRefused is told the parser's code of each request Node refuses before the app sees it
+ * (malformed, headers too large, too slow), for metrics.
+ */
+export function createWebServer(app: Koa, logger: Logger, graceMs: number, onRefused?: (code: string) => void): WebServer {
   const inFlight = new Set<ServerResponse>();
   const connections = new Set<Socket>();
   let stopping = false;
@@ -37,6 +56,17 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number): WebS
     // connection is closed after it, so the client does not send another one to a process that exits.
     if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
+  });
+  // Node answers these itself when no one listens, and tells no one: counted and logged (at debug,
+  // since any client can send garbage) without changing the answer.
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    const code = typeof err.code === 'string' ? err.code : 'unknown';
+    if (!HANG_UPS.has(code)) {
+      onRefused?.(code);
+      logger.debug({ code, reason: err.message }, 'request refused by the HTTP parser');
+      if (socket.writable && (socket as Socket).bytesWritten === 0) socket.write(REFUSALS[code] ?? BAD_REQUEST);
+    }
+    socket.destroy();
   });
   server.on('connection', (socket: Socket) => {
     connections.add(socket);

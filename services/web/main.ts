@@ -35,7 +35,9 @@ function main(): void {
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
   // read and a write, each up to one: a response in flight at the stop normally ends well within
   // this; only a stuck one is cut off.
-  const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000);
+  const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000, (code) =>
+    metrics.observeRefused(code),
+  );
   server.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;

@@ -54,6 +54,13 @@ export class WebMetrics {
     registers: [this.registry],
   });
 
+  private readonly refused = new Counter({
+    name: 'web_http_refused_total',
+    help: "Requests Node's HTTP parser refused before they reached the app (400, 408, 413 or 431, not in web_http_requests_total), by the parser's error code.",
+    labelNames: ['code'] as const,
+    registers: [this.registry],
+  });
+
   private readonly forged = new Counter({
     name: 'web_forged_cookies_total',
     help: 'Session cookies whose signature did not verify (forged or tampered).',
@@ -85,6 +92,10 @@ export class WebMetrics {
 
   observePipeBreak(reason: PipeBreak): void {
     this.pipeBreaks.inc({ reason });
+  }
+
+  observeRefused(code: string): void {
+    this.refused.inc({ code });
   }
 
   observeForgedCookie(): void {
