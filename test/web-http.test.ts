@@ -167,6 +167,21 @@ describe('web over HTTP (createApp over a real store process)', function () {
       );
       for (const line of lines) assert.equal(typeof line.ms, 'number');
     });
+
+    it("a method a route does not take is logged and counted under that route (405, OPTIONS), not as unmatched", async () => {
+      const { base, logs } = await site();
+      assert.equal((await fetch(base + '/increment', { method: 'DELETE' })).status, 405);
+      assert.equal((await fetch(base + '/', { method: 'OPTIONS' })).status, 200);
+      assert.equal((await fetch(base + '/reset')).status, 405);
+      assert.deepEqual(
+        logs.entries().filter((e) => e.msg === 'request').map((l) => [l.method, l.route, l.status]),
+        [
+          ['DELETE', '/increment', 405],
+          ['OPTIONS', '/', 200],
+          ['GET', '/reset', 405],
+        ],
+      );
+    });
   });
 
   describe('the error log', () => {

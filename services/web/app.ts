@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import bodyParser from '@koa/bodyparser';
+import type Router from '@koa/router';
 import Koa from 'koa';
 import serve from 'koa-static';
 import nunjucks from 'nunjucks';
@@ -61,7 +62,8 @@ export function createApp(deps: AppDeps): Koa {
     errorResponseFailed(ctx, err);
   });
 
-  app.use(observeRequests(logger, metrics));
+  const router = createRoutes(render);
+  app.use(observeRequests(logger, metrics, router));
   app.use(errorPages(logger, render));
   app.use(
     securityHeaders({
@@ -116,7 +118,6 @@ export function createApp(deps: AppDeps): Koa {
   const parseForm = bodyParser({ enableTypes: ['form'], formLimit: FORM_LIMIT, encoding: 'utf-8', onError: rejectUnreadableBody });
   // Only the forms' POSTs carry a body; the page's GETs skip the parser altogether.
   app.use((ctx, next) => (ctx.method === 'POST' ? parseForm(ctx, next) : next()));
-  const router = createRoutes(render);
   app.use(router.routes());
   // Sets 405 (a method this path does not take) or 501 (a method no route takes) with the Allow
   // header, and no body: errorPages gives them their page. Not { throw: true }: the errors it
@@ -257,7 +258,7 @@ const REQUEST_ID = /^[A-Za-z0-9._:/+=-]{1,128}$/;
  * one), echoes it, and when the response is ready writes one log line and the request metrics.
  * Never logs the cookie.
  */
-function observeRequests(logger: Logger, metrics: WebMetrics): Koa.Middleware {
+function observeRequests(logger: Logger, metrics: WebMetrics, router: Router): Koa.Middleware {
   return async (ctx, next) => {
     const start = process.hrtime.bigint();
     const offered = ctx.get('x-request-id');
@@ -268,7 +269,7 @@ function observeRequests(logger: Logger, metrics: WebMetrics): Koa.Middleware {
       await next();
     } finally {
       const seconds = Number(process.hrtime.bigint() - start) / 1e9;
-      const route = routeOf(ctx);
+      const route = routeOf(ctx, router);
       metrics.observeRequest(ctx.method, route, ctx.status, seconds);
       // Probes and scrapes come every few seconds: they are logged only at debug level.
       const level = OPERATION_PATHS.has(route) ? 'debug' : 'info';
@@ -282,12 +283,16 @@ function observeRequests(logger: Logger, metrics: WebMetrics): Koa.Middleware {
   };
 }
 
-/** A bounded label for metrics: the router's pattern, /static/*, or "unmatched" (never the raw path). */
-function routeOf(ctx: Koa.Context): string {
+/**
+ * A bounded label for metrics: the router's pattern, /static/*, or "unmatched" (never the raw path).
+ * A method a route does not take (405, OPTIONS) is labelled with that route: it was its address.
+ */
+function routeOf(ctx: Koa.Context, router: Router): string {
   const matched = (ctx as { _matchedRoute?: string | RegExp })._matchedRoute;
   if (typeof matched === 'string') return matched;
   if (ctx.path.startsWith('/static/') && ctx.status < 400) return '/static/*';
-  return 'unmatched';
+  const route = router.match(ctx.path, ctx.method).path.find((layer) => layer.methods.length > 0)?.path;
+  return typeof route === 'string' ? route : 'unmatched';
 }
 
 /**
