@@ -298,6 +298,34 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a Redis that would evict keys when full (maxmemory with an eviction policy) is a warning at connect, once; noeviction or no maxmemory is not', async () => {
+    const evicting = await startRedisServer({ args: ['--maxmemory', '64mb', '--maxmemory-policy', 'allkeys-lru'] });
+    const refusing = await startRedisServer({ args: ['--maxmemory', '64mb', '--maxmemory-policy', 'noeviction'] });
+    const unlimited = await startRedisServer({ args: ['--maxmemory-policy', 'volatile-lru'] });
+    const warnings = new Map<string, string[]>();
+    const backends = [evicting, refusing, unlimited].map(
+      (server) =>
+        new RedisBackend(
+          backendOptions({
+            url: server.url,
+            log: { info: () => undefined, warn: (_detail, message) => warnings.set(server.url, [...(warnings.get(server.url) ?? []), message]) },
+          }),
+        ),
+    );
+    try {
+      for (const backend of backends) assert.ok((await backend.batch([put('a')]))[0].ok);
+      await until(async () => (warnings.get(evicting.url) ?? []).length > 0);
+      await new Promise((r) => setTimeout(r, 200)); // the other two had time to say something too
+      assert.deepEqual(warnings.get(evicting.url)?.length, 1);
+      assert.match(warnings.get(evicting.url)![0], /maxmemory-policy allkeys-lru\): sessions would vanish before their TTL.*noeviction/);
+      assert.equal(warnings.get(refusing.url), undefined);
+      assert.equal(warnings.get(unlimited.url), undefined);
+    } finally {
+      for (const backend of backends) await backend.close();
+      for (const server of [evicting, refusing, unlimited]) await server.stop('SIGKILL');
+    }
+  });
+
   it('a wrong Redis password: calls answer UNAVAILABLE with Redis\' reason (WRONGPASS), which the log gives once, not once per retry', async () => {
     const guarded = await startRedisServer();
     const warnings: string[] = [];

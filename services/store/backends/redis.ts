@@ -103,6 +103,8 @@ export class RedisBackend implements Backend {
   private readonly firstReady: Promise<void>;
   private everReady = false;
   private connected = false;
+  /** The eviction warning was given (see checkEviction). */
+  private evictionReported = false;
   /** Why the last connection attempt failed (a wrong password, a refused connection), until ready. */
   private lastError: string | undefined;
   /** The reasons logged since the connection was last ready. */
@@ -187,6 +189,7 @@ export class RedisBackend implements Backend {
       this.connected = true;
       this.syncWatch();
       void this.markDataSet();
+      void this.checkEviction();
     });
     this.client.on('close', () => {
       if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
@@ -388,6 +391,32 @@ export class RedisBackend implements Backend {
       }
     } catch {
       // Redis refusing or gone: nothing to say until it is back.
+    }
+  }
+
+  /**
+   * Warns (once) when Redis may evict keys: with `maxmemory` set and a policy other than
+   * noeviction, a full Redis deletes sessions before their TTL, silently (no error for anyone, and
+   * no expire event for Watch). With noeviction it refuses the writes instead: UNAVAILABLE, the
+   * web's 503 page, nothing lost. Best effort: CONFIG may be disabled (managed Redis).
+   */
+  private async checkEviction(): Promise<void> {
+    if (this.evictionReported) return;
+    const nodes: Redis[] = this.cluster ? this.cluster.nodes('master') : [this.client as Redis];
+    for (const node of nodes) {
+      try {
+        const [, policy] = (await node.config('GET', 'maxmemory-policy')) as string[];
+        const [, maxmemory] = (await node.config('GET', 'maxmemory')) as string[];
+        if (Number(maxmemory) > 0 && policy !== 'noeviction' && !this.evictionReported) {
+          this.evictionReported = true;
+          this.options.log?.warn(
+            { maxmemoryPolicy: policy, maxmemory: Number(maxmemory), node: `${node.options.host}:${node.options.port}` },
+            `Redis evicts keys when it reaches maxmemory (maxmemory-policy ${policy}): sessions would vanish before their TTL without an error. Set maxmemory-policy noeviction, so that a full Redis refuses writes (503) instead`,
+          );
+        }
+      } catch {
+        // CONFIG refused or Redis gone: nothing to say.
+      }
     }
   }
 
