@@ -169,7 +169,7 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
         web = await startWeb(store.port, tmp.dir, env);
         const res = await fetch(`http://127.0.0.1:${web.port}/`);
         assert.equal(res.status, 503);
-        assert.match(await res.text(), /session store cannot be reached/);
+        assert.match(await res.text(), /session store is not available right now/);
         await waitForLine(web, (l) => l.includes('the store refused STORE_TOKEN')); // the operator is told why
       });
     }

@@ -321,7 +321,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
 
 describe('the 503 page says whether a change may have been saved (createApp over a real store process)', function () {
   const UNKNOWN = /it is not known whether your last change was saved/;
-  const NOT_REACHED = /cannot be reached right now, so your counters could not be read or saved\. Nothing was lost\./;
+  const NOT_REACHED = /is not available right now \(down, busy or full\), so your counters could not be read or saved\. Nothing was lost\./;
   const transports: Array<[string, (address: string) => StoreClient]> = [
     ['unary', (address) => createStoreClient({ address, deadlineMs: 700 })],
     ['pipe', (address) => createPipeClient({ address, deadlineMs: 700 })],

@@ -139,7 +139,7 @@ describe('counter site (real web + real store processes)', function () {
     const down = await jar.get('/');
     assert.equal(down.status, 503);
     assert.equal(down.headers.get('retry-after'), '1');
-    assert.match(await down.text(), /session store cannot be reached/);
+    assert.match(await down.text(), /session store is not available right now/);
     assert.ok(Date.now() - started < 1500, 'answered within the deadline');
     store = await startStore(tmp.dir, {}, port);
     let status = 0;

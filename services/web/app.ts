@@ -172,7 +172,7 @@ const PAGES: Record<number, { title: string; happened: string; todo: string }> =
   },
   503: {
     title: 'Counters unavailable',
-    happened: 'The session store cannot be reached right now, so your counters could not be read or saved. Nothing was lost.',
+    happened: 'The session store is not available right now (down, busy or full), so your counters could not be read or saved. Nothing was lost.',
     todo: 'Wait a moment, then go back to the counters.',
   },
 };
