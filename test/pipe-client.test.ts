@@ -154,14 +154,7 @@ describe('pipe client: batched store calls over one stream (real store process)'
     await store.stop('SIGKILL');
     await assert.rejects(client.get('p1'), isKind('unavailable'));
     store = await startStore(tmp.dir, {}, port);
-    let value: string | undefined;
-    for (let i = 0; i < 50 && value === undefined; i += 1) {
-      value = await client.get('p1').then(
-        (e) => e?.value.toString(),
-        () => new Promise<undefined>((r) => setTimeout(() => r(undefined), 100)),
-      );
-    }
-    assert.equal(value, 'a');
+    assert.equal(await readOnceBack(client, 'p1'), 'a');
   });
 
   it('each end of a stream other than close() is reported with why: broken, unopened while the store is down; none while it works or at close', async () => {
@@ -178,14 +171,7 @@ describe('pipe client: batched store calls over one stream (real store process)'
       assert.equal(reasons[0], 'broken');
       assert.ok(reasons.length >= 2 && reasons.slice(1).every((r) => r === 'unopened'), reasons.join());
       store = await startStore(tmp.dir, {}, port);
-      let value: string | undefined;
-      for (let i = 0; i < 50 && value === undefined; i += 1) {
-        value = await watched.get('reported').then(
-          (e) => e?.value.toString(),
-          () => new Promise<undefined>((r) => setTimeout(() => r(undefined), 100)),
-        );
-      }
-      assert.equal(value, '2');
+      assert.equal(await readOnceBack(watched, 'reported'), '2');
     } finally {
       const before = reasons.length;
       watched.close();
@@ -409,3 +395,15 @@ describe('outcomeUnknown: a failed call the store may have applied, on both clie
     }
   });
 });
+
+/** The key's value once the client reaches the store again (a read every 100 ms, up to 50), or undefined. */
+async function readOnceBack(client: Pick<StoreClient, 'get'>, key: string): Promise<string | undefined> {
+  for (let i = 0; i < 50; i += 1) {
+    const value = await client.get(key).then(
+      (e) => e?.value.toString(),
+      () => new Promise<undefined>((r) => setTimeout(() => r(undefined), 100)),
+    );
+    if (value !== undefined) return value;
+  }
+  return undefined;
+}
