@@ -33,11 +33,11 @@ describe('web over HTTP (createApp over a real store process)', function () {
     await store?.stop();
   });
 
-  async function site() {
+  async function site(options: { trustProxy?: boolean; hstsMaxAgeS?: number } = {}) {
     const counted = countingStore(store.client);
     const logs = memoryLogger('info');
     const metrics = new WebMetrics();
-    const app = createApp({ store: counted, session: { keys: [TEST_KEY] }, logger: logs.logger, metrics, readiness });
+    const app = createApp({ store: counted, session: { keys: [TEST_KEY] }, logger: logs.logger, metrics, readiness, ...options });
     const served = await serveApp(app);
     closers.push(served.close);
     return { base: served.base, counted, logs, metrics };
@@ -67,6 +67,22 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.equal(missing.status, 404);
       assert.equal(missing.headers.get('cache-control'), 'no-store', 'error pages');
       assert.match(missing.headers.get('content-security-policy') ?? '', /frame-ancestors 'none'/, 'error pages too');
+    });
+
+    it('Strict-Transport-Security (one year, no includeSubDomains) only on HTTPS requests: never over plain HTTP, nor because a client says X-Forwarded-Proto without a trusted proxy; HSTS max-age 0 sends none', async () => {
+      const https = { 'x-forwarded-proto': 'https' };
+      const hsts = async (base: string, path: string, headers: Record<string, string> = {}) => (await fetch(base + path, { headers })).headers.get('strict-transport-security');
+      const proxied = await site({ trustProxy: true });
+      assert.equal(await hsts(proxied.base, '/', https), 'max-age=31536000');
+      assert.equal(await hsts(proxied.base, '/nowhere', https), 'max-age=31536000', 'error pages too');
+      assert.equal(await hsts(proxied.base, '/static/style.css', https), 'max-age=31536000', 'static files too');
+      assert.equal(await hsts(proxied.base, '/'), null, 'plain HTTP');
+      const direct = await site();
+      assert.equal(await hsts(direct.base, '/', https), null, 'X-Forwarded-Proto from a client that is not a trusted proxy');
+      const off = await site({ trustProxy: true, hstsMaxAgeS: 0 });
+      assert.equal(await hsts(off.base, '/', https), null, 'max-age 0: none sent');
+      const twoYears = await site({ trustProxy: true, hstsMaxAgeS: 63_072_000 });
+      assert.equal(await hsts(twoYears.base, '/', https), 'max-age=63072000');
     });
   });
 

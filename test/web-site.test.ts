@@ -211,17 +211,19 @@ describe('web process settings and logs', function () {
     }
   });
 
-  it('TRUST_PROXY=true: a request forwarded as HTTPS gets a __Host-sid cookie with Secure; SESSION_SECURE=never turns that off', async () => {
+  it('TRUST_PROXY=true: a request forwarded as HTTPS gets a __Host-sid cookie with Secure and Strict-Transport-Security; SESSION_SECURE=never and HSTS_MAX_AGE_S=0 turn those off', async () => {
     const proxied = await startWeb(store.port, tmp.dir, { TRUST_PROXY: 'true' });
-    const never = await startWeb(store.port, tmp.dir, { TRUST_PROXY: 'true', SESSION_SECURE: 'never' });
+    const never = await startWeb(store.port, tmp.dir, { TRUST_PROXY: 'true', SESSION_SECURE: 'never', HSTS_MAX_AGE_S: '0' });
     try {
       const res = await fetch(`http://127.0.0.1:${proxied.port}/`, { headers: { 'x-forwarded-proto': 'https' } });
       await res.text();
       const cookie = res.headers.getSetCookie()[0] ?? '';
       assert.match(cookie, /^__Host-sid=[A-Za-z0-9_-]{24}\.[A-Za-z0-9_-]{22}; path=\/; samesite=lax; secure; httponly$/);
+      assert.equal(res.headers.get('strict-transport-security'), 'max-age=31536000');
       const plain = await fetch(`http://127.0.0.1:${never.port}/`, { headers: { 'x-forwarded-proto': 'https' } });
       await plain.text();
       assert.match(plain.headers.getSetCookie()[0] ?? '', /^sid=[^;]+; path=\/; samesite=lax; httponly$/);
+      assert.equal(plain.headers.get('strict-transport-security'), null);
     } finally {
       await proxied.stop();
       await never.stop();
@@ -378,6 +380,7 @@ describe('web process settings and logs', function () {
     ['STORE_DEADLINE_MS in hexadecimal', { STORE_DEADLINE_MS: '0x3e8' }, /STORE_DEADLINE_MS="0x3e8": expected an integer 10-60000 ms/],
     ['SESSION_COOKIE_NAME=__Host-sid', { SESSION_COOKIE_NAME: '__Host-sid' }, /SESSION_COOKIE_NAME="__Host-sid": expected 1-64 of A-Z a-z 0-9 _ -, not starting with "__"/],
     ['TRUST_PROXY=perhaps', { TRUST_PROXY: 'perhaps' }, /TRUST_PROXY="perhaps": expected true or false/],
+    ['a negative HSTS_MAX_AGE_S', { HSTS_MAX_AGE_S: '-1' }, /HSTS_MAX_AGE_S="-1": expected an integer 0-63072000 s/],
     ['STORE_ADDRESS=nowhere', { STORE_ADDRESS: 'nowhere' }, /STORE_ADDRESS="nowhere": expected host:port/],
     ['a STORE_ADDRESS port above 65535', { STORE_ADDRESS: '127.0.0.1:99999' }, /STORE_ADDRESS="127.0.0.1:99999": expected host:port .*port 1-65535/],
     ['a short SESSION_KEYS (value not echoed)', { SESSION_KEYS: 'too-short-secret' }, /SESSION_KEYS=\(hidden\): expected comma-separated keys of at least 32 characters/],

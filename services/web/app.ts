@@ -12,7 +12,7 @@ import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
-import { securityHeaders } from './security-headers';
+import { securityHeaders, strictTransportSecurity } from './security-headers';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
@@ -22,6 +22,11 @@ export interface AppDeps {
   logger: Logger;
   /** Trust X-Forwarded-* (app.proxy) when running behind a reverse proxy. */
   trustProxy?: boolean;
+  /**
+   * Strict-Transport-Security max-age in seconds, sent on responses to HTTPS requests only (as
+   * browsers heed it only there); 0 sends none. Default one year.
+   */
+  hstsMaxAgeS?: number;
   /** Where GET /metrics reads from; a fresh registry when absent. */
   metrics?: WebMetrics;
   /** What GET /readyz asks; without it /readyz is not served. */
@@ -81,9 +86,12 @@ export function createApp(deps: AppDeps): Koa {
       referrerPolicy: { policy: 'same-origin' },
       // The header older browsers read instead of frame-ancestors: the same answer, never framed.
       xFrameOptions: { action: 'deny' },
+      // Sent by strictTransportSecurity below, and only over HTTPS.
       strictTransportSecurity: false,
     }),
   );
+  const hsts = strictTransportSecurity(deps.hstsMaxAgeS ?? 365 * 24 * 60 * 60);
+  if (hsts) app.use(hsts);
   // Operations and static files are told apart by path here, once: pages pay no router pass for
   // them, and only /static/ reaches the file system (pages cost no stat() call).
   const operations = createOperationRoutes({ metrics, readiness: deps.readiness }).routes() as Koa.Middleware;

@@ -43,6 +43,8 @@ export function loadWebConfig(raw = readEnv()) {
       SESSION_SECURE: envs.oneOf(['auto', 'always', 'never'] as const, 'auto'),
       SESSION_ROLLING: envs.bool(true),
       TRUST_PROXY: envs.bool(false),
+      // One year, as helmet sends it; 0 sends none (a proxy in front that sets its own, say).
+      HSTS_MAX_AGE_S: envs.int(365 * 24 * 60 * 60, 0, 2 * 365 * 24 * 60 * 60, ' s'),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,
@@ -70,6 +72,7 @@ export function loadWebConfig(raw = readEnv()) {
     port: env.PORT,
     host: env.WEB_HOST,
     trustProxy: env.TRUST_PROXY,
+    hstsMaxAgeS: env.HSTS_MAX_AGE_S,
     logLevel: env.LOG_LEVEL,
     store: Object.freeze({
       address: env.STORE_ADDRESS,

@@ -31,7 +31,7 @@ function main(): void {
     probe: { store, ttlMs: config.session.idleTtlMs },
     logger,
   });
-  const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, metrics, readiness });
+  const app = createApp({ store, session: config.session, logger, trustProxy: config.trustProxy, hstsMaxAgeS: config.hstsMaxAgeS, metrics, readiness });
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
   // read and a write, each up to one: a response in flight at the stop normally ends well within
   // this; only a stuck one is cut off.
@@ -52,6 +52,7 @@ function main(): void {
         tls: resolveEndpoint(config.store.address, config.store.tlsCa ? 'STORE_TLS_CA' : undefined).tls,
         auth: Boolean(config.store.token),
         trustProxy: config.trustProxy,
+        hstsMaxAgeS: config.hstsMaxAgeS,
         session: {
           cookieName: config.session.cookieName,
           idleTtlMs: config.session.idleTtlMs,

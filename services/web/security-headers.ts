@@ -24,6 +24,23 @@ export function securityHeaders(options: HelmetOptions): Koa.Middleware {
   };
 }
 
+/**
+ * Strict-Transport-Security on responses to HTTPS requests (ctx.secure: a TLS socket, or
+ * X-Forwarded-Proto: https when the app trusts its proxy). Browsers ignore it over plain HTTP, and
+ * a site reached at http://localhost must never pin itself to HTTPS. No includeSubDomains: that
+ * decides for every other host under the domain, which is not this app's to decide. Undefined for
+ * maxAgeS 0 (none sent).
+ */
+export function strictTransportSecurity(maxAgeS: number): Koa.Middleware | undefined {
+  if (!Number.isSafeInteger(maxAgeS) || maxAgeS < 0) throw new RangeError(`strictTransportSecurity: max-age must be a whole number of seconds, got ${maxAgeS}`);
+  if (maxAgeS === 0) return undefined;
+  const value = `max-age=${maxAgeS}`;
+  return (ctx, next) => {
+    if (ctx.secure) ctx.res.setHeader('Strict-Transport-Security', value);
+    return next();
+  };
+}
+
 function captureHeaders(options: HelmetOptions, url: string): Array<[string, string]> {
   const set = new Map<string, string>();
   const res = {
