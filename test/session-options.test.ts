@@ -156,6 +156,23 @@ describe('recent moves (regenerations known to this process)', () => {
     await new Promise((resolve) => setTimeout(resolve, 50));
     assert.equal(moves.resolve('a'), 'b');
   });
+
+  it('a burst of logins costs each one only what expired: 30,000 regenerations in one window stay fast, and expired moves are dropped', async () => {
+    const burst = new RecentMoves();
+    const start = process.hrtime.bigint();
+    for (let i = 0; i < 30_000; i += 1) burst.remember(`old-${i}`, `new-${i}`, 10_000);
+    const ms = Number(process.hrtime.bigint() - start) / 1e6;
+    // A scan of every move on each login took 4.6 s here (4.5e8 steps); dropping from the front, milliseconds.
+    assert.ok(ms < 1000, `30,000 regenerations took ${ms.toFixed(0)} ms`);
+    assert.equal(burst.size, 30_000);
+    assert.equal(burst.resolve('old-0'), 'new-0');
+    const moves = new RecentMoves();
+    for (let i = 0; i < 5_000; i += 1) moves.remember(`old-${i}`, `new-${i}`, 40);
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    moves.remember('next', 'after', 40);
+    assert.equal(moves.size, 1, 'the expired moves are gone');
+    assert.equal(moves.resolve('old-0'), 'old-0');
+  });
 });
 
 describe('per-session lock (updates of one session within a process run one after another)', () => {

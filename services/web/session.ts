@@ -687,10 +687,20 @@ export class RecentMoves {
 
   remember(from: string, to: string, forMs: number): void {
     const now = Date.now();
-    if (this.moves.size >= 1000) {
-      for (const [key, move] of this.moves) if (move.untilMs <= now) this.moves.delete(key);
+    // Moves are kept in the order they were made and share one grace window, so the expired ones
+    // are at the front: dropping them costs only what expired (a scan of every move on each
+    // login would cost O(n) per regenerate once logins come faster than 1000 per window).
+    for (const [key, move] of this.moves) {
+      if (move.untilMs > now) break;
+      this.moves.delete(key);
     }
+    this.moves.delete(from);
     this.moves.set(from, { to, untilMs: now + forMs });
+  }
+
+  /** Moves held (expired ones go at the next remember() or resolve()). */
+  get size(): number {
+    return this.moves.size;
   }
 
   /** The newest id an id was moved to (itself when it was not moved). */
