@@ -119,6 +119,40 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     }
   });
 
+  it('health Watch calls naming other services get SERVICE_UNKNOWN and leave nothing behind once cancelled (no token is needed to make them)', async () => {
+    const health = new StoreHealth({ ping: async () => undefined } as unknown as SqliteBackend, 20);
+    const server = new Server();
+    health.addToServer(server);
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const client = healthClient(`127.0.0.1:${port}`);
+    // grpc-health-check's own map of watchers by service name (private): it never drops a name.
+    const names = () => (health.implementation as unknown as { watchers: Map<string, unknown> }).watchers.size;
+    const watchOnce = (service: string) =>
+      new Promise<string[]>((resolve) => {
+        const statuses: string[] = [];
+        const call = client.watch({ service });
+        call.on('data', (res: { status: string }) => {
+          statuses.push(res.status);
+          call.cancel();
+        });
+        call.on('error', () => resolve(statuses));
+      });
+    try {
+      await health.start();
+      assert.deepEqual(await watchOnce(SERVICE_NAME), ['SERVING']);
+      assert.deepEqual(await watchOnce(''), ['SERVING']);
+      const known = names();
+      for (let i = 0; i < 200; i += 1) assert.deepEqual(await watchOnce(`no.such.Service${i}.${'x'.repeat(1000)}`), ['SERVICE_UNKNOWN']);
+      assert.equal(names(), known, 'no watcher set kept per service name asked for');
+    } finally {
+      health.stop();
+      client.close();
+      server.forceShutdown();
+    }
+  });
+
   it('SIGTERM during a List: health watchers see NOT_SERVING, the List in flight still delivers every entry, then exit 0', async () => {
     const { client, health, proc } = await connect({ STORE_GRACE_MS: '20000' });
     await fill(client, 3000, 1000);

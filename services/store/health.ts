@@ -4,6 +4,9 @@ import type { Backend } from './backends/backend';
 
 export const SERVICE_NAME = 'sessions.kv.v1.SessionStore';
 
+/** The services the store reports a status for: the server as a whole ('') and the SessionStore. */
+const SERVICES: ReadonlySet<unknown> = new Set(['', SERVICE_NAME]);
+
 /**
  * grpc.health.v1 state for the whole server ('') and the SessionStore service. It follows the
  * backend: a periodic ping sets SERVING or NOT_SERVING; stop() sets NOT_SERVING for good and
@@ -30,7 +33,14 @@ export class StoreHealth {
           watch: (call: ServerWritableStream<unknown, unknown>) => {
             this.watchers.add(call);
             call.on('cancelled', () => this.watchers.delete(call));
-            watch(call);
+            // The library keeps a set of watchers for each service name it is asked about and
+            // never drops an emptied one: Watch calls naming ever new services (anyone may call,
+            // no token needed; a name can be megabytes) would grow the store's memory for good.
+            // Only the SERVICES ever have a status, so any other name is answered here as the
+            // library answers it (SERVICE_UNKNOWN, and the call stays open until cancelled or the
+            // stop) and never reaches the library.
+            if (SERVICES.has((call.request as { service?: unknown }).service)) watch(call);
+            else call.write({ status: 'SERVICE_UNKNOWN' });
             if (this.stopped) this.endWatchers();
           },
         });
