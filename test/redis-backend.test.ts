@@ -1,9 +1,11 @@
 import assert from 'node:assert/strict';
+import { EventEmitter } from 'node:events';
 import { createConnection, createServer, type Socket } from 'node:net';
 import { status } from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry, StoreError } from '../services/store/backends/backend';
 import { KeyWindow } from '../services/store/backends/key-window';
+import { KeyspaceWatch } from '../services/store/backends/redis-watch';
 import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { toStatus } from '../services/store/errors';
@@ -128,6 +130,58 @@ describe('KeyWindow: the smallest distinct keys of an unordered stream with repe
     for (const item of ['b', 'a', 'b', 'a', 'c']) window.offer(item);
     assert.equal(window.full, false);
     assert.deepEqual(window.drain(), ['a', 'b', 'c']);
+  });
+});
+
+describe('KeyspaceWatch: writes waiting for a new subscription (no Redis: a stand-in subscriber connection)', () => {
+  it('20,000 writes waiting at once are all let through when the master confirms, without holding the event loop', async function () {
+    this.timeout(20_000);
+    // A subscriber that connects after 200 ms and then confirms at once.
+    class StandIn extends EventEmitter {
+      status = 'connecting';
+      config = async () => ['notify-keyspace-events', 'KEghxe'];
+      psubscribe = async () => 1;
+      subscribe = async () => 1;
+      punsubscribe = async () => 0;
+      unsubscribe = async () => 0;
+      disconnect = () => undefined;
+    }
+    const watch = new KeyspaceWatch({
+      keyPrefix: 'p:',
+      db: 0,
+      masters: () => [null],
+      connect: () => {
+        const connection = new StandIn();
+        setTimeout(() => {
+          connection.status = 'ready';
+          connection.emit('ready');
+        }, 200);
+        return connection as unknown as Redis;
+      },
+      read: async () => null,
+      warn: () => undefined,
+      settleMs: 10_000,
+    });
+    const stop = watch.add('', () => undefined, false, () => undefined);
+    let longest = 0;
+    let last = performance.now();
+    const ticker = setInterval(() => {
+      longest = Math.max(longest, performance.now() - last);
+      last = performance.now();
+    }, 5);
+    try {
+      const started = performance.now();
+      await Promise.all(Array.from({ length: 20_000 }, () => watch.settled()));
+      assert.ok(performance.now() - started < 5000, 'let through on the confirmation, not at settleMs');
+      // A turn for the ticker: the waiters were let through in the same turn that held the loop.
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      // Each waiter that left used to filter the list of all waiters: 2.3 s of one blocked turn here.
+      assert.ok(longest < 200, `the event loop was held for ${Math.round(longest)} ms`);
+    } finally {
+      clearInterval(ticker);
+      stop();
+      watch.close();
+    }
   });
 });
 
