@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import { createConnection, createServer, type Socket } from 'node:net';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { status } from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry, StoreError } from '../services/store/backends/backend';
@@ -181,6 +183,37 @@ describe('KeyspaceWatch: writes waiting for a new subscription (no Redis: a stan
       clearInterval(ticker);
       stop();
       watch.close();
+    }
+  });
+});
+
+describe('Redis backend that has never reached Redis (nothing listens on its port)', () => {
+  it('keeps nothing per call while it waits for the first connection: 60,000 calls leave the heap as it was', async function () {
+    this.timeout(30_000);
+    const closed = createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const { port } = closed.address() as { port: number };
+    await new Promise((resolve) => closed.close(resolve));
+    const backend = new RedisBackend(backendOptions({ url: `redis://127.0.0.1:${port}`, commandTimeoutMs: 10 }));
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as () => void;
+    const calls = async (n: number) => {
+      for (let i = 0; i < n; i += 2000) {
+        const answers = await Promise.all(Array.from({ length: 2000 }, () => backend.batch([{ kind: 'get', key: 'k', refreshTtlMs: 0 }])));
+        assert.ok(answers.every(([answer]) => !answer.ok && answer.error.kind === 'unavailable'));
+      }
+    };
+    try {
+      await calls(10_000);
+      gc();
+      const before = process.memoryUsage().heapUsed;
+      await calls(60_000);
+      gc();
+      const grownMb = (process.memoryUsage().heapUsed - before) / 1e6;
+      // Each call's wait used to leave a reaction on a promise of the first connection: ~0.3 KB a call.
+      assert.ok(grownMb < 6, `60,000 calls kept ${grownMb.toFixed(1)} MB`);
+    } finally {
+      await backend.close();
     }
   });
 });
