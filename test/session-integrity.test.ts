@@ -487,9 +487,12 @@ describe('session races and failures (real store process; some calls delayed or 
   const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
   /** The real client; `hooks` may delay a call or fail it after the store applied it (as a deadline or a lost connection would). */
   function hookedStore() {
-    const hooks: { afterPut?: (value: Buffer) => Promise<void> | void; beforeDelete?: () => Promise<void> | void } = {};
+    const hooks: { afterPut?: (value: Buffer) => Promise<void> | void; beforeDelete?: () => Promise<void> | void; beforeGet?: () => void } = {};
     const client: SessionBackend = {
-      get: (key, options) => store.client.get(key, options),
+      get: async (key, options) => {
+        hooks.beforeGet?.();
+        return store.client.get(key, options);
+      },
       put: async (key, value, options) => {
         const entry = await store.client.put(key, value, options);
         await hooks.afterPut?.(value);
@@ -623,6 +626,49 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.deepEqual(await store.client.get(idOf(second.set)), before, 'the old session is as it was');
     assert.ok(copy, 'a copy was written');
     assert.equal(await store.client.get(copy), null, 'and deleted again');
+  });
+
+  it('a login whose forward write and the read checking it both failed still hands the browser the new id: updates it acknowledged meanwhile outlive the grace window', async () => {
+    const flaky = hookedStore();
+    const base = await serve(flaky.client, { regenerateGraceMs: 300 });
+    const lost = () => new StoreClientError('unavailable', status.UNAVAILABLE, 'connection lost', { outcomeUnknown: true });
+    // The forward reached the store but its answer did not come back, nor did the read that checks it.
+    const first = await call(base, 'POST', '/inc');
+    flaky.hooks.afterPut = (value) => {
+      if (!value.toString().startsWith('moved:')) return;
+      flaky.hooks.beforeGet = () => {
+        flaky.hooks.beforeGet = undefined;
+        throw lost();
+      };
+      throw lost();
+    };
+    const login = await call(base, 'POST', '/renew', `sid=${first.set}`);
+    flaky.hooks.afterPut = undefined;
+    assert.equal(login.status, 500, JSON.stringify(login.body));
+    assert.ok(login.set && idOf(login.set) !== idOf(first.set), 'the new id, though the login failed');
+    const cookie = `sid=${login.set}`;
+    assert.deepEqual((await call(base, 'POST', '/inc', cookie)).body, { n: 2, sawEmpty: false });
+    await sleep(400);
+    assert.deepEqual((await call(base, 'POST', '/inc', cookie)).body, { n: 3, sawEmpty: false }, 'after the grace window the browser still has its session');
+    assert.deepEqual((await call(base, 'GET', '/state', `sid=${first.set}`)).body, {}, 'and the old id leads nowhere');
+
+    // The same failures, but the forward never reached the store: the old id keeps the session as
+    // it was, and the browser goes on with the copy it was sent.
+    const second = await call(base, 'POST', '/inc');
+    flaky.client.put = async (key, value, options) => {
+      if (!value.toString().startsWith('moved:')) return store.client.put(key, value, options);
+      flaky.hooks.beforeGet = () => {
+        flaky.hooks.beforeGet = undefined;
+        throw lost();
+      };
+      throw lost();
+    };
+    const refused = await call(base, 'POST', '/renew', `sid=${second.set}`);
+    assert.equal(refused.status, 500);
+    assert.ok(refused.set && idOf(refused.set) !== idOf(second.set));
+    await sleep(400);
+    assert.deepEqual((await call(base, 'POST', '/inc', `sid=${refused.set}`)).body, { n: 2, sawEmpty: false });
+    assert.deepEqual((await call(base, 'GET', '/state', `sid=${second.set}`)).body, { n: 1 });
   });
 
   it('update() refuses what serializes to no JSON object (a Date, a toJSON giving an array) and writes nothing: the session keeps its data', async () => {

@@ -421,8 +421,19 @@ export class Session<T extends object = SessionData> {
           // was, the browser must get the new id now: requests with the old one are never told it.
           const found = await this.cfg.store.get(current.id, this.callOptions()).catch(() => undefined);
           if (found && parseForward(found.value)?.forward === newId) return moved();
-          // Not written: drop the copy. Unknown (the read failed too): leave it to expire, since
-          // the old id may point to it.
+          // Surely not written: the store answered, or the call never reached it.
+          const notWritten = err instanceof StoreClientError && !err.outcomeUnknown;
+          if (found === undefined && !notWritten) {
+            // Unknown (the read failed too): keep the copy, and send the browser its id all the
+            // same. Were the forward written, a browser left with the old id would be served the
+            // copy only until the grace window ends, then lose the session with every update it
+            // made meanwhile. Were it not, the old id keeps the session as it was and the browser
+            // goes on with a copy of it. Either way it loses nothing, and the call still fails.
+            this.loaded = undefined;
+            this.useId(newId, true);
+            throw err;
+          }
+          // Not written: drop the copy (left to expire when the read failed too: the store is out of reach).
           if (found !== undefined) await this.cfg.store.delete(newId, this.callOptions()).catch(() => undefined);
           throw err;
         }
