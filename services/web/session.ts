@@ -709,7 +709,7 @@ export class RecentMoves {
     this.moves.set(from, { to, untilMs: now + forMs });
   }
 
-  /** Moves held (expired ones go at the next remember() or resolve()). */
+  /** Moves held, expired ones included until the next remember() (or a resolve() of that very id) drops them. */
   get size(): number {
     return this.moves.size;
   }
