@@ -12,7 +12,7 @@ import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
-import { securityHeaders, strictTransportSecurity } from './security-headers';
+import { HSTS_ONE_YEAR_S, securityHeaders, strictTransportSecurity } from './security-headers';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
@@ -90,7 +90,7 @@ export function createApp(deps: AppDeps): Koa {
       strictTransportSecurity: false,
     }),
   );
-  const hsts = strictTransportSecurity(deps.hstsMaxAgeS ?? 365 * 24 * 60 * 60);
+  const hsts = strictTransportSecurity(deps.hstsMaxAgeS ?? HSTS_ONE_YEAR_S);
   if (hsts) app.use(hsts);
   // Operations and static files are told apart by path here, once: pages pay no router pass for
   // them, and only /static/ reaches the file system (pages cost no stat() call).

@@ -3,6 +3,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { parseAddress, resolveEndpoint, type StoreEndpoint } from '../client/store-client';
+import { HSTS_ONE_YEAR_S } from './security-headers';
 import { COOKIE_NAME } from './session';
 import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
 
@@ -44,7 +45,7 @@ export function loadWebConfig(raw = readEnv()) {
       SESSION_ROLLING: envs.bool(true),
       TRUST_PROXY: envs.bool(false),
       // One year, as helmet sends it; 0 sends none (a proxy in front that sets its own, say).
-      HSTS_MAX_AGE_S: envs.int(365 * 24 * 60 * 60, 0, 2 * 365 * 24 * 60 * 60, ' s'),
+      HSTS_MAX_AGE_S: envs.int(HSTS_ONE_YEAR_S, 0, 2 * HSTS_ONE_YEAR_S, ' s'),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,

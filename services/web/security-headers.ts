@@ -24,6 +24,9 @@ export function securityHeaders(options: HelmetOptions): Koa.Middleware {
   };
 }
 
+/** The Strict-Transport-Security max-age helmet sends by default: one year, in seconds. */
+export const HSTS_ONE_YEAR_S = 365 * 24 * 60 * 60;
+
 /**
  * Strict-Transport-Security on responses to HTTPS requests (ctx.secure: a TLS socket, or
  * X-Forwarded-Proto: https when the app trusts its proxy). Browsers ignore it over plain HTTP, and
