@@ -14,6 +14,7 @@ import { createStoreServer } from '../services/store/server';
 import { SERVICE_NAME, StoreHealth } from '../services/store/health';
 import { healthClient } from './helpers/raw-grpc';
 import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
+import { selfSigned } from './helpers/tls';
 
 const exitOf = (proc: Proc) =>
   proc.child.exitCode !== null || proc.child.signalCode !== null
@@ -409,6 +410,14 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: cert, STORE_TLS_KEY: '-----BEGIN PRIVATE KEY-----\nMIIEvQsecret\n-----END PRIVATE KEY-----' });
     assert.equal(code, 1);
     assert.equal(stderr, 'store: invalid configuration: STORE_TLS_KEY: expected the path of a PEM file, not its contents\n');
+  });
+
+  it('a key of another certificate stops the store at start, naming both variables (not PORT, as a listen failure would)', async () => {
+    const one = await selfSigned(tmp.dir, 'one');
+    const two = await selfSigned(tmp.dir, 'two');
+    const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: one.cert, STORE_TLS_KEY: two.key });
+    assert.equal(code, 1);
+    assert.match(stderr, /^store: invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY are not a usable certificate and key: .*key values mismatch\n$/);
   });
 
   it('a taken PORT stops the store with one line naming PORT (and no log line of grpc-js besides it)', async () => {

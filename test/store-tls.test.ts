@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { X509Certificate } from 'node:crypto';
+import { copyFileSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { loadStoreConfig } from '../services/store/config';
 import { loadWebConfig } from '../services/web/config';
-import { type Proc, startStore, startWeb, tempDir, webStartFailure } from './helpers/procs';
+import { type Proc, startStore, startWeb, tempDir, waitForLine, webStartFailure } from './helpers/procs';
 import { selfSigned } from './helpers/tls';
 
 describe('store over TLS (self-signed certificate made by the test, real processes)', function () {
@@ -150,6 +151,77 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.match(storeWarnings({ STORE_HOST: '0.0.0.0' }).join(), /serves plaintext: tokens and session data cross the network unencrypted; set STORE_TLS_CERT and STORE_TLS_KEY/);
       assert.deepEqual(storeWarnings({ STORE_HOST: '0.0.0.0', STORE_TLS_CERT: pki.cert, STORE_TLS_KEY: pki.key }), []);
       assert.deepEqual(storeWarnings({ STORE_HOST: '127.0.0.1' }), []);
+    });
+  });
+
+  describe('a renewed certificate is served without a restart (STORE_TLS_RELOAD_MS=100)', () => {
+    let renewing: Proc;
+    let served: { cert: string; key: string };
+    let renewed: { cert: string; key: string };
+    let other: { cert: string; key: string };
+    let renewingAddress: string;
+    const opened: StoreClient[] = [];
+    const client = (ca: string, deadlineMs = 3000) => {
+      const c = createStoreClient({ address: renewingAddress, deadlineMs, tlsCa: readPem(ca) });
+      opened.push(c);
+      return c;
+    };
+    /** Writes a file the way renewal tools do: in full beside it, then renamed over it. */
+    const replace = (target: string, from: string) => {
+      copyFileSync(from, `${target}.new`);
+      renameSync(`${target}.new`, target);
+    };
+    const expiryMetric = async () => {
+      const { port } = JSON.parse(await waitForLine(renewing, (l) => l.includes('"metrics listening"'))) as { port: number };
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      return Number(/^store_tls_certificate_expiry_timestamp_seconds (\S+)$/m.exec(text)?.[1]);
+    };
+    const notAfter = (cert: string) => new Date(new X509Certificate(readFileSync(cert)).validTo).getTime() / 1000;
+
+    before(async () => {
+      const dir = path.join(tmp.dir, 'renewal');
+      mkdirSync(dir);
+      // Different lifetimes, so that each has its own expiry for the metric to show.
+      served = await selfSigned(dir, 'served', undefined, 30);
+      renewed = await selfSigned(dir, 'renewed', undefined, 90);
+      other = await selfSigned(dir, 'other', undefined, 120);
+      // The originals of the served files, kept for the clients to trust.
+      copyFileSync(served.cert, path.join(dir, 'first-cert.pem'));
+      renewing = await startStore(path.join(dir, 'data'), { STORE_TLS_CERT: served.cert, STORE_TLS_KEY: served.key, STORE_TLS_RELOAD_MS: '100' });
+      renewingAddress = `localhost:${renewing.port}`;
+    });
+    after(async () => {
+      for (const c of opened) c.close();
+      await renewing?.stop();
+    });
+
+    it('new connections get the renewed certificate; a connection made before goes on; the expiry metric follows', async () => {
+      const first = path.join(path.dirname(served.cert), 'first-cert.pem');
+      const before = client(first);
+      await before.put('renewal', Buffer.from('kept'), { ttlMs: 60_000 });
+      assert.equal(await expiryMetric(), notAfter(first));
+
+      replace(served.key, renewed.key);
+      replace(served.cert, renewed.cert);
+      await waitForLine(renewing, (l) => l.includes('TLS certificate reloaded'));
+
+      assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
+      await assert.rejects(client(first, 1500).get('renewal'), (err: StoreClientError) => err.kind === 'unavailable');
+      assert.equal((await before.get('renewal'))?.value.toString(), 'kept', 'the connection made before the renewal was cut');
+      assert.equal(await expiryMetric(), notAfter(renewed.cert));
+    });
+
+    it('a certificate without its key is never served: the previous one stays, with a warning, until the key follows', async () => {
+      replace(served.cert, other.cert); // the key is still the renewed one's
+      const warning = await waitForLine(renewing, (l) => l.includes('do not hold a usable pair'));
+      assert.match(warning, /"reason":"key values mismatch"/);
+      assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
+      assert.equal(await expiryMetric(), notAfter(renewed.cert));
+
+      replace(served.key, other.key);
+      await waitForLine(renewing, (l) => l.includes('TLS certificate reloaded') && l.includes(new Date(notAfter(other.cert) * 1000).toISOString()));
+      assert.equal((await client(other.cert).get('renewal'))?.value.toString(), 'kept');
+      assert.deepEqual(renewing.lines.filter((l) => !l.startsWith('{')), [], 'grpc-js logged a failed secure context');
     });
   });
 });

@@ -2,6 +2,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
 import { DEFAULT_MAX_KEYS, MAX_KEYDIR_KEYS } from './backends/sqlite-keydir';
+import { checkPair } from './tls-certificate';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -32,6 +33,7 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_TOKEN: envs.token(),
       STORE_TLS_CERT: envs.optionalString(),
       STORE_TLS_KEY: envs.optionalString(),
+      STORE_TLS_RELOAD_MS: envs.int(60_000, 0, 24 * 60 * MINUTE, ' ms'),
       STORE_MAX_KEY_BYTES: envs.int(256, 1, 4096, ' bytes'),
       STORE_MAX_VALUE_BYTES: envs.int(64 * 1024, 1, 4 * MIB, ' bytes'),
       STORE_MAX_MESSAGE_BYTES: envs.int(4 * MIB, 64 * 1024, 64 * MIB, ' bytes'),
@@ -79,10 +81,7 @@ export function loadStoreConfig(raw = readEnv()) {
   if (Boolean(env.STORE_TLS_CERT) !== Boolean(env.STORE_TLS_KEY)) {
     throw new ConfigError('invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY must be set together (PEM file paths), or neither');
   }
-  const tls =
-    env.STORE_TLS_CERT && env.STORE_TLS_KEY
-      ? Object.freeze({ cert: readPemFile('STORE_TLS_CERT', env.STORE_TLS_CERT), key: readPemFile('STORE_TLS_KEY', env.STORE_TLS_KEY) })
-      : undefined;
+  const tls = env.STORE_TLS_CERT && env.STORE_TLS_KEY ? readTls(env.STORE_TLS_CERT, env.STORE_TLS_KEY, env.STORE_TLS_RELOAD_MS) : undefined;
   // An empty variable usually means "the default"; here it more likely means "no prefix", which
   // would make the store treat every key of the Redis database as its own (List, the session
   // count, deletes), so it is refused rather than silently replaced.
@@ -147,3 +146,18 @@ export function loadStoreConfig(raw = readEnv()) {
 }
 
 export type StoreConfig = ReturnType<typeof loadStoreConfig>;
+
+/**
+ * The certificate and key the store starts with, checked as a pair (a key of another certificate
+ * would otherwise surface only at listen, as a bare OpenSSL error), with where they came from:
+ * they are read again from there when the files change (every reloadMs; 0 never).
+ */
+function readTls(certFile: string, keyFile: string, reloadMs: number) {
+  const pair = { cert: readPemFile('STORE_TLS_CERT', certFile), key: readPemFile('STORE_TLS_KEY', keyFile) };
+  try {
+    checkPair(pair);
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY are not a usable certificate and key: ${(err as Error).message}`);
+  }
+  return Object.freeze({ ...pair, certFile, keyFile, reloadMs });
+}

@@ -10,6 +10,7 @@ import { serveMetrics, StoreMetrics } from './metrics';
 import { addReflection } from './reflection';
 import { createStoreServer } from './server';
 import { createRpcObserver } from './telemetry';
+import { ReloadingCertificate } from './tls-certificate';
 import { bindServer, storeCredentials, storeServerOptions } from './transport';
 
 /**
@@ -51,7 +52,14 @@ async function main(): Promise<void> {
 
   const metricsServer = await serveMetrics(metrics.registry, config.host, config.metricsPort);
   logger.info({ host: config.host, port: metricsServer.port, path: '/metrics' }, 'metrics listening');
-  const port = await bind(server, `${config.host}:${config.port}`, config);
+  const certificate = config.tls
+    ? new ReloadingCertificate({ cert: config.tls.certFile, key: config.tls.keyFile }, config.tls, {
+        intervalMs: config.tls.reloadMs,
+        logger,
+        onLoaded: (info) => metrics.observeCertificate(info.notAfter),
+      })
+    : undefined;
+  const port = await bind(server, `${config.host}:${config.port}`, certificate);
 
   let exitCode = 0;
   let force: NodeJS.Timeout | undefined;
@@ -117,8 +125,8 @@ async function main(): Promise<void> {
   );
 }
 
-function bind(server: Server, address: string, config: { tls?: { cert: Buffer; key: Buffer } }): Promise<number> {
-  return bindServer(server, address, storeCredentials(config.tls)).catch((err: NodeJS.ErrnoException) => {
+function bind(server: Server, address: string, certificate: ReloadingCertificate | undefined): Promise<number> {
+  return bindServer(server, address, storeCredentials(certificate)).catch((err: NodeJS.ErrnoException) => {
     throw new Error(`cannot listen on ${address} (${listenVariables(err.code, 'PORT', 'STORE_HOST')}): ${err.message}`);
   });
 }

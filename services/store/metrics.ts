@@ -80,6 +80,7 @@ export class StoreMetrics {
   private readonly batchOps: Histogram;
   private readonly opFailures: Counter<'method' | 'code'>;
   private readonly unwatch: () => void;
+  private certificateExpiry: Gauge | undefined;
   /** Label children by method and code, so that recording a call allocates nothing. */
   private readonly children = new Map<RpcMethod, Array<{ handled: Counter.Internal; duration: Histogram.Internal<'method' | 'code'> }>>();
 
@@ -140,6 +141,19 @@ export class StoreMetrics {
       { kinds: ['expire'] },
     );
     collectDefaultMetrics({ register: this.registry });
+  }
+
+  /**
+   * The expiry of the TLS certificate now served, as a Unix time: alert on it drawing near (the
+   * store reloads a renewed certificate by itself). Absent when the store serves plaintext.
+   */
+  observeCertificate(notAfter: Date): void {
+    this.certificateExpiry ??= new Gauge({
+      name: 'store_tls_certificate_expiry_timestamp_seconds',
+      help: 'When the TLS certificate the store serves stops being valid (notAfter), in seconds since the Unix epoch',
+      registers: [this.registry],
+    });
+    this.certificateExpiry.set(notAfter.getTime() / 1000);
   }
 
   /** Records one finished call; `ops` is the operation count of a Batch call or Pipe batch. */

@@ -1,4 +1,4 @@
-import { type Server, type ServerOptions, ServerCredentials, setLogger } from '@grpc/grpc-js';
+import { experimental, type Server, type ServerOptions, ServerCredentials, setLogger } from '@grpc/grpc-js';
 
 /**
  * Connection settings of the store's gRPC server, chosen on purpose (grpc-js ignores options it
@@ -26,10 +26,11 @@ export function storeServerOptions(maxMessageBytes: number): ServerOptions {
   };
 }
 
-/** TLS when a certificate and key are configured, plaintext otherwise. */
-export function storeCredentials(tls: { cert: Buffer; key: Buffer } | undefined): ServerCredentials {
-  if (!tls) return ServerCredentials.createInsecure();
-  return ServerCredentials.createSsl(null, [{ cert_chain: tls.cert, private_key: tls.key }], false);
+/** TLS with the certificate the provider holds (and renews) when one is configured, plaintext otherwise. */
+export function storeCredentials(certificate: experimental.CertificateProvider | undefined): ServerCredentials {
+  if (!certificate) return ServerCredentials.createInsecure();
+  // grpc-js declares the parameters in the other order than it uses them: the first is the identity.
+  return experimental.createCertificateProviderServerCredentials(certificate, null, false);
 }
 
 /** What grpc-js logs when no address could be bound, just before it reports that error to bindAsync. */
