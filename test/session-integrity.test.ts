@@ -311,6 +311,37 @@ describe('session middleware (createApp over a real store process)', function ()
       assert.deepEqual(attrs(cookie), ['httponly', 'path=/', 'samesite=lax']);
     });
 
+    it('persistent: the cookie expires with the session\'s absolute lifetime, set once when the id is issued; a reset issues the next with its own', async () => {
+      const DAY = 24 * 3_600_000;
+      const { base } = await site({ persistent: true, idleTtlMs: DAY, absoluteTtlMs: 7 * DAY });
+      const before = Date.now();
+      const first = await fetch(base + '/');
+      const page = await first.text();
+      const cookie = first.headers.getSetCookie()[0] ?? '';
+      const expires = Date.parse(/; expires=([^;]+)/.exec(cookie)?.[1] ?? '');
+      // Expires has whole seconds.
+      assert.ok(expires >= before + 7 * DAY - 1000 && expires <= Date.now() + 7 * DAY, cookie);
+      assert.deepEqual(attrs(cookie).map((a) => a.replace(/=.*/, '')), ['expires', 'httponly', 'path', 'samesite']);
+
+      const pair = cookie.split(';')[0];
+      const again = await fetch(base + '/', { headers: { cookie: pair } });
+      assert.match(await again.text(), /Counter 1: 1\b/);
+      assert.deepEqual(again.headers.getSetCookie(), [], 'no use extends the absolute lifetime, so the cookie is not sent again');
+
+      const csrf = /name="_csrf" value="([^"]+)"/.exec(page)![1];
+      const reset = await fetch(base + '/reset', {
+        method: 'POST',
+        headers: { cookie: pair, 'content-type': 'application/x-www-form-urlencoded' },
+        body: `_csrf=${encodeURIComponent(csrf)}`,
+        redirect: 'manual',
+      });
+      assert.equal(reset.status, 303);
+      assert.match(reset.headers.getSetCookie()[0] ?? '', /^sid=; path=\/; expires=Thu, 01 Jan 1970 00:00:00 GMT/);
+      const next = await fetch(base + '/');
+      await next.text();
+      assert.match(next.headers.getSetCookie()[0] ?? '', /; expires=/);
+    });
+
     it('behind a trusted proxy with X-Forwarded-Proto: https: name __Host-sid with Secure, and the next request with it is recognised', async () => {
       const { base } = await site({}, { trustProxy: true });
       const cookie = await setCookie(base, { 'x-forwarded-proto': 'https' });

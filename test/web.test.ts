@@ -214,6 +214,7 @@ describe('a web whose settings its store refuses is not ready, and says which se
       SESSION_IDLE_TTL_MS: '600000',
       SESSION_ABSOLUTE_TTL_MS: '600000',
       SESSION_COOKIE_NAME: 'visit',
+      SESSION_PERSISTENT: 'true',
       TRUST_PROXY: 'true',
     });
     webs.push(web);
@@ -226,7 +227,7 @@ describe('a web whose settings its store refuses is not ready, and says which se
       tls: false,
       auth: true,
       trustProxy: true,
-      session: { cookieName: 'visit', idleTtlMs: 600000, absoluteTtlMs: 600000, rolling: true, secure: 'auto', keys: 1 },
+      session: { cookieName: 'visit', idleTtlMs: 600000, absoluteTtlMs: 600000, rolling: true, persistent: true, secure: 'auto', keys: 1 },
     });
     const stored = line(store);
     assert.equal(stored.auth, true);

@@ -43,6 +43,7 @@ export function loadWebConfig(raw = readEnv()) {
       SESSION_ABSOLUTE_TTL_MS: envs.int(24 * 60 * MINUTE, 1000, 365 * 24 * 60 * MINUTE, ' ms'),
       SESSION_SECURE: envs.oneOf(['auto', 'always', 'never'] as const, 'auto'),
       SESSION_ROLLING: envs.bool(true),
+      SESSION_PERSISTENT: envs.bool(false),
       TRUST_PROXY: envs.bool(false),
       // One year, as helmet sends it; 0 sends none (a proxy in front that sets its own, say).
       HSTS_MAX_AGE_S: envs.int(HSTS_ONE_YEAR_S, 0, 2 * HSTS_ONE_YEAR_S, ' s'),
@@ -91,6 +92,7 @@ export function loadWebConfig(raw = readEnv()) {
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL_MS,
       secure: env.SESSION_SECURE,
       rolling: env.SESSION_ROLLING,
+      persistent: env.SESSION_PERSISTENT,
       // A request queued behind others of its browser gives up (503) after two store deadlines:
       // with the store slow, a turn can take one or two.
       maxQueueWaitMs: 2 * env.STORE_DEADLINE_MS,

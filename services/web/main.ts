@@ -58,6 +58,7 @@ function main(): void {
           idleTtlMs: config.session.idleTtlMs,
           absoluteTtlMs: config.session.absoluteTtlMs,
           rolling: config.session.rolling,
+          persistent: config.session.persistent,
           secure: config.session.secure,
           keys: config.session.keys.length,
         },

@@ -32,6 +32,12 @@ export interface SessionOptions {
   /** Reads also slide the idle timeout (default true). Writes always do. */
   rolling?: boolean;
   /**
+   * The cookie gets an expiry, the session's absolute end (absoluteTtlMs from when its id is
+   * issued), so it outlives a browser restart: "remember me". Default false: a browser-session
+   * cookie, gone when the browser closes. Either way the store decides when the session ends.
+   */
+  persistent?: boolean;
+  /**
    * When the cookie gets `Secure` and the `__Host-` prefix: 'auto' (default) when the request is
    * HTTPS (ctx.secure, which honours X-Forwarded-Proto when app.proxy is set), 'always', or 'never'.
    */
@@ -523,11 +529,12 @@ export class Session<T extends object = SessionData> {
     if (id === this.cookieId || id === this.sentId) return;
     this.sentId = id;
     this.markPrivate();
-    this.setCookie(this.proofFor(id).cookie);
+    // A persistent cookie ends with the session's absolute lifetime, which starts now for a new id.
+    this.setCookie(this.proofFor(id).cookie, this.cfg.persistent ? { maxAge: this.cfg.absoluteTtlMs } : undefined);
   }
 
   /** Sets the session cookie (Secure when secure(), which the cookies library must be told of on a plain-HTTP hop). */
-  private setCookie(value: string, extra?: { maxAge: number; expires: Date }): void {
+  private setCookie(value: string, extra?: { maxAge: number; expires?: Date }): void {
     if (this.secure()) this.ctx.cookies.secure = true;
     this.ctx.cookies.set(this.cookieName(), value, { ...this.cookieAttributes(), ...extra });
   }
@@ -776,6 +783,7 @@ interface ResolvedOptions {
   idleTtlMs: number;
   absoluteTtlMs: number;
   rolling: boolean;
+  persistent: boolean;
   secure: 'auto' | 'always' | 'never';
   maxUpdateTries: number;
   regenerateGraceMs: number;
@@ -796,6 +804,7 @@ const KNOWN_OPTIONS = new Set<string>([
   'idleTtlMs',
   'absoluteTtlMs',
   'rolling',
+  'persistent',
   'secure',
   'maxUpdateTries',
   'regenerateGraceMs',
@@ -845,6 +854,8 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
   }
   const rolling = options.rolling ?? true;
   if (typeof rolling !== 'boolean') throw new TypeError('session option rolling must be true or false');
+  const persistent = options.persistent ?? false;
+  if (typeof persistent !== 'boolean') throw new TypeError('session option persistent must be true or false');
   const idleTtlMs = positive('idleTtlMs', options.idleTtlMs, 30 * 60_000);
   const absoluteTtlMs = positive('absoluteTtlMs', options.absoluteTtlMs, 24 * 3_600_000);
   if (absoluteTtlMs < idleTtlMs) {
@@ -863,6 +874,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
     idleTtlMs,
     absoluteTtlMs,
     rolling,
+    persistent,
     secure,
     maxUpdateTries: positive('maxUpdateTries', options.maxUpdateTries, 30),
     regenerateGraceMs: positive('regenerateGraceMs', options.regenerateGraceMs, 10_000),
