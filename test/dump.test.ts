@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -537,7 +538,7 @@ describe('bin/dump (child process against a real store)', function () {
         await shortLived.stop();
         assert.equal(await watcher.exited, 1);
         assert.equal(lines(watcher.stderr()).length, 1, watcher.stderr());
-        assert.match(watcher.stderr(), /^dump: cannot dump the store at 127\.0\.0\.1:\d+: /);
+        assert.match(watcher.stderr(), /^dump: cannot dump the store at 127\.0\.0\.1:\d+: .*run it again/);
       } finally {
         await watcher.stop('SIGKILL');
         await shortLived.stop();
@@ -554,6 +555,22 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(lines(run.stderr).length, 1, run.stderr);
       assert.match(run.stderr, new RegExp(`^dump: cannot dump the store at 127\\.0\\.0\\.1:${port}: connection refused`));
       assert.ok(run.ms < 7000, `took ${run.ms} ms`);
+    });
+
+    it('an address where an HTTP/1 server answers (the web, not the store): one line saying so, no TLS hint, exit 1', async () => {
+      const web = createHttpServer((_req, res) => res.end('a page'));
+      await new Promise<void>((resolve) => web.listen(0, '127.0.0.1', resolve));
+      try {
+        const port = (web.address() as { port: number }).port;
+        const run = await runDump([`127.0.0.1:${port}`, '--connect-timeout', '5000'], {}, tmp.dir);
+        assert.equal(run.code, 1);
+        assert.equal(
+          run.stderr,
+          `dump: cannot dump the store at 127.0.0.1:${port}: something answers there, but not a gRPC server (the web service, say): give the address of the store (npm start: the web port + 100)\n`,
+        );
+      } finally {
+        web.close();
+      }
     });
 
     it('output it cannot write (a full disk): one line saying so, exit 1', async function () {

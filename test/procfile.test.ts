@@ -135,6 +135,23 @@ describe('npm start (bin/start around nf start)', function () {
     assert.equal(await isFree(base), true, 'the web was stopped too');
   });
 
+  it('when whoever started it dies without passing a signal on (npm on a SIGHUP of its own, a SIGKILL), it stops both services and frees their ports', async () => {
+    const base = await freeBasePort([0, 100, 101]);
+    // A shell stands for npm: it starts bin/start and is then killed outright.
+    const script = `"${path.join(root, 'bin', 'start')}" "$@" & wait`;
+    const started = await startForeman('sh', ['-c', script, 'sh'], base, path.join(tmp.dir, 'orphaned'), { detached: true });
+    child = started.child;
+    assert.equal((await started.jar.page()).count1, 0);
+    child.kill('SIGKILL');
+    await exited(child);
+    const end = Date.now() + 15_000;
+    while (!(await isFree(base)) || !(await isFree(base + 100))) {
+      if (Date.now() > end) assert.fail(`the services are still running\n${started.output()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.match(started.output(), /"msg":"stopping: NOT_SERVING/, 'the store stopped gracefully');
+  });
+
   // 'group SIGINT' is Ctrl-C in a terminal: every process of the foreground group gets it.
   for (const how of ['SIGTERM', 'SIGHUP', 'group SIGINT'] as const) {
     it(`${how} to it stops both services gracefully, once each, and frees their ports`, async () => {

@@ -127,7 +127,7 @@ export class StoreSource {
         }
         reject(this.translate(err));
       });
-      call.on('end', () => reject(new StoreUnreachableError('the store ended the change feed (is it stopping?)')));
+      call.on('end', () => reject(new StoreUnreachableError('the store ended the change feed (is it stopping?): later changes are not shown; run it again once the store is back')));
     });
   }
 
@@ -208,6 +208,10 @@ function describeUnavailable(details: string, options: SourceOptions): string {
     return `TLS handshake failed: the store certificate does not name ${host} (connect by a host name it lists, or add ${host} to its subjectAltName)`;
   }
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
+  // An HTTP/1 server answered the HTTP/2 preface: the web's port, say, where the store's was meant.
+  if (!options.tls && /^Protocol error\b/.test(lastError)) {
+    return 'something answers there, but not a gRPC server (the web service, say): give the address of the store (npm start: the web port + 100)';
+  }
   if (options.tls) {
     // Without a CA file the default roots were trusted: naming --tls-ca as the culprit would mislead.
     const hint = options.tlsCa
