@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
+import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
 import { parsePrometheus } from './helpers/prometheus';
+import { freeBasePort } from './helpers/ports';
 import { type Proc, startStore, startWeb, TEST_KEY, tempDir, waitForLine } from './helpers/procs';
 
 describe('counter site (real web + real store processes)', function () {
@@ -177,6 +179,20 @@ describe('a web whose settings its store refuses is not ready, and says which se
     const res = await fetch(`http://127.0.0.1:${web.port}/readyz`);
     return { status: res.status, body: await res.json() };
   }
+
+  it('a web started before its store logs "not ready" and then, without any request, "ready" once the store is up', async () => {
+    const port = await freeBasePort([0]);
+    const web = await startWeb(port, tmp.dir, { STORE_DEADLINE_MS: '300' });
+    webs.push(web);
+    await waitForLine(web, (l) => l.includes('not ready: the store does not serve'));
+    const late = await startStore(path.join(tmp.dir, 'late'), {}, port);
+    try {
+      await waitForLine(web, (l) => l.includes('ready: the store serves again'), 10_000);
+      assert.equal((await fetch(`http://127.0.0.1:${web.port}/`)).status, 200);
+    } finally {
+      await late.stop();
+    }
+  });
 
   it('a wrong STORE_TOKEN: /readyz 503 naming STORE_TOKEN, logged at start without a request; pages 503', async () => {
     const web = await startWeb(store.port, tmp.dir, { STORE_TOKEN: 'another-token-0123456789' });

@@ -65,16 +65,24 @@ function main(): void {
       },
       'listening',
     );
-    // A store that refuses this web's settings is logged now, not at the first /readyz.
-    void readiness.check();
+    // A store that refuses this web's settings is logged now, not at the first /readyz. One not
+    // ready yet (started alongside, so still starting) is asked again each second until it is:
+    // the log then says when it became ready, without anyone asking /readyz.
+    const untilReady = () =>
+      void readiness.check().then((answer) => {
+        if (answer.store !== 'SERVING' || answer.problem) startupRecheck = setTimeout(untilReady, 1000).unref();
+      });
+    untilReady();
   });
   server.on('error', (err: NodeJS.ErrnoException) => {
     process.stderr.write(`web: cannot listen on ${config.host}:${config.port} (${listenVariables(err.code, 'PORT', 'WEB_HOST')}): ${err.message}\n`);
     process.exit(1);
   });
   server.keepAliveTimeout = 65_000;
+  let startupRecheck: NodeJS.Timeout | undefined;
   const finish = (signal: string) =>
     stop(signal, () => {
+      clearTimeout(startupRecheck);
       store.close();
       readiness.close();
       process.exit(0);
