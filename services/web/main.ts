@@ -66,13 +66,15 @@ function main(): void {
       'listening',
     );
     // A store that refuses this web's settings is logged now, not at the first /readyz. One not
-    // ready yet (started alongside, so still starting) is asked again each second until it is:
-    // the log then says when it became ready, without anyone asking /readyz.
-    const untilReady = () =>
+    // ready yet (started alongside, so still starting) is asked again until it is, after 1 s, then
+    // 2 s, 4 s, ... at most 30 s apart (a misconfiguration is not retried every second): the log
+    // then says when it became ready, without anyone asking /readyz.
+    const untilReady = (delayMs: number) =>
       void readiness.check().then((answer) => {
-        if (answer.store !== 'SERVING' || answer.problem) startupRecheck = setTimeout(untilReady, 1000).unref();
+        if (answer.store === 'SERVING' && !answer.problem) return;
+        startupRecheck = setTimeout(() => untilReady(Math.min(2 * delayMs, 30_000)), delayMs).unref();
       });
-    untilReady();
+    untilReady(1000);
   });
   server.on('error', (err: NodeJS.ErrnoException) => {
     process.stderr.write(`web: cannot listen on ${config.host}:${config.port} (${listenVariables(err.code, 'PORT', 'WEB_HOST')}): ${err.message}\n`);
