@@ -135,10 +135,10 @@ describe('npm start (bin/start around nf start)', function () {
     assert.equal(await isFree(base), true, 'the web was stopped too');
   });
 
-  it('when whoever started it dies without passing a signal on (npm on a SIGHUP of its own, a SIGKILL), it stops both services and frees their ports', async () => {
+  it('when npm dies without passing a signal on (a SIGHUP of its own, a SIGKILL), it stops both services and frees their ports', async () => {
     const base = await freeBasePort([0, 100, 101]);
-    // A shell stands for npm: it starts bin/start and is then killed outright.
-    const script = `"${path.join(root, 'bin', 'start')}" "$@" & wait`;
+    // A shell stands for npm (and sets what npm sets for its scripts): it starts bin/start and is then killed outright.
+    const script = `npm_lifecycle_event=start "${path.join(root, 'bin', 'start')}" "$@" & wait`;
     const started = await startForeman('sh', ['-c', script, 'sh'], base, path.join(tmp.dir, 'orphaned'), { detached: true });
     child = started.child;
     assert.equal((await started.jar.page()).count1, 0);
