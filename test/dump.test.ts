@@ -566,7 +566,7 @@ describe('bin/dump (child process against a real store)', function () {
         assert.equal(run.code, 1);
         assert.equal(
           run.stderr,
-          `dump: cannot dump the store at 127.0.0.1:${port}: something answers there, but not a gRPC server (the web service, say): give the address of the store (npm start: the web port + 100)\n`,
+          `dump: cannot dump the store at 127.0.0.1:${port}: something answers there, but not a gRPC server (the web service, say): give the address of the store\n`,
         );
       } finally {
         web.close();

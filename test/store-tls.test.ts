@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { copyFileSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { loadStoreConfig } from '../services/store/config';
@@ -177,6 +177,8 @@ describe('store over TLS (self-signed certificate made by the test, real process
       return Number(/^store_tls_certificate_expiry_timestamp_seconds (\S+)$/m.exec(text)?.[1]);
     };
     const notAfter = (cert: string) => new Date(new X509Certificate(readFileSync(cert)).validTo).getTime() / 1000;
+    /** Waits for a line logged after the first `from` lines (earlier ones may match too). */
+    const logged = (from: number, matches: (line: string) => boolean) => waitForLine(renewing, (l) => matches(l) && renewing.lines.indexOf(l) >= from);
 
     before(async () => {
       const dir = path.join(tmp.dir, 'renewal');
@@ -201,9 +203,10 @@ describe('store over TLS (self-signed certificate made by the test, real process
       await before.put('renewal', Buffer.from('kept'), { ttlMs: 60_000 });
       assert.equal(await expiryMetric(), notAfter(first));
 
+      const from = renewing.lines.length;
       replace(served.key, renewed.key);
       replace(served.cert, renewed.cert);
-      await waitForLine(renewing, (l) => l.includes('TLS certificate reloaded'));
+      await logged(from, (l) => l.includes('TLS certificate reloaded'));
 
       assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
       await assert.rejects(client(first, 1500).get('renewal'), (err: StoreClientError) => err.kind === 'unavailable');
@@ -212,16 +215,32 @@ describe('store over TLS (self-signed certificate made by the test, real process
     });
 
     it('a certificate without its key is never served: the previous one stays, with a warning, until the key follows', async () => {
+      let from = renewing.lines.length;
       replace(served.cert, other.cert); // the key is still the renewed one's
-      const warning = await waitForLine(renewing, (l) => l.includes('do not hold a usable pair'));
-      assert.match(warning, /"reason":"key values mismatch"/);
+      const warning = await logged(from, (l) => l.includes('do not hold a usable pair'));
+      assert.match(warning, /"reason":"[^"]*key values mismatch"/);
       assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
       assert.equal(await expiryMetric(), notAfter(renewed.cert));
 
+      assert.equal(renewing.lines.slice(from).filter((l) => l.includes('do not hold a usable pair')).length, 1, 'a failure that lasts is warned about once');
+      from = renewing.lines.length;
       replace(served.key, other.key);
-      await waitForLine(renewing, (l) => l.includes('TLS certificate reloaded') && l.includes(new Date(notAfter(other.cert) * 1000).toISOString()));
+      await logged(from, (l) => l.includes('TLS certificate reloaded') && l.includes(new Date(notAfter(other.cert) * 1000).toISOString()));
       assert.equal((await client(other.cert).get('renewal'))?.value.toString(), 'kept');
       assert.deepEqual(renewing.lines.filter((l) => !l.startsWith('{')), [], 'grpc-js logged a failed secure context');
+    });
+
+    it('a file gone mid-rotation is warned about, naming its variable; the certificate in use stays until both are back', async () => {
+      let from = renewing.lines.length;
+      rmSync(served.key);
+      const warning = await logged(from, (l) => l.includes('do not hold a usable pair'));
+      assert.match(warning, /"reason":"STORE_TLS_KEY: ENOENT"/);
+      assert.equal((await client(other.cert).get('renewal'))?.value.toString(), 'kept');
+      from = renewing.lines.length;
+      replace(served.cert, renewed.cert);
+      replace(served.key, renewed.key);
+      await logged(from, (l) => l.includes('TLS certificate reloaded') && l.includes(new Date(notAfter(renewed.cert) * 1000).toISOString()));
+      assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
     });
   });
 });

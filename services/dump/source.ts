@@ -210,7 +210,7 @@ function describeUnavailable(details: string, options: SourceOptions): string {
   const lastError = /Last error: (?:Error: )?(.*?)(?:\.? Resolution note:.*)?$/.exec(text)?.[1] || text;
   // An HTTP/1 server answered the HTTP/2 preface: the web's port, say, where the store's was meant.
   if (!options.tls && /^Protocol error\b/.test(lastError)) {
-    return 'something answers there, but not a gRPC server (the web service, say): give the address of the store (npm start: the web port + 100)';
+    return 'something answers there, but not a gRPC server (the web service, say): give the address of the store';
   }
   if (options.tls) {
     // Without a CA file the default roots were trusted: naming --tls-ca as the culprit would mislead.

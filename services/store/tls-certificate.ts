@@ -23,7 +23,9 @@ export interface CertificateInfo {
 export function checkPair(pair: CertificatePair): CertificateInfo {
   createSecureContext({ cert: pair.cert, key: pair.key });
   const leaf = new X509Certificate(pair.cert);
-  return { subject: leaf.subject.replace(/\n/g, ', '), notAfter: new Date(leaf.validTo) };
+  const notAfter = new Date(leaf.validTo);
+  if (Number.isNaN(notAfter.getTime())) throw new Error(`the certificate's expiry cannot be read (${JSON.stringify(leaf.validTo)})`);
+  return { subject: leaf.subject.replace(/\n/g, ', '), notAfter };
 }
 
 type IdentityListener = experimental.IdentityCertificateUpdateListener;
@@ -42,9 +44,18 @@ export class ReloadingCertificate implements experimental.CertificateProvider {
   private current: CertificatePair;
   private readonly listeners = new Set<IdentityListener>();
   private timer: NodeJS.Timeout | undefined;
-  /** The files' identity (inode, size, mtime) when last looked at, so unchanged files are not read again. */
+  /**
+   * The files' identity (inode, size, modification and change times) when they last gave a usable
+   * pair, so unchanged files are not read again. A failed look leaves it as it was: the files are
+   * looked at again next time, as fixing them may change none of this (chmod changes only ctime,
+   * a directory's permissions nothing of the file).
+   */
   private seen: string | undefined;
+  /** Why the last look failed, so a failure that lasts is warned about once, not at every look. */
+  private failure: string | undefined;
   private checking = false;
+  private notAfterMs = Infinity;
+  private expiryWarned = false;
 
   constructor(
     private readonly files: { cert: string; key: string },
@@ -76,31 +87,44 @@ export class ReloadingCertificate implements experimental.CertificateProvider {
   addCaCertificateListener(): void {}
   removeCaCertificateListener(): void {}
 
-  /** Reads the files again if they changed since last looked at (the first look reads them once). */
+  /** Reads the files again if they changed since they last gave a usable pair (the first look reads them once). */
   private async check(): Promise<void> {
     if (this.checking) return;
     this.checking = true;
     try {
-      const seen = await this.fingerprint();
-      if (seen === undefined || seen === this.seen) return;
-      this.seen = seen;
+      this.warnIfExpired();
+      let seen: string;
       let next: CertificatePair;
       let info: CertificateInfo;
       try {
-        next = { cert: await readFile(this.files.cert), key: await readFile(this.files.key) };
-        if (next.cert.equals(this.current.cert) && next.key.equals(this.current.key)) return;
+        seen = (await Promise.all([fingerprint('STORE_TLS_CERT', this.files.cert), fingerprint('STORE_TLS_KEY', this.files.key)])).join('/');
+        if (seen === this.seen) return;
+        next = { cert: await read('STORE_TLS_CERT', this.files.cert), key: await read('STORE_TLS_KEY', this.files.key) };
+        if (next.cert.equals(this.current.cert) && next.key.equals(this.current.key)) {
+          this.seen = seen;
+          this.failure = undefined;
+          return;
+        }
         info = checkPair(next);
       } catch (err) {
-        this.options.logger.warn(
-          { reason: reasonOf(err), cert: this.files.cert, key: this.files.key },
-          'STORE_TLS_CERT and STORE_TLS_KEY changed but do not hold a usable pair: still serving the previous certificate',
-        );
+        const reason = reasonOf(err);
+        if (reason !== this.failure) {
+          this.options.logger.warn(
+            { reason, cert: this.files.cert, key: this.files.key },
+            'STORE_TLS_CERT and STORE_TLS_KEY do not hold a usable pair now: still serving the previous certificate',
+          );
+        }
+        this.failure = reason;
         return;
       }
+      this.seen = seen;
+      this.failure = undefined;
       this.current = next;
       for (const listener of this.listeners) listener({ certificate: next.cert, privateKey: next.key });
       this.options.logger.info({ subject: info.subject, notAfter: info.notAfter.toISOString() }, 'TLS certificate reloaded: new connections use it');
       this.loaded(info);
+    } catch (err) {
+      this.options.logger.error({ err }, 'looking for a renewed TLS certificate failed: still serving the previous certificate');
     } finally {
       this.checking = false;
     }
@@ -108,28 +132,39 @@ export class ReloadingCertificate implements experimental.CertificateProvider {
 
   private loaded(info: CertificateInfo): void {
     this.options.onLoaded(info);
-    if (info.notAfter.getTime() <= Date.now()) {
-      this.options.logger.warn({ subject: info.subject, notAfter: info.notAfter.toISOString() }, 'the TLS certificate has expired: clients will refuse to connect');
-    }
+    this.notAfterMs = info.notAfter.getTime();
+    this.expiryWarned = false;
+    this.warnIfExpired();
   }
 
-  /** inode, size and modification time of both files; undefined when either cannot be read (kept as it was). */
-  private async fingerprint(): Promise<string | undefined> {
-    try {
-      const [cert, key] = await Promise.all([stat(this.files.cert), stat(this.files.key)]);
-      return `${cert.ino}:${cert.size}:${cert.mtimeMs}/${key.ino}:${key.size}:${key.mtimeMs}`;
-    } catch (err) {
-      if (this.seen !== 'missing') {
-        this.options.logger.warn({ reason: reasonOf(err) }, 'cannot read STORE_TLS_CERT or STORE_TLS_KEY: still serving the previous certificate');
-      }
-      this.seen = 'missing';
-      return undefined;
-    }
+  /** Once per certificate, when it is (or becomes, while served) past its notAfter. */
+  private warnIfExpired(): void {
+    if (this.expiryWarned || Date.now() < this.notAfterMs) return;
+    this.expiryWarned = true;
+    this.options.logger.warn({ notAfter: new Date(this.notAfterMs).toISOString() }, 'the TLS certificate has expired: clients will refuse to connect');
   }
 }
 
-/** A system error's code (ENOENT, EACCES); OpenSSL's own words otherwise ("key values mismatch"). */
+/** inode, size, modification and change time of a file; throws naming the variable and the reason. */
+async function fingerprint(variable: string, file: string): Promise<string> {
+  try {
+    const s = await stat(file);
+    return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`;
+  } catch (err) {
+    throw new Error(`${variable}: ${reasonOf(err)}`);
+  }
+}
+
+async function read(variable: string, file: string): Promise<Buffer> {
+  try {
+    return await readFile(file);
+  } catch (err) {
+    throw new Error(`${variable}: ${reasonOf(err)}`);
+  }
+}
+
+/** A system error's code (ENOENT, EACCES); OpenSSL's own words otherwise ("x509 certificate routines::key values mismatch"). */
 function reasonOf(err: unknown): string {
   const { syscall, code, message } = err as NodeJS.ErrnoException;
-  return (syscall && code) || message.replace(/^error:[0-9A-F]+:[^:]*::?/, '');
+  return (syscall && code) || message.replace(/^error:[0-9A-F]+:/, '');
 }
