@@ -152,6 +152,28 @@ describe('npm start (bin/start around nf start)', function () {
     assert.match(started.output(), /"msg":"stopping: NOT_SERVING/, 'the store stopped gracefully');
   });
 
+  it('started directly (not by npm), it outlives the shell that started it (nohup bin/start &), and still stops on SIGTERM', async () => {
+    const base = await freeBasePort([0, 100, 101]);
+    const script = `"${path.join(root, 'bin', 'start')}" "$@" & echo "bin/start pid $!"; wait`;
+    const started = await startForeman('sh', ['-c', script, 'sh'], base, path.join(tmp.dir, 'direct'), { detached: true });
+    child = started.child;
+    const pid = Number(/^bin\/start pid (\d+)$/m.exec(started.output())?.[1]);
+    assert.ok(pid > 0, started.output());
+    child.kill('SIGKILL');
+    await exited(child);
+    await new Promise((r) => setTimeout(r, 1500)); // three of the lost-parent checks it would make under npm
+    try {
+      assert.equal((await started.jar.page()).count1, 0, 'the site is still up');
+    } finally {
+      process.kill(pid, 'SIGTERM');
+      const end = Date.now() + 15_000;
+      while (!(await isFree(base)) || !(await isFree(base + 100))) {
+        if (Date.now() > end) assert.fail(`SIGTERM did not stop the services\n${started.output()}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  });
+
   // 'group SIGINT' is Ctrl-C in a terminal: every process of the foreground group gets it.
   for (const how of ['SIGTERM', 'SIGHUP', 'group SIGINT'] as const) {
     it(`${how} to it stops both services gracefully, once each, and frees their ports`, async () => {
