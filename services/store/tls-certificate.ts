@@ -145,22 +145,21 @@ export class ReloadingCertificate implements experimental.CertificateProvider {
   }
 }
 
-/** inode, size, modification and change time of a file; throws naming the variable and the reason. */
+/** inode, size, modification and change time of a file. */
 async function fingerprint(variable: string, file: string): Promise<string> {
-  try {
-    const s = await stat(file);
-    return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`;
-  } catch (err) {
-    throw new Error(`${variable}: ${reasonOf(err)}`);
-  }
+  const s = await naming(variable, stat(file));
+  return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`;
 }
 
-async function read(variable: string, file: string): Promise<Buffer> {
-  try {
-    return await readFile(file);
-  } catch (err) {
+function read(variable: string, file: string): Promise<Buffer> {
+  return naming(variable, readFile(file));
+}
+
+/** The same work, failing with the variable that names the file and the reason ("STORE_TLS_KEY: EACCES"). */
+function naming<T>(variable: string, work: Promise<T>): Promise<T> {
+  return work.catch((err: unknown) => {
     throw new Error(`${variable}: ${reasonOf(err)}`);
-  }
+  });
 }
 
 /** A system error's code (ENOENT, EACCES); OpenSSL's own words otherwise ("x509 certificate routines::key values mismatch"). */
