@@ -44,7 +44,7 @@ describe('web over HTTP (createApp over a real store process)', function () {
   }
 
   describe('security headers', () => {
-    it('pages carry a CSP with no inline script and frame-ancestors none (X-Frame-Options DENY), nosniff, a Referrer-Policy, and Cache-Control: no-store', async () => {
+    it('pages carry a CSP with no inline script and frame-ancestors none (X-Frame-Options DENY), nosniff, a Referrer-Policy, a Permissions-Policy denying powerful features, and Cache-Control: no-store', async () => {
       const { base } = await site();
       const jar = new CookieJarClient(base);
       const home = await jar.get('/');
@@ -58,6 +58,8 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)/i, 'no inline script in the page');
       assert.equal(home.headers.get('x-content-type-options'), 'nosniff');
       assert.ok(home.headers.get('referrer-policy'), 'Referrer-Policy is set');
+      assert.match(home.headers.get('permissions-policy') ?? '', /(^|, )camera=\(\)(, |$)/, 'no powerful browser feature for this origin or its frames');
+      assert.match(home.headers.get('permissions-policy') ?? '', /(^|, )geolocation=\(\)(, |$)/);
       assert.equal(home.headers.get('cache-control'), 'no-store');
       const csrf = /name="_csrf" value="([^"]+)"/.exec(html)?.[1] ?? '';
       const redirect = await jar.post('/increment', { _csrf: csrf }, false);

@@ -12,7 +12,7 @@ import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
-import { HSTS_ONE_YEAR_S, securityHeaders, strictTransportSecurity } from './security-headers';
+import { HSTS_ONE_YEAR_S, PERMISSIONS_POLICY, securityHeaders, strictTransportSecurity } from './security-headers';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
@@ -71,24 +71,27 @@ export function createApp(deps: AppDeps): Koa {
   app.use(observeRequests(logger, metrics, router));
   app.use(errorPages(logger, render));
   app.use(
-    securityHeaders({
-      contentSecurityPolicy: {
-        useDefaults: false,
-        directives: {
-          defaultSrc: ["'none'"],
-          styleSrc: ["'self'"],
-          imgSrc: ["'self'"],
-          formAction: ["'self'"],
-          frameAncestors: ["'none'"],
-          baseUri: ["'none'"],
+    securityHeaders(
+      {
+        contentSecurityPolicy: {
+          useDefaults: false,
+          directives: {
+            defaultSrc: ["'none'"],
+            styleSrc: ["'self'"],
+            imgSrc: ["'self'"],
+            formAction: ["'self'"],
+            frameAncestors: ["'none'"],
+            baseUri: ["'none'"],
+          },
         },
+        referrerPolicy: { policy: 'same-origin' },
+        // The header older browsers read instead of frame-ancestors: the same answer, never framed.
+        xFrameOptions: { action: 'deny' },
+        // Sent by strictTransportSecurity below, and only over HTTPS.
+        strictTransportSecurity: false,
       },
-      referrerPolicy: { policy: 'same-origin' },
-      // The header older browsers read instead of frame-ancestors: the same answer, never framed.
-      xFrameOptions: { action: 'deny' },
-      // Sent by strictTransportSecurity below, and only over HTTPS.
-      strictTransportSecurity: false,
-    }),
+      { 'Permissions-Policy': PERMISSIONS_POLICY },
+    ),
   );
   const hsts = strictTransportSecurity(deps.hstsMaxAgeS ?? HSTS_ONE_YEAR_S);
   if (hsts) app.use(hsts);

@@ -7,14 +7,15 @@ import type Koa from 'koa';
  * response: the same headers helmet chooses, without running its dozen middleware (and a promise)
  * per request. Only options whose headers do not depend on the request are accepted (no CSP
  * directive functions such as per-request nonces): the headers are checked to come out the same
- * for two different requests.
+ * for two different requests. `extra` adds fixed headers helmet has no option for.
  */
-export function securityHeaders(options: HelmetOptions): Koa.Middleware {
-  const headers = captureHeaders(options, '/');
+export function securityHeaders(options: HelmetOptions, extra: Record<string, string> = {}): Koa.Middleware {
+  const chosen = captureHeaders(options, '/');
   const again = captureHeaders(options, '/other?x=1');
-  if (JSON.stringify(headers) !== JSON.stringify(again)) {
+  if (JSON.stringify(chosen) !== JSON.stringify(again)) {
     throw new TypeError('securityHeaders: these helmet options give request-dependent headers; set them with helmet per request instead');
   }
+  const headers = [...chosen, ...Object.entries(extra)];
   const names = headers.map(([name]) => name);
   const values = headers.map(([, value]) => value);
   return (ctx, next) => {
@@ -23,6 +24,27 @@ export function securityHeaders(options: HelmetOptions): Koa.Middleware {
     return next();
   };
 }
+
+/**
+ * Permissions-Policy for a site that uses none of the browser's powerful features: no document of
+ * this origin, nor any frame it could embed, may ask for the camera, the microphone, the location,
+ * payments and the like. Only features Chromium knows are listed: it warns in the console of every page about others.
+ */
+export const PERMISSIONS_POLICY = [
+  'accelerometer',
+  'browsing-topics',
+  'camera',
+  'display-capture',
+  'geolocation',
+  'gyroscope',
+  'magnetometer',
+  'microphone',
+  'midi',
+  'payment',
+  'usb',
+]
+  .map((feature) => `${feature}=()`)
+  .join(', ');
 
 /** The Strict-Transport-Security max-age helmet sends by default: one year, in seconds. */
 export const HSTS_ONE_YEAR_S = 365 * 24 * 60 * 60;

@@ -33,8 +33,9 @@ export function launchChromium(): Promise<Browser> {
 }
 
 /**
- * Everything that went wrong on a page: console errors (CSP violations are reported there),
- * uncaught exceptions, failed requests, and responses >= 400 that the test did not announce.
+ * Everything that went wrong on a page: console errors (CSP violations are reported there), headers
+ * Chromium could not apply, uncaught exceptions, failed requests, and responses >= 400 that the
+ * test did not announce.
  */
 export class PageProblems {
   readonly problems: string[] = [];
@@ -42,6 +43,12 @@ export class PageProblems {
 
   constructor(page: Page) {
     page.on('console', (msg) => {
+      // Chromium reports a response header it cannot apply (an unknown Permissions-Policy feature)
+      // as a warning that starts "Error with ... header".
+      if (msg.type() === 'warning' && /^Error with .* header/.test(msg.text())) {
+        this.problems.push(`header not applied on ${page.url()}: ${msg.text()}`);
+        return;
+      }
       if (msg.type() !== 'error') return;
       const url = msg.location().url;
       const status = /the server responded with a status of (\d+)/.exec(msg.text())?.[1];
