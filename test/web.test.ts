@@ -54,7 +54,7 @@ describe('counter site (real web + real store processes)', function () {
     assert.notEqual(jar.cookies.get('sid'), firstId);
   });
 
-  it("requests Node's HTTP parser refuses get Node's answers (400, 431) and are counted in web_http_refused_total by code; a client hanging up is not", async () => {
+  it("requests Node's HTTP parser refuses get Node's statuses (400, 431) with the site's error page and security headers, are counted in web_http_refused_total by code, and close the connection; a client hanging up is not counted", async () => {
     const raw = (bytes: string) =>
       new Promise<string>((resolve) => {
         const socket = connect(web.port, '127.0.0.1');
@@ -64,8 +64,25 @@ describe('counter site (real web + real store processes)', function () {
         socket.on('close', () => resolve(answer));
         socket.write(bytes);
       });
-    assert.match(await raw('NOT A REQUEST\r\n\r\n'), /^HTTP\/1\.1 400 Bad Request\r\n/);
-    assert.match(await raw(`GET / HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`), /^HTTP\/1\.1 431 /);
+    const page = (answer: string) => {
+      const [head, body] = answer.split('\r\n\r\n', 2) as [string, string | undefined];
+      const headers = new Map(head.split('\r\n').slice(1).map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 2)]));
+      assert.equal(Number(headers.get('content-length')), Buffer.byteLength(body ?? ''), 'the whole page, as long as it says');
+      assert.equal(headers.get('content-type'), 'text/html; charset=utf-8');
+      assert.equal(headers.get('connection'), 'close');
+      assert.equal(headers.get('cache-control'), 'no-store');
+      assert.match(headers.get('content-security-policy') ?? '', /default-src 'none'/);
+      assert.equal(headers.get('x-frame-options'), 'DENY');
+      assert.match(body ?? '', /Back to the counters/);
+      return { status: head.split('\r\n')[0], body: body ?? '' };
+    };
+    const bad = page(await raw('NOT A REQUEST\r\n\r\n'));
+    assert.equal(bad.status, 'HTTP/1.1 400 Bad Request');
+    assert.match(bad.body, /<title>Bad request · Session counters<\/title>/);
+    const tooLarge = page(await raw(`GET / HTTP/1.1\r\nHost: x\r\nCookie: ${'a=b; '.repeat(4_000)}\r\n\r\n`));
+    assert.equal(tooLarge.status, 'HTTP/1.1 431 Request Header Fields Too Large');
+    assert.match(tooLarge.body, /<h1>Request headers too large<\/h1>/);
+    assert.match(tooLarge.body, /Clear this site&#39;s cookies/);
     const hangUp = connect(web.port, '127.0.0.1');
     hangUp.on('error', () => undefined);
     await new Promise((r) => hangUp.once('connect', r));

@@ -189,7 +189,7 @@ export class StoreSource {
       if (this.answered) return new StoreUnreachableError(`the connection to the store broke: ${text} (run it again)`);
       return new StoreUnreachableError(describeUnavailable(text, this.options));
     }
-    if (code === status.CANCELLED) return new StoreUnreachableError('the store closed the call (is it stopping?)');
+    if (code === status.CANCELLED) return new StoreUnreachableError('the store closed the call (is it stopping?); run it again once the store is back');
     if (code === status.UNIMPLEMENTED) return new StoreUnreachableError(`the store does not support this call (${text})`);
     return new StoreUnreachableError(`${status[code] ?? 'error'}: ${text}`);
   }

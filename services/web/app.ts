@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { STATUS_CODES } from 'node:http';
 import path from 'node:path';
 import bodyParser from '@koa/bodyparser';
 import type Router from '@koa/router';
@@ -12,7 +13,7 @@ import { WebMetrics } from './metrics';
 import { createOperationRoutes, OPERATION_PATHS } from './operations';
 import type { ReadinessCheck } from './readiness';
 import { createRoutes } from './routes';
-import { HSTS_ONE_YEAR_S, PERMISSIONS_POLICY, securityHeaders, strictTransportSecurity } from './security-headers';
+import { HSTS_ONE_YEAR_S, type HeaderList, PERMISSIONS_POLICY, securityHeaderList, securityHeaders, strictTransportSecurity } from './security-headers';
 import { type SessionBackend, SessionConflictError, sessionMiddleware, type SessionOptions } from './session';
 
 export interface AppDeps {
@@ -35,6 +36,29 @@ export interface AppDeps {
 
 const webDir = path.join(projectRoot, 'services', 'web');
 
+/** The security headers of every response, error pages and refused requests included. */
+const SECURITY_HEADERS = securityHeaderList(
+  {
+    contentSecurityPolicy: {
+      useDefaults: false,
+      directives: {
+        defaultSrc: ["'none'"],
+        styleSrc: ["'self'"],
+        imgSrc: ["'self'"],
+        formAction: ["'self'"],
+        frameAncestors: ["'none'"],
+        baseUri: ["'none'"],
+      },
+    },
+    referrerPolicy: { policy: 'same-origin' },
+    // The header older browsers read instead of frame-ancestors: the same answer, never framed.
+    xFrameOptions: { action: 'deny' },
+    // Sent by strictTransportSecurity below, and only over HTTPS.
+    strictTransportSecurity: false,
+  },
+  { 'Permissions-Policy': PERMISSIONS_POLICY },
+);
+
 /** Largest form body accepted; larger ones get the 413 page. */
 const FORM_LIMIT = '8kb';
 
@@ -45,7 +69,7 @@ export function createApp(deps: AppDeps): Koa {
   const app = new Koa({ proxy: deps.trustProxy ?? false, maxIpsCount: 1 });
   const metrics = deps.metrics ?? new WebMetrics();
   const { logger } = deps;
-  const views = nunjucks.configure(path.join(webDir, 'views'), { autoescape: true, throwOnUndefined: false });
+  const views = createViews();
   const render = (ctx: Koa.Context, template: string, data: object) => {
     ctx.type = 'html';
     ctx.body = views.render(template, data);
@@ -70,29 +94,7 @@ export function createApp(deps: AppDeps): Koa {
   const router = createRoutes(render);
   app.use(observeRequests(logger, metrics, router));
   app.use(errorPages(logger, render));
-  app.use(
-    securityHeaders(
-      {
-        contentSecurityPolicy: {
-          useDefaults: false,
-          directives: {
-            defaultSrc: ["'none'"],
-            styleSrc: ["'self'"],
-            imgSrc: ["'self'"],
-            formAction: ["'self'"],
-            frameAncestors: ["'none'"],
-            baseUri: ["'none'"],
-          },
-        },
-        referrerPolicy: { policy: 'same-origin' },
-        // The header older browsers read instead of frame-ancestors: the same answer, never framed.
-        xFrameOptions: { action: 'deny' },
-        // Sent by strictTransportSecurity below, and only over HTTPS.
-        strictTransportSecurity: false,
-      },
-      { 'Permissions-Policy': PERMISSIONS_POLICY },
-    ),
-  );
+  app.use(securityHeaders(SECURITY_HEADERS));
   const hsts = strictTransportSecurity(deps.hstsMaxAgeS ?? HSTS_ONE_YEAR_S);
   if (hsts) app.use(hsts);
   // Operations and static files are told apart by path here, once: pages pay no router pass for
@@ -135,6 +137,35 @@ export function createApp(deps: AppDeps): Koa {
   // throws carry no Allow header, which a 405 must have.
   app.use(router.allowedMethods());
   return app;
+}
+
+function createViews(): nunjucks.Environment {
+  return nunjucks.configure(path.join(webDir, 'views'), { autoescape: true, throwOnUndefined: false });
+}
+
+/**
+ * The whole HTTP responses, by status, for requests Node's HTTP parser refuses before the app
+ * sees them (400 malformed, 408 too slow, 413 chunk extensions too large, 431 headers too large,
+ * which a browser meets when it holds too many cookies for the site): the site's error page with
+ * its security headers, rendered once at start-up. The connection is closed after each.
+ */
+export function refusalResponses(): Map<number, string> {
+  const views = createViews();
+  const responses = new Map<number, string>();
+  for (const status of [400, 408, 413, 431]) {
+    const page = REFUSAL_PAGES[status] ?? PAGES[status];
+    const body = views.render('error.njk', { status, ...page });
+    const headers: HeaderList = [
+      ...SECURITY_HEADERS,
+      ['Content-Type', 'text/html; charset=utf-8'],
+      ['Content-Length', String(Buffer.byteLength(body))],
+      ['Cache-Control', 'no-store'],
+      ['Connection', 'close'],
+    ];
+    const head = `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`;
+    responses.set(status, head + body);
+  }
+  return responses;
 }
 
 /**
@@ -185,6 +216,26 @@ const PAGES: Record<number, { title: string; happened: string; todo: string }> =
     title: 'Counters unavailable',
     happened: 'The session store is not available right now (down, busy or full), so your counters could not be read or saved. Nothing was lost.',
     todo: 'Wait a moment, then go back to the counters.',
+  },
+};
+
+/** Pages for what only Node's parser refuses (a request that never reached the app). */
+const REFUSAL_PAGES: Record<number, { title: string; happened: string; todo: string }> = {
+  408: {
+    title: 'Request timed out',
+    happened: 'Your browser took too long to send its request, so the site stopped waiting. Nothing was changed.',
+    todo: 'Go back to the counters and try again.',
+  },
+  413: {
+    title: 'Request too large',
+    happened: 'Your browser sent a request larger than this site accepts, so nothing was changed.',
+    todo: 'Go back to the counters and use the buttons there.',
+  },
+  431: {
+    title: 'Request headers too large',
+    happened:
+      'Your browser sent more request headers than this site accepts, most often because it holds too many or too large cookies for this site. Nothing was changed.',
+    todo: "Clear this site's cookies in your browser, then go back to the counters.",
   },
 };
 

@@ -1,4 +1,4 @@
-import { createServer, type Server, type ServerResponse } from 'node:http';
+import { createServer, type Server, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type Koa from 'koa';
@@ -16,25 +16,35 @@ export interface WebServer {
 }
 
 /**
- * What Node's HTTP server answers a request its parser refuses (it never reaches the app), by the
- * parser's code; anything else is a 400. The same answers Node gives when no one listens.
+ * The status for a request Node's HTTP parser refuses (it never reaches the app), by the parser's
+ * code; anything else is a 400. The same statuses Node gives when no one listens.
  */
-const REFUSALS: Record<string, string> = {
-  HPE_HEADER_OVERFLOW: 'HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n',
-  HPE_CHUNK_EXTENSIONS_OVERFLOW: 'HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n\r\n',
-  ERR_HTTP_REQUEST_TIMEOUT: 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n',
+const REFUSAL_STATUS: Record<string, number> = {
+  HPE_HEADER_OVERFLOW: 431,
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: 413,
+  ERR_HTTP_REQUEST_TIMEOUT: 408,
 };
-const BAD_REQUEST = 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n';
+
+export interface WebServerOptions {
+  /** Told the parser's code of each request Node refuses before the app sees it, for metrics. */
+  onRefused?: (code: string) => void;
+  /**
+   * The whole HTTP response (status line, headers, body; closing the connection) for each refusal
+   * status: 400, 408, 413, 431. A status missing here gets Node's bare answer.
+   */
+  refusals?: ReadonlyMap<number, string>;
+}
 
 /** A connection that ended under the client, not a request the parser refused. */
 const HANG_UPS = new Set(['ECONNRESET', 'EPIPE']);
 
 /**
- * An HTTP server for the app that knows its responses in flight, so that a stop can finish them.
- * onRefused is told the parser's code of each request Node refuses before the app sees it
- * (malformed, headers too large, too slow), for metrics.
+ * An HTTP server for the app that knows its responses in flight, so that a stop can finish them,
+ * and answers requests Node's parser refuses (malformed, headers too large, too slow) with the
+ * site's own page.
  */
-export function createWebServer(app: Koa, logger: Logger, graceMs: number, onRefused?: (code: string) => void): WebServer {
+export function createWebServer(app: Koa, logger: Logger, graceMs: number, options: WebServerOptions = {}): WebServer {
+  const { onRefused, refusals } = options;
   const inFlight = new Set<ServerResponse>();
   const connections = new Set<Socket>();
   let stopping = false;
@@ -57,14 +67,17 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, onRef
     if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
   });
-  // Node answers these itself when no one listens, and tells no one: counted and logged (at debug,
-  // since any client can send garbage) without changing the answer.
+  // Node answers these itself when no one listens, with a status line and no page, and tells no
+  // one: counted, logged (at debug, since any client can send garbage) and answered with our page.
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     const code = typeof err.code === 'string' ? err.code : 'unknown';
     if (!HANG_UPS.has(code)) {
       onRefused?.(code);
       logger.debug({ code, reason: err.message }, 'request refused by the HTTP parser');
-      if (socket.writable && (socket as Socket).bytesWritten === 0) socket.write(REFUSALS[code] ?? BAD_REQUEST);
+      if (socket.writable && (socket as Socket).bytesWritten === 0) {
+        const status = REFUSAL_STATUS[code] ?? 400;
+        socket.write(refusals?.get(status) ?? `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nConnection: close\r\n\r\n`);
+      }
     }
     socket.destroy();
   });

@@ -3,7 +3,7 @@ import { createStoreClient, resolveEndpoint } from '../client/store-client';
 import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger, logProcessWarnings } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
-import { createApp } from './app';
+import { createApp, refusalResponses } from './app';
 import { createWebServer } from './http-server';
 import { loadWebConfig } from './config';
 import { WebMetrics } from './metrics';
@@ -35,9 +35,10 @@ function main(): void {
   // A page waits up to two STORE_DEADLINE_MS for its session (maxQueueWaitMs), then makes a store
   // read and a write, each up to one: a response in flight at the stop normally ends well within
   // this; only a stuck one is cut off.
-  const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000, (code) =>
-    metrics.observeRefused(code),
-  );
+  const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000, {
+    onRefused: (code) => metrics.observeRefused(code),
+    refusals: refusalResponses(),
+  });
   server.listen(config.port, config.host, () => {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : config.port;

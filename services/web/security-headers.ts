@@ -2,20 +2,27 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import helmet, { type HelmetOptions } from 'helmet';
 import type Koa from 'koa';
 
+/** Response headers as [name, value] pairs, worked out once. */
+export type HeaderList = ReadonlyArray<readonly [string, string]>;
+
 /**
- * helmet's response headers for these options, worked out once at start-up and then set on every
- * response: the same headers helmet chooses, without running its dozen middleware (and a promise)
- * per request. Only options whose headers do not depend on the request are accepted (no CSP
- * directive functions such as per-request nonces): the headers are checked to come out the same
- * for two different requests. `extra` adds fixed headers helmet has no option for.
+ * helmet's response headers for these options, worked out once at start-up, plus `extra` (fixed
+ * headers helmet has no option for): the same headers helmet chooses, without running its dozen
+ * middleware (and a promise) per request. Only options whose headers do not depend on the request
+ * are accepted (no CSP directive functions such as per-request nonces): the headers are checked to
+ * come out the same for two different requests.
  */
-export function securityHeaders(options: HelmetOptions, extra: Record<string, string> = {}): Koa.Middleware {
+export function securityHeaderList(options: HelmetOptions, extra: Record<string, string> = {}): HeaderList {
   const chosen = captureHeaders(options, '/');
   const again = captureHeaders(options, '/other?x=1');
   if (JSON.stringify(chosen) !== JSON.stringify(again)) {
     throw new TypeError('securityHeaders: these helmet options give request-dependent headers; set them with helmet per request instead');
   }
-  const headers = [...chosen, ...Object.entries(extra)];
+  return [...chosen, ...Object.entries(extra)];
+}
+
+/** Sets these headers on every response. */
+export function securityHeaders(headers: HeaderList): Koa.Middleware {
   const names = headers.map(([name]) => name);
   const values = headers.map(([, value]) => value);
   return (ctx, next) => {
