@@ -372,7 +372,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['STORE_METRICS_PORT=99999', { STORE_METRICS_PORT: '99999' }, /STORE_METRICS_PORT="99999"/],
       ['STORE_MAX_ENTRIES past what one index holds', { STORE_MAX_ENTRIES: '20000000' }, /STORE_MAX_ENTRIES="20000000": expected an integer 1-16000000 keys/],
       ['STORE_MAX_MESSAGE_BYTES below one value', { STORE_MAX_MESSAGE_BYTES: '65536' }, /STORE_MAX_MESSAGE_BYTES=65536 must leave room for one entry/],
-      ['STORE_TLS_RELOAD_MS of a few ms (seconds meant)', { STORE_TLS_RELOAD_MS: '60' }, /STORE_TLS_RELOAD_MS=60: expected 0 \(never\) or at least 100 ms/],
+      ['STORE_TLS_RELOAD_MS of a few ms (seconds meant)', { STORE_TLS_RELOAD_MS: '60' }, /STORE_TLS_RELOAD_MS="60": expected 0 \(never\) or at least 100 ms/],
       ['STORE_TLS_CERT without STORE_TLS_KEY', { STORE_TLS_CERT: '/etc/hostname' }, /STORE_TLS_CERT and STORE_TLS_KEY must be set together/],
       ['STORE_TLS_CERT naming a missing file', { STORE_TLS_CERT: '/no/such/cert.pem', STORE_TLS_KEY: '/no/such/key.pem' }, /STORE_TLS_CERT="\/no\/such\/cert.pem": cannot read the file \(ENOENT\)/],
       ['STORE_TOKEN too short', { STORE_TOKEN: 'secret' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],

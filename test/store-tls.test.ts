@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { copyFileSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
 import { loadStoreConfig } from '../services/store/config';
 import { loadWebConfig } from '../services/web/config';
+import { CookieJarClient } from './helpers/browser';
 import { type Proc, startStore, startWeb, tempDir, waitForLine, webStartFailure } from './helpers/procs';
 import { selfSigned } from './helpers/tls';
 
@@ -139,6 +140,16 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.match(failure, /^web: invalid configuration: STORE_ADDRESS="http:\/\/localhost:\d+": .*STORE_TLS_CA/m);
     });
 
+    it('a STORE_TLS_CA that holds no usable certificate (a key, a cut-short file) and a STORE_TLS_RELOAD_MS below 100 stop the web at start, naming the variable (configuration only)', () => {
+      const load = (env: Record<string, string>) => () => loadWebConfig({ SESSION_KEYS: 'k'.repeat(32), STORE_ADDRESS: address, ...env });
+      assert.throws(load({ STORE_TLS_CA: pki.key }), /^ConfigError: invalid configuration: STORE_TLS_CA="[^"]+": not a usable CA certificate \(no certificate in the file\)$/);
+      const cut = path.join(tmp.dir, 'cut-ca.pem');
+      writeFileSync(cut, readFileSync(pki.cert, 'latin1').replace(/^(-----BEGIN CERTIFICATE-----\n.{10}).*?(\n-----END CERTIFICATE-----)/s, '$1$2'));
+      assert.throws(load({ STORE_TLS_CA: cut }), /^ConfigError: invalid configuration: STORE_TLS_CA="[^"]+": not a usable CA certificate \(.+\)$/);
+      assert.throws(load({ STORE_TLS_CA: pki.cert, STORE_TLS_RELOAD_MS: '50' }), /STORE_TLS_RELOAD_MS="50": expected 0 \(never\) or at least 100 ms/);
+      assert.equal(load({ STORE_TLS_CA: pki.cert, STORE_TLS_RELOAD_MS: '0' })().store.tlsReloadMs, 0);
+    });
+
     it('a plaintext store address on another machine is a warning at start; TLS or loopback is not (configuration only, nothing connects)', () => {
       const warnings = (env: Record<string, string>) => loadWebConfig({ SESSION_KEYS: 'k'.repeat(32), ...env }).warnings;
       for (const remote of ['10.0.0.5:5100', 'http://store.internal:5100', '[fd00::5]:5100']) {
@@ -241,6 +252,72 @@ describe('store over TLS (self-signed certificate made by the test, real process
       replace(served.key, renewed.key);
       await logged(from, (l) => l.includes('TLS certificate reloaded') && l.includes(new Date(notAfter(renewed.cert) * 1000).toISOString()));
       assert.equal((await client(renewed.cert).get('renewal'))?.value.toString(), 'kept');
+    });
+  });
+  describe("the web trusts a renewed self-signed certificate without a restart (the README's set-up: STORE_TLS_CA is the store's own certificate file)", () => {
+    const procs: Proc[] = [];
+    after(async () => {
+      for (const p of procs.reverse()) await p.stop();
+    });
+
+    it('the stream made before the renewal goes on; a new connection after the store restarts trusts the renewed certificate; a broken file is warned about and changes nothing', async () => {
+      const dir = path.join(tmp.dir, 'web-renewal');
+      mkdirSync(dir);
+      const first = await selfSigned(dir, 'first');
+      const renewed = await selfSigned(dir, 'renewed');
+      const files = { cert: path.join(dir, 'store-cert.pem'), key: path.join(dir, 'store-key.pem') };
+      const replace = (target: string, from: string) => {
+        copyFileSync(from, `${target}.new`);
+        renameSync(`${target}.new`, target);
+      };
+      replace(files.cert, first.cert);
+      replace(files.key, first.key);
+      const storeEnv = { STORE_TLS_CERT: files.cert, STORE_TLS_KEY: files.key, STORE_TLS_RELOAD_MS: '100' };
+      let renewing = await startStore(path.join(dir, 'data'), storeEnv);
+      procs.push(renewing);
+      const web = await startWeb(renewing.port, dir, {
+        STORE_ADDRESS: `localhost:${renewing.port}`,
+        STORE_TLS_CA: files.cert,
+        STORE_TLS_RELOAD_MS: '100',
+        STORE_DEADLINE_MS: '1000',
+      });
+      procs.push(web);
+      const jar = new CookieJarClient(`http://127.0.0.1:${web.port}`);
+      const counts = async () => {
+        const page = await jar.page();
+        return [page.status, page.count1, page.count2];
+      };
+      assert.deepEqual(await counts(), [200, 0, 0]);
+
+      // A half-written file: the web keeps trusting what it has, and says so once.
+      let from = web.lines.length;
+      writeFileSync(`${files.cert}.new`, readFileSync(first.cert).subarray(0, 200));
+      renameSync(`${files.cert}.new`, files.cert);
+      const warning = await waitForLine(web, (l) => l.includes('STORE_TLS_CA does not hold usable certificates') && web.lines.indexOf(l) >= from);
+      assert.match(warning, /"reason":"no certificate in the file"/);
+      replace(files.cert, first.cert);
+      assert.deepEqual(await counts(), [200, 1, 0]);
+
+      from = web.lines.length;
+      const storeFrom = renewing.lines.length;
+      replace(files.key, renewed.key);
+      replace(files.cert, renewed.cert);
+      await waitForLine(renewing, (l) => l.includes('TLS certificate reloaded') && renewing.lines.indexOf(l) >= storeFrom);
+      await waitForLine(web, (l) => l.includes('STORE_TLS_CA reloaded') && web.lines.indexOf(l) >= from);
+      assert.deepEqual(await counts(), [200, 2, 0], 'the stream made before the renewal goes on');
+
+      // A new connection: the store restarts on the same port, serving the renewed certificate.
+      await renewing.stop();
+      procs.splice(procs.indexOf(renewing), 1);
+      renewing = await startStore(path.join(dir, 'data'), storeEnv, renewing.port);
+      procs.unshift(renewing);
+      const deadline = Date.now() + 10_000;
+      let seen = await counts();
+      while (seen[0] !== 200 && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 200));
+        seen = await counts();
+      }
+      assert.deepEqual(seen, [200, 3, 0], 'the web trusts the renewed certificate on a new connection; the counters were kept');
     });
   });
 });

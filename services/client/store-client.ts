@@ -2,6 +2,7 @@ import {
   type ChannelCredentials,
   type ChannelOptions,
   credentials,
+  experimental,
   Metadata,
   type ServiceError,
   status,
@@ -18,9 +19,15 @@ export interface StoreClientOptions {
   token?: string;
   /** Deadline of every call, in milliseconds. */
   deadlineMs: number;
-  /** TLS: PEM of the CA that signed the store's certificate; asks for TLS on a bare host:port. */
-  tlsCa?: Buffer;
+  /**
+   * TLS: the CA that signed the store's certificate, as PEM or as a provider that hands on a
+   * renewed one (ReloadingCa); asks for TLS on a bare host:port.
+   */
+  tlsCa?: TrustedCa;
 }
+
+/** CA certificates as PEM, or a grpc-js certificate provider that hands them on (and renewed ones). */
+export type TrustedCa = Buffer | experimental.CertificateProvider;
 
 export type StoreErrorKind = 'conflict' | 'unavailable' | 'invalid' | 'unauthenticated' | 'other';
 
@@ -197,12 +204,15 @@ export const CHANNEL_OPTIONS: ChannelOptions = {
 };
 
 /**
- * A TLS channel trusts tlsCa when given, else grpc-js's default roots: the PEM file named by
+ * A TLS channel trusts tlsCa when given (PEM, or a provider that hands on a renewed CA: see
+ * ReloadingCa), else grpc-js's default roots: the PEM file named by
  * GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when that is set, otherwise Node's built-in CA list (plus
  * NODE_EXTRA_CA_CERTS).
  */
-export function channelCredentials(tls: boolean, tlsCa?: Buffer): ChannelCredentials {
-  return tls ? credentials.createSsl(tlsCa ?? null) : credentials.createInsecure();
+export function channelCredentials(tls: boolean, tlsCa?: TrustedCa): ChannelCredentials {
+  if (!tls) return credentials.createInsecure();
+  if (tlsCa === undefined || Buffer.isBuffer(tlsCa)) return credentials.createSsl(tlsCa ?? null);
+  return experimental.createCertificateProviderChannelCredentials(tlsCa, null);
 }
 
 /** Target and credentials of a channel to the store; a CA asks for TLS as STORE_TLS_CA does. */

@@ -33,7 +33,7 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_TOKEN: envs.token(),
       STORE_TLS_CERT: envs.optionalString(),
       STORE_TLS_KEY: envs.optionalString(),
-      STORE_TLS_RELOAD_MS: envs.int(60_000, 0, 24 * 60 * MINUTE, ' ms'),
+      STORE_TLS_RELOAD_MS: envs.tlsReloadMs(),
       STORE_MAX_KEY_BYTES: envs.int(256, 1, 4096, ' bytes'),
       STORE_MAX_VALUE_BYTES: envs.int(64 * 1024, 1, 4 * MIB, ' bytes'),
       STORE_MAX_MESSAGE_BYTES: envs.int(4 * MIB, 64 * 1024, 64 * MIB, ' bytes'),
@@ -79,9 +79,6 @@ export function loadStoreConfig(raw = readEnv()) {
     );
   }
   // Each look is two stat() calls; more often than every 100 ms is a typo (seconds for ms), not a need.
-  if (env.STORE_TLS_RELOAD_MS > 0 && env.STORE_TLS_RELOAD_MS < 100) {
-    throw new ConfigError(`invalid configuration: STORE_TLS_RELOAD_MS=${env.STORE_TLS_RELOAD_MS}: expected 0 (never) or at least 100 ms`);
-  }
   if (Boolean(env.STORE_TLS_CERT) !== Boolean(env.STORE_TLS_KEY)) {
     throw new ConfigError('invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY must be set together (PEM file paths), or neither');
   }

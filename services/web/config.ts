@@ -2,10 +2,12 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { checkCa } from '../client/reloading-ca';
 import { parseAddress, resolveEndpoint, type StoreEndpoint } from '../client/store-client';
 import { HSTS_ONE_YEAR_S } from './security-headers';
 import { COOKIE_NAME } from './session';
 import { ConfigError, envs, isLoopback, makeDataDir, parseEnv, readEnv, readPemFile } from '../shared/env';
+import { reasonOf } from '../shared/polled-files';
 
 const MINUTE = 60_000;
 
@@ -23,6 +25,7 @@ export function loadWebConfig(raw = readEnv()) {
       // Checked here: a value gRPC metadata cannot carry would otherwise stop the web with the token in the message.
       STORE_TOKEN: envs.token(),
       STORE_TLS_CA: envs.optionalString(),
+      STORE_TLS_RELOAD_MS: envs.tlsReloadMs(),
       STORE_DEADLINE_MS: envs.int(1000, 10, 60_000, ' ms'),
       STORE_TRANSPORT: envs.oneOf(['pipe', 'unary'] as const, 'pipe'),
       // Spaces after the commas and a trailing newline are how people write lists; kept, they would
@@ -81,9 +84,11 @@ export function loadWebConfig(raw = readEnv()) {
       token: env.STORE_TOKEN,
       deadlineMs: env.STORE_DEADLINE_MS,
       transport: env.STORE_TRANSPORT,
-      // TLS to the store: the PEM of the CA that signed its certificate. Unset, an https:// address
-      // still means TLS (with the default roots) and a bare host:port means plaintext.
-      tlsCa: env.STORE_TLS_CA ? readPemFile('STORE_TLS_CA', env.STORE_TLS_CA) : undefined,
+      // TLS to the store: the PEM of the CA that signed its certificate, looked at again every
+      // tlsReloadMs. Unset, an https:// address still means TLS (with the default roots) and a bare
+      // host:port means plaintext.
+      tlsCa: env.STORE_TLS_CA ? { file: env.STORE_TLS_CA, pem: readCa(env.STORE_TLS_CA) } : undefined,
+      tlsReloadMs: env.STORE_TLS_RELOAD_MS,
     }),
     session: Object.freeze({
       keys: env.SESSION_KEYS ?? [localKey(env.WEB_DATA_DIR)],
@@ -101,6 +106,17 @@ export function loadWebConfig(raw = readEnv()) {
 }
 
 export type WebConfig = ReturnType<typeof loadWebConfig>;
+
+/** STORE_TLS_CA's certificates, which must all parse: a broken bundle stops the web at start, not at its first call. */
+function readCa(file: string): Buffer {
+  const pem = readPemFile('STORE_TLS_CA', file);
+  try {
+    checkCa(pem);
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: STORE_TLS_CA=${JSON.stringify(file)}: not a usable CA certificate (${reasonOf(err)})`);
+  }
+  return pem;
+}
 
 function isStoreAddress(value: string): boolean {
   try {

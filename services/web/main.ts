@@ -1,4 +1,5 @@
 import { createPipeClient } from '../client/pipe-client';
+import { ReloadingCa } from '../client/reloading-ca';
 import { createStoreClient, resolveEndpoint } from '../client/store-client';
 import { ConfigError, listenVariables } from '../shared/env';
 import { createLogger, logProcessWarnings } from '../shared/log';
@@ -16,17 +17,22 @@ function main(): void {
   logProcessWarnings(logger);
   for (const warning of config.warnings) logger.warn(warning);
   const metrics = new WebMetrics();
+  // One CA provider for both channels to the store (calls and readiness): a renewed STORE_TLS_CA
+  // is trusted by new connections without a restart.
+  const tlsCa =
+    config.store.tlsCa && new ReloadingCa('STORE_TLS_CA', config.store.tlsCa.file, config.store.tlsCa.pem, { intervalMs: config.store.tlsReloadMs, logger });
+  const storeOptions = { address: config.store.address, token: config.store.token, deadlineMs: config.store.deadlineMs, tlsCa };
   // The pipe batches every store call of one event-loop turn into one message; unary is the plain baseline.
   const store =
     config.store.transport === 'pipe'
-      ? createPipeClient({ ...config.store, onBreak: (reason) => metrics.observePipeBreak(reason) })
-      : createStoreClient(config.store);
+      ? createPipeClient({ ...storeOptions, onBreak: (reason) => metrics.observePipeBreak(reason) })
+      : createStoreClient(storeOptions);
   // Same address and TLS as the store client (a plaintext check of a TLS store never succeeds);
   // no token: grpc.health.v1 answers without one.
   // The probe asks through the store client itself whether the store accepts its token and TTL.
   const readiness = createStoreReadiness({
     address: config.store.address,
-    tlsCa: config.store.tlsCa,
+    tlsCa,
     timeoutMs: config.store.deadlineMs,
     probe: { store, ttlMs: config.session.idleTtlMs },
     logger,
