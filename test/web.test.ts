@@ -83,6 +83,20 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal(tooLarge.status, 'HTTP/1.1 431 Request Header Fields Too Large');
     assert.match(tooLarge.body, /<h1>Request headers too large<\/h1>/);
     assert.match(tooLarge.body, /Clear this site&#39;s cookies/);
+    // On a kept-alive connection, after a request answered in full: the refusal is answered too.
+    const keptAlive = await new Promise<string>((resolve) => {
+      const socket = connect(web.port, '127.0.0.1');
+      let answer = '';
+      socket.on('data', (d: Buffer) => {
+        const first = answer === '';
+        answer += d.toString();
+        if (first) socket.write(`GET / HTTP/1.1\r\nHost: x\r\nCookie: ${'a=b; '.repeat(4_000)}\r\n\r\n`);
+      });
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve(answer));
+      socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+    });
+    assert.match(keptAlive, /^HTTP\/1\.1 200 OK\r\n[\s\S]*HTTP\/1\.1 431 Request Header Fields Too Large\r\n[\s\S]*<h1>Request headers too large<\/h1>/);
     const hangUp = connect(web.port, '127.0.0.1');
     hangUp.on('error', () => undefined);
     await new Promise((r) => hangUp.once('connect', r));
@@ -90,6 +104,7 @@ describe('counter site (real web + real store processes)', function () {
     const metrics = parsePrometheus(await (await fetch(`${base}/metrics`)).text());
     const refused = [...metrics].filter(([name]) => name.startsWith('web_http_refused_total'));
     assert.deepEqual(refused.map(([name]) => name).sort(), ['web_http_refused_total{code="HPE_HEADER_OVERFLOW"}', 'web_http_refused_total{code="HPE_INVALID_METHOD"}']);
+    assert.equal(refused.find(([name]) => name.includes('HPE_HEADER_OVERFLOW'))?.[1], 2);
     assert.equal((await fetch(`${base}/`)).status, 200, 'the site serves on');
   });
 

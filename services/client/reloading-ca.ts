@@ -5,10 +5,16 @@ import { PolledFiles } from '../shared/polled-files';
 
 const CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g;
 
-/** The certificates of a PEM bundle; throws unless it holds at least one and every one parses. */
+/**
+ * The certificates of a PEM bundle; throws unless it holds at least one, each one is whole (a
+ * bundle cut short after its first certificates would trust only those) and parses.
+ */
 export function checkCa(pem: Buffer): X509Certificate[] {
-  const blocks = pem.toString('latin1').match(CERTIFICATE) ?? [];
+  const text = pem.toString('latin1');
+  const blocks = text.match(CERTIFICATE) ?? [];
   if (blocks.length === 0) throw new Error('no certificate in the file');
+  const begun = text.split('-----BEGIN CERTIFICATE-----').length - 1;
+  if (begun !== blocks.length) throw new Error(`a certificate in the file is cut short (${begun} begun, ${blocks.length} whole)`);
   return blocks.map((block) => new X509Certificate(block));
 }
 
@@ -50,7 +56,9 @@ export class ReloadingCa implements experimental.CertificateProvider {
     this.listeners.add(listener);
     // grpc-js registers its own watcher only after this returns: the first answer must come later.
     process.nextTick(listener, { caCertificate: this.current });
-    this.files.start();
+    // Polling starts (again: grpc-js drops the listener of a channel idle for a while) with a look
+    // at once, as the file may have changed meanwhile: a change reaches the listener moments later.
+    void this.files.start();
   }
 
   removeCaCertificateListener(listener: CaListener): void {

@@ -90,7 +90,11 @@ export const envs = {
       })
       .default('info'),
   optionalString: () => z.string().optional(),
-  /** STORE_TLS_RELOAD_MS, the same rule for the store (its certificate) and the web (its CA): 0 never, else at least 100 ms. */
+  /**
+   * STORE_TLS_RELOAD_MS, the same rule for the store (its certificate) and the web (its CA): 0 never,
+   * else at least 100 ms. Each look is a stat() per file; more often than every 100 ms is a typo
+   * (seconds for ms), not a need.
+   */
   tlsReloadMs: () =>
     wholeNumber('expected an integer 0-86400000 ms', 0, 24 * 60 * 60_000, 60_000).refine((ms) => ms === 0 || ms >= 100, {
       message: 'expected 0 (never) or at least 100 ms',

@@ -47,10 +47,15 @@ export class PolledFiles<T> {
     private readonly options: PolledFilesOptions<T>,
   ) {}
 
-  /** Starts looking every intervalMs (no-op when 0 or already started); the timer keeps no process alive. */
-  start(): void {
-    if (this.timer || this.options.intervalMs <= 0) return;
+  /**
+   * Starts looking every intervalMs (the timer keeps no process alive), with a first look at once:
+   * when polling starts again after a pause, the files may have changed meanwhile. Resolves when
+   * that look is done; at once when already started or intervalMs is 0.
+   */
+  start(): Promise<void> {
+    if (this.timer || this.options.intervalMs <= 0) return Promise.resolve();
     this.timer = setInterval(() => void this.look(), this.options.intervalMs).unref();
+    return this.look();
   }
 
   stop(): void {

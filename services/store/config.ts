@@ -78,7 +78,6 @@ export function loadStoreConfig(raw = readEnv()) {
         'a Put with ttl_ms 0 would get a TTL the store refuses; lower it or raise STORE_MAX_TTL_MS',
     );
   }
-  // Each look is two stat() calls; more often than every 100 ms is a typo (seconds for ms), not a need.
   if (Boolean(env.STORE_TLS_CERT) !== Boolean(env.STORE_TLS_KEY)) {
     throw new ConfigError('invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY must be set together (PEM file paths), or neither');
   }

@@ -81,7 +81,7 @@ export class ReloadingCertificate implements experimental.CertificateProvider {
     this.listeners.add(listener);
     // grpc-js registers its own watcher only after this returns: the first answer must come later.
     process.nextTick(listener, { certificate: this.current.cert, privateKey: this.current.key });
-    this.files.start();
+    void this.files.start();
   }
 
   removeIdentityCertificateListener(listener: IdentityListener): void {

@@ -1,4 +1,5 @@
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { STATUS_CODES } from 'node:http';
 import path from 'node:path';
 import bodyParser from '@koa/bodyparser';
@@ -36,28 +37,37 @@ export interface AppDeps {
 
 const webDir = path.join(projectRoot, 'services', 'web');
 
-/** The security headers of every response, error pages and refused requests included. */
-const SECURITY_HEADERS = securityHeaderList(
-  {
-    contentSecurityPolicy: {
-      useDefaults: false,
-      directives: {
-        defaultSrc: ["'none'"],
-        styleSrc: ["'self'"],
-        imgSrc: ["'self'"],
-        formAction: ["'self'"],
-        frameAncestors: ["'none'"],
-        baseUri: ["'none'"],
+/**
+ * The site's security headers, with the given style and image sources: the files under /static/
+ * for pages; the hash of the inlined stylesheet and the inlined icon for the pages of refused
+ * requests.
+ */
+function siteHeaders({ styleSrc, imgSrc }: { styleSrc: string[]; imgSrc: string[] }): HeaderList {
+  return securityHeaderList(
+    {
+      contentSecurityPolicy: {
+        useDefaults: false,
+        directives: {
+          defaultSrc: ["'none'"],
+          styleSrc,
+          imgSrc,
+          formAction: ["'self'"],
+          frameAncestors: ["'none'"],
+          baseUri: ["'none'"],
+        },
       },
+      referrerPolicy: { policy: 'same-origin' },
+      // The header older browsers read instead of frame-ancestors: the same answer, never framed.
+      xFrameOptions: { action: 'deny' },
+      // Sent by strictTransportSecurity below, and only over HTTPS.
+      strictTransportSecurity: false,
     },
-    referrerPolicy: { policy: 'same-origin' },
-    // The header older browsers read instead of frame-ancestors: the same answer, never framed.
-    xFrameOptions: { action: 'deny' },
-    // Sent by strictTransportSecurity below, and only over HTTPS.
-    strictTransportSecurity: false,
-  },
-  { 'Permissions-Policy': PERMISSIONS_POLICY },
-);
+    { 'Permissions-Policy': PERMISSIONS_POLICY },
+  );
+}
+
+/** The security headers of every response the app gives, error pages included. */
+const SECURITY_HEADERS = siteHeaders({ styleSrc: ["'self'"], imgSrc: ["'self'"] });
 
 /** Largest form body accepted; larger ones get the 413 page. */
 const FORM_LIMIT = '8kb';
@@ -144,26 +154,33 @@ function createViews(): nunjucks.Environment {
 }
 
 /**
- * The whole HTTP responses, by status, for requests Node's HTTP parser refuses before the app
- * sees them (400 malformed, 408 too slow, 413 chunk extensions too large, 431 headers too large,
- * which a browser meets when it holds too many cookies for the site): the site's error page with
- * its security headers, rendered once at start-up. The connection is closed after each.
+ * The whole HTTP responses, by status, for requests Node's HTTP server refuses before the app has
+ * answered them (400 malformed, 408 too slow, 413 chunk extensions too large, 431 headers too
+ * large, which a browser meets when it holds too many cookies for the site): the site's error page
+ * with its security headers, rendered once at start-up. The page needs no other request (its
+ * stylesheet is inlined, allowed by its hash): with too many cookies, the stylesheet's request
+ * would be refused as well. The connection is closed after each.
  */
 export function refusalResponses(): Map<number, string> {
   const views = createViews();
+  const css = readFileSync(path.join(webDir, 'public', 'static', 'style.css'), 'utf8');
+  const icon = `data:image/svg+xml;base64,${readFileSync(path.join(webDir, 'public', 'static', 'favicon.svg')).toString('base64')}`;
+  const headers = siteHeaders({ styleSrc: [`'sha256-${createHash('sha256').update(css).digest('base64')}'`], imgSrc: ['data:'] });
   const responses = new Map<number, string>();
   for (const status of [400, 408, 413, 431]) {
     const page = REFUSAL_PAGES[status] ?? PAGES[status];
-    const body = views.render('error.njk', { status, ...page });
-    const headers: HeaderList = [
-      ...SECURITY_HEADERS,
-      ['Content-Type', 'text/html; charset=utf-8'],
-      ['Content-Length', String(Buffer.byteLength(body))],
-      ['Cache-Control', 'no-store'],
-      ['Connection', 'close'],
+    const body = views.render('error.njk', { status, ...page, inline: { style: css, icon } });
+    const head = [
+      `HTTP/1.1 ${status} ${STATUS_CODES[status]}`,
+      ...[
+        ...headers,
+        ['Content-Type', 'text/html; charset=utf-8'],
+        ['Content-Length', String(Buffer.byteLength(body))],
+        ['Cache-Control', 'no-store'],
+        ['Connection', 'close'],
+      ].map(([name, value]) => `${name}: ${value}`),
     ];
-    const head = `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`;
-    responses.set(status, head + body);
+    responses.set(status, `${head.join('\r\n')}\r\n\r\n${body}`);
   }
   return responses;
 }

@@ -74,7 +74,10 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     if (!HANG_UPS.has(code)) {
       onRefused?.(code);
       logger.debug({ code, reason: err.message }, 'request refused by the HTTP parser');
-      if (socket.writable && (socket as Socket).bytesWritten === 0) {
+      // As Node does: answer unless a response on this connection has begun (a refusal after a
+      // kept-alive request is answered too; one in the middle of a response would corrupt it).
+      const current = (socket as Socket & { _httpMessage?: { headersSent: boolean } | null })._httpMessage;
+      if (socket.writable && !current?.headersSent) {
         const status = REFUSAL_STATUS[code] ?? 400;
         socket.write(refusals?.get(status) ?? `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nConnection: close\r\n\r\n`);
       }
