@@ -35,11 +35,12 @@ export function securityHeaders(headers: HeaderList): Koa.Middleware {
 /**
  * Permissions-Policy for a site that uses none of the browser's powerful features: no document of
  * this origin, nor any frame it could embed, may ask for the camera, the microphone, the location,
- * payments and the like. Only features Chromium knows are listed: it warns in the console of every page about others.
+ * payments and the like. Only long-standing features of the specification are listed: Chromium
+ * warns in the console of every page about a feature it does not know (the browser tests fail on
+ * that), and experimental ones come and go.
  */
 export const PERMISSIONS_POLICY = [
   'accelerometer',
-  'browsing-topics',
   'camera',
   'display-capture',
   'geolocation',
