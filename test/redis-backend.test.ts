@@ -615,12 +615,32 @@ describe('Redis backend on a Redis Cluster with replicas: the change feed across
   });
 
   it('a key MIGRATEd to another master by a resharding is not reported as deleted; a Delete still is', async () => {
+    // After the failover above, every node must agree on the masters first: a master appearing
+    // while the store watches would rightly end the watcher (tested above), not what this tests.
+    const mastersSeenBy = async (port: number) =>
+      (await redisCommand(port, 'CLUSTER', 'NODES'))
+        .split('\n')
+        .filter(Boolean)
+        .map((line) => line.split(' '))
+        .filter((node) => node[2].includes('master') && !node[2].includes('fail') && node.length > 8)
+        .map((node) => node[0])
+        .sort()
+        .join();
+    await until(async () => {
+      const views = await Promise.all([...cluster!.masters, ...cluster!.replicas].map((node) => mastersSeenBy(node.port)));
+      return views.every((view) => view === views[0]);
+    }, 15_000);
     const backend = new RedisBackend(backendOptions({ clusterNodes: seeds(), keyPrefix: 'rs:' }));
     const seen: string[] = [];
-    const stop = backend.watch('', (e) => seen.push(`${e.kind} ${e.key}`), { onError: () => undefined });
+    let ended: StoreError | undefined;
+    const stop = backend.watch('', (e) => seen.push(`${e.kind} ${e.key}`), { onError: (err) => (ended = err) });
+    const saw = (event: string) => () => {
+      if (ended) throw new Error(`the watcher ended: ${ended.message}`);
+      return seen.includes(event);
+    };
     try {
       await backend.batch([put('moving')]);
-      await until(() => seen.includes('put moving'));
+      await until(saw('put moving'));
       const slot = await redisCommand(cluster!.masters[0].port, 'CLUSTER', 'KEYSLOT', 'rs:moving');
       const nodes = (await redisCommand(cluster!.masters[0].port, 'CLUSTER', 'NODES')).split('\n').filter(Boolean).map((l) => l.split(' '));
       const masters = nodes.filter((n) => n[2].includes('master') && n.length > 8);
@@ -637,7 +657,7 @@ describe('Redis backend on a Redis Cluster with replicas: the change feed across
       for (const node of masters) await redisCommand(portOf(node), 'CLUSTER', 'SETSLOT', slot, 'NODE', target[0]);
       await backend.batch([{ kind: 'delete', key: 'moving' }]);
       await backend.batch([put('done')]);
-      await until(() => seen.includes('put done'));
+      await until(saw('put done'));
       assert.deepEqual(seen, ['put moving', 'delete moving', 'put done']);
     } finally {
       stop();
