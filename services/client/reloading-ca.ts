@@ -25,8 +25,8 @@ type CaListener = experimental.CaCertificateUpdateListener;
  * changes (looked at every intervalMs), so that a renewed self-signed store certificate or a
  * rotated CA bundle (cert-manager's trust-manager, a mounted ConfigMap) is trusted without a
  * restart. New connections trust what the file holds now; open ones (the Pipe stream) go on.
- * A file that holds no usable certificate (half written, unreadable) is never used: the previous
- * certificates stay trusted and a warning says why.
+ * A file that does not hold only whole, readable certificates (half written, cut short,
+ * unreadable) is never used: the previous certificates stay trusted and a warning says why.
  */
 export class ReloadingCa implements experimental.CertificateProvider {
   private current: Buffer;

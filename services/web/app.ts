@@ -236,7 +236,7 @@ const PAGES: Record<number, { title: string; happened: string; todo: string }> =
   },
 };
 
-/** Pages for what only Node's parser refuses (a request that never reached the app). */
+/** Pages for what only Node's HTTP server refuses, before the app has answered (nothing of the request is done). */
 const REFUSAL_PAGES: Record<number, { title: string; happened: string; todo: string }> = {
   408: {
     title: 'Request timed out',
