@@ -16,8 +16,9 @@ export interface WebServer {
 }
 
 /**
- * The status for a request Node's HTTP parser refuses (it never reaches the app), by the parser's
- * code; anything else is a 400. The same statuses Node gives when no one listens.
+ * The status for a request Node's HTTP server refuses before the app has answered it (most never
+ * reach the app; a 408 may come while the app still waits for a slow body), by the error's code;
+ * anything else is a 400. The same statuses Node gives when no one listens.
  */
 const REFUSAL_STATUS: Record<string, number> = {
   HPE_HEADER_OVERFLOW: 431,
@@ -26,7 +27,7 @@ const REFUSAL_STATUS: Record<string, number> = {
 };
 
 export interface WebServerOptions {
-  /** Told the parser's code of each request Node refuses before the app sees it, for metrics. */
+  /** Told the error's code of each request Node refuses before the app has answered it, for metrics. */
   onRefused?: (code: string) => void;
   /**
    * The whole HTTP response (status line, headers, body; closing the connection) for each refusal
