@@ -389,6 +389,8 @@ describe('web process settings and logs', function () {
     ['a STORE_TOKEN ending in a line break (value not echoed)', { STORE_TOKEN: 'store-token-0123456789\n' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
     ['a STORE_TOKEN with a non-ASCII character (value not echoed)', { STORE_TOKEN: 'store-token-0123456789-é' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
     ['an absolute lifetime below the idle timeout', { SESSION_IDLE_TTL_MS: '60000', SESSION_ABSOLUTE_TTL_MS: '1000' }, /SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS/],
+    ['WEB_HEADERS_TIMEOUT_MS below a second', { WEB_HEADERS_TIMEOUT_MS: '500' }, /WEB_HEADERS_TIMEOUT_MS="500": expected an integer 1000-600000 ms/],
+    ['a request timeout below the headers timeout', { WEB_HEADERS_TIMEOUT_MS: '10000', WEB_REQUEST_TIMEOUT_MS: '5000' }, /WEB_REQUEST_TIMEOUT_MS \(the whole request\) must be at least WEB_HEADERS_TIMEOUT_MS/],
     // Without SESSION_KEYS the generated key is kept there; under a regular file even root cannot create it.
     [
       'a WEB_DATA_DIR that cannot be created',

@@ -55,27 +55,8 @@ describe('counter site (real web + real store processes)', function () {
   });
 
   it("requests Node's HTTP parser refuses get Node's statuses (400, 431) with the site's error page and security headers, are counted in web_http_refused_total by code, and close the connection; a client hanging up is not counted", async () => {
-    const raw = (bytes: string) =>
-      new Promise<string>((resolve) => {
-        const socket = connect(web.port, '127.0.0.1');
-        let answer = '';
-        socket.on('data', (d: Buffer) => (answer += d.toString()));
-        socket.on('error', () => undefined);
-        socket.on('close', () => resolve(answer));
-        socket.write(bytes);
-      });
-    const page = (answer: string) => {
-      const [head, body] = answer.split('\r\n\r\n', 2) as [string, string | undefined];
-      const headers = new Map(head.split('\r\n').slice(1).map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 2)]));
-      assert.equal(Number(headers.get('content-length')), Buffer.byteLength(body ?? ''), 'the whole page, as long as it says');
-      assert.equal(headers.get('content-type'), 'text/html; charset=utf-8');
-      assert.equal(headers.get('connection'), 'close');
-      assert.equal(headers.get('cache-control'), 'no-store');
-      assert.match(headers.get('content-security-policy') ?? '', /default-src 'none'/);
-      assert.equal(headers.get('x-frame-options'), 'DENY');
-      assert.match(body ?? '', /Back to the counters/);
-      return { status: head.split('\r\n')[0], body: body ?? '' };
-    };
+    const raw = (bytes: string) => exchange(web.port, bytes);
+    const page = refusalPage;
     const bad = page(await raw('NOT A REQUEST\r\n\r\n'));
     assert.equal(bad.status, 'HTTP/1.1 400 Bad Request');
     assert.match(bad.body, /<title>Bad request · Session counters<\/title>/);
@@ -191,6 +172,56 @@ describe('counter site (real web + real store processes)', function () {
   });
 });
 
+describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real processes)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let web: Proc;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir);
+    web = await startWeb(store.port, tmp.dir, { WEB_HEADERS_TIMEOUT_MS: '1000', WEB_REQUEST_TIMEOUT_MS: '2000' });
+  });
+  after(async () => {
+    await web?.stop();
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it("headers or a form body not received in time get a 408 with the site's page within 1.5 times the limit, are counted, and change nothing", async () => {
+    const base = `http://127.0.0.1:${web.port}`;
+    const jar = new CookieJarClient(base);
+    const { csrf } = await jar.page();
+    const cookie = `sid=${jar.cookies.get('sid')}`;
+    const timed = async (bytes: string) => {
+      const started = Date.now();
+      const answer = await exchange(web.port, bytes);
+      return { ...refusalPage(answer), ms: Date.now() - started };
+    };
+    const [headers, body] = await Promise.all([
+      timed(`GET / HTTP/1.1\r\nHost: x\r\nCookie: ${cookie}\r\n`),
+      // A valid form token, but the body stops short of its Content-Length: the increment is not done.
+      timed(
+        `POST /increment HTTP/1.1\r\nHost: x\r\nCookie: ${cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n_csrf=${csrf}`,
+      ),
+    ]);
+    for (const [answer, limitMs] of [
+      [headers, 1000],
+      [body, 2000],
+    ] as const) {
+      assert.equal(answer.status, 'HTTP/1.1 408 Request Timeout');
+      assert.match(answer.body, /<h1>Request timed out<\/h1>/);
+      assert.ok(answer.ms >= limitMs - 50 && answer.ms <= 1.5 * limitMs + 500, `answered after ${answer.ms} ms, limit ${limitMs} ms`);
+    }
+    assert.deepEqual(pick(await jar.page()), [1, 0], 'neither request changed the counters');
+    const metrics = parsePrometheus(await (await fetch(`${base}/metrics`)).text());
+    assert.equal(metrics.get('web_http_refused_total{code="ERR_HTTP_REQUEST_TIMEOUT"}'), 2);
+    // The form request had reached the app: its line says it was not answered (499), not a 400 it never sent.
+    const line = await waitForLine(web, (l) => l.includes('"msg":"request"') && l.includes('"method":"POST"'));
+    assert.match(line, /"status":499/);
+  });
+});
+
 describe('a web whose settings its store refuses is not ready, and says which setting (real processes)', function () {
   const TOKEN = 'store-token-0123456789';
   let tmp: ReturnType<typeof tempDir>;
@@ -275,6 +306,8 @@ describe('a web whose settings its store refuses is not ready, and says which se
       tls: false,
       auth: true,
       trustProxy: true,
+      headersTimeoutMs: 60_000,
+      requestTimeoutMs: 300_000,
       session: { cookieName: 'visit', idleTtlMs: 600000, absoluteTtlMs: 600000, rolling: true, persistent: true, secure: 'auto', keys: 1 },
     });
     const stored = line(store);
@@ -288,4 +321,30 @@ describe('a web whose settings its store refuses is not ready, and says which se
 
 function pick(page: { count1: number; count2: number }): [number, number] {
   return [page.count1, page.count2];
+}
+
+/** Writes bytes on a new connection and resolves with everything the server sent until it closed. */
+function exchange(port: number, bytes: string): Promise<string> {
+  return new Promise<string>((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let answer = '';
+    socket.on('data', (d: Buffer) => (answer += d.toString()));
+    socket.on('error', () => undefined);
+    socket.on('close', () => resolve(answer));
+    socket.write(bytes);
+  });
+}
+
+/** Checks a refusal is the site's whole error page with its security headers, closing the connection. */
+function refusalPage(answer: string): { status: string; body: string } {
+  const [head, body] = answer.split('\r\n\r\n', 2) as [string, string | undefined];
+  const headers = new Map(head.split('\r\n').slice(1).map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 2)]));
+  assert.equal(Number(headers.get('content-length')), Buffer.byteLength(body ?? ''), 'the whole page, as long as it says');
+  assert.equal(headers.get('content-type'), 'text/html; charset=utf-8');
+  assert.equal(headers.get('connection'), 'close');
+  assert.equal(headers.get('cache-control'), 'no-store');
+  assert.match(headers.get('content-security-policy') ?? '', /default-src 'none'/);
+  assert.equal(headers.get('x-frame-options'), 'DENY');
+  assert.match(body ?? '', /Back to the counters/);
+  return { status: head.split('\r\n')[0], body: body ?? '' };
 }

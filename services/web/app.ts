@@ -275,8 +275,11 @@ const FALLBACK_PAGE = {
 /**
  * A body that cannot be read (corrupt compression, unknown encoding, cut short) is the client's
  * mistake: 413 when too large, else 400 (which has a page). Without this, a zlib error is a 500.
+ * A body whose connection closed before it all arrived (the client left, or it was too slow and
+ * Node answered 408) is a 499, as nginx logs it: no answer can reach anyone, and nothing was done.
  */
 function rejectUnreadableBody(err: Error, ctx: Koa.Context): never {
+  if (isClientAbort(err)) ctx.throw(499, 'the connection closed before the request body arrived');
   ctx.throw((err as { status?: unknown }).status === 413 ? 413 : 400, 'the request body could not be read');
 }
 

@@ -50,12 +50,19 @@ export function loadWebConfig(raw = readEnv()) {
       TRUST_PROXY: envs.bool(false),
       // One year, as helmet sends it; 0 sends none (a proxy in front that sets its own, say).
       HSTS_MAX_AGE_S: envs.int(HSTS_ONE_YEAR_S, 0, 2 * HSTS_ONE_YEAR_S, ' s'),
+      // Node's own limits by default: a client gets this long for a request's headers, and for the
+      // whole request (headers and body), before a 408 closes its connection.
+      WEB_HEADERS_TIMEOUT_MS: envs.int(60_000, 1000, 600_000, ' ms'),
+      WEB_REQUEST_TIMEOUT_MS: envs.int(300_000, 1000, 3_600_000, ' ms'),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,
   );
   if (env.SESSION_ABSOLUTE_TTL_MS < env.SESSION_IDLE_TTL_MS) {
     throw new ConfigError('invalid configuration: SESSION_ABSOLUTE_TTL_MS must be at least SESSION_IDLE_TTL_MS');
+  }
+  if (env.WEB_REQUEST_TIMEOUT_MS < env.WEB_HEADERS_TIMEOUT_MS) {
+    throw new ConfigError('invalid configuration: WEB_REQUEST_TIMEOUT_MS (the whole request) must be at least WEB_HEADERS_TIMEOUT_MS (its headers)');
   }
   let endpoint: StoreEndpoint;
   try {
@@ -78,6 +85,8 @@ export function loadWebConfig(raw = readEnv()) {
     host: env.WEB_HOST,
     trustProxy: env.TRUST_PROXY,
     hstsMaxAgeS: env.HSTS_MAX_AGE_S,
+    headersTimeoutMs: env.WEB_HEADERS_TIMEOUT_MS,
+    requestTimeoutMs: env.WEB_REQUEST_TIMEOUT_MS,
     logLevel: env.LOG_LEVEL,
     store: Object.freeze({
       address: env.STORE_ADDRESS,

@@ -34,6 +34,12 @@ export interface WebServerOptions {
    * status: 400, 408, 413, 431. A status missing here gets Node's bare answer.
    */
   refusals?: ReadonlyMap<number, string>;
+  /**
+   * How long a client may take to send a request's headers, and the whole request, before a 408
+   * closes its connection (Node's defaults: 60 s and 300 s). Node looks for such clients every
+   * half headers time, at most every 30 s as it does by default, so a 408 comes within 1.5 times the limit.
+   */
+  timeouts?: { headersMs: number; requestMs: number };
 }
 
 /** A connection that ended under the client, not a request the parser refused. */
@@ -45,7 +51,7 @@ const HANG_UPS = new Set(['ECONNRESET', 'EPIPE']);
  * site's own page.
  */
 export function createWebServer(app: Koa, logger: Logger, graceMs: number, options: WebServerOptions = {}): WebServer {
-  const { onRefused, refusals } = options;
+  const { onRefused, refusals, timeouts } = options;
   const inFlight = new Set<ServerResponse>();
   const connections = new Set<Socket>();
   let stopping = false;
@@ -60,7 +66,12 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
   function forget(this: Socket): void {
     connections.delete(this);
   }
-  const server = createServer((req, res) => {
+  const limits = timeouts && {
+    headersTimeout: timeouts.headersMs,
+    requestTimeout: timeouts.requestMs,
+    connectionsCheckingInterval: Math.min(30_000, Math.ceil(timeouts.headersMs / 2)),
+  };
+  const server = createServer(limits ?? {}, (req, res) => {
     inFlight.add(res);
     res.once('close', closed);
     // A request read on a kept-alive connection after the stop is still answered, but its

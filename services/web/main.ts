@@ -44,6 +44,7 @@ function main(): void {
   const { server, stop } = createWebServer(app, logger, config.session.maxQueueWaitMs + 2 * config.store.deadlineMs + 5000, {
     onRefused: (code) => metrics.observeRefused(code),
     refusals: refusalResponses(),
+    timeouts: { headersMs: config.headersTimeoutMs, requestMs: config.requestTimeoutMs },
   });
   server.listen(config.port, config.host, () => {
     const address = server.address();
@@ -60,6 +61,8 @@ function main(): void {
         auth: Boolean(config.store.token),
         trustProxy: config.trustProxy,
         hstsMaxAgeS: config.hstsMaxAgeS,
+        headersTimeoutMs: config.headersTimeoutMs,
+        requestTimeoutMs: config.requestTimeoutMs,
         session: {
           cookieName: config.session.cookieName,
           idleTtlMs: config.session.idleTtlMs,
