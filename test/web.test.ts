@@ -188,7 +188,7 @@ describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real 
     tmp?.remove();
   });
 
-  it("headers or a form body not received in time get a 408 with the site's page within 1.5 times the limit, are counted, and change nothing", async () => {
+  it("a silent connection, headers or a form body not received in time get a 408 with the site's page within 1.5 times the limit, are counted, and change nothing", async () => {
     const base = `http://127.0.0.1:${web.port}`;
     const jar = new CookieJarClient(base);
     const { csrf } = await jar.page();
@@ -198,7 +198,9 @@ describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real 
       const answer = await exchange(web.port, bytes);
       return { ...refusalPage(answer), ms: Date.now() - started };
     };
-    const [headers, body] = await Promise.all([
+    const [silent, headers, body] = await Promise.all([
+      // A connection that never sends a byte (a browser's unused preconnect).
+      timed(''),
       timed(`GET / HTTP/1.1\r\nHost: x\r\nCookie: ${cookie}\r\n`),
       // A valid form token, but the body stops short of its Content-Length: the increment is not done.
       timed(
@@ -206,6 +208,7 @@ describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real 
       ),
     ]);
     for (const [answer, limitMs] of [
+      [silent, 1000],
       [headers, 1000],
       [body, 2000],
     ] as const) {
@@ -215,7 +218,7 @@ describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real 
     }
     assert.deepEqual(pick(await jar.page()), [1, 0], 'neither request changed the counters');
     const metrics = parsePrometheus(await (await fetch(`${base}/metrics`)).text());
-    assert.equal(metrics.get('web_http_refused_total{code="ERR_HTTP_REQUEST_TIMEOUT"}'), 2);
+    assert.equal(metrics.get('web_http_refused_total{code="ERR_HTTP_REQUEST_TIMEOUT"}'), 3);
     // The form request had reached the app: its line says it was not answered (499), not a 400 it never sent.
     const line = await waitForLine(web, (l) => l.includes('"msg":"request"') && l.includes('"method":"POST"'));
     assert.match(line, /"status":499/);
