@@ -55,12 +55,10 @@ describe('counter site (real web + real store processes)', function () {
   });
 
   it("requests Node's HTTP parser refuses get Node's statuses (400, 431) with the site's error page and security headers, are counted in web_http_refused_total by code, and close the connection; a client hanging up is not counted", async () => {
-    const raw = (bytes: string) => exchange(web.port, bytes);
-    const page = refusalPage;
-    const bad = page(await raw('NOT A REQUEST\r\n\r\n'));
+    const bad = refusalPage(await exchange(web.port, 'NOT A REQUEST\r\n\r\n'));
     assert.equal(bad.status, 'HTTP/1.1 400 Bad Request');
     assert.match(bad.body, /<title>Bad request · Session counters<\/title>/);
-    const tooLarge = page(await raw(`GET / HTTP/1.1\r\nHost: x\r\nCookie: ${'a=b; '.repeat(4_000)}\r\n\r\n`));
+    const tooLarge = refusalPage(await exchange(web.port, `GET / HTTP/1.1\r\nHost: x\r\nCookie: ${'a=b; '.repeat(4_000)}\r\n\r\n`));
     assert.equal(tooLarge.status, 'HTTP/1.1 431 Request Header Fields Too Large');
     assert.match(tooLarge.body, /<h1>Request headers too large<\/h1>/);
     assert.match(tooLarge.body, /Clear this site&#39;s cookies/);
