@@ -220,6 +220,7 @@ describe('slow clients: WEB_HEADERS_TIMEOUT_MS and WEB_REQUEST_TIMEOUT_MS (real 
     // The form request had reached the app: its line says it was not answered (499), not a 400 it never sent.
     const line = await waitForLine(web, (l) => l.includes('"msg":"request"') && l.includes('"method":"POST"'));
     assert.match(line, /"status":499/);
+    assert.ok(!web.lines.some((l) => /"level":(40|50)/.test(l)), 'no warning or error logged for any of them');
   });
 });
 
