@@ -319,6 +319,9 @@ describe('Redis backend: what others do to the Redis under it', function () {
     assert.equal(await redisCommand(server!.port, 'HGET', 'f:ok1', 'v'), 'ok1');
     assert.equal(await redisCommand(server!.port, 'GET', 'f:foreign'), 'x', 'the foreign key is left alone');
     assert.deepEqual(await keys(backend, ''), ['ok1', 'ok2']);
+    const listed: string[][] = [];
+    for await (const entry of backend.list({ prefix: '', startAfter: '', limit: 0, keysOnly: false })) listed.push([entry.key, entry.value.toString()]);
+    assert.deepEqual(listed, [['ok1', 'ok1'], ['ok2', 'ok2']], 'with values too');
   });
 
   it('List skips a key under the prefix that is not valid UTF-8 and still ends, with any window and limit', async function () {

@@ -1,6 +1,7 @@
 /**
- * The Lua scripts of the Redis backend. Each touches exactly one key (KEYS[1]), so each runs
- * atomically on the master that owns the key's slot, on a single server and in a cluster alike.
+ * The Lua scripts of the Redis backend. Each runs atomically on the master that owns its keys'
+ * slot, on a single server and in a cluster alike: READ, WRITE and DELETE touch exactly one key
+ * (KEYS[1]); READ_MANY reads keys that share a slot.
  *
  * An entry is a hash {v: value, ver: version, ct: created-at ms}; its expiry is the key's own
  * (PEXPIREAT), read back with PEXPIRETIME (Redis >= 7.0). A refresh only moves the expiry, so
@@ -35,6 +36,36 @@ end
 local value = ''
 if ARGV[2] == '1' then value = redis.call('HGET', KEYS[1], 'v') end
 return {value, h[1], fmt(exp), h[2]}
+`;
+
+/**
+ * Read of many entries for a listing: KEYS = the entries (any number on a single server; one slot
+ * in a cluster), ARGV[1] = '1' to return the values. Never refreshes. Answers one item per key, as
+ * READ would, except that a key holding another type answers its error text instead of failing
+ * the whole call.
+ */
+export const READ_MANY = `${CLOCK}
+local with_value = ARGV[1] == '1'
+local out = {}
+for i, key in ipairs(KEYS) do
+  local h
+  if with_value then h = redis.pcall('HMGET', key, 'ver', 'ct', 'v') else h = redis.pcall('HMGET', key, 'ver', 'ct') end
+  if h.err then
+    out[i] = h.err
+  elseif not h[1] then
+    out[i] = false
+  else
+    local exp = redis.call('PEXPIRETIME', key)
+    if exp <= now_ms then
+      out[i] = false
+    elseif with_value then
+      out[i] = {h[3], h[1], fmt(exp), h[2]}
+    else
+      out[i] = {'', h[1], fmt(exp), h[2]}
+    end
+  end
+end
+return out
 `;
 
 /**

@@ -1,5 +1,5 @@
 import calculateSlot from 'cluster-key-slot';
-import { Cluster, Redis, type RedisOptions } from 'ioredis';
+import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis';
 import {
   type Backend,
   type BackendOp,
@@ -14,7 +14,7 @@ import {
 } from './backend';
 import { coversEverySlot, movedSlots, parseSlotSnapshot, type SlotSnapshot } from './cluster-slots';
 import { KeyWindow } from './key-window';
-import { DELETE, READ, WRITE } from './redis-scripts';
+import { DELETE, READ, READ_MANY, WRITE } from './redis-scripts';
 import { escapeGlob, KeyspaceWatch } from './redis-watch';
 
 export interface HostPort {
@@ -53,6 +53,8 @@ interface ScriptCommands {
   sessionReadBuffer(key: string, refreshTtlMs: number, withValue: '0' | '1'): Promise<Buffer[] | null>;
   sessionWriteBuffer(key: string, value: Buffer, ttlMs: number, expected: string): Promise<Buffer[]>;
   sessionDeleteBuffer(key: string, expected: string): Promise<Buffer[]>;
+  /** numberOfKeys, the keys, then '1' to return the values (see READ_MANY). */
+  sessionReadManyBuffer(numberOfKeys: number, ...keysThenWithValue: string[]): Promise<Array<Buffer | Buffer[] | null>>;
 }
 
 type Client = Redis | Cluster;
@@ -178,6 +180,7 @@ export class RedisBackend implements Backend {
     this.client.defineCommand('sessionRead', { numberOfKeys: 1, lua: READ });
     this.client.defineCommand('sessionWrite', { numberOfKeys: 1, lua: WRITE });
     this.client.defineCommand('sessionDelete', { numberOfKeys: 1, lua: DELETE });
+    this.client.defineCommand('sessionReadMany', { lua: READ_MANY });
 
     this.client.on('error', (err: Error) => {
       // ioredis retries without end: say why once per reason, not once per attempt.
@@ -280,7 +283,7 @@ export class RedisBackend implements Backend {
       }
       for (let i = 0; i < keys.length; i += READ_PAGE) {
         const page = keys.slice(i, i + READ_PAGE);
-        const replies = await this.run(page.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), !options.keysOnly);
+        const replies = await this.readPage(page, !options.keysOnly);
         for (let j = 0; j < page.length; j += 1) {
           const [err, reply] = replies[j];
           let entry: StoredEntry | null;
@@ -486,6 +489,25 @@ export class RedisBackend implements Backend {
 
   private redisKey(key: string): string {
     return this.options.keyPrefix + key;
+  }
+
+  /**
+   * Reads the entries of a listing's page without refreshing them: [error, reply] for each key,
+   * as run() answers gets. On a single server in one script call (one command per key costs the
+   * store more than the entry itself); in a cluster as gets, since the keys of a page in key
+   * order seldom share a slot.
+   */
+  private async readPage(keys: readonly string[], withValue: boolean): Promise<Reply[]> {
+    if (this.cluster) return this.run(keys.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), withValue);
+    try {
+      const scripts = this.client as unknown as ScriptCommands;
+      const replies = await scripts.sessionReadManyBuffer(keys.length, ...keys.map((key) => this.redisKey(key)), withValue ? '1' : '0');
+      if (replies.length !== keys.length) throw new Error('redis: the read answered a wrong number of entries');
+      // A key's own error (a key of another type) comes as its text, as the script caught it.
+      return replies.map((reply): Reply => (Buffer.isBuffer(reply) ? [new ReplyError(reply.toString()) as Error, null] : [null, reply]));
+    } catch (err) {
+      return keys.map((): Reply => [err as Error, null]);
+    }
   }
 
   /** Runs the operations and answers [error, reply] for each, in order. */
