@@ -70,6 +70,8 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
 const READ_PAGE = 500;
+/** Keys per READ_MANY call: about a millisecond of Redis' time, as long as a SCAN call of SCAN_COUNT. */
+const READ_MANY_KEYS = 128;
 /**
  * The value of the Redis key named exactly REDIS_KEY_PREFIX, which the store writes when it
  * connects: it marks a data set (never an entry: store keys are not empty), so that a store whose
@@ -493,12 +495,18 @@ export class RedisBackend implements Backend {
 
   /**
    * Reads the entries of a listing's page without refreshing them: [error, reply] for each key,
-   * as run() answers gets. On a single server in one script call (one command per key costs the
-   * store more than the entry itself); in a cluster as gets, since the keys of a page in key
-   * order seldom share a slot.
+   * as run() answers gets. On a single server by script calls of READ_MANY_KEYS keys each (one
+   * command per key costs the store more than the entry itself); in a cluster as gets, since the
+   * keys of a page in key order seldom share a slot.
    */
   private async readPage(keys: readonly string[], withValue: boolean): Promise<Reply[]> {
     if (this.cluster) return this.run(keys.map((key) => ({ kind: 'get', key, refreshTtlMs: 0 })), withValue);
+    const calls: Array<Promise<Reply[]>> = [];
+    for (let i = 0; i < keys.length; i += READ_MANY_KEYS) calls.push(this.readMany(keys.slice(i, i + READ_MANY_KEYS), withValue));
+    return (await Promise.all(calls)).flat();
+  }
+
+  private async readMany(keys: readonly string[], withValue: boolean): Promise<Reply[]> {
     try {
       const scripts = this.client as unknown as ScriptCommands;
       const replies = await scripts.sessionReadManyBuffer(keys.length, ...keys.map((key) => this.redisKey(key)), withValue ? '1' : '0');
