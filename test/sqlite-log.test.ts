@@ -168,6 +168,25 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('maxEntries: a full store makes room from expired keys anywhere in the index, also below where its last look stopped', async () => {
+    const b = new SqliteBackend({ ...options, sweepBatch: 1, maxEntries: 4 });
+    try {
+      await b.batch([put('a', 'a', 30), put('b', 'b', 30), put('c', 'c', 3_600_000), put('d', 'd', 3_600_000)]);
+      await sleep(50);
+      // Each new key takes the place of one expired key, the first the look finds: a, then b.
+      assert.equal((await b.batch([put('x', 'x', 30)]))[0].ok, true);
+      assert.equal((await b.batch([put('y', 'y', 30)]))[0].ok, true);
+      await sleep(50);
+      // x and y expired in turn: the look must start over from the first slots to find them.
+      assert.equal(await b.countLive(), 2);
+      const [z] = await b.batch([put('z', 'z', 3_600_000)]);
+      assert.ok(z.ok, `refused: ${!z.ok && z.error.message}`);
+      assert.deepEqual((await listAll(b)).map(([k]) => k), ['c', 'd', 'z']);
+    } finally {
+      await b.close();
+    }
+  });
+
   it('after most keys expired at once, the sweeper pass gives their index memory back, and the keys left still read, write, list and survive a restart', async () => {
     const b = new SqliteBackend({ ...options, sweepBatch: 5000 });
     const index = (b as unknown as { keydir: KeyDir }).keydir;
@@ -468,5 +487,50 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     const before = step(0);
     const after = step(-10 * 60_000);
     assert.ok(after > before, `re-created with version ${after}, after ${before} (deleted) before the restart`);
+  });
+
+  it('versions keep growing across a restart with the clock stepped back also after compaction dropped the deleted key\'s rows', () => {
+    // As above, and before the restart enough traffic that compaction deletes every row of k (its
+    // tombstone included) from the log: reads that refresh another, older key, so no row left in
+    // the log has a version as high as k's last.
+    const script = path.join(tmp.dir, 'step.js');
+    writeFileSync(
+      script,
+      `const { SqliteBackend } = require(${JSON.stringify(path.resolve(__dirname, '../services/store/backends/sqlite.js'))});
+       const shift = Number(process.argv[3]);
+       const now = Date.now;
+       Date.now = () => now() + shift;
+       const put = (key, expectedVersion) => ({ kind: 'put', key, value: Buffer.from(key), ttlMs: 3600000, expectedVersion });
+       (async () => {
+         const b = new SqliteBackend({ dataDir: process.argv[2], synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 100000 });
+         const out = {};
+         if (shift === 0) {
+           await b.batch([put('g')]);
+           const [first] = await b.batch([put('k', 0)]);
+           const [second] = await b.batch([put('k', first.value.version)]);
+           await b.batch([{ kind: 'delete', key: 'k', expectedVersion: second.value.version }]);
+           for (let i = 0; i < 12; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 3600000 })));
+           for (let i = 0; i < 10; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 0 })));
+           Object.assign(out, { first: first.value.version, last: second.value.version });
+         } else {
+           const [created] = await b.batch([put('k', 0)]);
+           const [stale] = await b.batch([put('k', Number(process.argv[4]))]);
+           Object.assign(out, { created: created.value.version, staleCasOk: stale.ok });
+         }
+         await b.close();
+         process.stdout.write(JSON.stringify(out));
+       })();`,
+    );
+    const step = (shiftMs: number, arg = '') => JSON.parse(execFileSync(process.execPath, [script, tmp.dir, String(shiftMs), arg]).toString());
+    const before = step(0) as { first: number; last: number };
+    const db = new Database(path.join(tmp.dir, 'sessions.db'), { readonly: true });
+    try {
+      assert.equal(db.prepare<[], number>("SELECT count(*) FROM log WHERE key = 'k'").pluck().get(), 0, 'compaction dropped every row of k');
+    } finally {
+      db.close();
+    }
+    const after = step(-60_000, String(before.first)) as { created: number; staleCasOk: boolean };
+    assert.ok(after.created > before.last, `re-created with version ${after.created}, after ${before.last} (deleted) before the restart`);
+    assert.equal(after.staleCasOk, false, 'a write with a version k had before its delete is refused');
   });
 });

@@ -48,7 +48,7 @@ export interface SqliteOptions {
 }
 
 /** The oldest rows of the log, as compaction reads them: seq, key. */
-type HeadRow = [number, string];
+type HeadRow = [number, string, number];
 
 interface Pending {
   ops: readonly BackendOp[];
@@ -116,6 +116,7 @@ export class SqliteBackend implements Backend {
     values: Database.Statement<[string], [number, Buffer | null]>;
     head: Database.Statement<[number], HeadRow>;
     dropHead: Database.Statement<[number]>;
+    keepDroppedVersion: Database.Statement<[number]>;
     addKey: Database.Statement<[string]>;
     removeKey: Database.Statement<[string]>;
     listKeys: Database.Statement<[string, string, number], string>;
@@ -158,9 +159,12 @@ export class SqliteBackend implements Backend {
           .raw(true) as Database.Statement<[string], [number, Buffer | null]>,
         head: this.db
           // The oldest rows: compaction deletes from the front, so this is one seek to the first leaf.
-          .prepare('SELECT seq, key FROM log ORDER BY seq LIMIT ?')
+          .prepare('SELECT seq, key, version FROM log ORDER BY seq LIMIT ?')
           .raw(true) as Database.Statement<[number], HeadRow>,
         dropHead: this.db.prepare('DELETE FROM log WHERE seq <= ?'),
+        keepDroppedVersion: this.db.prepare(
+          "INSERT INTO meta (name, value) VALUES ('dropped_version', ?) ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+        ),
         addKey: this.db.prepare('INSERT OR IGNORE INTO keys (key) VALUES (?)'),
         removeKey: this.db.prepare('DELETE FROM keys WHERE key = ?'),
         listKeys: this.db
@@ -476,11 +480,16 @@ export class SqliteBackend implements Backend {
    */
   private makeRoom(now: number, changes: ChangeEvent[], undo: Undo): boolean {
     const dir = this.keydir;
-    if (this.roomScan <= 0) return false;
-    const from = this.roomFrom < dir.capacity ? this.roomFrom : 0;
-    const { keys, next } = dir.expired(now, from, this.roomScan, this.options.sweepBatch);
-    this.roomScan -= next === 0 ? dir.capacity - from : next - from;
-    this.roomFrom = next;
+    let keys: string[] = [];
+    // From where the last call stopped to the end of the slots, then once more from the start.
+    for (let pass = 0; pass < 2 && keys.length === 0 && this.roomScan > 0; pass += 1) {
+      const from = this.roomFrom < dir.capacity ? this.roomFrom : 0;
+      const found = dir.expired(now, from, this.roomScan, this.options.sweepBatch);
+      this.roomScan -= found.next === 0 ? dir.capacity - from : found.next - from;
+      this.roomFrom = found.next;
+      keys = found.keys;
+      if (from === 0) break;
+    }
     for (const key of keys) {
       const slot = dir.slot(key)!;
       this.tombstone(key, dir.version[slot], dir.created[slot]);
@@ -529,13 +538,17 @@ export class SqliteBackend implements Backend {
    * Reclaims superseded rows from the oldest end of the log, reading at most `budget` rows: each
    * row still the latest of its key is copied to the end, then the rows read are deleted as one
    * range (all older rows of every key in it go with them, so a rebuild never sees a stale one).
+   * The highest version of the rows deleted is kept (meta.dropped_version): the range may hold the
+   * last version a deleted or expired key had, and new versions must start above it (see load()).
    */
   private compact(budget: number, now: number, changes: ChangeEvent[], undo: Undo): void {
     const dir = this.keydir;
     while (budget > 0 && this.logRows - dir.size > Math.max(MIN_GARBAGE, dir.size)) {
       const rows = this.stmt.head.all(Math.min(Math.max(budget, COMPACT_MIN_ROWS), LIST_PAGE));
       if (rows.length === 0) return;
-      for (const [seq, key] of rows) {
+      let dropped = 0;
+      for (const [seq, key, version] of rows) {
+        if (version > dropped) dropped = version;
         const slot = dir.slot(key);
         if (slot === undefined || dir.seq[slot] !== seq) continue; // superseded or deleted
         if (dir.expires[slot] <= now) {
@@ -549,6 +562,7 @@ export class SqliteBackend implements Backend {
         this.append(key, slot, value, dir.version[slot], dir.expires[slot], dir.created[slot], undo);
       }
       const last = rows[rows.length - 1][0];
+      this.stmt.keepDroppedVersion.run(dropped);
       this.stmt.dropHead.run(last);
       this.logRows -= rows.length;
       budget -= rows.length;
@@ -572,8 +586,10 @@ export class SqliteBackend implements Backend {
     this.logRows = rows;
     // Versions come from the clock: after a restart with the clock stepped back, a key deleted
     // before it and created again would get a version it had before (a stale compare-and-set
-    // would pass). New versions start above every one the log holds, tombstones included.
-    versionsAbove(highest);
+    // would pass). New versions start above every one the log holds, tombstones included, and
+    // every one compaction removed from it.
+    const dropped = this.db.prepare<[], number>("SELECT value FROM meta WHERE name = 'dropped_version'").pluck().get() ?? 0;
+    versionsAbove(Math.max(highest, dropped));
     // Keys that expired while the store was down stay in the index until the sweeper reports them
     // (Get, List and the live count already skip them): removed here, Watch would never hear of them.
   }
@@ -694,6 +710,9 @@ function migrate(db: Database.Database): void {
   if (current > SCHEMA_VERSION) {
     throw new Error(`sessions.db has schema version ${current}, newer than this store (${SCHEMA_VERSION})`);
   }
+  // Added within version 2, for every database: a store of an earlier build ignores the table, so
+  // rolling back still opens the database (its compactions then keep no record, as before).
+  db.exec('CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID');
   if (current === SCHEMA_VERSION) return;
   db.transaction(() => {
     db.exec(`
