@@ -265,6 +265,38 @@ describe('pipe client: batched store calls over one stream (real store process)'
     }
   });
 
+  it('through the unary Batch fallback, Gets whose answers pass the store\'s message cap are read again on their own', async () => {
+    // A unary Batch answer holds at most STORE_MAX_MESSAGE_BYTES (4 MiB) of entries; a Pipe answer has no cap.
+    const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 }, { 'grpc.max_receive_message_length': -1 });
+    const batches: number[] = [];
+    const proxy = new Server({ 'grpc.max_send_message_length': -1 });
+    proxy.addService(SessionStoreService, {
+      batch: (call: ServerUnaryCall<BatchRequest, BatchResponse>, callback: sendUnaryData<BatchResponse>) => {
+        batches.push(call.request.ops.length);
+        upstream.batch(call.request, (err: ServiceError | null, res?: BatchResponse) => callback(err, res));
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      proxy.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    const viaProxy = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 5000 });
+    try {
+      const value = Buffer.alloc(60 * 1024, 'v'); // 100 of them are over 4 MiB
+      const keys = Array.from({ length: 100 }, (_, i) => `capped-${i}`);
+      await Promise.all(keys.map((k) => client.put(k, value, { ttlMs: 60_000 })));
+      batches.length = 0;
+      const gets = await Promise.allSettled(keys.map((k) => viaProxy.get(k)));
+      const failed = gets.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
+      assert.equal(failed.length, 0, `${failed.length} gets failed, e.g. ${failed[0]?.reason?.message}`);
+      assert.ok(gets.every((r) => r.status === 'fulfilled' && r.value?.value.equals(value)));
+      assert.ok(batches.length > 1 && batches.slice(1).every((n) => n === 1), `batches of ${batches.join(', ')} operations: one, then the capped Gets one by one`);
+    } finally {
+      viaProxy.close();
+      upstream.close();
+      proxy.forceShutdown();
+    }
+  });
+
   it('refuses at once when more operations are queued than allowed', async () => {
     const small = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000, maxQueuedOps: 10 });
     try {
@@ -348,6 +380,32 @@ describe('outcomeUnknown: a failed call the store may have applied, on both clie
       const invalid = await failure(client.put('', Buffer.from('b'), { ttlMs: 60_000 }));
       assert.deepEqual([conflict.kind, conflict.outcomeUnknown, conflict.call], ['conflict', false, 'put'], name);
       assert.deepEqual([invalid.kind, invalid.outcomeUnknown, invalid.call], ['invalid', false, 'put'], name);
+    }
+  });
+
+  it('arguments a request cannot carry are refused alone as invalid and never sent; calls issued with them go through', async () => {
+    const bad: Array<[string, (client: StoreClient) => Promise<unknown>, RegExp]> = [
+      ['put', (c) => c.put('bad-ttl', Buffer.from('x'), { ttlMs: 1.5 }), /ttlMs must be a whole number/],
+      ['put', (c) => c.put('bad-version', Buffer.from('x'), { ttlMs: 60_000, expectedVersion: -1 }), /expectedVersion must be a version/],
+      ['put', (c) => c.put('bad-value', 'x' as unknown as Buffer, { ttlMs: 60_000 }), /value must be a Buffer/],
+      ['get', (c) => c.get('bad-refresh', { refreshTtlMs: Number.NaN }), /refreshTtlMs must be a whole number/],
+      ['delete', (c) => c.delete(42 as unknown as string), /key must be a string/],
+      ['get', (c) => c.get('bad-request-id', { requestId: 7 as unknown as string }), /requestId must be a string/],
+    ];
+    for (const [name, client] of clients) {
+      // Calls of one turn share a batch on the pipe: before the check, one bad argument failed the
+      // whole stream, and every other call in flight on it with "outcome unknown".
+      const earlier = client.put(`good-earlier-${name}`, Buffer.from('a'), { ttlMs: 60_000 });
+      await new Promise((resolve) => setImmediate(resolve));
+      const good = client.put(`good-${name}`, Buffer.from('b'), { ttlMs: 60_000 });
+      const refused = await Promise.all(bad.map(([, call]) => failure(call(client))));
+      await Promise.all([earlier, good]);
+      bad.forEach(([call, , message], i) => {
+        assert.deepEqual([refused[i].kind, refused[i].outcomeUnknown, refused[i].call], ['invalid', false, call], `${name}: ${refused[i].message}`);
+        assert.match(refused[i].message, message, name);
+      });
+      assert.equal((await client.get(`good-${name}`))?.value.toString(), 'b', name);
+      for (const key of ['bad-ttl', 'bad-version', 'bad-value']) assert.equal(await client.get(key), null, `${name}: ${key} was not written`);
     }
   });
 

@@ -3,6 +3,7 @@ import { type ClientDuplexStream, type ServiceError, status } from '@grpc/grpc-j
 import type { BatchRequest, BatchResponse, Entry, Op, OpResult, SessionStoreClient } from '../generated/kv';
 import {
   authMetadata,
+  checkArguments,
   createRawClient,
   fromServiceError,
   listEntries,
@@ -74,11 +75,13 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
   const run = (call: StoreCall, op: Op) => transport.enqueue(call, op);
   return {
     async get(key, opts = {}) {
+      checkArguments('get', key, opts);
       const result = await run('get', { op: { $case: 'get', value: { key, refreshTtlMs: opts.refreshTtlMs ?? 0 } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       const get = result.result?.$case === 'get' ? result.result.value : undefined;
       return get?.found && get.entry ? get.entry : null;
     },
     async put(key: string, value: Buffer, opts: PutOptions): Promise<Entry> {
+      checkArguments('put', key, opts, value);
       const result = await run('put', {
         op: { $case: 'put', value: { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion } },
         timeoutMs: options.deadlineMs,
@@ -88,6 +91,7 @@ export function createPipeClient(options: PipeClientOptions): StoreClient {
       return result.result.value.entry;
     },
     async delete(key, opts = {}) {
+      checkArguments('delete', key, opts);
       const result = await run('delete', { op: { $case: 'delete', value: { key, expectedVersion: opts.expectedVersion } }, timeoutMs: options.deadlineMs, requestId: opts.requestId ?? '' });
       return result.result?.$case === 'delete' ? result.result.value.deleted : false;
     },
@@ -298,10 +302,22 @@ class PipeTransport {
     this.inFlight.delete(response.id);
     clearTimeout(flight.timer);
     const { ops } = flight;
+    let again: PendingOp[] | undefined;
     for (let i = 0; i < ops.length; i += 1) {
       const result = response.results[i];
-      if (result) ops[i].resolve(result);
-      else ops[i].reject(toClientError(status.INTERNAL, 'the store answered fewer results than operations'));
+      if (!result) ops[i].reject(toClientError(status.INTERNAL, 'the store answered fewer results than operations'));
+      else if (result.code === status.RESOURCE_EXHAUSTED && ops.length > 1 && ops[i].op.op?.$case === 'get') (again ??= []).push(ops[i]);
+      else ops[i].resolve(result);
+    }
+    // A unary Batch answer holds at most STORE_MAX_MESSAGE_BYTES of entries (a Pipe answer has no
+    // such cap): the Gets past it fail with RESOURCE_EXHAUSTED, "read this key in another batch".
+    // Each is sent again in a batch of its own (a Get's TTL refresh running twice only slides it).
+    if (again) {
+      const now = performance.now();
+      for (const pending of again) {
+        if (pending.deadline <= now) pending.reject(this.timedOut(true));
+        else this.send([pending], now);
+      }
     }
   }
 

@@ -124,6 +124,29 @@ export function neverSent(err: ServiceError): boolean {
   return !answeredByStore(err) && NOT_SENT.test(err.details ?? err.message ?? '');
 }
 
+/**
+ * Refuses, as INVALID_ARGUMENT before anything is sent, the arguments of a get, put or delete that
+ * a request message cannot carry (a key that is no string, a value that is no Buffer, a TTL that
+ * is no whole number, a negative expected version, a request id that is no string): grpc-js would fail to encode the message, and
+ * on a pipe that fails the whole stream, with every other caller's operations in flight on it.
+ */
+export function checkArguments(
+  call: StoreCall,
+  key: unknown,
+  fields: { ttlMs?: unknown; refreshTtlMs?: unknown; expectedVersion?: unknown; requestId?: unknown },
+  value?: unknown,
+): void {
+  let problem: string | undefined;
+  if (typeof key !== 'string') problem = `the key must be a string, not ${typeof key}`;
+  else if (call === 'put' && !(value instanceof Uint8Array)) problem = 'the value must be a Buffer';
+  else if (call === 'put' && !Number.isSafeInteger(fields.ttlMs)) problem = `ttlMs must be a whole number of milliseconds, not ${String(fields.ttlMs)}`;
+  else if (fields.refreshTtlMs !== undefined && !Number.isSafeInteger(fields.refreshTtlMs)) problem = `refreshTtlMs must be a whole number of milliseconds, not ${String(fields.refreshTtlMs)}`;
+  else if (fields.expectedVersion !== undefined && !(Number.isSafeInteger(fields.expectedVersion) && (fields.expectedVersion as number) >= 0)) {
+    problem = `expectedVersion must be a version (a whole number, at least 0), not ${String(fields.expectedVersion)}`;
+  } else if (fields.requestId !== undefined && typeof fields.requestId !== 'string') problem = `requestId must be a string, not ${typeof fields.requestId}`;
+  if (problem !== undefined) throw toClientError(status.INVALID_ARGUMENT, `${call}: ${problem}; nothing was sent`, { call });
+}
+
 /** Per-call options every operation accepts. */
 export interface CallOptions {
   /** The caller's request id: sent as `x-request-id` metadata (unary) or Op.request_id (batched), for the store's logs. */
@@ -251,12 +274,14 @@ export function createStoreClient(options: StoreClientOptions): StoreClient {
 
   return {
     async get(key, opts = {}) {
+      checkArguments('get', key, opts);
       const res = await call<{ found: boolean; entry?: Entry }>('get', (cb) =>
         client.get({ key, refreshTtlMs: opts.refreshTtlMs ?? 0 }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
       return res.found && res.entry ? res.entry : null;
     },
     async put(key, value, opts) {
+      checkArguments('put', key, opts, value);
       const res = await call<{ entry?: Entry }>('put', (cb) =>
         client.put(
           { key, value, ttlMs: opts.ttlMs, expectedVersion: opts.expectedVersion },
@@ -268,6 +293,7 @@ export function createStoreClient(options: StoreClientOptions): StoreClient {
       return res.entry!;
     },
     async delete(key, opts = {}) {
+      checkArguments('delete', key, opts);
       const res = await call<{ deleted: boolean }>('delete', (cb) =>
         client.delete({ key, expectedVersion: opts.expectedVersion }, withRequestId(metadata, opts.requestId), callOptions(), cb),
       );
