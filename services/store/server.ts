@@ -315,6 +315,8 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       };
       stopping?.addEventListener('abort', onStop, { once: true });
       call.once('close', () => stopping?.removeEventListener('abort', onStop));
+      // A pipe opened once the stop began (an aborted signal fires no more 'abort') ends at once.
+      if (stopping?.aborted) onStop();
       call.on('data', (request: BatchRequest | Undecodable) => {
         const startedAt = performance.now();
         if (closed) return;
