@@ -461,6 +461,18 @@ describe('SQLite backend: append-only log and in-memory index', function () {
       counting = false;
       assert.deepEqual(listed.map(([k]) => k), ['zz-live']);
       assert.ok(turns >= 10, `20 pages of expired keys read across ${turns} turns of the event loop`);
+      // A caller that gives up (a cancelled List) stops the reading at the next page.
+      const cancel = new AbortController();
+      const reads = { pages: 0 };
+      const listKeys = (b as unknown as { stmt: { listKeys: { all: (...args: unknown[]) => string[] } } }).stmt.listKeys;
+      const all = listKeys.all.bind(listKeys);
+      listKeys.all = (...args: unknown[]) => {
+        reads.pages += 1;
+        return all(...args);
+      };
+      setImmediate(() => cancel.abort());
+      for await (const entry of b.list({ prefix: '', startAfter: '', limit: 0, keysOnly: true, signal: cancel.signal })) assert.fail(`listed ${entry.key}`);
+      assert.ok(reads.pages <= 2, `${reads.pages} pages read after the cancel`);
     } finally {
       await b.close();
     }

@@ -218,7 +218,11 @@ export class SqliteBackend implements Backend {
       // A page of keys that all expired (the sweeper has not reached them yet, e.g. just after a
       // restart) yields nothing, and without this the next page would be read in the same turn:
       // a run of a million such keys held the event loop for 0.7 s.
-      if (!yielded) await new Promise((resolve) => setImmediate(resolve));
+      if (!yielded) {
+        await new Promise((resolve) => setImmediate(resolve));
+        // A caller that gave up meanwhile (a cancelled List) is not read a page it never takes.
+        if (options.signal?.aborted) return;
+      }
     }
   }
 
