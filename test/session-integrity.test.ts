@@ -420,6 +420,13 @@ function renewApp(store: SessionBackend, options: Partial<SessionOptions> = {}):
     const kind = String(ctx.query.kind);
     ctx.body = await ctx.session.update(() => (kind === 'date' ? new Date() : { toJSON: () => [kind] }) as unknown as Record<string, unknown>);
   });
+  // Reads first (to check something, say), then updates.
+  router.post('/check-then-set', async (ctx) => {
+    await ctx.session.get();
+    await new Promise((resolve) => setTimeout(resolve, Number(ctx.query.waitMs ?? 0)));
+    const mode = String(ctx.query.mode);
+    ctx.body = await ctx.session.update((current: Record<string, unknown> | null) => ({ ...current, mode }));
+  });
   router.get('/state', async (ctx) => {
     ctx.body = (await ctx.session.get()) ?? {};
   });
@@ -571,6 +578,21 @@ describe('session races and failures (real store process; some calls delayed or 
     await r1;
     assert.equal(r2.status, 200);
     assert.match((await stored(first.set!))!, /"mode":"a"/);
+  });
+
+  it('an update after a get() of the same request, that writes nothing, is checked against the store: a write since the get() is not silently undone', async () => {
+    for (const processes of [1, 2]) {
+      const a = await serve(store.client);
+      const b = processes === 1 ? a : await serve(store.client);
+      const first = await call(a, 'POST', '/set?mode=a');
+      const cookie = `sid=${first.set}`;
+      // r1 reads mode=a, and 300 ms later sets mode=a: after r2's write of mode=b was answered.
+      const r1 = call(a, 'POST', '/check-then-set?mode=a&waitMs=300', cookie);
+      await sleep(100);
+      assert.equal((await call(b, 'POST', '/set?mode=b', cookie)).body.mode, 'b');
+      assert.equal((await r1).body.mode, 'a');
+      assert.match((await stored(first.set!))!, /"mode":"a"/, `${processes} process(es): the update answered last is the one stored`);
+    }
   });
 
   it('a write that failed after the store applied it leaves nothing stale behind for the next update in the queue', async () => {

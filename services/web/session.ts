@@ -320,6 +320,9 @@ export class Session<T extends object = SessionData> {
   private async tryUpdate<U extends object>(fn: (current: U | null) => U): Promise<U> {
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
+      // What this request read or wrote before this update took the lock (a get() first): another
+      // request may have written since, as for a handed-on entry.
+      const readBefore = attempt === 0 && this.loaded !== undefined;
       const current = await this.startingPoint(attempt === 0);
       const next = fn((current?.data as U | undefined) ?? null);
       // Checked as JSON too: a Date, or an object whose toJSON gives no object, would be stored as
@@ -331,8 +334,8 @@ export class Session<T extends object = SessionData> {
       const value = Buffer.from(json);
       try {
         if (current) {
-          if (current.handedOn && value.equals(current.raw)) {
-            // Nothing to write, so no compare-and-set would catch a stale hand-on: read for real.
+          if ((current.handedOn || readBefore) && value.equals(current.raw)) {
+            // Nothing to write, so no compare-and-set would catch a stale starting point: read for real.
             this.loaded = undefined;
             this.remember(null);
             continue;
