@@ -6,10 +6,11 @@ import { createServer as createHttpServer } from 'node:http';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { Server, ServerCredentials, type ServerWritableStream } from '@grpc/grpc-js';
+import { credentials, Server, ServerCredentials, type ServerWritableStream } from '@grpc/grpc-js';
+import { createPipeClient } from '../services/client/pipe-client';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
 import { decodeEntryPage } from '../services/dump/entry-page';
-import { type Entry, EntryPage, type ListRequest, SessionStoreService } from '../services/generated/kv';
+import { type Entry, EntryPage, type ListRequest, SessionStoreClient, SessionStoreService } from '../services/generated/kv';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { shortHash } from '../services/shared/log';
 import { type Proc, root, startStore, tempDir, waitForLine } from './helpers/procs';
@@ -529,6 +530,40 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
+    it('changes that come while the listing waits for its reader are held up to a bound, then left to the store: it ends the feed, and dump says so once read, exit 1', async () => {
+      const own = tempDir();
+      const bulkStore = await startBulkStore(own.dir, 3000); // a listing of 3 MB, more than the pipe holds
+      const writer = createStoreClient({ address: `127.0.0.1:${bulkStore.port}`, deadlineMs: 10_000 });
+      const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`, '--watch'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      try {
+        let stderr = '';
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        const exited = once(child, 'exit') as Promise<[number | null]>;
+        await once(child.stdout!, 'readable'); // the listing started; nothing more is read from here on
+        // 60 KB changes until the store ends the feed (past its 16 MiB for a client that stops
+        // taking events): dump held them in memory, without end, before the bound.
+        const value = Buffer.alloc(60_000, 'w');
+        const cut = () => bulkStore.lines.some((l) => /"method":"Watch","code":"RESOURCE_EXHAUSTED"/.test(l));
+        for (let i = 0; i < 1000 && !cut(); i += 20) {
+          await Promise.all(Array.from({ length: 20 }, (_, j) => writer.put(`change-${(i + j) % 100}`, value, { ttlMs: 60_000 })));
+        }
+        await waitForLine(bulkStore, (l) => /"method":"Watch","code":"RESOURCE_EXHAUSTED"/.test(l), 10_000);
+        const rssMb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1]) / 1024;
+        assert.ok(rssMb < 120, `dump holds ${rssMb.toFixed(0)} MB`);
+        const listed: string[] = [];
+        createInterface({ input: child.stdout! }).on('line', (line) => listed.push(line));
+        const [code] = await exited;
+        assert.equal(code, 1, stderr);
+        assert.equal(listed.filter((l) => l.startsWith('bulk-')).length, 3000, 'the whole listing, then the changes held');
+        assert.match(stderr, /^dump: cannot dump the store at [\d.:]+: the change feed ended: .*, so changes were missed; run it again\n$/);
+      } finally {
+        child.kill('SIGKILL');
+        writer.close();
+        await bulkStore.stop();
+        own.remove();
+      }
+    });
+
     it('the store going away ends --watch with one line and exit 1', async () => {
       const own = tempDir();
       const shortLived = await startStore(own.dir, { STORE_GRACE_MS: '0' });
@@ -545,6 +580,53 @@ describe('bin/dump (child process against a real store)', function () {
         own.remove();
       }
     });
+  });
+
+  it('entries up to the largest value a store allows (4 MiB): the clients write and read them, and the listing holds them', async () => {
+    const own = tempDir();
+    const big = await startStore(own.dir, { STORE_MAX_VALUE_BYTES: String(4 * 1024 * 1024), STORE_MAX_MESSAGE_BYTES: String(8 * 1024 * 1024) });
+    const address = `127.0.0.1:${big.port}`;
+    const unary = createStoreClient({ address, deadlineMs: 10_000 });
+    const pipe = createPipeClient({ address, deadlineMs: 10_000 });
+    try {
+      const value = Buffer.alloc(4 * 1024 * 1024, 'b');
+      // A Put's answer holds the value: over grpc-js' default 4 MiB receive limit with its framing.
+      await unary.put('big-1', value, { ttlMs: 60_000 });
+      await pipe.put('big-2', value, { ttlMs: 60_000 });
+      await unary.put('small', Buffer.alloc(10_000, 's'), { ttlMs: 60_000 });
+      assert.equal((await unary.get('big-2'))?.value.length, value.length);
+      assert.equal((await pipe.get('big-1'))?.value.length, value.length);
+      // A page of the listing holds a value of any allowed size, but no more than one such.
+      const run = await new Promise<Run>((resolve) =>
+        execFile(dumpBin, [address, '--json'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) =>
+          resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr, ms: 0 }),
+        ),
+      );
+      assert.equal(run.code, 0, run.stderr);
+      const listed = lines(run.stdout).map((l) => JSON.parse(l) as { key: string; value: string });
+      assert.deepEqual(listed.map((e) => [e.key, e.value.length]), [['big-1', value.length], ['big-2', value.length], ['small', 10_000]]);
+      // A client with grpc-js' default 4 MiB limit: a value just under it comes in a page of its own.
+      await unary.put('c-0', Buffer.alloc(40_000, 'c'), { ttlMs: 60_000 });
+      await unary.put('c-1', Buffer.alloc(4 * 1024 * 1024 - 32 * 1024, 'c'), { ttlMs: 60_000 });
+      const plain = new SessionStoreClient(address, credentials.createInsecure());
+      try {
+        const pages: number[][] = [];
+        const call = plain.listPages({ prefix: 'c-', limit: 0, startAfter: '', keysOnly: false });
+        await new Promise<void>((resolve, reject) => {
+          call.on('data', (page: EntryPage) => pages.push(page.entries.map((e) => e.value.length)));
+          call.on('end', resolve);
+          call.on('error', reject);
+        });
+        assert.deepEqual(pages, [[40_000], [4 * 1024 * 1024 - 32 * 1024]]);
+      } finally {
+        plain.close();
+      }
+    } finally {
+      unary.close();
+      pipe.close();
+      await big.stop();
+      own.remove();
+    }
   });
 
   describe('exit codes and errors', () => {

@@ -295,6 +295,60 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it('a Batch answer fits a client whose receive limit is STORE_MAX_MESSAGE_BYTES: the cap counts each result\'s framing and the entries of Puts too', async () => {
+    await client.put('f', Buffer.alloc(1000, 1), { ttlMs: 60_000 });
+    // The store's answers fit grpc-js' default receive limit when it is the store's message limit.
+    const limited = createRawClient({ address, deadlineMs: 3000 }, { 'grpc.max_receive_message_length': 100_000 });
+    try {
+      const ops: Op[] = [{ op: { $case: 'put', value: { key: 'f-put', value: Buffer.alloc(1000, 2), ttlMs: 60_000 } }, timeoutMs: 0, requestId: '' }];
+      // 98 entries of 1,001 bytes of key and value: 98 KB, under the limit without their framing.
+      for (let i = 0; i < 98; i += 1) ops.push({ op: { $case: 'get', value: { key: 'f', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' });
+      const response = await new Promise<BatchResponse>((resolve, reject) =>
+        limited.batch({ id: 1, ops }, (err: ServiceError | null, res?: BatchResponse) => (err ? reject(err) : resolve(res!))),
+      );
+      const codes = response.results.map((r) => r.code);
+      assert.equal(codes[0], status.OK, 'the put');
+      const served = codes.slice(1).filter((c) => c === status.OK).length;
+      assert.ok(served >= 80 && served < 98, `${served} of 98 Gets answered`);
+      assert.ok(codes.slice(1 + served).every((c) => c === status.RESOURCE_EXHAUSTED), 'the Gets past the cap, and only those, are refused');
+    } finally {
+      limited.close();
+    }
+  });
+
+  it('List and ListPages do not send an entry that expired while it waited for a slow reader', async () => {
+    const typed = createRawClient({ address, deadlineMs: 10_000 });
+    try {
+      for (const method of ['list', 'listPages'] as const) {
+        const writes: Array<Promise<unknown>> = [];
+        // 8 MB before them: far more than the transport buffers, so the store is still sending when they expire.
+        for (let i = 0; i < 400; i += 1) writes.push(client.put(`${method}-a-${String(i).padStart(3, '0')}`, Buffer.alloc(20_000, 0x61), { ttlMs: 60_000 }));
+        for (let i = 0; i < 50; i += 1) writes.push(client.put(`${method}-b-${String(i).padStart(2, '0')}`, Buffer.from('b'), { ttlMs: 1000 }));
+        await Promise.all(writes);
+        // The entries are read from the backend at once, and sent as the reader takes them.
+        const call = typed[method]({ prefix: `${method}-`, limit: 0, startAfter: '', keysOnly: false });
+        const received: Array<{ key: string; expiresAtMs: number; at: number }> = [];
+        await new Promise<void>((resolve, reject) => {
+          call.on('data', (message: { key?: string; expiresAtMs?: number; entries?: Array<{ key: string; expiresAtMs: number }> }) => {
+            const at = Date.now();
+            for (const e of message.entries ?? [message as { key: string; expiresAtMs: number }]) received.push({ key: e.key, expiresAtMs: e.expiresAtMs, at });
+            if (received.length === 1 || (message.entries && received.length === message.entries.length)) {
+              call.pause();
+              setTimeout(() => call.resume(), 1500);
+            }
+          });
+          call.on('end', resolve);
+          call.on('error', reject);
+        });
+        const expired = received.filter((e) => e.expiresAtMs <= e.at);
+        assert.deepEqual(expired.map((e) => e.key), [], `${method}: entries received after they expired`);
+        assert.equal(received.filter((e) => e.key.startsWith(`${method}-a-`)).length, 400, method);
+      }
+    } finally {
+      typed.close();
+    }
+  });
+
   it('a negative timeout_ms is INVALID_ARGUMENT for that op alone', async () => {
     const typed = createRawClient({ address, deadlineMs: 3000 });
     try {

@@ -68,10 +68,9 @@ interface InFlight {
  * - Fallback: a store without Pipe (UNIMPLEMENTED) is used through the unary Batch RPC instead.
  */
 export function createPipeClient(options: PipeClientOptions): StoreClient {
-  // An answer holds up to maxBatchOps values of up to the store's STORE_MAX_VALUE_BYTES, which
-  // the client does not know: grpc-js' default 4 MiB receive limit would fail a batch of Gets of
-  // large values, and with it every operation in flight on the stream. The store is trusted.
-  const transport = new PipeTransport(createRawClient(options, { 'grpc.max_receive_message_length': -1 }), options);
+  // The channel takes answers of any size (see CHANNEL_OPTIONS): one over a limit would fail the
+  // stream, and with it every operation in flight on it.
+  const transport = new PipeTransport(createRawClient(options), options);
   const run = (call: StoreCall, op: Op) => transport.enqueue(call, op);
   return {
     async get(key, opts = {}) {

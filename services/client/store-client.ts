@@ -224,6 +224,11 @@ export const CHANNEL_OPTIONS: ChannelOptions = {
   'grpc.keepalive_time_ms': 30_000,
   'grpc.keepalive_timeout_ms': 10_000,
   'grpc.keepalive_permit_without_calls': 0,
+  // No receive limit: the store is trusted and bounds its answers itself. grpc-js' default of 4 MiB
+  // would fail answers the store may rightly give: a Put's or Get's answer holds the value, which
+  // STORE_MAX_VALUE_BYTES allows up to 4 MiB, plus its key and framing; a Pipe answer holds up to
+  // a batch of values; a ListPages page may hold one value of any allowed size.
+  'grpc.max_receive_message_length': -1,
 };
 
 /**

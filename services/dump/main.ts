@@ -10,6 +10,12 @@ const DEFAULT_COLUMNS = 120;
  * that is reading; one that stopped reading (a paused pager, a stuck pipe) is not waited for.
  */
 const STOP_FLUSH_MS = 1000;
+/**
+ * Bytes of changes (keys and values, plus framing) held while the listing runs, past which the
+ * feed pauses until the listing is printed: the store then holds the backlog (and ends the feed
+ * if it grows too long) rather than this process's memory, when the listing waits for its reader.
+ */
+const MAX_EARLY_BYTES = 8 * 1024 * 1024;
 
 /** The progress line on stderr, if any: an error line must not be appended to it. */
 let progress: Progress | undefined;
@@ -40,13 +46,17 @@ async function dump(settings: DumpSettings): Promise<void> {
     // The feed starts before the listing so no change falls between the two; changes that arrive
     // while the listing runs wait in `early` and are printed after it.
     let early: WatchEvent[] | undefined = [];
+    let earlyBytes = 0;
+    let listed = (): void => undefined;
+    const listingPrinted = new Promise<void>((resolve) => (listed = resolve));
     let feed: Promise<void> | undefined;
     if (settings.watch) {
       process.once('SIGINT', stop).once('SIGTERM', stop);
       feed = source.watch(settings.prefix, (event) => {
         if (early) {
           early.push(event);
-          return undefined;
+          earlyBytes += 64 + event.key.length + event.value.length;
+          return earlyBytes < MAX_EARLY_BYTES ? undefined : listingPrinted;
         }
         // A reader that falls behind pauses the feed, so the store (which ends a Watch that falls
         // too far behind) holds the backlog rather than this process's memory.
@@ -68,6 +78,7 @@ async function dump(settings: DumpSettings): Promise<void> {
       if (settings.form === 'table') await out.write('watching for changes (Ctrl-C to stop)\n');
       for (const event of early!) out.writeNow(formatter.event(event));
       early = undefined;
+      listed();
       await feed;
     }
   } catch (err) {

@@ -183,6 +183,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         const options = { ...checkList(call.request, limits), signal: cancelled.signal };
         for await (const entry of backend.list(options)) {
           if (call.cancelled) break;
+          // Backends read a page of entries at once, and a slow reader takes them later: one that
+          // expired meanwhile is not sent (List never streams an expired entry).
+          if (entry.expiresAtMs <= Date.now()) continue;
           const drained = sink.add(entry);
           if (drained) await drained;
         }
@@ -267,12 +270,22 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       let bytes = 0;
       streamListing(call, 'ListPages', {
         add: (entry) => {
+          const size = entry.key.length + entry.value.length;
+          let written = true;
+          // An entry that would take the page past PAGE_BYTES starts the next one: a page holds at
+          // most PAGE_BYTES of keys and values, or one larger entry alone.
+          if (entries.length > 0 && bytes + size > PAGE_BYTES) {
+            written = call.write({ entries });
+            entries = [];
+            bytes = 0;
+          }
           entries.push(toEntry(entry));
-          bytes += entry.key.length + entry.value.length;
-          if (entries.length < PAGE_ENTRIES && bytes < PAGE_BYTES) return undefined;
-          const written = call.write({ entries });
-          entries = [];
-          bytes = 0;
+          bytes += size;
+          if (entries.length >= PAGE_ENTRIES || bytes >= PAGE_BYTES) {
+            written = call.write({ entries }) && written;
+            entries = [];
+            bytes = 0;
+          }
           return written ? undefined : waitForDrain(call);
         },
         finish: () => {
@@ -428,6 +441,8 @@ const MAX_UNSENT_EVENTS = 10_000;
 const MAX_UNSENT_BYTES = 16 * 1024 * 1024;
 
 /** A ListPages message holds at most this many entries or about this many key and value bytes. */
+/** About the protobuf framing of one OpResult with an entry (tags, lengths, code, version, times): under 64 bytes. */
+const RESULT_FRAMING_BYTES = 64;
 const PAGE_ENTRIES = 512;
 const PAGE_BYTES = 64 * 1024;
 
@@ -470,15 +485,20 @@ function answerBytes(response: BatchResponse): number {
  */
 function capAnswer(response: BatchResponse, maxBytes: number): BatchResponse {
   let bytes = 0;
-  response.results.forEach(({ result }, i) => {
-    const entry = result?.$case === 'get' ? result.value.entry : undefined;
+  response.results.forEach(({ result, message }, i) => {
+    bytes += RESULT_FRAMING_BYTES + Buffer.byteLength(message);
+    const entry = result?.$case === 'get' || result?.$case === 'put' ? result.value.entry : undefined;
     if (!entry) return;
-    bytes += entry.key.length + entry.value.length;
-    if (bytes > maxBytes) {
+    const size = Buffer.byteLength(entry.key) + entry.value.length;
+    // Only a Get's entry is left out: a Put's answer is how its caller learns the write happened
+    // (and a batch's Puts fit, as its request did).
+    if (result!.$case === 'get' && bytes + size > maxBytes) {
       response.results[i] = failed(
         new StoreError('too_large', `the batch's answer would hold over ${maxBytes} bytes of entries (STORE_MAX_MESSAGE_BYTES): read this key in another batch`),
       );
+      return;
     }
+    bytes += size;
   });
   return response;
 }
