@@ -287,6 +287,20 @@ describe('a web whose settings its store refuses is not ready, and says which se
     assert.deepEqual(pick(await jar.page()), [1, 0]);
   });
 
+  it('a store whose STORE_MAX_KEY_BYTES is below a session id\'s length: /readyz 503 naming it', async () => {
+    const narrow = await startStore(path.join(tmp.dir, 'narrow'), { STORE_MAX_KEY_BYTES: '20' });
+    try {
+      const web = await startWeb(narrow.port, tmp.dir);
+      webs.push(web);
+      const { status, body } = await readyz(web);
+      assert.equal(status, 503);
+      assert.equal(body.store, 'SERVING');
+      assert.match(body.problem ?? '', /ids of 24 characters.*STORE_MAX_KEY_BYTES/);
+    } finally {
+      await narrow.stop();
+    }
+  });
+
   it('the listening lines state the settings in effect (transport, deadline, TLS, token set, session timeouts; the store\'s limits), never a token or key', async () => {
     const web = await startWeb(store.port, tmp.dir, {
       STORE_TOKEN: TOKEN,

@@ -3,13 +3,15 @@ import { service as healthService } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { CHANNEL_OPTIONS, type StoreClient, StoreClientError, type StoreClientOptions, storeChannel } from '../client/store-client';
 import { SessionStoreService } from '../generated/kv';
+import { ID_LENGTH } from './signed-id';
 
 /** The store's answer to a grpc.health.v1 Check: its serving status, or UNREACHABLE when no answer came in time. */
 export type StoreHealthStatus = 'SERVING' | 'NOT_SERVING' | 'UNKNOWN' | 'SERVICE_UNKNOWN' | 'UNREACHABLE';
 
 /**
  * What /readyz reports: the store's health, and when it serves, whether it accepts this web's calls
- * (`problem` names the setting it refuses: a wrong STORE_TOKEN, a session TTL above its maximum).
+ * (`problem` names the setting it refuses: a wrong STORE_TOKEN, a session TTL above its maximum, a
+ * key limit below a session id's length).
  */
 export interface Readiness {
   store: StoreHealthStatus;
@@ -38,8 +40,11 @@ const HealthClientConstructor = makeGenericClientConstructor(healthService as un
   ...args: ConstructorParameters<typeof Client>
 ) => HealthClient;
 
-/** Not a session id (those are 24 base64url characters) nor a forward: a key that never exists. */
-const PROBE_KEY = 'readiness-probe';
+/**
+ * A key that never exists: as long as a session id, so a store whose STORE_MAX_KEY_BYTES refuses
+ * session ids refuses it too, and never one ('.' is no base64url character).
+ */
+const PROBE_KEY = 'readiness.probe.'.padEnd(ID_LENGTH, '0');
 
 /**
  * How the web calls the store, for the readiness probe: a serving store can still refuse every
@@ -64,7 +69,7 @@ async function refusedSetting(probe: ReadinessProbe): Promise<string | undefined
   } catch (err) {
     if (!(err instanceof StoreClientError) || err.kind === 'unavailable') return undefined;
     if (err.kind === 'unauthenticated') return `the store refuses this web's STORE_TOKEN: ${err.message}`;
-    if (err.kind === 'invalid') return `the store refuses this web's session TTL (SESSION_IDLE_TTL_MS=${probe.ttlMs}): ${err.message}`;
+    if (err.kind === 'invalid') return `the store refuses this web's sessions (SESSION_IDLE_TTL_MS=${probe.ttlMs}, ids of ${ID_LENGTH} characters): ${err.message}`;
     return `the store refuses this web's calls: ${err.message}`;
   }
 }

@@ -2,7 +2,8 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 
 const ID_BYTES = 18; // 144 bits from the CSPRNG, 24 URL-safe characters
 const MAC_BYTES = 16;
-const ID_LENGTH = 24;
+/** Characters of a session id (the key of its entry in the store). */
+export const ID_LENGTH = 24;
 const MAC_LENGTH = 22; // 16 bytes in base64url
 const ID_PATTERN = /^[A-Za-z0-9_-]{24}$/;
 const MAC_PATTERN = /^[A-Za-z0-9_-]{22}$/;
