@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { CookieJarClient } from './helpers/browser';
@@ -172,6 +173,45 @@ describe('npm start (bin/start around nf start)', function () {
         await new Promise((r) => setTimeout(r, 100));
       }
     }
+  });
+
+  it('nf itself killed (kill -9): bin/start stops both services gracefully, frees their ports and exits 1', async () => {
+    const base = await freeBasePort([0, 100, 101]);
+    const started = await startForeman(path.join(root, 'bin', 'start'), [], base, path.join(tmp.dir, 'nf-killed'), { detached: true });
+    child = started.child;
+    assert.equal((await started.jar.page()).count1, 0);
+    const nfPid = Number(execFileSync('pgrep', ['-P', String(child.pid)]).toString().trim().split('\n')[0]);
+    assert.ok(nfPid > 0);
+    process.kill(nfPid, 'SIGKILL');
+    assert.equal(await exited(child), 1);
+    const end = Date.now() + 15_000;
+    while (!(await isFree(base)) || !(await isFree(base + 100))) {
+      if (Date.now() > end) assert.fail(`the services are still running\n${started.output()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  });
+
+  it('the caller\'s variables win over .env, as for the services run alone (nf would put .env over them)', async () => {
+    const base = await freeBasePort([0, 100, 101]);
+    const other = base + 50; // what .env says: the web must not listen there
+    // A directory of its own with the Procfile and the build, so its .env is the one in the working directory.
+    const dir = path.join(tmp.dir, 'dotenv');
+    mkdirSync(dir, { recursive: true });
+    symlinkSync(path.join(root, 'Procfile'), path.join(dir, 'Procfile'));
+    symlinkSync(path.join(root, 'dist'), path.join(dir, 'dist'));
+    writeFileSync(path.join(dir, '.env'), `PORT=${other}\nSTORE_DEADLINE_MS=700\n`);
+    let output = '';
+    child = spawn(path.join(root, 'bin', 'start'), [], {
+      cwd: dir,
+      detached: true,
+      env: { PATH: process.env.PATH ?? '', HOME: dir, STORE_DATA_DIR: dir, WEB_DATA_DIR: dir, SESSION_KEYS: TEST_KEY, PORT: String(base) },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+    await waitForPage(new CookieJarClient(`http://127.0.0.1:${base}`)).catch((err: Error) => assert.fail(`${err.message}\n${output}`));
+    assert.match(output, /"deadlineMs":700/, 'the rest of .env still applies');
+    await stopForeman(child, 'SIGTERM');
   });
 
   // 'group SIGINT' is Ctrl-C in a terminal: every process of the foreground group gets it.
