@@ -230,6 +230,65 @@ describe('Redis backend on a single redis-server', function () {
     describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides })), () => [server!.port]),
   );
 
+  it('Watch: a subscriber connection that breaks while it sets notify-keyspace-events is set up again once, with no false warning, and sees every change', async () => {
+    // A proxy breaks the subscriber's first connection while its CONFIG GET is out, and holds the
+    // next connection's CONFIG GET for 450 ms (within the command timeout).
+    await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', '');
+    const CONFIG_GET = /GET\r\n\$22\r\nnotify-keyspace-events/;
+    let index = 0;
+    const sockets: Socket[] = [];
+    const proxy = createServer((client) => {
+      const n = index++;
+      const upstream = createConnection(server!.port, '127.0.0.1');
+      sockets.push(client, upstream);
+      upstream.on('data', (d) => client.write(d));
+      let mode: 'pass' | 'drop' | 'hold' = 'pass';
+      const held: Buffer[] = [];
+      client.on('data', (d: Buffer) => {
+        const text = d.toString('latin1');
+        if (n === 1 && CONFIG_GET.test(text)) {
+          mode = 'drop';
+          setTimeout(() => client.destroy(), 100);
+        }
+        if (n === 2 && mode === 'pass' && CONFIG_GET.test(text)) {
+          mode = 'hold';
+          setTimeout(() => {
+            for (const chunk of held.splice(0)) upstream.write(chunk);
+            mode = 'pass';
+          }, 450);
+        }
+        if (mode === 'drop') return;
+        if (mode === 'hold') held.push(d);
+        else upstream.write(d);
+      });
+      const end = () => {
+        client.destroy();
+        upstream.destroy();
+      };
+      for (const socket of [client, upstream]) socket.on('close', end).on('error', end);
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (_detail: object, message: string) => warnings.push(message) };
+    const backend = new RedisBackend(backendOptions({ url: `redis://127.0.0.1:${(proxy.address() as { port: number }).port}`, commandTimeoutMs: 500, log }));
+    try {
+      await backend.batch([put('warm')]);
+      const seen: string[] = [];
+      const stop = backend.watch('a', (event) => seen.push(`${event.kind} ${event.key}`));
+      await until(() => index >= 3, 5000);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      await backend.batch([put('a1'), { kind: 'delete', key: 'a1' }]);
+      await until(() => seen.length >= 2, 3000).catch(() => undefined);
+      stop();
+      assert.deepEqual(seen, ['put a1', 'delete a1']);
+      assert.deepEqual(warnings.filter((w) => /notify-keyspace-events/.test(w)), [], 'no warning that the flags could not be set');
+    } finally {
+      await backend.close();
+      for (const socket of sockets) socket.destroy();
+      proxy.close();
+    }
+  });
+
   describeBackendContract('redis (single server)', async () => {
     const backend = new RedisBackend(backendOptions({ url: server!.url }));
     return {

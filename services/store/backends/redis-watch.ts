@@ -74,6 +74,11 @@ interface Subscriber {
   acked: Set<string>;
   /** Set when we closed it ourselves (nothing watched any more, or the master left the cluster). */
   retired: boolean;
+  /**
+   * Counts the connection's closes: a 'ready' whose connection closed while it configured (its
+   * CONFIG answered late, or never) leaves the next 'ready' to configure and subscribe.
+   */
+  closes: number;
 }
 
 export class KeyspaceWatch {
@@ -193,16 +198,19 @@ export class KeyspaceWatch {
 
   private open(node: MasterNode | null): Subscriber {
     const connection = this.deps.connect(node);
-    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set(), retired: false };
+    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set(), retired: false, closes: 0 };
     connection.on('error', () => undefined);
     connection.on('close', () => {
+      sub.closes += 1;
       sub.configured = false;
       sub.subscribed.clear();
       sub.acked.clear();
       if (!sub.retired) this.fail(node);
     });
     connection.on('ready', async () => {
-      await this.configure(sub);
+      const closes = sub.closes;
+      await this.configure(sub, closes);
+      if (sub.closes !== closes) return;
       sub.configured = true;
       await this.resubscribe(sub);
     });
@@ -220,7 +228,7 @@ export class KeyspaceWatch {
   }
 
   /** Adds the notification flags we need to the node's configuration (before subscribing). */
-  private async configure(sub: Subscriber): Promise<void> {
+  private async configure(sub: Subscriber, closes: number): Promise<void> {
     try {
       const [, current = ''] = (await sub.connection.config('GET', 'notify-keyspace-events')) as string[];
       const flags = new Set(current.split(''));
@@ -228,6 +236,8 @@ export class KeyspaceWatch {
       const missing = REQUIRED_FLAGS.filter((flag) => !has(flag));
       if (missing.length > 0) await sub.connection.config('SET', 'notify-keyspace-events', current + missing.join(''));
     } catch (err) {
+      // The connection closed meanwhile: its CONFIG failed for that, and the next 'ready' asks again.
+      if (sub.closes !== closes) return;
       if (!this.warnedConfig) {
         this.warnedConfig = true;
         this.deps.warn(
