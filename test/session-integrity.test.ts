@@ -595,6 +595,54 @@ describe('session races and failures (real store process; some calls delayed or 
     }
   });
 
+  it('with maxUpdateTries 1, an update that changes nothing still succeeds: reading the store again uses up no try', async () => {
+    const base = await serve(store.client, { maxUpdateTries: 1 });
+    const first = await call(base, 'POST', '/set?mode=a');
+    const cookie = `sid=${first.set}`;
+    const again = await call(base, 'POST', '/set?mode=a', cookie); // from what this process wrote last
+    const checked = await call(base, 'POST', '/check-then-set?mode=a', cookie); // from the request's own get()
+    assert.deepEqual([again.status, checked.status], [200, 200], JSON.stringify([again.body, checked.body]));
+  });
+
+  it('the process that regenerated lets the old id in until the deadline its forward holds, not a whole grace window after the write answered', async () => {
+    const slow = hookedStore();
+    const a = await serve(slow.client, { regenerateGraceMs: 300 });
+    const b = await serve(store.client, { regenerateGraceMs: 300 });
+    const planted = await call(a, 'POST', '/set?mode=secret');
+    const oldCookie = `sid=${planted.set}`;
+    let forward = '';
+    slow.hooks.afterPut = async (value) => {
+      if (!value.toString().startsWith('moved:')) return;
+      forward = value.toString();
+      await sleep(400); // applied; its answer takes longer than the grace window
+    };
+    const login = await call(a, 'POST', '/renew', oldCookie);
+    slow.hooks.afterPut = undefined;
+    assert.ok(login.set && idOf(login.set) !== idOf(planted.set));
+    assert.ok(Number(/:(\d+)$/.exec(forward)?.[1]) <= Date.now(), 'the forward\'s deadline has passed');
+    assert.deepEqual((await call(b, 'GET', '/state', oldCookie)).body, {}, 'another process');
+    assert.deepEqual((await call(a, 'GET', '/state', oldCookie)).body, {}, 'the process that regenerated');
+  });
+
+  it('an id more regenerations old than a request follows gets a 503 to retry, never an empty session nor a logout that deletes nothing', async () => {
+    const a = await serve(store.client);
+    const b = await serve(store.client); // processes that have not seen the moves
+    const c = await serve(store.client);
+    const first = await call(a, 'POST', '/set?mode=secret');
+    let cookie = `sid=${first.set}`;
+    for (let i = 0; i < 5; i += 1) cookie = `sid=${(await call(a, 'POST', '/renew', cookie)).set}`;
+    const read = await call(b, 'GET', '/state', `sid=${first.set}`);
+    assert.ok(read.status === 503 || read.body.mode === 'secret', JSON.stringify(read.body));
+    const logout = await call(c, 'POST', '/logout', `sid=${first.set}`);
+    if (logout.status === 503) {
+      assert.deepEqual(logout.setCookies, [], 'the cookie is kept for the retry');
+      assert.equal(await stored(cookie.slice(4)), '{"mode":"secret"}');
+      // The retry goes further: this process learned the moves it followed.
+      assert.equal((await call(c, 'POST', '/logout', `sid=${first.set}`)).status, 200);
+    }
+    assert.equal(await stored(cookie.slice(4)), undefined, 'the logout through the old id ended the session');
+  });
+
   it('a write that failed after the store applied it leaves nothing stale behind for the next update in the queue', async () => {
     const flaky = hookedStore();
     const a = await serve(flaky.client);

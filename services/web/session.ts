@@ -318,6 +318,7 @@ export class Session<T extends object = SessionData> {
   }
 
   private async tryUpdate<U extends object>(fn: (current: U | null) => U): Promise<U> {
+    let reread = false;
     for (let attempt = 0; attempt < this.cfg.maxUpdateTries; attempt += 1) {
       if (attempt > 0) await backoff(attempt);
       // What this request read or wrote before this update took the lock (a get() first): another
@@ -335,9 +336,14 @@ export class Session<T extends object = SessionData> {
       try {
         if (current) {
           if ((current.handedOn || readBefore) && value.equals(current.raw)) {
-            // Nothing to write, so no compare-and-set would catch a stale starting point: read for real.
+            // Nothing to write, so no compare-and-set would catch a stale starting point: read for
+            // real. A read, not a conflict: it uses up no try (once; what it reads is fresh).
             this.loaded = undefined;
             this.remember(null);
+            if (!reread) {
+              reread = true;
+              attempt -= 1;
+            }
             continue;
           }
           if (value.equals(current.raw)) {
@@ -411,7 +417,8 @@ export class Session<T extends object = SessionData> {
       const untilMs = Date.now() + this.cfg.regenerateGraceMs;
       const from = current;
       const moved = () => {
-        this.cfg.moves.remember(from.id, newId, this.cfg.regenerateGraceMs);
+        // Until the deadline the forward holds, not a whole grace window from now.
+        this.cfg.moves.remember(from.id, newId, untilMs - Date.now());
         this.loaded = { ...from, id: newId, version: newVersion, createdAtMs: copied.createdAtMs, refreshed: true };
         this.remember(null);
         this.useId(newId, true);
@@ -478,6 +485,10 @@ export class Session<T extends object = SessionData> {
       this.cfg.moves.remember(id, found.forward, found.untilMs - Date.now());
       id = found.forward;
     }
+    // Forwards still to follow: the session exists, this request did not reach it. No session here
+    // would hand out an empty one, and make destroy() delete nothing yet clear the cookie. The
+    // moves followed are known now, so a retry goes further.
+    if (id !== undefined) throw new SessionConflictError('the session was regenerated too often in a row; please retry');
     return null;
   }
 
