@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
@@ -243,6 +243,31 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     db.close();
     assert.throws(() => new SqliteBackend(options), /schema version 99, newer than this store/);
     assert.equal(existsSync(path.join(tmp.dir, 'sessions.db-wal')), false, 'SQLite removes the WAL when the last connection closes');
+  });
+
+  it("another program's database with a schema version of its own (1, 2 or newer than ours) is refused and left as it was", () => {
+    const file = path.join(tmp.dir, 'sessions.db');
+    const shape = () => {
+      const db = new Database(file, { readonly: true });
+      try {
+        return { mode: db.pragma('journal_mode', { simple: true }), tables: db.prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name").pluck().all() };
+      } finally {
+        db.close();
+      }
+    };
+    for (const [version, message] of [
+      [1, /is not a database of this store: its schema version is 1 but it lacks this store's tables \(entries; it holds users\)/],
+      [2, /is not a database of this store: its schema version is 2 but it lacks this store's tables \(keys, log; it holds users\)/],
+      [7, /schema version 7, newer than this store/],
+    ] as const) {
+      const other = new Database(file);
+      other.exec(`CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); PRAGMA user_version = ${version};`);
+      other.close();
+      const before = shape();
+      assert.throws(() => new SqliteBackend(options), message);
+      assert.deepEqual(shape(), before, `version ${version}: unchanged`);
+      for (const suffix of ['', '-wal', '-shm']) if (existsSync(file + suffix)) unlinkSync(file + suffix);
+    }
   });
 
   it('a damaged sessions.db (truncated, or not a database at all) is refused with an error naming the file', async () => {

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, unlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, statfsSync, unlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createPipeClient } from '../services/client/pipe-client';
 import { type StoreClient, StoreClientError } from '../services/client/store-client';
@@ -65,6 +65,15 @@ describe('SQLite store on a disk that fills up (real store process on a 4 MiB tm
     unlinkSync(path.join(disk!.dir, 'filler'));
     const after = await client!.put('after', VALUE, TTL);
     assert.equal((await client!.get('after'))?.version, after.version);
+    // Telling the full disk apart touched no file SQLite holds open: the directory is still locked.
+    const second = await startStore(disk!.dir).then(
+      async (other) => {
+        await other.stop('SIGKILL');
+        return 'a second store started';
+      },
+      (err: Error) => err.message,
+    );
+    assert.match(second, /in use by another store process/);
   });
 });
 
@@ -107,6 +116,23 @@ describe('SQLite store starting on a full or read-only disk (real store process 
       client.close();
       await store.stop();
     }
+  });
+
+  it('whatever a first start on a nearly full disk leaves behind does not stop the next start once there is room', async () => {
+    const refused: string[] = [];
+    for (let leftKiB = 0; leftKiB <= 96; leftKiB += 4) {
+      const dataDir = path.join(disk!.dir, `d${leftKiB}`);
+      mkdirSync(dataDir);
+      const filler = path.join(disk!.dir, 'filler');
+      const space = statfsSync(disk!.dir);
+      execFileSync('fallocate', ['-l', String(space.bavail * space.bsize - leftKiB * 1024), filler]);
+      await startFailure(dataDir);
+      unlinkSync(filler);
+      const next = await startFailure(dataDir);
+      if (next !== 'it started') refused.push(`${leftKiB} KiB left at first: ${next.split('\n').find((l) => l.startsWith('store:')) ?? next}`);
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+    assert.deepEqual(refused, []);
   });
 
   it('a data directory to create on a read-only file system is refused as read-only, not as a missing parent', async () => {

@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
-import { existsSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
 import { SqliteBackend } from '../services/store/backends/sqlite';
-import { startStore, tempDir } from './helpers/procs';
+import { root, startStore, tempDir } from './helpers/procs';
 
 interface Expected {
   /** The last put of this key that was answered OK. */
@@ -100,6 +101,50 @@ describe('store durability (real store process, SIGKILL mid-load)', function () 
       }
     });
   }
+
+  it("the README's backup command finishes while the store takes steady writes, and the copy is whole", async () => {
+    const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
+    const command = /^node -e "(require\('better-sqlite3'\)\('var\/sessions\.db'.*)"$/m.exec(readme)?.[1];
+    assert.ok(command, 'the backup command is in the README');
+    const tmp = tempDir();
+    const store = await startStore(tmp.dir, { STORE_SYNCHRONOUS: 'NORMAL' });
+    const client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 });
+    let writing = true;
+    try {
+      const value = Buffer.alloc(2000, 'v');
+      // 10 MB: a copy of 100 pages a step takes 25 steps, and a write between two restarts it.
+      for (let i = 0; i < 5000; i += 100) await Promise.all(Array.from({ length: 100 }, (_, j) => client.put(`k${i + j}`, value, { ttlMs: 600_000 })));
+      let puts = 0;
+      const load = (async () => {
+        while (writing) await client.put(`k${puts++ % 5000}`, value, { ttlMs: 600_000 });
+      })();
+      const backup = path.join(tmp.dir, 'sessions-backup.db');
+      const started = Date.now();
+      const code = await new Promise<number | null>((resolve) => {
+        const child = spawn(process.execPath, ['-e', command.replaceAll('var/', `${tmp.dir}/`)], { cwd: root, stdio: 'inherit' });
+        const timer = setTimeout(() => child.kill('SIGKILL'), 15_000);
+        child.once('exit', (exitCode) => {
+          clearTimeout(timer);
+          resolve(exitCode);
+        });
+      });
+      writing = false;
+      await load;
+      assert.equal(code, 0, `the backup did not finish within ${Date.now() - started} ms, during ${puts} writes`);
+      const copy = new Database(backup, { readonly: true });
+      try {
+        assert.equal(copy.pragma('integrity_check', { simple: true }), 'ok');
+        assert.equal(copy.prepare('SELECT count(*) FROM keys').pluck().get(), 5000);
+      } finally {
+        copy.close();
+      }
+    } finally {
+      writing = false;
+      client.close();
+      await store.stop();
+      tmp.remove();
+    }
+  });
 
   it('checkpoints run off the request path: the worker copies the WAL into the database and empties it once writes stop', async () => {
     const tmp = tempDir();

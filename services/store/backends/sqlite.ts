@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { closeSync, mkdirSync, openSync, statfsSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
@@ -637,8 +637,12 @@ function diskProblem(dir: string, err: unknown): string {
   const code = (err as { code?: unknown }).code;
   if (typeof code !== 'string' || !/^SQLITE_(FULL|IOERR|READONLY|CANTOPEN)/.test(code)) return '';
   try {
-    // Opened for writing, not just access(W_OK): ext4 turned read-only by an error still passes that.
-    closeSync(openSync(path.join(dir, 'sessions.lock'), 'r+'));
+    // A file created for writing, not just access(W_OK): ext4 turned read-only by an error still
+    // passes that. Never a file SQLite holds open (sessions.lock, sessions.db*): closing any
+    // descriptor of a file drops every POSIX lock the process holds on it, the directory lock too.
+    const probe = path.join(dir, 'sessions.probe');
+    closeSync(openSync(probe, 'w'));
+    unlinkSync(probe);
   } catch (cause) {
     if ((cause as NodeJS.ErrnoException).code === 'EROFS') return ' (the data directory, STORE_DATA_DIR, is on a read-only file system)';
   }
@@ -696,29 +700,39 @@ export function requireWalResetFix(version: string): void {
 }
 
 /**
- * Refuses a database with tables but no schema version of this store: another program's, put in
- * STORE_DATA_DIR by mistake. The store would have added its tables to it, and started empty.
+ * Refuses, before anything is changed in it, a database this store cannot use: one of a newer
+ * schema, or another program's (put in STORE_DATA_DIR by mistake): tables but no schema version of
+ * this store, or a schema version without this store's tables. The store would have added its
+ * tables to it and started empty, or failed on a missing table.
  */
 function requireStoreDatabase(db: Database.Database, file: string): void {
-  if (db.pragma('user_version', { simple: true }) !== 0) return;
-  const tables = db.prepare<[], string>("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name").pluck().all();
-  if (tables.length === 0) return;
+  const version = db.pragma('user_version', { simple: true }) as number;
+  if (version > SCHEMA_VERSION) throw new Error(`sessions.db has schema version ${version}, newer than this store (${SCHEMA_VERSION})`);
+  // meta alone: what a first start that failed before its migration committed could leave.
+  const tables = db.prepare<[], string>("SELECT name FROM sqlite_schema WHERE type = 'table' AND name != 'meta' ORDER BY name").pluck().all();
+  const needed = version === 0 ? [] : version === 1 ? ['entries'] : ['keys', 'log'];
+  if (version === 0 ? tables.length === 0 : needed.every((table) => tables.includes(table))) return;
+  const holds = tables.length > 0 ? tables.slice(0, 5).join(', ') : 'none';
   throw new Error(
-    `${file} is not a database of this store: it has no schema version of this store and holds other tables (${tables.slice(0, 5).join(', ')}); give the store a directory of its own (STORE_DATA_DIR)`,
+    version === 0
+      ? `${file} is not a database of this store: it has no schema version of this store and holds other tables (${holds}); give the store a directory of its own (STORE_DATA_DIR)`
+      : `${file} is not a database of this store: its schema version is ${version} but it lacks this store's tables (${needed.join(', ')}; it holds ${holds}); give the store a directory of its own (STORE_DATA_DIR)`,
   );
 }
 
 /** Creates or upgrades the schema; user_version records what is there. */
 function migrate(db: Database.Database): void {
   const current = db.pragma('user_version', { simple: true }) as number;
-  if (current > SCHEMA_VERSION) {
-    throw new Error(`sessions.db has schema version ${current}, newer than this store (${SCHEMA_VERSION})`);
-  }
   // Added within version 2, for every database: a store of an earlier build ignores the table, so
   // rolling back still opens the database (its compactions then keep no record, as before).
-  db.exec('CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID');
-  if (current === SCHEMA_VERSION) return;
+  const createMeta = 'CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID';
+  if (current === SCHEMA_VERSION) {
+    db.exec(createMeta);
+    return;
+  }
+  // Everything in one transaction: a first start that fails (a full disk) leaves no table behind.
   db.transaction(() => {
+    db.exec(createMeta);
     db.exec(`
       CREATE TABLE IF NOT EXISTS log (
         seq INTEGER PRIMARY KEY,
