@@ -239,35 +239,9 @@ describe('pipe client: batched store calls over one stream (real store process)'
     }
   });
 
-  it('falls back to the unary Batch RPC when the store has no Pipe, coalescing one turn into one batch', async () => {
-    const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000 });
-    const batches: number[] = [];
-    const proxy = new Server();
-    proxy.addService(SessionStoreService, {
-      batch: (call: ServerUnaryCall<BatchRequest, BatchResponse>, callback: sendUnaryData<BatchResponse>) => {
-        batches.push(call.request.ops.length);
-        upstream.batch(call.request, (err: ServiceError | null, res?: BatchResponse) => callback(err, res));
-      },
-    });
-    const port = await new Promise<number>((resolve, reject) =>
-      proxy.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
-    );
-    const viaProxy = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 1000 });
-    try {
-      const values = await Promise.all(Array.from({ length: 40 }, () => viaProxy.get('p1')));
-      assert.ok(values.every((e) => e?.value.toString() === 'a'));
-      assert.equal(batches.reduce((a, b) => a + b, 0), 40);
-      assert.ok(batches.length <= 2, `40 calls of one turn took ${batches.length} batches`);
-    } finally {
-      viaProxy.close();
-      upstream.close();
-      proxy.forceShutdown();
-    }
-  });
-
-  it('through the unary Batch fallback, Gets whose answers pass the store\'s message cap are read again on their own', async () => {
-    // A unary Batch answer holds at most STORE_MAX_MESSAGE_BYTES (4 MiB) of entries; a Pipe answer has no cap.
-    const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000 }, { 'grpc.max_receive_message_length': -1 });
+  /** A server with the store's unary Batch only (no Pipe), passing each batch on; `batches` counts their operations. */
+  async function batchOnlyProxy(deadlineMs: number) {
+    const upstream = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs });
     const batches: number[] = [];
     const proxy = new Server({ 'grpc.max_send_message_length': -1 });
     proxy.addService(SessionStoreService, {
@@ -279,7 +253,33 @@ describe('pipe client: batched store calls over one stream (real store process)'
     const port = await new Promise<number>((resolve, reject) =>
       proxy.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
     );
-    const viaProxy = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 5000 });
+    const client = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs });
+    return {
+      client,
+      batches,
+      close() {
+        client.close();
+        upstream.close();
+        proxy.forceShutdown();
+      },
+    };
+  }
+
+  it('falls back to the unary Batch RPC when the store has no Pipe, coalescing one turn into one batch', async () => {
+    const { client: viaProxy, batches, close } = await batchOnlyProxy(1000);
+    try {
+      const values = await Promise.all(Array.from({ length: 40 }, () => viaProxy.get('p1')));
+      assert.ok(values.every((e) => e?.value.toString() === 'a'));
+      assert.equal(batches.reduce((a, b) => a + b, 0), 40);
+      assert.ok(batches.length <= 2, `40 calls of one turn took ${batches.length} batches`);
+    } finally {
+      close();
+    }
+  });
+
+  it('through the unary Batch fallback, Gets whose answers pass the store\'s message cap are read again on their own', async () => {
+    // A unary Batch answer holds at most STORE_MAX_MESSAGE_BYTES (4 MiB) of entries; a Pipe answer has no cap.
+    const { client: viaProxy, batches, close } = await batchOnlyProxy(5000);
     try {
       const value = Buffer.alloc(60 * 1024, 'v'); // 100 of them are over 4 MiB
       const keys = Array.from({ length: 100 }, (_, i) => `capped-${i}`);
@@ -291,9 +291,7 @@ describe('pipe client: batched store calls over one stream (real store process)'
       assert.ok(gets.every((r) => r.status === 'fulfilled' && r.value?.value.equals(value)));
       assert.ok(batches.length > 1 && batches.slice(1).every((n) => n === 1), `batches of ${batches.join(', ')} operations: one, then the capped Gets one by one`);
     } finally {
-      viaProxy.close();
-      upstream.close();
-      proxy.forceShutdown();
+      close();
     }
   });
 

@@ -32,6 +32,30 @@ function logRows(dir: string): number {
   }
 }
 
+/**
+ * Runs `body` in a process of its own whose clock is shifted by shiftMs, with `b` a backend on dir
+ * (closed after), `shift` and `arg` given; returns the `out` it set, as JSON.
+ */
+function shiftedSteps(dir: string, body: string): (shiftMs: number, arg?: string) => unknown {
+  const script = path.join(dir, 'step.js');
+  writeFileSync(
+    script,
+    `const { SqliteBackend } = require(${JSON.stringify(path.resolve(__dirname, '../services/store/backends/sqlite.js'))});
+     const shift = Number(process.argv[3]);
+     const arg = process.argv[4];
+     const now = Date.now;
+     Date.now = () => now() + shift;
+     (async () => {
+       const b = new SqliteBackend({ dataDir: process.argv[2], synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 100000 });
+       let out;
+       ${body}
+       await b.close();
+       process.stdout.write(JSON.stringify(out));
+     })();`,
+  );
+  return (shiftMs, arg = '') => JSON.parse(execFileSync(process.execPath, [script, dir, String(shiftMs), arg]).toString());
+}
+
 describe('SQLite backend: append-only log and in-memory index', function () {
   this.timeout(60_000);
   let tmp: ReturnType<typeof tempDir>;
@@ -505,22 +529,13 @@ describe('SQLite backend: append-only log and in-memory index', function () {
 
   it('versions keep growing across delete, restart and re-create, also when the clock stepped back before the restart', () => {
     // Each step in a process of its own: versions this process issued would hide the bug.
-    const script = path.join(tmp.dir, 'step.js');
-    writeFileSync(
-      script,
-      `const { SqliteBackend } = require(${JSON.stringify(path.resolve(__dirname, '../services/store/backends/sqlite.js'))});
-       const shift = Number(process.argv[3]);
-       const now = Date.now;
-       Date.now = () => now() + shift;
-       (async () => {
-         const b = new SqliteBackend({ dataDir: process.argv[2], synchronous: 'FULL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 1000 });
-         const [put] = await b.batch([{ kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 3600000 }]);
-         if (shift === 0) await b.batch([{ kind: 'delete', key: 'k' }]);
-         await b.close();
-         process.stdout.write(String(put.value.version));
-       })();`,
+    const run = shiftedSteps(
+      tmp.dir,
+      `const [put] = await b.batch([{ kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 3600000 }]);
+       if (shift === 0) await b.batch([{ kind: 'delete', key: 'k' }]);
+       out = put.value.version;`,
     );
-    const step = (shiftMs: number) => Number(execFileSync(process.execPath, [script, tmp.dir, String(shiftMs)]).toString());
+    const step = (shiftMs: number) => run(shiftMs) as number;
     const before = step(0);
     const after = step(-10 * 60_000);
     assert.ok(after > before, `re-created with version ${after}, after ${before} (deleted) before the restart`);
@@ -530,35 +545,23 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     // As above, and before the restart enough traffic that compaction deletes every row of k (its
     // tombstone included) from the log: reads that refresh another, older key, so no row left in
     // the log has a version as high as k's last.
-    const script = path.join(tmp.dir, 'step.js');
-    writeFileSync(
-      script,
-      `const { SqliteBackend } = require(${JSON.stringify(path.resolve(__dirname, '../services/store/backends/sqlite.js'))});
-       const shift = Number(process.argv[3]);
-       const now = Date.now;
-       Date.now = () => now() + shift;
-       const put = (key, expectedVersion) => ({ kind: 'put', key, value: Buffer.from(key), ttlMs: 3600000, expectedVersion });
-       (async () => {
-         const b = new SqliteBackend({ dataDir: process.argv[2], synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 100000 });
-         const out = {};
-         if (shift === 0) {
-           await b.batch([put('g')]);
-           const [first] = await b.batch([put('k', 0)]);
-           const [second] = await b.batch([put('k', first.value.version)]);
-           await b.batch([{ kind: 'delete', key: 'k', expectedVersion: second.value.version }]);
-           for (let i = 0; i < 12; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 3600000 })));
-           for (let i = 0; i < 10; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 0 })));
-           Object.assign(out, { first: first.value.version, last: second.value.version });
-         } else {
-           const [created] = await b.batch([put('k', 0)]);
-           const [stale] = await b.batch([put('k', Number(process.argv[4]))]);
-           Object.assign(out, { created: created.value.version, staleCasOk: stale.ok });
-         }
-         await b.close();
-         process.stdout.write(JSON.stringify(out));
-       })();`,
+    const step = shiftedSteps(
+      tmp.dir,
+      `const put = (key, expectedVersion) => ({ kind: 'put', key, value: Buffer.from(key), ttlMs: 3600000, expectedVersion });
+       if (shift === 0) {
+         await b.batch([put('g')]);
+         const [first] = await b.batch([put('k', 0)]);
+         const [second] = await b.batch([put('k', first.value.version)]);
+         await b.batch([{ kind: 'delete', key: 'k', expectedVersion: second.value.version }]);
+         for (let i = 0; i < 12; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 3600000 })));
+         for (let i = 0; i < 10; i += 1) await b.batch(Array.from({ length: 2000 }, () => ({ kind: 'get', key: 'g', refreshTtlMs: 0 })));
+         out = { first: first.value.version, last: second.value.version };
+       } else {
+         const [created] = await b.batch([put('k', 0)]);
+         const [stale] = await b.batch([put('k', Number(arg))]);
+         out = { created: created.value.version, staleCasOk: stale.ok };
+       }`,
     );
-    const step = (shiftMs: number, arg = '') => JSON.parse(execFileSync(process.execPath, [script, tmp.dir, String(shiftMs), arg]).toString());
     const before = step(0) as { first: number; last: number };
     const db = new Database(path.join(tmp.dir, 'sessions.db'), { readonly: true });
     try {
