@@ -187,7 +187,13 @@ describe('web over HTTP (createApp over a real store process)', function () {
     });
 
     it("a method a route does not take is logged and counted under that route (405, OPTIONS), not as unmatched", async () => {
-      const { base, logs } = await site();
+      const { base, logs, metrics } = await site();
+      // The operations' paths too (logged at debug, as probes).
+      assert.equal((await fetch(base + '/healthz', { method: 'POST' })).status, 405);
+      assert.equal((await fetch(base + '/metrics', { method: 'OPTIONS' })).status, 200);
+      const counted = parsePrometheus(await metrics.registry.metrics());
+      assert.equal(counted.get('web_http_requests_total{method="POST",route="/healthz",status="405"}'), 1);
+      assert.equal(counted.get('web_http_requests_total{method="OPTIONS",route="/metrics",status="200"}'), 1);
       assert.equal((await fetch(base + '/increment', { method: 'DELETE' })).status, 405);
       assert.equal((await fetch(base + '/', { method: 'OPTIONS' })).status, 200);
       assert.equal((await fetch(base + '/reset')).status, 405);

@@ -54,6 +54,14 @@ describe('counter site (real web + real store processes)', function () {
     assert.notEqual(jar.cookies.get('sid'), firstId);
   });
 
+  it('a request with an expectation the site does not know (Expect: other than 100-continue) is answered as usual, with its security headers, not a bare 417', async () => {
+    const answer = await exchange(web.port, 'GET /healthz HTTP/1.1\r\nHost: localhost\r\nExpect: something-else\r\nConnection: close\r\n\r\n');
+    const [head] = answer.split('\r\n\r\n', 1);
+    assert.match(head, /^HTTP\/1\.1 200 OK\r\n/);
+    assert.match(head, /\r\ncontent-security-policy: default-src 'none'/i);
+    assert.match(head, /\r\nx-request-id: /i);
+  });
+
   it("requests Node's HTTP parser refuses get Node's statuses (400, 431) with the site's error page and security headers, are counted in web_http_refused_total by code, and close the connection; a client hanging up is not counted", async () => {
     const bad = refusalPage(await exchange(web.port, 'NOT A REQUEST\r\n\r\n'));
     assert.equal(bad.status, 'HTTP/1.1 400 Bad Request');

@@ -372,6 +372,8 @@ function observeRequests(logger: Logger, metrics: WebMetrics, router: Router): K
 function routeOf(ctx: Koa.Context, router: Router): string {
   const matched = (ctx as { _matchedRoute?: string | RegExp })._matchedRoute;
   if (typeof matched === 'string') return matched;
+  // The operations' own router: a method its paths do not take (405, OPTIONS) is theirs too.
+  if (OPERATION_PATHS.has(ctx.path) && ctx.status !== 404) return ctx.path;
   if (ctx.path.startsWith('/static/') && ctx.status < 400) return '/static/*';
   const route = router.match(ctx.path, ctx.method).path.find((layer) => layer.methods.length > 0)?.path;
   return typeof route === 'string' ? route : 'unmatched';

@@ -1,4 +1,4 @@
-import { createServer, type Server, type ServerResponse, STATUS_CODES } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type Koa from 'koa';
@@ -71,14 +71,19 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     requestTimeout: timeouts.requestMs,
     connectionsCheckingInterval: Math.min(30_000, Math.ceil(timeouts.headersMs / 2)),
   };
-  const server = createServer(limits ?? {}, (req, res) => {
+  const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
     inFlight.add(res);
     res.once('close', closed);
     // A request read on a kept-alive connection after the stop is still answered, but its
     // connection is closed after it, so the client does not send another one to a process that exits.
     if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
-  });
+  };
+  const server = createServer(limits ?? {}, onRequest);
+  // An Expect other than 100-continue: with no one listening Node answers a bare 417 itself (no
+  // security headers, no log line, no metric). RFC 9110 lets a server ignore an expectation it does
+  // not know: the site answers as usual.
+  server.on('checkExpectation', onRequest);
   // Node answers these itself when no one listens, with a status line and no page, and tells no
   // one: counted, logged (at debug, since any client can send garbage) and answered with our page.
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
