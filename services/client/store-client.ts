@@ -127,8 +127,9 @@ export function neverSent(err: ServiceError): boolean {
 /**
  * Refuses, as INVALID_ARGUMENT before anything is sent, the arguments of a get, put or delete that
  * a request message cannot carry (a key that is no string, a value that is no Buffer, a TTL that
- * is no whole number, a negative expected version, a request id that is no string): grpc-js would fail to encode the message, and
- * on a pipe that fails the whole stream, with every other caller's operations in flight on it.
+ * is no whole number, a negative expected version, a request id that is no string): grpc-js would
+ * fail to encode the message, and on a pipe that fails the whole stream, with every other caller's
+ * operations in flight on it.
  */
 export function checkArguments(
   call: StoreCall,

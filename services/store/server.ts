@@ -184,7 +184,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         for await (const entry of backend.list(options)) {
           if (call.cancelled) break;
           // Backends read a page of entries at once, and a slow reader takes them later: one that
-          // expired meanwhile is not sent (List never streams an expired entry).
+          // expired meanwhile is not sent (List never sends an entry expired when it is sent).
           if (entry.expiresAtMs <= Date.now()) continue;
           const drained = sink.add(entry);
           if (drained) await drained;
@@ -440,9 +440,9 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
 const MAX_UNSENT_EVENTS = 10_000;
 const MAX_UNSENT_BYTES = 16 * 1024 * 1024;
 
-/** A ListPages message holds at most this many entries or about this many key and value bytes. */
 /** About the protobuf framing of one OpResult with an entry (tags, lengths, code, version, times): under 64 bytes. */
 const RESULT_FRAMING_BYTES = 64;
+/** A ListPages message holds at most this many entries or about this many key and value bytes. */
 const PAGE_ENTRIES = 512;
 const PAGE_BYTES = 64 * 1024;
 
