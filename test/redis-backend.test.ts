@@ -178,7 +178,8 @@ describe('KeyspaceWatch: writes waiting for a new subscription (no Redis: a stan
       // A turn for the ticker: the waiters were let through in the same turn that held the loop.
       await new Promise((resolve) => setTimeout(resolve, 20));
       // Each waiter that left used to filter the list of all waiters: 2.3 s of one blocked turn here.
-      assert.ok(longest < 200, `the event loop was held for ${Math.round(longest)} ms`);
+      // Now about 100 ms alone; 295 ms was seen once in a full CI run (a GC of earlier tests' garbage).
+      assert.ok(longest < 500, `the event loop was held for ${Math.round(longest)} ms`);
     } finally {
       clearInterval(ticker);
       stop();
