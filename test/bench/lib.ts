@@ -59,6 +59,11 @@ export interface Measure {
   errors: number;
   /** CPU time (user + system) the page-serving process spent per request, in µs; NaN when not measured. */
   cpuUs?: number;
+  /**
+   * CPU time the whole machine spent per request, in µs: every process (servers, store, load
+   * generator) and the kernel; NaN when not measured.
+   */
+  machineUs?: number;
 }
 
 /**
@@ -74,7 +79,20 @@ export function processCpuUs(pid: number | undefined): number {
   }
 }
 
-/** USER_HZ: the unit of /proc/<pid>/stat times; 100 on every Linux this runs on. */
+/**
+ * CPU time all cores have spent busy so far (every process and the kernel; not idle, I/O wait or
+ * time stolen by a hypervisor), in µs, from /proc/stat (Linux); NaN elsewhere.
+ */
+export function machineBusyUs(): number {
+  try {
+    const [user, nice, system, , , irq, softirq] = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).slice(1).map(Number);
+    return ((user + nice + system + irq + softirq) * 1e6) / CLOCK_TICKS;
+  } catch {
+    return NaN;
+  }
+}
+
+/** USER_HZ: the unit of /proc/stat and /proc/<pid>/stat times; 100 on every Linux this runs on. */
 const CLOCK_TICKS = 100;
 
 /**
@@ -148,6 +166,7 @@ export function medianMeasure(runs: Measure[]): Measure {
     p99: median(runs.map((r) => r.p99)),
     errors: runs.reduce((a, r) => a + r.errors, 0),
     cpuUs: median(runs.map((r) => r.cpuUs ?? NaN)),
+    machineUs: median(runs.map((r) => r.machineUs ?? NaN)),
   };
 }
 
