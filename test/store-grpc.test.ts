@@ -235,12 +235,17 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
   });
 
   it('a Pipe client that does not read its answers: the store stops reading its batches once about 16 MiB of answers wait (not only after 16 answers of any size), and goes on once it reads', async () => {
-    await client.put('unsent-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
+    // A store whose answers may hold 12 MB (this suite's store caps them at 100 kB).
+    const bigTmp = tempDir();
+    const big = await startStore(bigTmp.dir, { STORE_MAX_MESSAGE_BYTES: String(16 * 1024 * 1024), LOG_LEVEL: 'debug' });
+    const bigClient = createStoreClient({ address: `127.0.0.1:${big.port}`, deadlineMs: 3000 });
+    await bigClient.put('unsent-big', Buffer.alloc(60_000), { ttlMs: 60_000 });
+    bigClient.close();
     // 200 Gets of a 60 kB value: an answer of 12 MB for a request of a few kB.
     const gets = (id: number): Op[] => Array.from({ length: 200 }, () => ({ op: { $case: 'get', value: { key: 'unsent-big', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: `unsent-${id}` }));
     const answered = (id: number, withinMs = 1000) =>
-      waitForLine(store, (l) => l.includes(`"requestId":"unsent-${id}"`), withinMs).then(() => true, () => false);
-    const session = http2.connect(`http://${address}`, { settings: { initialWindowSize: 1024 } });
+      waitForLine(big, (l) => l.includes(`"requestId":"unsent-${id}"`), withinMs).then(() => true, () => false);
+    const session = http2.connect(`http://127.0.0.1:${big.port}`, { settings: { initialWindowSize: 1024 } });
     const stream = session.request({ ':method': 'POST', ':path': '/sessions.kv.v1.SessionStore/Pipe', 'content-type': 'application/grpc', te: 'trailers' });
     stream.on('error', () => undefined);
     stream.pause();
@@ -262,6 +267,8 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     } finally {
       stream.close();
       session.close();
+      await big.stop();
+      bigTmp.remove();
     }
   });
 
@@ -316,6 +323,34 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it('a Pipe answer fits a client whose receive limit is STORE_MAX_MESSAGE_BYTES, as a Batch answer does: the Gets past the cap are RESOURCE_EXHAUSTED, the stream goes on', async () => {
+    await client.put('f', Buffer.alloc(1000, 1), { ttlMs: 60_000 });
+    const limited = createRawClient({ address, deadlineMs: 3000 }, { 'grpc.max_receive_message_length': 100_000 });
+    const stream = limited.pipe();
+    try {
+      const ops: Op[] = [{ op: { $case: 'put', value: { key: 'f-pipe-put', value: Buffer.alloc(1000, 2), ttlMs: 60_000 } }, timeoutMs: 0, requestId: '' }];
+      for (let i = 0; i < 98; i += 1) ops.push({ op: { $case: 'get', value: { key: 'f', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' });
+      const answers: BatchResponse[] = [];
+      const done = new Promise<void>((resolve, reject) => {
+        stream.on('data', (res: BatchResponse) => answers.push(res) === 2 && resolve());
+        stream.on('error', reject);
+      });
+      stream.write({ id: 1, ops });
+      // A batch after it on the same stream is answered too: one large answer does not end the stream.
+      stream.write({ id: 2, ops: [{ op: { $case: 'get', value: { key: 'f-pipe-put', refreshTtlMs: 0 } }, timeoutMs: 0, requestId: '' }] });
+      await done;
+      const codes = answers.find((a) => a.id === 1)!.results.map((r) => r.code);
+      assert.equal(codes[0], status.OK, 'the put');
+      const served = codes.slice(1).filter((c) => c === status.OK).length;
+      assert.ok(served >= 80 && served < 98, `${served} of 98 Gets answered`);
+      assert.ok(codes.slice(1 + served).every((c) => c === status.RESOURCE_EXHAUSTED), 'the Gets past the cap, and only those, are refused');
+      assert.equal(answers.find((a) => a.id === 2)!.results[0].code, status.OK);
+    } finally {
+      stream.end();
+      limited.close();
+    }
+  });
+
   it('List and ListPages do not send an entry that expired while it waited for a slow reader', async () => {
     const typed = createRawClient({ address, deadlineMs: 10_000 });
     try {
@@ -343,6 +378,39 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
         const expired = received.filter((e) => e.expiresAtMs <= e.at);
         assert.deepEqual(expired.map((e) => e.key), [], `${method}: entries received after they expired`);
         assert.equal(received.filter((e) => e.key.startsWith(`${method}-a-`)).length, 400, method);
+      }
+    } finally {
+      typed.close();
+    }
+  });
+
+  it('List and ListPages with a limit still send that many live entries when some expired while they waited for a slow reader', async () => {
+    const typed = createRawClient({ address, deadlineMs: 10_000 });
+    try {
+      for (const method of ['list', 'listPages'] as const) {
+        const writes: Array<Promise<unknown>> = [];
+        // As above: 8 MB first, so that the short-lived entries expire while the store still sends.
+        for (let i = 0; i < 400; i += 1) writes.push(client.put(`${method}-limit-a-${String(i).padStart(3, '0')}`, Buffer.alloc(20_000, 0x61), { ttlMs: 60_000 }));
+        for (let i = 0; i < 50; i += 1) writes.push(client.put(`${method}-limit-b-${String(i).padStart(2, '0')}`, Buffer.from('b'), { ttlMs: 1000 }));
+        for (let i = 0; i < 10; i += 1) writes.push(client.put(`${method}-limit-c-${String(i).padStart(2, '0')}`, Buffer.from('c'), { ttlMs: 60_000 }));
+        await Promise.all(writes);
+        // 410 live entries once the b's have expired: a limit of 405 is 405 of them.
+        const call = typed[method]({ prefix: `${method}-limit-`, limit: 405, startAfter: '', keysOnly: false });
+        const received: string[] = [];
+        await new Promise<void>((resolve, reject) => {
+          call.on('data', (message: { key?: string; entries?: Array<{ key: string }> }) => {
+            for (const e of message.entries ?? [message as { key: string }]) received.push(e.key);
+            if (received.length === 1 || (message.entries && received.length === message.entries.length)) {
+              call.pause();
+              setTimeout(() => call.resume(), 1500);
+            }
+          });
+          call.on('end', resolve);
+          call.on('error', reject);
+        });
+        assert.equal(received.filter((key) => key.includes('-limit-b-')).length, 0, `${method}: expired entries sent`);
+        assert.equal(received.length, 405, `${method}: ${received.length} entries for a limit of 405, ending with ${received.at(-1)}`);
+        assert.deepEqual(received.slice(400), [0, 1, 2, 3, 4].map((i) => `${method}-limit-c-0${i}`));
       }
     } finally {
       typed.close();

@@ -308,8 +308,8 @@ class PipeTransport {
       else if (result.code === status.RESOURCE_EXHAUSTED && ops.length > 1 && ops[i].op.op?.$case === 'get') (again ??= []).push(ops[i]);
       else ops[i].resolve(result);
     }
-    // A unary Batch answer holds at most STORE_MAX_MESSAGE_BYTES of entries (a Pipe answer has no
-    // such cap): the Gets past it fail with RESOURCE_EXHAUSTED, "read this key in another batch".
+    // A Batch or Pipe answer holds at most STORE_MAX_MESSAGE_BYTES of entries: the Gets past it
+    // fail with RESOURCE_EXHAUSTED, "read this key in another batch".
     // Each is sent again in a batch of its own (a Get's TTL refresh running twice only slides it).
     if (again) {
       const now = performance.now();

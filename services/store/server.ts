@@ -51,7 +51,7 @@ export interface StoreServiceOptions {
    */
   stopping?: AbortSignal;
   /**
-   * Bytes of entries a unary Batch answer carries at most (default 4 MiB; the store passes
+   * Bytes of entries a Batch or Pipe answer carries at most (default 4 MiB; the store passes
    * STORE_MAX_MESSAGE_BYTES): the Gets past it fail on their own with RESOURCE_EXHAUSTED.
    */
   maxAnswerBytes?: number;
@@ -181,13 +181,27 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       try {
         admit(call.metadata, call.request, deadlineOf(call));
         const options = { ...checkList(call.request, limits), signal: cancelled.signal };
-        for await (const entry of backend.list(options)) {
-          if (call.cancelled) break;
-          // Backends read a page of entries at once, and a slow reader takes them later: one that
-          // expired meanwhile is not sent (List never sends an entry expired when it is sent).
-          if (entry.expiresAtMs <= Date.now()) continue;
-          const drained = sink.add(entry);
-          if (drained) await drained;
+        let { limit, startAfter } = options;
+        for (;;) {
+          let read = 0;
+          let skipped = 0;
+          for await (const entry of backend.list({ ...options, limit, startAfter })) {
+            if (call.cancelled) break;
+            read += 1;
+            startAfter = entry.key;
+            // Backends read a page of entries at once, and a slow reader takes them later: one that
+            // expired meanwhile is not sent (List never sends an entry expired when it is sent).
+            if (entry.expiresAtMs <= Date.now()) {
+              skipped += 1;
+              continue;
+            }
+            const drained = sink.add(entry);
+            if (drained) await drained;
+          }
+          // The backend counted the entries left out against the limit: list on after the last key
+          // read for as many, so that a limit ends the listing only with that many entries sent.
+          if (call.cancelled || limit === 0 || skipped === 0 || read < limit) break;
+          limit = skipped;
         }
         if (call.cancelled) {
           observe(method, status.CANCELLED, startedAt, call.metadata);
@@ -345,7 +359,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         inFlight += 1;
         const answer = stopping?.aborted
           ? Promise.reject(new StoreError('unavailable', 'the store is stopping; retry on a new connection'))
-          : runBatch(request, lateness);
+          : runBatch(request, lateness).then((response) => capAnswer(response, maxAnswerBytes));
         answer
           .then(
             (response): [BatchResponse, status] => [response, status.OK],
@@ -478,10 +492,11 @@ function answerBytes(response: BatchResponse): number {
 }
 
 /**
- * Fails, each with RESOURCE_EXHAUSTED, the Gets of a unary Batch answer past maxBytes of entries.
+ * Fails, each with RESOURCE_EXHAUSTED, the Gets of a Batch or Pipe answer past maxBytes of entries.
  * A Batch of 1000 Gets of one 64 KiB value is a 9 KB request and would be a 64 MB answer: held
- * until the client reads it, and larger than most clients accept (grpc's default is 4 MiB). A
- * Pipe stream's answers are paced by its backpressure instead. Writes keep their answers: they ran.
+ * until the client reads it, and larger than most clients accept (grpc's default is 4 MiB; on a
+ * Pipe stream, one answer over the client's limit ends the stream and every batch in flight on it).
+ * Writes keep their answers: they ran.
  */
 function capAnswer(response: BatchResponse, maxBytes: number): BatchResponse {
   let bytes = 0;
