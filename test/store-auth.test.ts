@@ -130,6 +130,13 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     }
   });
 
+  it('the scheme name is case-insensitive: "bearer <token>" and "BEARER <token>" are accepted', async () => {
+    for (const scheme of ['bearer', 'BEARER']) {
+      const outcome = await callRaw(raw, 'Get', REQUESTS.Get, bearer(`${scheme} ${TOKEN}`));
+      assert.equal(outcome.code, status.OK, `${scheme}: ${outcome.details}`);
+    }
+  });
+
   it('Watch with the right token streams changes', async () => {
     const client = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });
     const writer = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });

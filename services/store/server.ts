@@ -567,7 +567,8 @@ function createAuthorizer(token: string | undefined): (metadata: Metadata) => vo
   const expected = createHash('sha256').update(token).digest();
   return (metadata) => {
     const header = metadata.get('authorization')[0];
-    const presented = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : '';
+    // The scheme's name is case-insensitive (RFC 9110, 11.1): "bearer x" is "Bearer x".
+    const presented = typeof header === 'string' && /^bearer /i.test(header) ? header.slice(7) : '';
     const digest = createHash('sha256').update(presented).digest();
     if (!timingSafeEqual(digest, expected) || presented.length === 0) {
       throw new StoreError('unauthenticated', 'missing or wrong bearer token in the authorization metadata');
