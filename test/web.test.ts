@@ -62,6 +62,17 @@ describe('counter site (real web + real store processes)', function () {
     assert.match(head, /\r\nx-request-id: /i);
   });
 
+  it("an HTTP/1.1 request without a Host header gets the site's 400 page with its security headers and a request log line, not Node's bare 400", async () => {
+    const answer = await exchange(web.port, 'GET / HTTP/1.1\r\nX-Request-Id: no-host-header\r\nConnection: close\r\n\r\n');
+    const [head, body] = answer.split('\r\n\r\n', 2);
+    assert.match(head, /^HTTP\/1\.1 400 Bad Request\r\n/);
+    assert.match(head, /\r\ncontent-security-policy: default-src 'none'/i);
+    assert.match(head, /\r\ncache-control: no-store/i);
+    assert.match(body, /<h1>Bad request<\/h1>/);
+    await waitForLine(web, (line) => line.includes('"requestId":"no-host-header"') && line.includes('"status":400'));
+    assert.equal((await fetch(`${base}/`)).status, 200, 'with a Host header the same request is answered');
+  });
+
   it("requests Node's HTTP parser refuses get Node's statuses (400, 431) with the site's error page and security headers, are counted in web_http_refused_total by code, and close the connection; a client hanging up is not counted", async () => {
     const bad = refusalPage(await exchange(web.port, 'NOT A REQUEST\r\n\r\n'));
     assert.equal(bad.status, 'HTTP/1.1 400 Bad Request');

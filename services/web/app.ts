@@ -112,6 +112,8 @@ export function createApp(deps: AppDeps): Koa {
   const operations = createOperationRoutes({ metrics, readiness: deps.readiness }).routes() as Koa.Middleware;
   const assets = serve(path.join(webDir, 'public'), { maxage: 3_600_000, index: false });
   app.use((ctx, next) => {
+    // HTTP/1.1 requires a Host header (RFC 9112, 3.2); the server leaves refusing it to the app.
+    if (ctx.req.headers.host === undefined && ctx.req.httpVersion === '1.1') ctx.throw(400, 'an HTTP/1.1 request needs a Host header');
     if (OPERATION_PATHS.has(ctx.path)) return operations(ctx, next);
     if (ctx.path.startsWith('/static/')) {
       if (ctx.method === 'GET' || ctx.method === 'HEAD') return assets(ctx, next).catch(notFoundOutsideStatic);

@@ -79,7 +79,9 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
   };
-  const server = createServer(limits ?? {}, onRequest);
+  // Node answers an HTTP/1.1 request without Host itself (requireHostHeader) with a bare 400 that
+  // no one hears of: the app refuses it instead, with its page, its log line and its metrics.
+  const server = createServer({ ...limits, requireHostHeader: false }, onRequest);
   // An Expect other than 100-continue: with no one listening Node answers a bare 417 itself (no
   // security headers, no log line, no metric). RFC 9110 lets a server ignore an expectation it does
   // not know: the site answers as usual.
