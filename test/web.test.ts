@@ -106,6 +106,15 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal((await fetch(`${base}/`)).status, 200, 'the site serves on');
   });
 
+  it("a CONNECT gets the site's 501 page with its security headers, is counted in web_http_refused_total, and closes the connection (Node alone drops it without a word)", async () => {
+    const answer = refusalPage(await exchange(web.port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n'));
+    assert.equal(answer.status, 'HTTP/1.1 501 Not Implemented');
+    assert.match(answer.body, /<h1>Not supported<\/h1>/);
+    const metrics = parsePrometheus(await (await fetch(`${base}/metrics`)).text());
+    assert.equal(metrics.get('web_http_refused_total{code="CONNECT"}'), 1);
+    assert.equal((await fetch(`${base}/`)).status, 200, 'the site serves on');
+  });
+
   it('two cookie jars have separate counters', async () => {
     const a = new CookieJarClient(base);
     const b = new CookieJarClient(base);

@@ -158,7 +158,7 @@ function createViews(): nunjucks.Environment {
 /**
  * The whole HTTP responses, by status, for requests Node's HTTP server refuses before the app has
  * answered them (400 malformed, 408 too slow, 413 chunk extensions too large, 431 headers too
- * large, which a browser meets when it holds too many cookies for the site): the site's error page
+ * large, which a browser meets when it holds too many cookies for the site; 501 a CONNECT): the site's error page
  * with its security headers, rendered once at start-up. The page needs no other request (its
  * stylesheet is inlined, allowed by its hash): with too many cookies, the stylesheet's request
  * would be refused as well. The connection is closed after each.
@@ -169,7 +169,7 @@ export function refusalResponses(): Map<number, string> {
   const icon = `data:image/svg+xml;base64,${readFileSync(path.join(webDir, 'public', 'static', 'favicon.svg')).toString('base64')}`;
   const headers = siteHeaders({ styleSrc: [`'sha256-${createHash('sha256').update(css).digest('base64')}'`], imgSrc: ['data:'] });
   const responses = new Map<number, string>();
-  for (const status of [400, 408, 413, 431]) {
+  for (const status of [400, 408, 413, 431, 501]) {
     const page = REFUSAL_PAGES[status] ?? PAGES[status];
     const body = views.render('error.njk', { status, ...page, inline: { style: css, icon } });
     const head = [

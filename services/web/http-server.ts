@@ -103,6 +103,14 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     }
     socket.destroy();
   });
+  // CONNECT (a proxy's method): with no one listening Node drops the connection without a word. The
+  // site is no proxy: it answers 501 with its page, counted and logged as the refusals above.
+  server.on('connect', (_req: IncomingMessage, socket: Duplex) => {
+    onRefused?.('CONNECT');
+    logger.debug({ code: 'CONNECT' }, 'request refused: CONNECT (this site is no proxy)');
+    socket.on('error', () => socket.destroy());
+    socket.end(refusals?.get(501) ?? `HTTP/1.1 501 ${STATUS_CODES[501]}\r\nConnection: close\r\n\r\n`);
+  });
   server.on('connection', (socket: Socket) => {
     connections.add(socket);
     socket.once('close', forget);

@@ -56,7 +56,7 @@ export class WebMetrics {
 
   private readonly refused = new Counter({
     name: 'web_http_refused_total',
-    help: "Requests Node's HTTP server refused before the app answered them (400, 408, 413 or 431), by the error's code; most never reached the app, but a form whose body was still arriving at its 408 is also in web_http_requests_total, as 499.",
+    help: "Requests Node's HTTP server refused before the app answered them (400, 408, 413 or 431; 501 for a CONNECT, code CONNECT), by the error's code; most never reached the app, but a form whose body was still arriving at its 408 is also in web_http_requests_total, as 499.",
     labelNames: ['code'] as const,
     registers: [this.registry],
   });
