@@ -1,7 +1,13 @@
 import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { createStoreClient } from '../services/client/store-client';
 import { runOne, type StoredEntry } from '../services/store/backends/backend';
 import { RedisBackend } from '../services/store/backends/redis';
-import { redisCommand, type RedisSentinelProcs, requireRedis, startRedisSentinel } from './helpers/redis';
+import { waitForHealth } from './helpers/health';
+import { type Proc, startStore, tempDir } from './helpers/procs';
+import { freePort, redisCommand, type RedisServer, type RedisSentinelProcs, requireRedis, startRedisSentinel, startRedisServer } from './helpers/redis';
+import { selfSigned } from './helpers/tls';
 
 describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-server processes)', function () {
   let sentinel: RedisSentinelProcs | undefined;
@@ -50,5 +56,76 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
     const read = (await runOne(backend, { kind: 'get', key: 'k', refreshTtlMs: 0 })) as StoredEntry;
     assert.ok(read.version > before.version);
     await backend.ping();
+  });
+
+  it('a master name the Sentinels do not know is logged once, not once per retry', async () => {
+    const tmp = tempDir();
+    const store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_SENTINELS: `127.0.0.1:${sentinel!.sentinelPort}`, REDIS_SENTINEL_MASTER: 'nosuch' });
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 3000));
+      const warnings = store.lines.filter((line) => line.includes('redis connection failed'));
+      assert.equal(warnings.length, 1, warnings.join('\n'));
+      assert.match(warnings[0], /No such master with that name/);
+    } finally {
+      await store.stop();
+      tmp.remove();
+    }
+  });
+});
+
+describe('Redis through Sentinel with rediss:// (a master that speaks only TLS, real processes)', function () {
+  this.timeout(30_000);
+  let tmp: ReturnType<typeof tempDir> | undefined;
+  const servers: RedisServer[] = [];
+  let store: Proc | undefined;
+
+  before(function () {
+    requireRedis(this);
+    tmp = tempDir();
+  });
+  after(async () => {
+    await store?.stop();
+    await Promise.all(servers.map((server) => server.stop()));
+    tmp?.remove();
+  });
+
+  it('the store reaches the master the Sentinel names over TLS, as REDIS_URL asks, not in plaintext', async () => {
+    const pki = await selfSigned(tmp!.dir, 'redis');
+    const tlsFiles = ['--tls-cert-file', pki.cert, '--tls-key-file', pki.key, '--tls-ca-cert-file', pki.cert];
+    // The plain port is only for the helper's readiness PING; the Sentinel names the TLS port.
+    const tlsPort = await freePort();
+    servers.push(await startRedisServer({ dir: path.join(tmp!.dir, 'master'), args: ['--tls-port', String(tlsPort), ...tlsFiles, '--tls-auth-clients', 'no'] }));
+    const sentinelPort = await freePort();
+    const conf = path.join(tmp!.dir, 'sentinel.conf');
+    writeFileSync(
+      conf,
+      [
+        `port ${sentinelPort}`,
+        'bind 127.0.0.1',
+        `dir ${tmp!.dir}`,
+        `tls-cert-file ${pki.cert}`,
+        `tls-key-file ${pki.key}`,
+        `tls-ca-cert-file ${pki.cert}`,
+        'tls-replication yes',
+        `sentinel monitor mymaster 127.0.0.1 ${tlsPort} 1`,
+        '',
+      ].join('\n'),
+    );
+    servers.push(await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'] }));
+
+    store = await startStore(tmp!.dir, {
+      STORE_BACKEND: 'redis',
+      REDIS_URL: 'rediss://',
+      REDIS_SENTINELS: `127.0.0.1:${sentinelPort}`,
+      NODE_EXTRA_CA_CERTS: pki.cert,
+    });
+    await waitForHealth(store.port, 'SERVING', 10_000);
+    const client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    try {
+      const written = await client.put('over-tls', Buffer.from('v'), { ttlMs: 60_000 });
+      assert.equal((await client.get('over-tls'))?.version, written.version);
+    } finally {
+      client.close();
+    }
   });
 });

@@ -157,6 +157,10 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     ['cluster and Sentinel together', { REDIS_CLUSTER_NODES: '127.0.0.1:7001', REDIS_SENTINELS: '127.0.0.1:26379' }, /REDIS_CLUSTER_NODES and REDIS_SENTINELS/],
     ['a hash tag in REDIS_KEY_PREFIX', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX=.*expected no \{ or \}/],
     ['REDIS_URL not redis://, its value (maybe a password) not shown', { REDIS_URL: 'http://user:s3cret@host' }, /^(?!.*s3cret).*REDIS_URL=\(hidden\): expected redis:\/\//s],
+    ['REDIS_URL with a database that is no number (SELECT NaN crashed the store)', { REDIS_URL: 'redis://user:s3cret@127.0.0.1:1/abc' }, /^(?!.*s3cret).*REDIS_URL=\(hidden\): expected .*db a database number/s],
+    ['REDIS_URL with a fractional database (a failed SELECT left the store on database 0)', { REDIS_URL: 'redis://127.0.0.1:1/1.5' }, /REDIS_URL=\(hidden\): expected .*db a database number/],
+    ['REDIS_URL with a port above 65535', { REDIS_URL: 'redis://127.0.0.1:99999' }, /REDIS_URL=\(hidden\): expected .*port 1-65535/],
+    ['REDIS_SENTINELS with a port above 65535', { REDIS_SENTINELS: '127.0.0.1:99999' }, /REDIS_SENTINELS="127.0.0.1:99999": expected .*ports 1-65535/],
     ['STORE_BACKEND unknown', { STORE_BACKEND: 'memcached' }, /STORE_BACKEND="memcached": expected one of sqlite, redis/],
     ['an empty REDIS_KEY_PREFIX (it would match every key)', { REDIS_KEY_PREFIX: '' }, /REDIS_KEY_PREFIX="": expected a non-empty prefix/],
   ] as const) {
@@ -164,6 +168,15 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
       await assert.rejects(startStore(tmp.dir, { STORE_BACKEND: 'redis', ...env }), (err: Error) => variable.test(err.message));
     });
   }
+
+  it('REDIS_URL naming a database Redis does not have: calls answer UNAVAILABLE naming it and health is NOT_SERVING, instead of serving from database 0', async () => {
+    redis = await startRedisServer(); // 16 databases
+    store = await startStore(tmp.dir, storeEnv(`${redis.url}/99`));
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    await assert.rejects(client.put('k', Buffer.from('v'), { ttlMs: 60_000 }), (err: StoreClientError) => isUnavailable(err) && /database REDIS_URL names/.test(err.message));
+    assert.equal(await checkHealth(store.port), 'NOT_SERVING');
+    assert.equal(await redisCommand(redis.port, 'DBSIZE'), '0');
+  });
 
   it('a store started while Redis is down answers UNAVAILABLE and is NOT_SERVING, then SERVING once Redis is up', async () => {
     const port = await freePort();

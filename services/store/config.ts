@@ -19,7 +19,21 @@ const hostPorts = () =>
         const colon = item.lastIndexOf(':');
         return { host: item.slice(0, colon).replace(/^\[(.*)\]$/, '$1'), port: Number(item.slice(colon + 1)) };
       }),
-    );
+    )
+    .refine((list) => list.every(({ port }) => port >= 1 && port <= 65535), { message: 'expected host:port,host:port,... with ports 1-65535' });
+
+/**
+ * A REDIS_URL the backend can use: one that parses (a port 1-65535) and names a database by its
+ * number, or none. ioredis would send any other path to SELECT: a failed SELECT leaves the
+ * connection on database 0 and serves from there, and SELECT NaN crashed the store.
+ */
+function isRedisUrl(url: string): boolean {
+  try {
+    return /^\/?\d*$/.test(new URL(url).pathname);
+  } catch {
+    return false;
+  }
+}
 
 /** Every setting of the SessionStore service, read once from the environment (and .env). */
 export function loadStoreConfig(raw = readEnv()) {
@@ -46,7 +60,11 @@ export function loadStoreConfig(raw = readEnv()) {
       STORE_GRACE_MS: envs.int(5000, 0, 600_000, ' ms'),
       // Next to the store's own port: 9100, the usual choice, is node_exporter's on most monitored hosts.
       STORE_METRICS_PORT: envs.port(5101),
-      REDIS_URL: z.string().regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }).default('redis://127.0.0.1:6379'),
+      REDIS_URL: z
+        .string()
+        .regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' })
+        .refine(isRedisUrl, { message: 'expected redis://[user:password@]host:port[/db] with a port 1-65535 and db a database number' })
+        .default('redis://127.0.0.1:6379'),
       REDIS_CLUSTER_NODES: hostPorts(),
       REDIS_SENTINELS: hostPorts(),
       REDIS_SENTINEL_MASTER: z.string().default('mymaster'),

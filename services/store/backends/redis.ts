@@ -117,6 +117,11 @@ export class RedisBackend implements Backend {
   private evictionReported = false;
   /** Why the last connection attempt failed (a wrong password, a refused connection), until ready. */
   private lastError: string | undefined;
+  /**
+   * Why Redis refused to SELECT the database of REDIS_URL on the current connection (a number
+   * past its `databases`). ioredis then goes on, on database 0: the store must not serve from there.
+   */
+  private wrongDatabase: string | undefined;
   /** The reasons logged since the connection was last ready. */
   private readonly reported = new Set<string>();
   private closed = false;
@@ -167,7 +172,8 @@ export class RedisBackend implements Backend {
     } else {
       const where: RedisOptions =
         options.sentinels.length > 0
-          ? { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true }
+          ? // ioredis reaches the master a Sentinel names in plaintext unless told otherwise, whatever `tls` says.
+            { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true, enableTLSForSentinelMode: auth.tls !== undefined }
           : { host: url.hostname || '127.0.0.1', port: Number(url.port || 6379) };
       this.client = new Redis({
         ...failFast,
@@ -184,11 +190,15 @@ export class RedisBackend implements Backend {
     this.client.defineCommand('sessionDelete', { numberOfKeys: 1, lua: DELETE });
     this.client.defineCommand('sessionReadMany', { lua: READ_MANY });
 
+    this.client.on('connect', () => (this.wrongDatabase = undefined));
     this.client.on('error', (err: Error) => {
-      // ioredis retries without end: say why once per reason, not once per attempt.
+      if ((err as { command?: { name?: string } }).command?.name === 'select') this.wrongDatabase = err.message;
+      // ioredis retries without end: say why once per reason, not once per attempt (its Sentinel
+      // errors name the growing delay before the next one: "Retrying from scratch after 20ms.").
       this.lastError = err.message;
-      if (this.reported.has(err.message) || this.closed) return;
-      this.reported.add(err.message);
+      const reason = err.message.replace(/ after \d+ms\./, '.');
+      if (this.reported.has(reason) || this.closed) return;
+      this.reported.add(reason);
       options.log?.warn({ mode: this.mode, err: err.message }, 'redis connection failed; retrying');
     });
     this.client.on('ready', () => {
@@ -196,6 +206,11 @@ export class RedisBackend implements Backend {
       for (const done of [...this.firstWaiters]) done();
       this.lastError = undefined;
       this.reported.clear();
+      // Calls now fail, naming the database (see ready()); nothing is written to database 0.
+      if (this.wrongDatabase) {
+        options.log?.warn({ mode: this.mode, err: this.wrongDatabase }, 'redis refuses the database REDIS_URL names: every call fails until it is fixed');
+        return;
+      }
       if (!this.connected) options.log?.info({ mode: this.mode }, 'redis ready');
       this.connected = true;
       this.syncWatch();
@@ -449,6 +464,7 @@ export class RedisBackend implements Backend {
         this.firstWaiters.add(done);
       });
     }
+    if (this.wrongDatabase) throw new StoreError('unavailable', `redis: cannot use the database REDIS_URL names (${this.wrongDatabase})`);
     if ((this.client.status as string) === 'ready') {
       if (this.cluster) await this.mastersConnected();
       return;
