@@ -238,4 +238,32 @@ describe('store_live_entries counting', () => {
       metrics.close();
     }
   });
+
+  it('a count that fails is in the failure counter of the same scrape, not only of the next one', async () => {
+    let down = false;
+    const backend: Backend = {
+      name: 'fake',
+      batch: async () => [],
+      list: async function* () {},
+      watch: () => () => undefined,
+      ping: async () => undefined,
+      countLive: async () => {
+        if (down) throw new StoreError('unavailable', 'backend down');
+        return 7;
+      },
+      close: async () => undefined,
+    };
+    const metrics = new StoreMetrics(backend);
+    try {
+      const read = async () => parsePrometheus(await metrics.registry.metrics());
+      assert.equal((await read()).get('store_live_entries_count_failures_total'), 0);
+      down = true;
+      // The last count was quick, so this scrape counts again (and fails): an alert on the counter must see it now.
+      const scrape = await read();
+      assert.equal(scrape.get('store_live_entries'), 7);
+      assert.equal(scrape.get('store_live_entries_count_failures_total'), 1);
+    } finally {
+      metrics.close();
+    }
+  });
 });

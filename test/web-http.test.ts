@@ -254,6 +254,26 @@ describe('web over HTTP (createApp over a real store process)', function () {
         await secured.stop();
       }
     });
+    it('a store that refuses the session TTL: every page fails the same way, and the error is logged at most 10 times per 10 s, not once per page', async () => {
+      const narrow = await startStoreWithClient({ STORE_MAX_TTL_MS: '600000' });
+      const logs = memoryLogger('info');
+      // The default idle TTL (30 min) is above the store's maximum: the store refuses every write.
+      const served = await serveApp(createApp({ store: narrow.client, session: { keys: [TEST_KEY] }, logger: logs.logger, readiness }));
+      try {
+        for (let i = 0; i < 30; i += 1) {
+          const res = await fetch(served.base + '/');
+          assert.equal(res.status, 500);
+          await res.text();
+        }
+        const failed = logs.entries().filter((e) => e.msg === 'request failed');
+        assert.equal(failed.length, 10);
+        assert.ok(failed.every((e) => e.level === 50 && typeof e.requestId === 'string'), 'errors, each with its request id');
+        assert.equal(logs.entries().filter((e) => e.msg === 'request').length, 30, 'still one request line per page');
+      } finally {
+        await served.close();
+        await narrow.stop();
+      }
+    });
   });
 
   describe('metrics and operations endpoints', () => {

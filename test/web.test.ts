@@ -301,6 +301,32 @@ describe('a web whose settings its store refuses is not ready, and says which se
     assert.equal((await fetch(`http://127.0.0.1:${web.port}/`)).status, 503);
   });
 
+  it('a store that comes back still refusing this web\'s STORE_TOKEN: the log says not ready again, never "ready"', async () => {
+    const port = await freeBasePort([0]);
+    let refusing = await startStore(path.join(tmp.dir, 'refusing'), { STORE_TOKEN: TOKEN }, port);
+    try {
+      const web = await startWeb(port, tmp.dir, { STORE_TOKEN: 'another-token-0123456789', STORE_DEADLINE_MS: '300' });
+      webs.push(web);
+      await waitForLine(web, (l) => l.includes('not ready: the store refuses'));
+      await refusing.stop();
+      assert.equal((await readyz(web)).body.store, 'UNREACHABLE');
+      refusing = await startStore(path.join(tmp.dir, 'refusing'), { STORE_TOKEN: TOKEN }, port);
+      const seen = web.lines.length;
+      let answer = await readyz(web);
+      for (let i = 0; i < 50 && answer.body.store !== 'SERVING'; i += 1) {
+        await new Promise((r) => setTimeout(r, 100));
+        answer = await readyz(web);
+      }
+      assert.equal(answer.status, 503);
+      assert.match(answer.body.problem ?? '', /STORE_TOKEN/);
+      const since = web.lines.slice(seen);
+      assert.ok(!since.some((l) => l.includes('"msg":"ready')), `no "ready" line while still not ready: ${since.join('\n')}`);
+      assert.ok(since.some((l) => l.includes('not ready: the store refuses') && l.includes('STORE_TOKEN')), 'the problem is logged again');
+    } finally {
+      await refusing.stop();
+    }
+  });
+
   it('SESSION_IDLE_TTL_MS above STORE_MAX_TTL_MS of the store: /readyz 503 naming both; within it: ready, and the probe wrote nothing', async () => {
     const tooLong = await startWeb(store.port, tmp.dir, { STORE_TOKEN: TOKEN });
     webs.push(tooLong);

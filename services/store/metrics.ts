@@ -114,23 +114,31 @@ export class StoreMetrics {
       registers,
     });
     const countLive = throttledCount(() => backend.countLive());
+    // One count per scrape, which both metrics wait for: prom-client reads every metric of a scrape
+    // at once, so a failure counted only in the gauge's collect would show at the next scrape.
+    let scrape: Promise<void> | undefined;
+    const collectLive = (): Promise<void> =>
+      (scrape ??= (async () => {
+        // A backend that is down must not take the other metrics with it: they matter most then.
+        try {
+          liveEntries.set(await countLive());
+        } catch {
+          countFailures.inc();
+        } finally {
+          scrape = undefined;
+        }
+      })());
     const countFailures = new Counter({
       name: 'store_live_entries_count_failures_total',
       help: 'Scrapes whose count of live entries failed (the backend was unreachable; for a slow count, the one that failed in the background since the last scrape); store_live_entries kept its last value',
       registers,
+      collect: collectLive,
     });
-    new Gauge({
+    const liveEntries = new Gauge({
       name: 'store_live_entries',
       help: `Unexpired entries in the store (counted when scraped; a count that took over ${CHEAP_COUNT_MS} ms, e.g. a SCAN of a large Redis, is reused for ${1 / COUNT_DUTY} times as long and then redone in the background)`,
       registers,
-      async collect() {
-        // A backend that is down must not take the other metrics with it: they matter most then.
-        try {
-          this.set(await countLive());
-        } catch {
-          countFailures.inc();
-        }
-      },
+      collect: collectLive,
     });
     const swept = new Counter({ name: 'store_expired_swept_total', help: 'Expired entries removed, by the sweeper or by a put or delete that reached them first', registers });
     this.unwatch = backend.watch(

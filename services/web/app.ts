@@ -296,6 +296,11 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
   const errorRefusedToken = rateLimited(10, 10_000, (ctx: Koa.Context, reason: string, suppressed: number) =>
     logger.error({ reason, requestId: ctx.state.requestId, suppressed }, 'the store refused STORE_TOKEN'),
   );
+  // Likewise when the store refuses every page's calls for another setting (a session TTL above its
+  // STORE_MAX_TTL_MS): one error line with a stack per page view would flood the log.
+  const errorFailed = rateLimited(10, 10_000, (ctx: Koa.Context, err: unknown, suppressed: number) =>
+    logger.error({ err, requestId: ctx.state.requestId, suppressed }, 'request failed'),
+  );
   return async (ctx, next) => {
     try {
       await next();
@@ -319,7 +324,7 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
         warnUnavailable(ctx, (err as Error).message);
       } else if (status >= 500 && (err as { expose?: unknown }).expose !== true) {
         // A 501 for a method nobody serves is the client's doing, not a failure to log.
-        logger.error({ err, requestId: ctx.state.requestId }, 'request failed');
+        errorFailed(ctx, err);
       }
       const page = status === 503 && isUnknownWrite(err) ? UNKNOWN_WRITE_PAGE : (PAGES[status] ?? FALLBACK_PAGE);
       ctx.status = status;

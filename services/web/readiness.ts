@@ -105,9 +105,11 @@ export function createStoreReadiness(
   };
   // undefined until the first answer: a store that serves from the start is not news.
   let reportedStore: StoreHealthStatus | undefined;
-  const reportStore = (store: StoreHealthStatus) => {
+  const reportStore = (store: StoreHealthStatus, problem?: string) => {
     if (store === reportedStore) return;
     if (store !== 'SERVING') logger?.warn({ store }, 'not ready: the store does not serve');
+    // Back, but refusing this web's calls as before: not ready, and report() says why again.
+    else if (problem) reported = undefined;
     else if (reportedStore !== undefined) logger?.info({ store }, 'ready: the store serves again');
     reportedStore = store;
   };
@@ -120,9 +122,12 @@ export function createStoreReadiness(
     });
   const ask = async (): Promise<Readiness> => {
     const store = await health();
-    reportStore(store);
-    if (store !== 'SERVING' || !probe) return { store };
+    if (store !== 'SERVING' || !probe) {
+      reportStore(store);
+      return { store };
+    }
     const problem = await refusedSetting(probe);
+    reportStore(store, problem);
     report(problem);
     return problem ? { store, problem } : { store };
   };
