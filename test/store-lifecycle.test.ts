@@ -370,6 +370,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['a STORE_DEFAULT_TTL_MS above STORE_MAX_TTL_MS', { STORE_DEFAULT_TTL_MS: '3600000', STORE_MAX_TTL_MS: '600000' }, /STORE_DEFAULT_TTL_MS=3600000 is above STORE_MAX_TTL_MS=600000/],
       ['STORE_SYNCHRONOUS=maybe', { STORE_SYNCHRONOUS: 'maybe' }, /STORE_SYNCHRONOUS="maybe": expected one of FULL, NORMAL/],
       ['STORE_METRICS_PORT=99999', { STORE_METRICS_PORT: '99999' }, /STORE_METRICS_PORT="99999"/],
+      ['STORE_METRICS_PORT the same as PORT', { PORT: '5377', STORE_METRICS_PORT: '5377' }, /STORE_METRICS_PORT=5377 is PORT too/],
       ['STORE_MAX_ENTRIES past what one index holds', { STORE_MAX_ENTRIES: '20000000' }, /STORE_MAX_ENTRIES="20000000": expected an integer 1-16000000 keys/],
       ['STORE_MAX_MESSAGE_BYTES below one value', { STORE_MAX_MESSAGE_BYTES: '65536' }, /STORE_MAX_MESSAGE_BYTES=65536 must leave room for one entry/],
       ['STORE_TLS_RELOAD_MS of a few ms (seconds meant)', { STORE_TLS_RELOAD_MS: '60' }, /STORE_TLS_RELOAD_MS="60": expected 0 \(never\) or at least 100 ms/],

@@ -109,6 +109,10 @@ export function loadStoreConfig(raw = readEnv()) {
         'so the store would list, count and delete data that is not its own); leave it unset for the default "sessions:"',
     );
   }
+  // Else the second listener fails and its message blames PORT, which nothing else holds.
+  if (env.STORE_METRICS_PORT !== 0 && env.STORE_METRICS_PORT === env.PORT) {
+    throw new ConfigError(`invalid configuration: STORE_METRICS_PORT=${env.STORE_METRICS_PORT} is PORT too: the metrics need a port of their own`);
+  }
   if (env.REDIS_CLUSTER_NODES.length > 0 && env.REDIS_SENTINELS.length > 0) {
     throw new ConfigError('invalid configuration: REDIS_CLUSTER_NODES and REDIS_SENTINELS: set one of them, not both');
   }
