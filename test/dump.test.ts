@@ -826,6 +826,19 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(fromOption.stderr, `dump: --tls-ca: cannot read the TLS CA file ${missing}: ENOENT\n`);
     });
 
+    it('a TLS CA file that holds no whole certificate (a key, a cut-short copy) is a usage error naming it and where it came from, as for the web', async () => {
+      const key = path.join(tmp.dir, 'key.pem');
+      writeFileSync(key, '-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n');
+      const fromEnv = await runDump([address], { STORE_TLS_CA: key }, tmp.dir);
+      assert.equal(fromEnv.code, 2, fromEnv.stderr);
+      assert.equal(fromEnv.stderr, `dump: STORE_TLS_CA: not a usable TLS CA file ${key}: no certificate in the file\n`);
+      const cut = path.join(tmp.dir, 'cut.pem');
+      writeFileSync(cut, '-----BEGIN CERTIFICATE-----\nMIIB\n');
+      const fromOption = await runDump([address, '--tls-ca', cut], {}, tmp.dir);
+      assert.equal(fromOption.code, 2, fromOption.stderr);
+      assert.match(fromOption.stderr, /^dump: --tls-ca: not a usable TLS CA file .*cut\.pem: /);
+    });
+
     it('a STORE_TOKEN or --token gRPC metadata cannot carry (a line break, a non-ASCII character, a space) or under 16 characters is a usage error naming its source, never showing the value', async () => {
       const port = await deadPort();
       const rule = 'expected at least 16 printable ASCII characters without spaces';

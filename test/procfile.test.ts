@@ -3,6 +3,7 @@ import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_pro
 import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import dotenv from 'dotenv';
 import { CookieJarClient } from './helpers/browser';
 import { NO_ENV_FILE, root, TEST_KEY, tempDir } from './helpers/procs';
 import { requireProgram } from './helpers/system';
@@ -189,6 +190,18 @@ describe('npm start (bin/start around nf start)', function () {
       if (Date.now() > end) assert.fail(`the services are still running\n${started.output()}`);
       await new Promise((r) => setTimeout(r, 100));
     }
+  });
+
+  it('.env.example with every default uncommented is the default set-up: one PORT, with STORE_ADDRESS and STORE_METRICS_PORT where npm start puts the store', async () => {
+    const lines = (await readFile(path.join(root, '.env.example'), 'utf8'))
+      .split('\n')
+      .filter((line) => /^# [A-Z_]+=/.test(line))
+      .map((line) => line.slice(2));
+    const names = lines.map((line) => line.slice(0, line.indexOf('=')));
+    assert.deepEqual(names.filter((name, i) => names.indexOf(name) !== i), [], 'each variable once: both services read the one .env');
+    const env = dotenv.parse(lines.join('\n'));
+    assert.equal(env.STORE_ADDRESS, `127.0.0.1:${Number(env.PORT) + 100}`, 'the web reaches the store foreman starts at PORT + 100');
+    assert.equal(env.STORE_METRICS_PORT, String(Number(env.PORT) + 101));
   });
 
   it('the caller\'s variables win over .env, as for the services run alone (nf would put .env over them)', async () => {

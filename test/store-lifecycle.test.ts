@@ -359,6 +359,25 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(value?.value.length, 10);
   });
 
+  it('listens on an IPv6 loopback STORE_HOST, written ::1 or [::1]: health and metrics answer there', async function () {
+    const probe = createServer();
+    const ipv6 = await new Promise<boolean>((resolve) => probe.once('error', () => resolve(false)).listen(0, '::1', () => probe.close(() => resolve(true))));
+    if (!ipv6) this.skip(); // a machine without IPv6 loopback
+    for (const host of ['::1', '[::1]']) {
+      const proc = await startStore(tmp.dir, { STORE_HOST: host });
+      try {
+        const health = healthClient(`[::1]:${proc.port}`);
+        clients.push(health);
+        const status = await new Promise<string>((resolve, reject) => health.check({ service: '' }, (err, res) => (err ? reject(err) : resolve(res.status))));
+        assert.equal(status, 'SERVING', host);
+        const { port } = JSON.parse(proc.lines.find((line) => line.includes('"msg":"metrics listening"'))!) as { port: number };
+        assert.equal((await fetch(`http://[::1]:${port}/metrics`)).status, 200, host);
+      } finally {
+        await proc.stop();
+      }
+    }
+  });
+
   describe('bad configuration stops the store with a message naming the variable (exit code != 0)', () => {
     const cases: Array<[string, Record<string, string>, RegExp]> = [
       ['PORT=abc', { PORT: 'abc' }, /PORT="abc": expected a TCP port number/],

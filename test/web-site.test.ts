@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { Agent, type IncomingMessage, request } from 'node:http';
@@ -349,6 +350,37 @@ describe('web process settings and logs', function () {
       } finally {
         dir.remove();
       }
+    }
+  });
+
+  it('webs starting together on a fresh WEB_DATA_DIR (Procfile.redis starts two) all read the one key generated there, never an empty file', async function () {
+    this.timeout(60_000);
+    // Four processes read the web's configuration in lockstep, each round on a fresh directory:
+    // the moment one has created the key file, the others must find the key in it.
+    const rounds = 150;
+    const dir = tempDir();
+    const at = Date.now() + 1500;
+    const script = `
+      const { loadWebConfig } = require(${JSON.stringify(path.join(root, 'dist/services/web/config.js'))});
+      const keys = [];
+      for (let r = 0; r < ${rounds}; r += 1) {
+        while (Date.now() < ${at} + r * 20);
+        try { keys.push(loadWebConfig({ WEB_DATA_DIR: ${JSON.stringify(dir.dir)} + '/' + r }).session.keys[0]); } catch (err) { keys.push(err.message); }
+      }
+      console.log(JSON.stringify(keys));`;
+    try {
+      const runs = await Promise.all(
+        Array.from({ length: 4 }, () => new Promise<string[]>((resolve, reject) =>
+          execFile(process.execPath, ['-e', script], { timeout: 50_000 }, (err, out) => (err ? reject(err) : resolve(JSON.parse(out) as string[]))),
+        )),
+      );
+      for (let r = 0; r < rounds; r += 1) {
+        const seen = new Set(runs.map((keys) => keys[r]));
+        assert.equal(seen.size, 1, `round ${r}: ${[...seen].join(' | ')}`);
+        assert.ok([...seen][0].length >= 32, `round ${r}: ${[...seen][0]}`);
+      }
+    } finally {
+      dir.remove();
     }
   });
 

@@ -1,7 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { checkCa } from '../client/reloading-ca';
 import { resolveEndpoint, type StoreEndpoint } from '../client/store-client';
 import { ConfigError, envs } from '../shared/env';
+import { reasonOf } from '../shared/polled-files';
 import { loadDumpConfig } from './config';
 import type { Form } from './format';
 
@@ -191,9 +193,18 @@ function checkToken(token: string): string {
 }
 
 function readCa(file: string, from: string): Buffer {
+  let pem: Buffer;
   try {
-    return readFileSync(file);
+    pem = readFileSync(file);
   } catch (err) {
     throw new UsageError(`${from}: cannot read the TLS CA file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
+  // As the web checks STORE_TLS_CA at start: a key or a cut-short file would otherwise fail the
+  // handshake, and the error would blame the store's certificate.
+  try {
+    checkCa(pem);
+  } catch (err) {
+    throw new UsageError(`${from}: not a usable TLS CA file ${file}: ${reasonOf(err)}`);
+  }
+  return pem;
 }

@@ -50,7 +50,10 @@ async function main(): Promise<void> {
   addReflection(server);
   await health.start();
 
-  const metricsServer = await serveMetrics(metrics.registry, config.host, config.metricsPort);
+  // STORE_HOST may be an IPv6 address, bare (::1) or as in host:port ([::1]): Node listens on the
+  // bare one, gRPC binds host:port, which needs the brackets.
+  const host = config.host.replace(/^\[(.*)\]$/, '$1');
+  const metricsServer = await serveMetrics(metrics.registry, host, config.metricsPort);
   logger.info({ host: config.host, port: metricsServer.port, path: '/metrics' }, 'metrics listening');
   const certificate = config.tls
     ? new ReloadingCertificate({ cert: config.tls.certFile, key: config.tls.keyFile }, config.tls, {
@@ -59,7 +62,7 @@ async function main(): Promise<void> {
         onLoaded: (info) => metrics.observeCertificate(info.notAfter),
       })
     : undefined;
-  const port = await bind(server, `${config.host}:${config.port}`, certificate);
+  const port = await bind(server, `${host.includes(':') ? `[${host}]` : host}:${config.port}`, certificate);
 
   let exitCode = 0;
   let force: NodeJS.Timeout | undefined;

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { checkCa } from '../client/reloading-ca';
@@ -136,6 +136,9 @@ function isStoreAddress(value: string): boolean {
   }
 }
 
+/** What link() fails with where a file system has no hard links. */
+const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS']);
+
 /**
  * Without SESSION_KEYS, a key generated once and kept in the data directory (mode 0600), so a
  * laptop set-up needs no configuration and sessions survive restarts. Production sets SESSION_KEYS.
@@ -145,10 +148,23 @@ function localKey(dataDir: string): string {
   if (!existsSync(file)) {
     // Only to write the key: a directory that already holds one may be read-only.
     makeDataDir('WEB_DATA_DIR', dataDir);
+    // Written whole under a name of its own, then linked in place: a web starting at the same
+    // moment (Procfile.redis starts two) finds no file or the whole key, never an empty one.
+    const draft = `${file}.${randomBytes(6).toString('hex')}`;
     try {
-      writeFileSync(file, randomBytes(32).toString('base64url'), { mode: 0o600, flag: 'wx' });
+      const key = randomBytes(32).toString('base64url');
+      writeFileSync(draft, key, { mode: 0o600, flag: 'wx' });
+      try {
+        linkSync(draft, file);
+      } catch (err) {
+        // A file system without hard links: written in place, as the one instance it then serves.
+        if (!NO_LINKS.has((err as NodeJS.ErrnoException).code ?? '')) throw err;
+        writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
+      }
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err; // another instance made it first
+    } finally {
+      rmSync(draft, { force: true });
     }
   }
   let key: string;
