@@ -160,6 +160,36 @@ describe('in Chromium: two users on the counter page, and the error pages', func
     assertNoProblems();
   });
 
+  it('a double-click on "Reset" ends on the fresh counters, not on an error page', async () => {
+    const { page, problems } = await openUser();
+    await page.goto(base + '/');
+    await page.reload();
+    assert.deepEqual(await counters(page), [1, 0]);
+    // The second click lands while the first reset's answer is still on its way (held here, as a
+    // slow network holds it): the store has deleted the session and the cookie is cleared, but the
+    // old page, with its form, is still on screen.
+    let answered!: () => void;
+    const firstAnswered = new Promise<void>((resolve) => (answered = resolve));
+    let first = true;
+    await page.route(base + '/reset', async (route) => {
+      if (!first) return route.continue();
+      first = false;
+      await route.fetch({ maxRedirects: 0 });
+      answered();
+    });
+    const box = (await page.getByRole('button', { name: 'Reset', exact: true }).boundingBox())!;
+    // The mouse, not locator.click(), which would wait for the first click's navigation.
+    await page.mouse.click(box.x + box.width / 2, box.y + box.height / 2);
+    await firstAnswered;
+    const loaded = page.waitForEvent('load');
+    await page.mouse.click(box.x + box.width / 2, box.y + box.height / 2);
+    await loaded;
+    await page.unrouteAll({ behavior: 'ignoreErrors' });
+    assert.equal(page.url(), base + '/');
+    assert.deepEqual(await counters(page), [0, 0]);
+    assert.deepEqual(problems.problems, [`request failed: ${base}/reset net::ERR_ABORTED`], 'only the first click\'s request, replaced by the second');
+  });
+
   it('keyboard: Tab reaches both buttons with a visible focus ring, and Enter on "Increment Counter 2" submits it', async () => {
     const { page } = await openUser();
     await page.goto(base + '/');
@@ -249,6 +279,21 @@ describe('in Chromium: two users on the counter page, and the error pages', func
       assertNoProblems();
     });
 
+    it("403: a form sent without the session cookie (cookies blocked or cleared) says the counters need a cookie", async () => {
+      const { context, page, problems } = await openUser();
+      await page.goto(base + '/');
+      await context.clearCookies();
+      problems.expect(base + '/increment', 403);
+      assert.equal(await pressForResponse(page, 'Increment Counter 2'), 403);
+      await assertErrorPage(page, 403, 'Form not accepted', /without this site's session cookie/);
+      assert.match(await page.locator('.todo').innerText(), /allow cookies for this site/);
+      await page.getByRole('link', { name: 'Back to the counters' }).click();
+      await page.waitForURL(base + '/');
+      await press(page, 'Increment Counter 2');
+      assert.deepEqual(await counters(page), [1, 1], 'with the cookie back, the button works');
+      assertNoProblems();
+    });
+
     it('400: a form body the server cannot read (claims gzip, is not) changes nothing', async () => {
       const { page, problems } = await openUser();
       await page.goto(base + '/');
@@ -308,6 +353,15 @@ describe('in Chromium: two users on the counter page, and the error pages', func
       assert.equal(res.status(), 503);
       assert.equal(res.headers()['retry-after'], '1');
       await assertErrorPage(page, 503, 'Counters unavailable', /session store is not available right now/);
+      // The page a phone meets while the store is down fits its screen at large text sizes too.
+      await page.setViewportSize({ width: 320, height: 640 });
+      const cdp = await page.context().newCDPSession(page);
+      await cdp.send('Page.enable');
+      for (const size of [24, 32]) {
+        await cdp.send('Page.setFontSizes', { fontSizes: { standard: size, fixed: size } });
+        assert.equal((await page.reload())!.status(), 503);
+        await assertFitsWidth(page, 320);
+      }
       assertNoProblems();
     });
   });

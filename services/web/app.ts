@@ -258,6 +258,14 @@ const REFUSAL_PAGES: Record<number, { title: string; happened: string; todo: str
   },
 };
 
+/** The 403 page of a form that came without the session cookie: a fresh form cannot help until cookies are allowed. */
+const NO_COOKIE_PAGE = {
+  title: 'Form not accepted',
+  happened:
+    "Your browser sent this form without this site's session cookie: cookies for this site may be blocked or were cleared, or the form came from another site. Nothing was changed.",
+  todo: 'The counters need a cookie: allow cookies for this site, then go back to the counters and press the button again.',
+};
+
 /**
  * The 503 page when a change was sent to the store and no answer came (a deadline passed, the
  * connection broke): the store may have applied it, so the page must not say nothing was saved.
@@ -326,7 +334,12 @@ function errorPages(logger: Logger, render: Render): Koa.Middleware {
         // A 501 for a method nobody serves is the client's doing, not a failure to log.
         errorFailed(ctx, err);
       }
-      const page = status === 503 && isUnknownWrite(err) ? UNKNOWN_WRITE_PAGE : (PAGES[status] ?? FALLBACK_PAGE);
+      const page =
+        status === 503 && isUnknownWrite(err)
+          ? UNKNOWN_WRITE_PAGE
+          : status === 403 && (err as { cookieMissing?: unknown }).cookieMissing === true
+            ? NO_COOKIE_PAGE
+            : (PAGES[status] ?? FALLBACK_PAGE);
       ctx.status = status;
       ctx.set('Cache-Control', 'no-store');
       render(ctx, 'error.njk', { status, ...page });

@@ -11,13 +11,29 @@ interface Counters {
 
 const count = (value: unknown): number => (Number.isSafeInteger(value) ? (value as number) : 0);
 
-/** Only POSTs that carry this session's form token get through; others are 403 and change nothing. */
+/**
+ * Only POSTs that carry this session's form token get through; others are 403 and change nothing.
+ * One without a session cookie is marked `cookieMissing`: its page asks for cookies, since a fresh
+ * form would fail the same way in a browser that blocks them.
+ */
 const requireCsrf: Koa.Middleware = async (ctx, next) => {
   const body = ctx.request.body as Record<string, unknown> | undefined;
   if (!ctx.session.verifyCsrf(body?._csrf)) {
+    if (!ctx.session.hasCookie) ctx.throw(403, 'a form without a session cookie', { cookieMissing: true });
     ctx.throw(403, 'missing or wrong form token');
   }
   await next();
+};
+
+/**
+ * A reset that carries no session cookie has nothing to delete: most often the second click of a
+ * double-click, sent after the first one's answer cleared the cookie. It gets the fresh counters it
+ * asked for, not a 403; it changes nothing, so it needs no form token.
+ */
+const resetOnlyWithSession: Koa.Middleware = async (ctx, next) => {
+  if (ctx.session.hasCookie) return next();
+  ctx.status = 303;
+  ctx.redirect('/');
 };
 
 /** The counter site: GET / counts a visit; the two forms increment counter 2 or start over. */
@@ -48,7 +64,7 @@ export function createRoutes(render: Render): Router {
     ctx.redirect('/');
   });
 
-  router.post('/reset', requireCsrf, async (ctx) => {
+  router.post('/reset', resetOnlyWithSession, requireCsrf, async (ctx) => {
     await ctx.session.destroy();
     ctx.status = 303;
     ctx.redirect('/');
