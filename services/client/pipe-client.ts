@@ -20,8 +20,9 @@ export interface PipeClientOptions extends StoreClientOptions {
   /** Most operations in one batch message (the store's STORE_MAX_BATCH_OPS must allow it). */
   maxBatchOps?: number;
   /**
-   * About the most key and value bytes in one batch message (one larger operation goes alone);
-   * the store's STORE_MAX_MESSAGE_BYTES must allow it. Default 1 MiB, a quarter of its default.
+   * About the most key and value bytes in one batch message (one larger operation goes alone,
+   * through the unary Batch RPC, so a value over the store's limit fails that call alone); the
+   * store's STORE_MAX_MESSAGE_BYTES must allow it. Default 1 MiB, a quarter of its default.
    */
   maxBatchBytes?: number;
   /** Operations waiting to be sent beyond this are refused at once (the store is not keeping up). */
@@ -225,7 +226,9 @@ class PipeTransport {
     const request: BatchRequest = { id, ops: ops.map((p) => p.op), clientClockMs: now };
     const timer = setTimeout(() => this.expire(id), first - now);
     this.inFlight.set(id, { ops, timer });
-    if (this.useUnaryBatch) {
+    // One operation over the batch cap may be over the store's message limit too, and a message
+    // over it ends the stream with every operation in flight on it: it goes in a call of its own.
+    if (this.useUnaryBatch || (ops.length === 1 && estimatedBytes(ops[0].op) > this.maxBatchBytes)) {
       this.client.batch(request, this.metadata, { deadline: Date.now() + (last - now) }, (err, response) => {
         if (err) this.fail(id, fromServiceError(err));
         else this.answer(response!);

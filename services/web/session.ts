@@ -152,6 +152,8 @@ export class Session<T extends object = SessionData> {
   private requestIdCache: string | undefined | null = null;
   /** Set while this request holds the session's lock. */
   private handoff: Handoff | undefined;
+  /** The last change this request started (update, regenerate, destroy), while it runs. */
+  private turn: Promise<unknown> | undefined;
 
   constructor(
     private readonly ctx: Context,
@@ -192,7 +194,7 @@ export class Session<T extends object = SessionData> {
    * browser do not fight; compare-and-set still guards against other processes.
    */
   async update<U extends object = T>(fn: (current: U | null) => U): Promise<U> {
-    return this.locked(() => this.tryUpdate(fn));
+    return this.inTurn(() => this.locked(() => this.tryUpdate(fn)));
   }
 
   /**
@@ -203,7 +205,7 @@ export class Session<T extends object = SessionData> {
    * id: see load()); their own regenerate() changes nothing.
    */
   async regenerate(): Promise<void> {
-    return this.locked(() => this.renew());
+    return this.inTurn(() => this.locked(() => this.renew()));
   }
 
   /**
@@ -213,14 +215,16 @@ export class Session<T extends object = SessionData> {
    * it, so the session it moved to is deleted too rather than left alive.
    */
   async destroy(): Promise<void> {
-    await this.locked(() => this.remove());
-    this.loaded = null;
-    this.currentId = undefined;
-    this.issued = false;
-    this.sentId = undefined;
-    this.cleared = true;
-    this.markPrivate();
-    this.setCookie('', { maxAge: 0, expires: new Date(0) });
+    return this.inTurn(async () => {
+      await this.locked(() => this.remove());
+      this.loaded = null;
+      this.currentId = undefined;
+      this.issued = false;
+      this.sentId = undefined;
+      this.cleared = true;
+      this.markPrivate();
+      this.setCookie('', { maxAge: 0, expires: new Date(0) });
+    });
   }
 
   /**
@@ -263,6 +267,25 @@ export class Session<T extends object = SessionData> {
       forged ??= raw;
     }
     if (forged !== undefined) this.cfg.onForgedCookie(this.ctx, { cookieHash: shortHash(forged) });
+  }
+
+  /**
+   * Runs the request's own changes one after another, as the lock does for requests: a request
+   * with no session yet has no id to lock, and changes started at once would each start a session
+   * of their own, the browser keeping only the last.
+   */
+  private inTurn<R>(fn: () => Promise<R>): Promise<R> {
+    const result = this.turn ? this.turn.then(fn) : fn();
+    const turn: Promise<unknown> = result.then(
+      () => this.endTurn(turn),
+      () => this.endTurn(turn),
+    );
+    this.turn = turn;
+    return result;
+  }
+
+  private endTurn(turn: Promise<unknown>): void {
+    if (this.turn === turn) this.turn = undefined;
   }
 
   /** Runs fn under this process's lock for the session, re-locking if a regeneration moved it meanwhile. */
@@ -327,10 +350,11 @@ export class Session<T extends object = SessionData> {
       const current = await this.startingPoint(attempt === 0);
       const next = fn((current?.data as U | undefined) ?? null);
       // Checked as JSON too: a Date, or an object whose toJSON gives no object, would be stored as
-      // data no read accepts, and the session would end at the browser's next request.
-      const json = next !== null && typeof next === 'object' && !Array.isArray(next) ? JSON.stringify(next) : undefined;
+      // data no read accepts, and the session would end at the browser's next request. A promise
+      // (an async fn) would be stored as {}, every field of the session gone.
+      const json = next !== null && typeof next === 'object' && !Array.isArray(next) && !isThenable(next) ? JSON.stringify(next) : undefined;
       if (!json?.startsWith('{')) {
-        throw new TypeError('session update function must return a plain object (the new session data)');
+        throw new TypeError('session update function must return a plain object (the new session data), synchronously: an async function gives a promise');
       }
       const value = Buffer.from(json);
       try {
@@ -373,6 +397,12 @@ export class Session<T extends object = SessionData> {
         this.loaded = undefined;
         this.remember(null);
         if (!isConflict(err)) throw err;
+        // Started from memory, not from a read: the conflict may only say that another process
+        // wrote before this request came. Reading again uses up no try (once), as above.
+        if (current?.handedOn && !reread) {
+          reread = true;
+          attempt -= 1;
+        }
       }
     }
     throw new SessionConflictError('the session changed too often while it was being updated; please retry');
@@ -750,6 +780,10 @@ export class RecentMoves {
     }
     return id;
   }
+}
+
+function isThenable(value: object): boolean {
+  return typeof (value as { then?: unknown }).then === 'function';
 }
 
 function isConflict(err: unknown): boolean {
