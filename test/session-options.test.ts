@@ -27,6 +27,7 @@ describe('session middleware options are checked at creation', () => {
     ['a zero idle TTL', { idleTtlMs: 0 }, /idleTtlMs must be a positive integer of milliseconds \(got 0\)/],
     ['a TTL given as a string', { idleTtlMs: '1000' as unknown as number }, /idleTtlMs must be a positive integer/],
     ['an absolute lifetime shorter than the idle timeout', { idleTtlMs: 60_000, absoluteTtlMs: 1000 }, /absoluteTtlMs \(1000\) must be at least idleTtlMs \(60000\)/],
+    ['a persistent cookie for longer than browsers keep one (400 days)', { persistent: true, absoluteTtlMs: Number.MAX_SAFE_INTEGER }, /absoluteTtlMs must be at most 34560000000 \(400 days.*with persistent: true/],
     ['an unknown secure policy', { secure: 'sometimes' as 'auto' }, /secure must be 'auto', 'always' or 'never' \(got "sometimes"\)/],
     ['rolling as a string', { rolling: 'yes' as unknown as boolean }, /rolling must be true or false/],
     ['persistent as a number', { persistent: 1 as unknown as boolean }, /persistent must be true or false/],

@@ -782,6 +782,9 @@ export class RecentMoves {
   }
 }
 
+/** The longest lifetime browsers give a cookie (RFC 6265bis: 400 days). */
+const MAX_COOKIE_LIFETIME_MS = 400 * 24 * 3_600_000;
+
 function isThenable(value: object): boolean {
   return typeof (value as { then?: unknown }).then === 'function';
 }
@@ -908,6 +911,13 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
   const absoluteTtlMs = positive('absoluteTtlMs', options.absoluteTtlMs, 24 * 3_600_000);
   if (absoluteTtlMs < idleTtlMs) {
     throw new TypeError(`session option absoluteTtlMs (${absoluteTtlMs}) must be at least idleTtlMs (${idleTtlMs})`);
+  }
+  // The cookie's expiry is the absolute end: past what browsers keep it is cut short by them, and
+  // far past it no date at all ("expires=Invalid Date": a browser-session cookie after all).
+  if (persistent && absoluteTtlMs > MAX_COOKIE_LIFETIME_MS) {
+    throw new TypeError(
+      `session option absoluteTtlMs must be at most ${MAX_COOKIE_LIFETIME_MS} (400 days, the longest cookie lifetime browsers keep) with persistent: true (got ${absoluteTtlMs})`,
+    );
   }
   const recentSessions = nonNegative('recentSessions', options.recentSessions, 10_000);
   const maxQueueWaitMs = positive('maxQueueWaitMs', options.maxQueueWaitMs, 5000);
