@@ -712,6 +712,30 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.equal(await stored(login.set!), undefined);
   });
 
+  it('two logins at once in two processes (a double submit behind a round-robin balancer): one moves the session, the other changes nothing and is sent no id, as within one process (no 503)', async () => {
+    const slow = hookedStore();
+    const base = await serve(slow.client);
+    const other = await serve(store.client); // within one process the session's lock orders the two
+    const first = await call(base, 'POST', '/set?mode=x');
+    const cookie = `sid=${first.set}`;
+    let delay = true;
+    slow.hooks.afterPut = async () => {
+      if (delay) {
+        delay = false;
+        await sleep(150); // the copy is written; the other process moves the session before the forward
+      }
+    };
+    const slowRenew = call(base, 'POST', '/renew', cookie);
+    await sleep(20);
+    const renew = await call(other, 'POST', '/renew', cookie);
+    const late = await slowRenew;
+    assert.equal(renew.status, 200);
+    assert.ok(renew.set && idOf(renew.set) !== idOf(first.set), 'the first to write its forward moved the session');
+    assert.equal(late.status, 200, JSON.stringify(late.body));
+    assert.deepEqual(late.setCookies, [], 'the other changed nothing and was sent no id');
+    assert.deepEqual((await call(base, 'GET', '/state', `sid=${renew.set}`)).body, { mode: 'x' }, 'the moved session keeps its data');
+  });
+
   it("secure: 'always' behind a TLS proxy that forwards plain HTTP: logout clears the __Host- cookie (no 500)", async () => {
     const base = await serve(store.client, { secure: 'always' });
     const first = await call(base, 'POST', '/set?mode=x');

@@ -487,7 +487,15 @@ export class Session<T extends object = SessionData> {
       // Another process wrote the old id after we read it: read it again and copy again.
       const reread = await this.readId(current.id, false);
       // Destroyed, expired, or renewed by someone else meanwhile: our copy must not survive.
-      if (!isLoaded(reread)) break;
+      if (!isLoaded(reread)) {
+        if (reread === 'missing' || reread === 'gone') break;
+        await this.cfg.store.delete(newId, this.callOptions());
+        // Renewed by another process (a second login at once): as when this process sees the
+        // forward first, this request changes nothing, is sent no id, and reads through the forward.
+        this.cfg.moves.remember(current.id, reread.forward, reread.untilMs - Date.now());
+        this.loaded = undefined;
+        return;
+      }
       current = reread;
     }
     await this.cfg.store.delete(newId, this.callOptions());
