@@ -309,6 +309,19 @@ describe('bin/dump (child process against a real store)', function () {
         }
       });
 
+      it('--json: a value that is not UTF-8 is valueBase64 in place of value, and reads back byte for byte', async () => {
+        const binary = Buffer.from([0xff, 0xfe, 0x00, 0x1b, 0x5b, 0x32, 0x4a, 0xc3, 0x28]);
+        await client.put('bin-1', binary, { ttlMs: 30 * 60_000 });
+        const run = await runDump([address, '--json', '--prefix', 'bin-'], {}, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        const entry = JSON.parse(run.stdout) as { key: string; value?: string; valueBase64: string };
+        assert.equal(entry.key, 'bin-1');
+        assert.equal(entry.value, undefined);
+        assert.deepEqual(Buffer.from(entry.valueBase64, 'base64'), binary);
+        const help = await runDump(['--help'], {}, tmp.dir);
+        assert.match(help.stdout, /valueBase64/);
+      });
+
       it('--table: no control character reaches a cell; each entry is one row', async () => {
         const run = await runDump([address, '--table', '--prefix', 'esc-'], { COLUMNS: '200' }, tmp.dir);
         assert.equal(run.code, 0, run.stderr);
@@ -351,6 +364,33 @@ describe('bin/dump (child process against a real store)', function () {
         } finally {
           assert.equal(await plain.stop('SIGINT'), 0, plain.stderr());
           assert.equal(await table.stop('SIGINT'), 0, table.stderr());
+        }
+      });
+
+      it('--watch, lines: a listed key named like a change (put, delete, expire) is a JSON string, so its entry cannot pass for a change', async () => {
+        const named: Array<[string, string]> = [
+          ['delete', 'sess-a'],
+          ['expire', 'sess-b'],
+          ['put', 'sess-a {"count1":99,"count2":0}'],
+        ];
+        for (const [key, value] of named) await client.put(key, Buffer.from(value), { ttlMs: 60_000 });
+        const watch = startDump([address, '--watch'], tmp.dir);
+        try {
+          await watch.waitFor((l) => l.startsWith('"put" '));
+          await client.put('sess-a', Buffer.from('{"count1":1,"count2":0}'), { ttlMs: 30 * 60_000 });
+          await watch.waitFor((l) => l.startsWith('put sess-a '));
+          assert.deepEqual(
+            watch.out.filter((l) => /^(put|delete|expire) /.test(l)),
+            ['put sess-a {"count1":1,"count2":0}'],
+          );
+          assert.deepEqual(
+            watch.out.filter((l) => l.startsWith('"put" ') || l.startsWith('"delete" ') || l.startsWith('"expire" ')).map(parseLine),
+            named,
+          );
+        } finally {
+          assert.equal(await watch.stop('SIGINT'), 0, watch.stderr());
+          for (const [key] of named) await client.delete(key);
+          await client.put('sess-a', Buffer.from('{"count1":0,"count2":0}'), { ttlMs: 30 * 60_000 });
         }
       });
     });

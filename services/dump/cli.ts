@@ -46,8 +46,8 @@ Output:
   Piped or redirected: one entry per line, "<key> <value>", so grep, awk and cut work; --json
   gives JSON Lines for jq. A key or value that is not plain printable text (a control character
   such as a tab, newline or escape, a Unicode bidi control, or a leading double quote; for a key
-  also a space or a backslash) is printed as a JSON string, in every form but --json, so an entry
-  is one line.
+  also a space or a backslash, or the key put, delete or expire) is printed as a JSON string, in
+  every form but --json, so an entry is one line and never passes for a change of --watch.
   --watch then prints one line per change: "put <key> <value>", "delete <key>", "expire <key>"
   (with --json: {"event":"put","key":...}). Changes made while the listing runs are printed after it.
   A long dump to a file shows its progress on stderr when stderr is a terminal.
@@ -86,7 +86,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--limit <n>', 'at most n entries (0 = all)', wholeNumber(0, 0xffff_ffff), 0)
     .option('--keys-only', 'keys without values')
     .addOption(new Option('--count', 'print only the number of entries').conflicts('watch'))
-    .option('--json', 'JSON Lines: key, value, version, expiresAt, createdAt')
+    .option('--json', 'JSON Lines: key, value (valueBase64 when not UTF-8), version, expiresAt, createdAt')
     .option('--table', 'an aligned table even when not on a terminal')
     .option('--no-table', 'one line per entry even on a terminal')
     .option('--redact', 'print a short hash of each key instead of the key (the value stays)')

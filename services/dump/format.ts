@@ -82,9 +82,15 @@ export function valueText(text: string): string {
   return text.charCodeAt(0) === QUOTE || UNSAFE_VALUE.test(text) ? quoted(text) : text;
 }
 
-/** A key the same way, quoted also when it is empty or holds a space or a backslash. */
+/** Keys that, printed bare, would start an entry's line the way a --watch change's line starts. */
+const EVENT_WORDS = new Set(Object.values(KIND_NAMES));
+
+/**
+ * A key the same way, quoted also when it is empty, holds a space or a backslash, or is the name
+ * of a change ("put"): so a listed entry cannot pass for a change in --watch's lines.
+ */
 export function keyText(key: string): string {
-  return key.length === 0 || key.charCodeAt(0) === QUOTE || UNSAFE_KEY.test(key) ? quoted(key) : key;
+  return key.length === 0 || key.charCodeAt(0) === QUOTE || UNSAFE_KEY.test(key) || EVENT_WORDS.has(key) ? quoted(key) : key;
 }
 
 class LineFormatter implements Formatter {
