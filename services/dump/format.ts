@@ -217,14 +217,20 @@ const MIN_VALUE_WIDTH = 12;
 
 /** Text of which every character takes one column: the common case, measured by its length. */
 const NARROW_TEXT = /^[\u0020-\u007e\u00a0-\u02ff]*$/;
-/** Characters that take no column of their own: combining marks, zero-width joiners and spaces, variation selectors. */
-const ZERO_WIDTH = /^[\p{Mn}\p{Me}\u200b-\u200d\u2060\ufe00-\ufe0f\u{e0100}-\u{e01ef}]$/u;
 /**
- * Characters a terminal shows two columns wide: East Asian Wide and Fullwidth (Hangul Jamo, CJK,
- * kana, Hangul syllables, fullwidth forms) and emoji shown as emoji.
+ * Characters that take no column of their own: combining marks, format characters (zero-width
+ * space and joiners, the byte order mark, word joiner, tags), Hangul vowel and final jamo (they
+ * join the syllable before them), variation selectors.
+ */
+const ZERO_WIDTH = /^[\p{Mn}\p{Me}\p{Cf}\u1160-\u11ff\ud7b0-\ud7ff\ufe00-\ufe0f\u{e0100}-\u{e01ef}]$/u;
+/**
+ * Characters a terminal shows two columns wide (as glibc's wcwidth counts them): East Asian Wide
+ * and Fullwidth (Hangul Jamo, CJK and its angle brackets, Yijing hexagrams, kana and its
+ * supplements, Tangut, Khitan, Nushu, Hangul syllables, fullwidth forms, enclosed ideographs) and
+ * emoji shown as emoji, but for regional indicator letters, one column each (a flag is two).
  */
 const DOUBLE_WIDTH =
-  /^(?:[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\ua960-\ua97f\uac00-\ud7a3\uf900-\ufaff\ufe10-\ufe19\ufe30-\ufe6f\uff00-\uff60\uffe0-\uffe6\u{20000}-\u{2fffd}\u{30000}-\u{3fffd}]|\p{Emoji_Presentation})$/u;
+  /^(?:[\u1100-\u115f\u2329\u232a\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff\ua000-\ua4cf\ua960-\ua97f\uac00-\ud7a3\uf900-\ufaff\ufe10-\ufe19\ufe30-\ufe6f\uff00-\uff60\uffe0-\uffe6\u{16fe0}-\u{16fff}\u{17000}-\u{18cff}\u{18d00}-\u{18d7f}\u{1aff0}-\u{1b2ff}\u{1f200}-\u{1f2ff}\u{20000}-\u{2fffd}\u{30000}-\u{3fffd}]|(?![\u{1f1e6}-\u{1f1ff}])\p{Emoji_Presentation})$/u;
 
 function charWidth(char: string): number {
   return ZERO_WIDTH.test(char) ? 0 : DOUBLE_WIDTH.test(char) ? 2 : 1;
