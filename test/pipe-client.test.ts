@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { connect, createServer, type Socket } from 'node:net';
 import { Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServerUnaryCall, type sendUnaryData, type ServiceError, status } from '@grpc/grpc-js';
 import { createPipeClient } from '../services/client/pipe-client';
 import { createRawClient, createStoreClient, type StoreClient, StoreClientError } from '../services/client/store-client';
@@ -32,6 +33,47 @@ describe('pipe client: batched store calls over one stream (real store process)'
     client?.close();
     await store?.stop('SIGKILL');
     tmp?.remove();
+  });
+
+  it('a connection that goes silent without closing (a NAT that forgot it) is given up within about 15 s, and calls go through on a new one', async function () {
+    this.timeout(40_000);
+    // A proxy that can stop passing bytes on the connections it holds, while it takes new ones.
+    const links: Array<{ silent: boolean; sockets: Socket[] }> = [];
+    const proxy = createServer((downstream) => {
+      const upstream = connect(store.port, '127.0.0.1');
+      const link = { silent: false, sockets: [downstream, upstream] };
+      links.push(link);
+      downstream.on('data', (d: Buffer) => link.silent || upstream.write(d));
+      upstream.on('data', (d: Buffer) => link.silent || downstream.write(d));
+      for (const socket of link.sockets) {
+        socket.on('error', () => undefined);
+        socket.on('close', () => link.sockets.forEach((s) => s.destroy()));
+      }
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const { port } = proxy.address() as { port: number };
+    const silenced = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 500 });
+    try {
+      await silenced.put('silent-link', Buffer.from('1'), { ttlMs: 60_000 });
+      for (const link of links) link.silent = true;
+      const started = Date.now();
+      for (;;) {
+        const answer = await silenced.get('silent-link').then(
+          (entry) => entry,
+          (err: unknown) => (isKind('unavailable')(err) ? undefined : assert.fail(String(err))),
+        );
+        if (answer) break;
+        assert.ok(Date.now() - started < 25_000, 'still no answer after 25 s');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      const tookMs = Date.now() - started;
+      assert.ok(tookMs < 20_000, `answered again after ${tookMs} ms`);
+      assert.ok(links.length >= 2, 'on a new connection');
+    } finally {
+      silenced.close();
+      proxy.close();
+      for (const link of links) link.sockets.forEach((s) => s.destroy());
+    }
   });
 
   it('operations issued together keep their own results and errors', async () => {

@@ -7,7 +7,7 @@ import { experimental, type Server, type ServerOptions, ServerCredentials, setLo
  * - keepalive 60 s / 20 s: the server pings every connection each minute and drops one that does
  *   not answer within 20 s, so a client whose host died stops holding streams (and Watch
  *   subscriptions) within about 80 s. Clients may ping as they like (grpc-js has no ping policing;
- *   our client pings every 30 s only while calls are active).
+ *   our client pings every 10 s only while calls are active).
  * - 1000 concurrent streams per connection: far above what the web needs (it multiplexes
  *   everything over one Pipe stream), low enough that one client cannot pin unbounded memory.
  * - idle connections closed after 10 minutes without a call.
