@@ -688,19 +688,27 @@ describe('session races and failures (real store process; some calls delayed or 
     assert.match((await stored(first.set!))!, /"mode":"x2"/, 'r2 answered last with success: its value is stored');
   });
 
-  it('a logout racing a login (update, then regenerate) in another process deletes the session wherever the login moved it', async () => {
+  /**
+   * Two processes on one session (within one process its lock would order the two requests): the
+   * first's store holds the given step of its first call for 150 ms, while the other goes ahead.
+   */
+  async function twoProcessesOneHeld(step: 'afterPut' | 'beforeDelete') {
     const slow = hookedStore();
     const base = await serve(slow.client);
-    const other = await serve(store.client); // within one process the session's lock orders the two
+    const other = await serve(store.client);
     const first = await call(base, 'POST', '/set?mode=x');
-    const cookie = `sid=${first.set}`;
-    let delay = true;
-    slow.hooks.beforeDelete = async () => {
-      if (delay) {
-        delay = false;
-        await sleep(150); // the logout's delete is on its way while the login runs
-      }
+    let held = false;
+    slow.hooks[step] = async () => {
+      if (held) return;
+      held = true;
+      await sleep(150);
     };
+    return { base, other, first, cookie: `sid=${first.set}` };
+  }
+
+  it('a logout racing a login (update, then regenerate) in another process deletes the session wherever the login moved it', async () => {
+    // The logout's delete is on its way while the login runs.
+    const { base, other, cookie } = await twoProcessesOneHeld('beforeDelete');
     const logout = call(base, 'POST', '/logout', cookie);
     await sleep(20);
     const login = await call(other, 'POST', '/login', cookie);
@@ -713,18 +721,8 @@ describe('session races and failures (real store process; some calls delayed or 
   });
 
   it('two logins at once in two processes (a double submit behind a round-robin balancer): one moves the session, the other changes nothing and is sent no id, as within one process (no 503)', async () => {
-    const slow = hookedStore();
-    const base = await serve(slow.client);
-    const other = await serve(store.client); // within one process the session's lock orders the two
-    const first = await call(base, 'POST', '/set?mode=x');
-    const cookie = `sid=${first.set}`;
-    let delay = true;
-    slow.hooks.afterPut = async () => {
-      if (delay) {
-        delay = false;
-        await sleep(150); // the copy is written; the other process moves the session before the forward
-      }
-    };
+    // The copy is written; the other process moves the session before the forward.
+    const { base, other, first, cookie } = await twoProcessesOneHeld('afterPut');
     const slowRenew = call(base, 'POST', '/renew', cookie);
     await sleep(20);
     const renew = await call(other, 'POST', '/renew', cookie);
