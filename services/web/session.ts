@@ -486,7 +486,8 @@ export class Session<T extends object = SessionData> {
       }
       // Another process wrote the old id after we read it: read it again and copy again.
       const reread = await this.readId(current.id, false);
-      // Destroyed, expired, or renewed by someone else meanwhile: our copy must not survive.
+      // Destroyed or expired meanwhile (below the loop), or renewed by someone else (here): either
+      // way our copy must not survive.
       if (!isLoaded(reread)) {
         if (reread === 'missing' || reread === 'gone') break;
         await this.cfg.store.delete(newId, this.callOptions());
