@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
+import { readdirSync, statSync } from 'node:fs';
 import http2 from 'node:http2';
+import path from 'node:path';
 import { Metadata, status } from '@grpc/grpc-js';
 import { authMetadata, createRawClient, createStoreClient } from '../services/client/store-client';
 import { BatchRequest, DeleteRequest, GetRequest, ListRequest, type Op, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
@@ -134,6 +136,21 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     for (const scheme of ['bearer', 'BEARER']) {
       const outcome = await callRaw(raw, 'Get', REQUESTS.Get, bearer(`${scheme} ${TOKEN}`));
       assert.equal(outcome.code, status.OK, `${scheme}: ${outcome.details}`);
+    }
+  });
+
+  it("the data files are the store's user's alone: other users of the machine cannot read past the token", async () => {
+    const writer = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });
+    try {
+      await writer.put('secret-session', Buffer.from('{"user":"alice"}'), { ttlMs: 60_000 });
+    } finally {
+      writer.close();
+    }
+    const files = readdirSync(tmp.dir).filter((name) => name.startsWith('sessions.'));
+    assert.ok(files.includes('sessions.db'), files.join(', '));
+    for (const name of files) {
+      const mode = statSync(path.join(tmp.dir, name)).mode & 0o777;
+      assert.equal(mode & 0o077, 0, `${name} is mode ${mode.toString(8)}`);
     }
   });
 

@@ -150,16 +150,20 @@ describe('a full store (STORE_MAX_ENTRIES) whose sessions expired (real store pr
     watch.on('error', () => undefined);
     try {
       // Watch is open once a put is seen on it.
-      await client.put('probe', Buffer.from('p'), { ttlMs: 300 });
+      // Long enough that none of the 20 held keys expires before the refused put, however slow the
+      // machine; the test then waits for all of them to have expired.
+      const heldTtlMs = 3000;
+      await client.put('probe', Buffer.from('p'), { ttlMs: heldTtlMs });
       for (let i = 0; events.length === 0 && i < 100; i += 1) await new Promise((r) => setTimeout(r, 20));
-      for (let i = 0; i < 19; i += 1) await client.put(`old:${i}`, Buffer.from('o'), { ttlMs: 300 });
+      for (let i = 0; i < 19; i += 1) await client.put(`old:${i}`, Buffer.from('o'), { ttlMs: heldTtlMs });
+      const lastHeldAt = Date.now();
       const refused = await client.put('new:0', Buffer.from('n'), { ttlMs: 60_000 }).then(
         () => undefined,
         (err: unknown) => err,
       );
       assert.ok(refused instanceof StoreClientError && refused.code === status.UNAVAILABLE, 'full: a new key is refused');
       assert.match(refused.message, /the store is full.*STORE_MAX_ENTRIES/);
-      await new Promise((r) => setTimeout(r, 400));
+      await new Promise((r) => setTimeout(r, lastHeldAt + heldTtlMs + 100 - Date.now()));
       for (let i = 0; i < 20; i += 1) await client.put(`new:${i}`, Buffer.from('n'), { ttlMs: 60_000 });
       assert.equal((await client.get('new:19'))?.value.toString(), 'n');
       assert.equal(await client.get('old:0'), null);

@@ -19,6 +19,10 @@ import { bindServer, storeCredentials, storeServerOptions } from './transport';
  * second one stops at once (exit 1).
  */
 async function main(): Promise<void> {
+  // The database holds every session: files and directories the store creates are its user's
+  // alone (SQLite makes them 0644 under the usual umask), so another user of the machine cannot
+  // read past STORE_TOKEN.
+  process.umask(0o077);
   const config = loadStoreConfig();
   const logger = createLogger('store', config.logLevel);
   logProcessWarnings(logger);
