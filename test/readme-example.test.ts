@@ -6,7 +6,7 @@ import { createInterface } from 'node:readline';
 import ts from 'typescript';
 import { CookieJarClient } from './helpers/browser';
 import { exited, freeBasePort } from './helpers/ports';
-import { type Proc, root, startStore, TEST_KEY, tempDir } from './helpers/procs';
+import { type Proc, root, startStore, startWeb, TEST_KEY, tempDir } from './helpers/procs';
 
 const HEADING = '## Using the session middleware in your own Koa app';
 
@@ -87,6 +87,30 @@ describe('the Koa example in README.md runs as written (against a real store)', 
     assert.match(stderr, /Error: set SESSION_KEYS/);
   });
 
+  it('next to the counter site that npm start serves, one browser keeps a session in each: cookies belong to the host, not the port', async () => {
+    const port = await freeBasePort([0]);
+    const example = await runExample(file, { PORT: String(port), STORE_ADDRESS: `127.0.0.1:${store.port}`, SESSION_KEYS: TEST_KEY });
+    const site = await startWeb(store.port, tmp.dir, { SESSION_KEYS: `${TEST_KEY}-site` });
+    try {
+      const browser = new CookieJarClient(`http://127.0.0.1:${port}`);
+      const at = async (base: string, form?: Record<string, string>) => {
+        browser.base = base;
+        return (await (form ? browser.post('/add', form) : browser.get('/'))).text();
+      };
+      const exampleBase = browser.base;
+      const siteBase = `http://127.0.0.1:${site.port}`;
+      await at(exampleBase, {});
+      assert.match(await at(siteBase), /Counter 1: 0\b/);
+      assert.match(await at(exampleBase), /^items: 1; /, 'a visit to the counter site lost the cart');
+      assert.match(await at(siteBase), /Counter 1: 1\b/, 'a visit to the example lost the counters');
+      assert.ok(!site.lines.some((line) => line.includes('suspicious session cookie')), "the counter site took the example's cookie for a forged one");
+    } finally {
+      example.child.kill();
+      await exited(example.child);
+      await site.stop();
+    }
+  });
+
   it('listens on PORT; GET / shows 0 items, POST /add redirects (303) and GET / shows 1; with the store stopped, 503', async () => {
     const port = await freeBasePort([0]);
     app = await runExample(file, { PORT: String(port), STORE_ADDRESS: `127.0.0.1:${store.port}`, SESSION_KEYS: TEST_KEY });
@@ -99,7 +123,7 @@ describe('the Koa example in README.md runs as written (against a real store)', 
     const added = await jar.post('/add', {}, false);
     assert.equal(added.status, 303);
     assert.equal(added.headers.get('location'), '/');
-    assert.ok(jar.cookies.has('sid'), 'the first update sets the session cookie');
+    assert.ok(jar.cookies.has('cart_sid'), 'the first update sets the session cookie');
     assert.match(await (await jar.get('/')).text(), /^items: 1; /);
 
     await store.stop();
