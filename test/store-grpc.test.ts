@@ -86,6 +86,24 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     }
   });
 
+  it("grpc-js's own error lines (a client's illegal metadata, no token needed) are JSON log lines, cut short and at most 10 per 10 s", async () => {
+    const before = store.lines.length;
+    const session = http2.connect(`http://127.0.0.1:${store.port}`);
+    try {
+      // A valid Get: a refused one would use up the refusal log lines later tests look for.
+      const get = frame(Buffer.from(GetRequest.encode({ key: 'metadata-probe', refreshTtlMs: 0 }).finish()));
+      for (let i = 0; i < 30; i += 1) await http2Call(session, 'Get', get, { 'x!evil': 'x'.repeat(4000) });
+    } finally {
+      session.close();
+    }
+    const line = await waitForLine(store, (l) => l.includes('Failed to add metadata entry'));
+    await new Promise((r) => setTimeout(r, 200));
+    const lines = store.lines.slice(before).filter((l) => l.includes('Failed to add metadata entry'));
+    for (const l of lines) assert.doesNotThrow(() => JSON.parse(l), `a JSON line, not free text: ${l.slice(0, 100)}`);
+    assert.ok(lines.length <= 10, `${lines.length} lines for 30 calls`);
+    assert.ok(line.length < 1000, `a line of ${line.length} characters`);
+  });
+
   it('a string field that is not UTF-8 is INVALID_ARGUMENT and writes nothing (replaced by U+FFFD, "a\\xff" and "a\\xfe" were one key)', async () => {
     const raw = rawStoreClient(address);
     // PutRequest{key: <bytes>, value: <text>}, written by hand: no encoder takes a string that is not UTF-8.

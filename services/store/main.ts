@@ -1,7 +1,7 @@
 import { setMaxListeners } from 'node:events';
 import type { Server } from '@grpc/grpc-js';
 import { ConfigError, listenVariables } from '../shared/env';
-import { createLogger, logProcessWarnings } from '../shared/log';
+import { createLogger, type Logger, logProcessWarnings } from '../shared/log';
 import { onStopSignals } from '../shared/signals';
 import { SqliteBackend } from './backends/sqlite';
 import { loadStoreConfig } from './config';
@@ -66,7 +66,7 @@ async function main(): Promise<void> {
         onLoaded: (info) => metrics.observeCertificate(info.notAfter),
       })
     : undefined;
-  const port = await bind(server, `${host.includes(':') ? `[${host}]` : host}:${config.port}`, certificate);
+  const port = await bind(server, `${host.includes(':') ? `[${host}]` : host}:${config.port}`, certificate, logger);
 
   let exitCode = 0;
   let force: NodeJS.Timeout | undefined;
@@ -132,8 +132,8 @@ async function main(): Promise<void> {
   );
 }
 
-function bind(server: Server, address: string, certificate: ReloadingCertificate | undefined): Promise<number> {
-  return bindServer(server, address, storeCredentials(certificate)).catch((err: NodeJS.ErrnoException) => {
+function bind(server: Server, address: string, certificate: ReloadingCertificate | undefined, logger: Logger): Promise<number> {
+  return bindServer(server, address, storeCredentials(certificate), logger).catch((err: NodeJS.ErrnoException) => {
     throw new Error(`cannot listen on ${address} (${listenVariables(err.code, 'PORT', 'STORE_HOST')}): ${err.message}`);
   });
 }

@@ -1,4 +1,5 @@
 import { experimental, type Server, type ServerOptions, ServerCredentials, setLogger } from '@grpc/grpc-js';
+import { type Logger, rateLimited } from '../shared/log';
 
 /**
  * Connection settings of the store's gRPC server, chosen on purpose (grpc-js ignores options it
@@ -36,16 +37,25 @@ export function storeCredentials(certificate: experimental.CertificateProvider |
 /** What grpc-js logs when no address could be bound, just before it reports that error to bindAsync. */
 const BIND_FAILED_LINE = /^No address added out of total \d+ resolved$/;
 
+/** Characters of a grpc-js error line logged at most: it may quote a client's metadata whole. */
+const MAX_GRPC_LINE = 300;
+
 /**
  * Binds the server to host:port and resolves with the port. A failure rejects with the system's
  * reason alone ("listen EADDRINUSE: address already in use 127.0.0.1:5100") and its code, for the
- * caller to report in one line. grpc-js's own log line for the same failure is dropped: its logger
- * is replaced by one that writes as its default does (GRPC_VERBOSITY still applies), minus that line.
+ * caller to report in one line. grpc-js's own log line for the same failure is dropped. Its other
+ * error lines are log lines (warn), cut short and at most 10 per 10 s: any client, without the
+ * token, makes grpc-js write one per call ("Failed to add metadata entry ...", quoting a header
+ * value of kilobytes). Its info and debug lines (GRPC_VERBOSITY, GRPC_TRACE) go to stderr as its
+ * default logger writes them.
  */
-export function bindServer(server: Server, address: string, credentials: ServerCredentials): Promise<number> {
+export function bindServer(server: Server, address: string, credentials: ServerCredentials, logger: Logger): Promise<number> {
+  const warn = rateLimited(10, 10_000, (message: string, _: undefined, suppressed: number) =>
+    logger.warn({ grpc: message.slice(0, MAX_GRPC_LINE), ...(suppressed > 0 && { suppressed }) }, 'grpc-js reports an error'),
+  );
   setLogger({
-    error: (message?: unknown, ...rest: unknown[]) => {
-      if (!BIND_FAILED_LINE.test(String(message))) console.error(`E ${String(message)}`, ...rest);
+    error: (message?: unknown) => {
+      if (!BIND_FAILED_LINE.test(String(message))) warn(String(message), undefined);
     },
     info: (message?: unknown, ...rest: unknown[]) => console.error(`I ${String(message)}`, ...rest),
     debug: (message?: unknown, ...rest: unknown[]) => console.error(`D ${String(message)}`, ...rest),
