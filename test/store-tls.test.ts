@@ -91,6 +91,14 @@ describe('store over TLS (self-signed certificate made by the test, real process
       assert.deepEqual(await res.json(), { status: 'ready', store: 'SERVING' });
     });
 
+    it('trusting another CA, the web is not ready and its log says why (the certificate), not only UNREACHABLE', async () => {
+      web = await startWeb(store.port, tmp.dir, { STORE_TLS_CA: stranger.cert, STORE_ADDRESS: address });
+      const line = await waitForLine(web, (l) => l.includes('not ready: the store does not serve'));
+      const entry = JSON.parse(line) as { store: string; reason?: string };
+      assert.equal(entry.store, 'UNREACHABLE');
+      assert.match(entry.reason ?? '', /certificate/);
+    });
+
     it('without it the page is a 503, not a 500', async () => {
       web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '500' });
       const res = await fetch(`http://127.0.0.1:${web.port}/`);

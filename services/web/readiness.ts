@@ -105,25 +105,29 @@ export function createStoreReadiness(
   };
   // undefined until the first answer: a store that serves from the start is not news.
   let reportedStore: StoreHealthStatus | undefined;
-  const reportStore = (store: StoreHealthStatus, problem?: string) => {
+  const reportStore = (store: StoreHealthStatus, problem?: string, reason?: string) => {
     if (store === reportedStore) return;
-    if (store !== 'SERVING') logger?.warn({ store }, 'not ready: the store does not serve');
+    // UNREACHABLE alone does not tell a refused connection from a certificate not trusted or a name
+    // not resolved: with /readyz failing, the load balancer sends no page whose error would say.
+    if (store !== 'SERVING') logger?.warn(reason ? { store, reason } : { store }, 'not ready: the store does not serve');
     // Back, but refusing this web's calls as before: not ready, and report() says why again.
     else if (problem) reported = undefined;
     else if (reportedStore !== undefined) logger?.info({ store }, 'ready: the store serves again');
     reportedStore = store;
   };
+  /** The store's status, and why no answer came when it is UNREACHABLE (grpc-js's words). */
   const health = () =>
-    new Promise<StoreHealthStatus>((resolve) => {
+    new Promise<{ store: StoreHealthStatus; reason?: string }>((resolve) => {
       client.check({ service: STORE_SERVICE }, metadata, { deadline: Date.now() + options.timeoutMs }, (err, res) => {
-        if (err) resolve(err.code === status.NOT_FOUND ? 'SERVICE_UNKNOWN' : 'UNREACHABLE');
-        else resolve(res?.status ?? 'UNKNOWN');
+        if (!err) resolve({ store: res?.status ?? 'UNKNOWN' });
+        else if (err.code === status.NOT_FOUND) resolve({ store: 'SERVICE_UNKNOWN' });
+        else resolve({ store: 'UNREACHABLE', reason: `${status[err.code] ?? err.code}: ${err.details}` });
       });
     });
   const ask = async (): Promise<Readiness> => {
-    const store = await health();
+    const { store, reason } = await health();
     if (store !== 'SERVING' || !probe) {
-      reportStore(store);
+      reportStore(store, undefined, reason);
       return { store };
     }
     const problem = await refusedSetting(probe);
