@@ -23,14 +23,18 @@ describe('pipe client: batched store calls over one stream (real store process)'
   let tmp: ReturnType<typeof tempDir>;
   let store: Proc;
   let client: StoreClient;
+  /** For the tests that move 6 MB: writing that took up to 900 ms on a busy machine, close to `client`'s deadline. */
+  let bulk: StoreClient;
 
   before(async () => {
     tmp = tempDir();
     store = await startStore(tmp.dir);
     client = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 1000 });
+    bulk = createPipeClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 10_000 });
   });
   after(async () => {
     client?.close();
+    bulk?.close();
     await store?.stop('SIGKILL');
     tmp?.remove();
   });
@@ -110,10 +114,10 @@ describe('pipe client: batched store calls over one stream (real store process)'
   it('values up to the store limit issued together fit: batches are capped by bytes, and a batch of Gets may answer over 4 MiB', async () => {
     const value = Buffer.alloc(60 * 1024, 'v'); // under STORE_MAX_VALUE_BYTES (64 KiB); 100 of them are over 4 MiB
     const keys = Array.from({ length: 100 }, (_, i) => `large-${i}`);
-    const puts = await Promise.allSettled(keys.map((k) => client.put(k, value, { ttlMs: 60_000 })));
+    const puts = await Promise.allSettled(keys.map((k) => bulk.put(k, value, { ttlMs: 60_000 })));
     const failedPuts = puts.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
     assert.equal(failedPuts.length, 0, `${failedPuts.length} puts failed, e.g. ${failedPuts[0]?.reason?.message}`);
-    const gets = await Promise.allSettled(keys.map((k) => client.get(k)));
+    const gets = await Promise.allSettled(keys.map((k) => bulk.get(k)));
     const failedGets = gets.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
     assert.equal(failedGets.length, 0, `${failedGets.length} gets failed, e.g. ${failedGets[0]?.reason?.message}`);
     assert.ok(gets.every((r) => r.status === 'fulfilled' && r.value?.value.length === value.length));
@@ -325,7 +329,7 @@ describe('pipe client: batched store calls over one stream (real store process)'
     try {
       const value = Buffer.alloc(60 * 1024, 'v'); // 100 of them are over 4 MiB
       const keys = Array.from({ length: 100 }, (_, i) => `capped-${i}`);
-      await Promise.all(keys.map((k) => client.put(k, value, { ttlMs: 60_000 })));
+      await Promise.all(keys.map((k) => bulk.put(k, value, { ttlMs: 60_000 })));
       batches.length = 0;
       const gets = await Promise.allSettled(keys.map((k) => viaProxy.get(k)));
       const failed = gets.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];

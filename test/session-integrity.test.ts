@@ -464,7 +464,8 @@ describe('regenerate() under parallel requests (real store process)', function (
   };
 
   it('200 increments racing 10 regenerations, all carrying the old id: none sees an empty session, none is lost, the old id keeps only a short-lived forward', async () => {
-    const served = await serveApp(renewApp(store.client));
+    // The last of the 210 waits for all the others: on a busy machine longer than the default 5 s queue wait, which would answer it 503.
+    const served = await serveApp(renewApp(store.client, { maxQueueWaitMs: 60_000 }));
     closers.push(served.close);
     const first = await call(served.base, 'POST', '/inc', '');
     const cookie = `sid=${first.set}`;
@@ -979,7 +980,12 @@ describe('a frozen store (real web and store processes)', function () {
 
   it('increments answered 503 while the store was frozen are not applied when it resumes: the counter equals the 303 answers', async () => {
     const jar = new CookieJarClient(`http://127.0.0.1:${web.port}`);
-    const { csrf } = await jar.page();
+    // The first request also connects the web to the store, which can take longer than the 500 ms
+    // deadline on a busy machine: its 503 page has no form token, and every increment would be a 403.
+    let first = await jar.page();
+    for (let i = 0; first.status !== 200 && i < 10; i += 1) first = await jar.page();
+    assert.equal(first.status, 200, 'the session exists before the store is frozen');
+    const { csrf } = first;
     const statuses: number[] = [];
     const increment = async () => {
       const res = await jar.post('/increment', { _csrf: csrf }, false);
