@@ -80,6 +80,47 @@ describe('pipe client: batched store calls over one stream (real store process)'
     }
   });
 
+  it("calls issued together fit the store's smallest message limit (STORE_MAX_MESSAGE_BYTES): no batch of them ends the stream", async () => {
+    // The least the store accepts with the default limits: one key and value of the largest size, and framing.
+    const own = tempDir();
+    const small = await startStore(own.dir, { STORE_MAX_MESSAGE_BYTES: String(65_536 + 256 + 256) });
+    const pipe = createPipeClient({ address: `127.0.0.1:${small.port}`, deadlineMs: 5000 });
+    try {
+      // Ten 10 KB sessions written by ten requests at once: 100 KB in one batch ended the stream.
+      const writes = Array.from({ length: 10 }, (_, i) => pipe.put(`small-limit-${i}`, Buffer.alloc(10_000, 'x'), { ttlMs: 60_000, requestId: `request-${i}` }));
+      const results = await Promise.allSettled(writes);
+      const failed = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
+      assert.equal(failed.length, 0, failed[0]?.reason?.message);
+      assert.equal((await pipe.get('small-limit-9'))?.value.length, 10_000);
+    } finally {
+      pipe.close();
+      await small.stop();
+      own.remove();
+    }
+  });
+
+  it('every STORE_MAX_MESSAGE_BYTES the store accepts carries a put of the largest key and value, with a request id, through the pipe', async () => {
+    for (const framing of [64, 256]) {
+      const own = tempDir();
+      const limit = String(65_536 + 256 + framing);
+      const started = await startStore(own.dir, { STORE_MAX_MESSAGE_BYTES: limit }).catch((err: Error) => err);
+      if (started instanceof Error) {
+        assert.match(started.message, new RegExp(`STORE_MAX_MESSAGE_BYTES=${limit} must leave room for one entry`));
+        own.remove();
+        continue;
+      }
+      const pipe = createPipeClient({ address: `127.0.0.1:${started.port}`, deadlineMs: 5000 });
+      try {
+        const written = await pipe.put('k'.repeat(256), Buffer.alloc(65_536, 'y'), { ttlMs: 60_000, requestId: 'r'.repeat(128) });
+        assert.equal((await pipe.get('k'.repeat(256)))?.version, written.version, limit);
+      } finally {
+        pipe.close();
+        await started.stop();
+        own.remove();
+      }
+    }
+  });
+
   it('operations issued together keep their own results and errors', async () => {
     const first = await client.put('p1', Buffer.from('a'), { ttlMs: 60_000 });
     const results = await Promise.allSettled([

@@ -22,7 +22,8 @@ export interface PipeClientOptions extends StoreClientOptions {
   /**
    * About the most key and value bytes in one batch message (one larger operation goes alone,
    * through the unary Batch RPC, so a value over the store's limit fails that call alone); the
-   * store's STORE_MAX_MESSAGE_BYTES must allow it. Default 1 MiB, a quarter of its default.
+   * store's STORE_MAX_MESSAGE_BYTES must allow it. Default just under 64 KiB, the least the store
+   * accepts: a batch over the store's limit would end the stream, and every call in flight on it.
    */
   maxBatchBytes?: number;
   /** Operations waiting to be sent beyond this are refused at once (the store is not keeping up). */
@@ -128,7 +129,7 @@ class PipeTransport {
   ) {
     this.metadata = authMetadata(options.token);
     this.maxBatchOps = options.maxBatchOps ?? 500;
-    this.maxBatchBytes = options.maxBatchBytes ?? 1024 * 1024;
+    this.maxBatchBytes = options.maxBatchBytes ?? DEFAULT_MAX_BATCH_BYTES;
     this.maxQueuedOps = options.maxQueuedOps ?? 20_000;
   }
 
@@ -359,9 +360,15 @@ class PipeTransport {
   }
 }
 
-/** About the bytes an operation adds to a BatchRequest: its key, value and request id, plus framing. */
+/**
+ * The default batch cap: a batch message holds at most STORE_MAX_MESSAGE_BYTES' least (64 KiB),
+ * less room for the BatchRequest's own fields (id, client_clock_ms: under 64 bytes).
+ */
+const DEFAULT_MAX_BATCH_BYTES = 64 * 1024 - 64;
+
+/** About the bytes an operation adds to a BatchRequest: its key, value and request id (UTF-8), plus framing. */
 function estimatedBytes(op: Op): number {
   const inner = op.op;
   if (!inner) return 64;
-  return 64 + inner.value.key.length + op.requestId.length + (inner.$case === 'put' ? inner.value.value.length : 0);
+  return 64 + Buffer.byteLength(inner.value.key) + Buffer.byteLength(op.requestId) + (inner.$case === 'put' ? inner.value.value.length : 0);
 }
