@@ -422,3 +422,34 @@ function refusalPage(answer: string): { status: string; body: string } {
   assert.match(body ?? '', /Back to the counters/);
   return { status: head.split('\r\n')[0], body: body ?? '' };
 }
+
+describe("stopping with stdout's reader gone (foreman killed, a closed terminal) (real processes)", function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let store: Proc;
+  let web: Proc;
+
+  before(async () => {
+    tmp = tempDir();
+    store = await startStore(tmp.dir);
+    web = await startWeb(store.port, tmp.dir);
+  });
+  after(async () => {
+    await web?.stop('SIGKILL');
+    await store?.stop();
+    tmp?.remove();
+  });
+
+  it('a web whose log lines were waiting for a reader that then goes away still exits at a stop, not retrying the write for ever', async () => {
+    // The reader stops reading (a foreman busy or stopped): request lines pile up in the pipe and in the logger.
+    web.child.stdout!.pause();
+    const url = `http://127.0.0.1:${web.port}/${'x'.repeat(4000)}`;
+    for (let i = 0; i < 40; i++) await Promise.all(Array.from({ length: 20 }, async () => assert.equal((await fetch(url)).status, 404)));
+    const code = new Promise<number | null>((resolve) => web.child.once('exit', resolve));
+    web.child.kill('SIGTERM');
+    // The web stops and waits to write the rest of its log; then its reader goes away.
+    await new Promise((r) => setTimeout(r, 1000));
+    web.child.stdout!.destroy();
+    const exited = await Promise.race([code, new Promise<'running'>((r) => setTimeout(() => r('running'), 5000))]);
+    assert.equal(exited, 0, 'the web exited 0 once it had no reader');
+  });
+});

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { writeSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
 
 export type { Logger };
@@ -18,7 +19,41 @@ export function createLogger(name: string, level: string): Logger {
   if (process.stdout.isTTY === true) {
     return pino({ ...options, transport: { target: 'pino-pretty', options: { translateTime: 'SYS:HH:MM:ss.l' } } });
   }
-  return pino(options, pino.destination({ dest: 1, sync: false }));
+  const destination = pino.destination({ dest: 1, sync: false });
+  destination.flushSync = flushSyncUnlessGone;
+  return pino(options, destination);
+}
+
+/** What sonic-boom 4 (pino.destination) holds of the lines not written yet. */
+interface Pending {
+  fd: number;
+  _writing: boolean;
+  _writingBuf: string | Buffer;
+  _bufs: (string | Buffer)[];
+}
+
+/**
+ * pino writes the lines still held at exit with sonic-boom's flushSync, which retries a failed
+ * write every 100 ms until it succeeds, whatever the error (sonic-boom 4). When whoever read stdout is
+ * gone (foreman killed, a closed terminal) while lines waited for it, every write fails with EPIPE:
+ * the exiting process never ended, an orphan retrying ten times a second. Here a write that fails
+ * for any other reason ends the flush: those lines have no reader. A reader that is only slow
+ * (EAGAIN) is still waited for.
+ */
+function flushSyncUnlessGone(this: Pending): void {
+  // A write in flight (_writing) is the event loop's, which runs no more: as sonic-boom, skip it.
+  let data = Buffer.concat([...(this._writing ? [] : [this._writingBuf]), ...this._bufs].map((piece) => Buffer.from(piece)));
+  this._writingBuf = '';
+  this._bufs = [];
+  while (data.length > 0) {
+    try {
+      data = data.subarray(writeSync(this.fd, data));
+    } catch (err) {
+      const { code } = err as NodeJS.ErrnoException;
+      if (code !== 'EAGAIN' && code !== 'EBUSY') return;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
+    }
+  }
 }
 
 /** A short, stable, non-reversible label for a secret such as a session id: never log the id itself. */
