@@ -334,13 +334,24 @@ export class SqliteBackend implements Backend {
     this.sweepFrom = next;
     // Nothing can have run between finding the keys and here: the transaction is synchronous.
     for (const { key, state } of expired) this.events.emit('change', expiredEvent(key, state.version));
-    // After many keys expired at once, the index gives their memory back, a bounded step per turn.
-    const packing = this.keydir.pack(PACK_MOVES);
-    if (next !== 0 || packing) {
+    if (next !== 0) {
       this.sweeping = true;
       setImmediate(() => this.sweep());
-    }
+    } else this.pack();
     return expired.length;
+  }
+
+  /**
+   * After many keys expired at once, the index gives their memory back, a bounded step per turn,
+   * once a pass has ended and before the next begins (`sweeping` holds it off): packing moves keys
+   * from the top slots into free ones below, so within a pass it would move keys not yet looked at
+   * behind the scan, and the pass would miss them.
+   */
+  private pack(): void {
+    this.sweeping = false;
+    if (this.closed || !this.keydir.pack(PACK_MOVES)) return;
+    this.sweeping = true;
+    setImmediate(() => this.pack());
   }
 
   private scheduleFlush(): void {
