@@ -562,6 +562,48 @@ describe('Redis backend: what others do to the Redis under it', function () {
       dir.remove();
     }
   });
+
+  it('a Redis user that may not subscribe to keyspace notifications (ACL without channels): Watch ends with an error naming NOPERM and the log says what to grant, instead of silence', async () => {
+    await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'KEA');
+    await redisCommand(server!.port, 'ACL', 'SETUSER', 'nochannels', 'on', '>pw', '~*', '+@all', 'resetchannels');
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (detail: object, message: string) => warnings.push(`${message} ${JSON.stringify(detail)}`) };
+    backend = new RedisBackend(backendOptions({ url: `redis://nochannels:pw@127.0.0.1:${server!.port}`, log }));
+    try {
+      backend.watch('', () => undefined, { kinds: ['expire'] }); // as the store's metrics do
+      const ended: StoreError[] = [];
+      const events: ChangeEvent[] = [];
+      backend.watch('', (event) => events.push(event), { onError: (error) => ended.push(error) });
+      await until(() => ended.length > 0);
+      assert.match(ended[0].message, /NOPERM/);
+      assert.ok((await backend.batch([put('a')]))[0].ok);
+      await until(() => warnings.some((w) => /__keyspace@\*__/.test(w) && /NOPERM/.test(w)));
+      assert.deepEqual(events, []);
+    } finally {
+      await backend.close();
+      await redisCommand(server!.port, 'ACL', 'DELUSER', 'nochannels');
+    }
+  });
+
+  it('REDIS_URL naming a read-only replica: reads work and writes answer UNAVAILABLE naming READONLY, with one "redis ready" line, not a reconnection loop', async () => {
+    const replica = await startRedisServer({ args: ['--replicaof', '127.0.0.1', String(server!.port)] });
+    const lines: string[] = [];
+    const log = { info: (_detail: object, message: string) => lines.push(message), warn: (_detail: object, message: string) => lines.push(message) };
+    backend = new RedisBackend(backendOptions({ url: replica.url, commandTimeoutMs: 300, log }));
+    try {
+      await until(() => lines.includes('redis ready'));
+      await new Promise((r) => setTimeout(r, 1000));
+      const [written, read] = await backend.batch([put('a'), { kind: 'get', key: 'b', refreshTtlMs: 0 }]);
+      assert.equal(!written.ok && toStatus(written.error).code, status.UNAVAILABLE);
+      assert.match(!written.ok ? written.error.message : '', /READONLY/);
+      assert.deepEqual(read, { ok: true, value: null });
+      await backend.ping();
+      assert.deepEqual(lines, ['redis ready']);
+    } finally {
+      await backend.close();
+      await replica.stop('SIGKILL');
+    }
+  });
 });
 
 /**

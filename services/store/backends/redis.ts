@@ -182,7 +182,9 @@ export class RedisBackend implements Backend {
         enableOfflineQueue: false,
         retryStrategy: reconnect,
         // A master demoted by a failover answers READONLY: reconnect (via the Sentinels) to the new one.
-        reconnectOnError: (err) => err.message.startsWith('READONLY'),
+        // A single server answering READONLY is a replica and stays one: reconnecting to it again
+        // would loop (each connection's first write, the data set's marker, is refused) and hide why.
+        reconnectOnError: (err) => options.sentinels.length > 0 && err.message.startsWith('READONLY'),
       });
     }
     this.client.defineCommand('sessionRead', { numberOfKeys: 1, lua: READ });
