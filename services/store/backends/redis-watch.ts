@@ -67,6 +67,7 @@ interface Subscription {
 
 interface Subscriber {
   connection: Redis;
+  node: MasterNode | null;
   /** Set once the node's notification flags were checked on this connection (before it subscribes). */
   configured: boolean;
   /** Names sent to the node (with their type); `acked` those it confirmed. */
@@ -90,6 +91,7 @@ export class KeyspaceWatch {
   private delivery: Promise<void> = Promise.resolve();
   private pendingReads = 0;
   private warnedConfig = false;
+  private warnedRefused = false;
   /** Writes waiting in settled(): a set, so that each one leaves in O(1) (see settled()). */
   private readonly waiters = new Set<() => void>();
   private settleUntil = 0;
@@ -198,7 +200,7 @@ export class KeyspaceWatch {
 
   private open(node: MasterNode | null): Subscriber {
     const connection = this.deps.connect(node);
-    const sub: Subscriber = { connection, configured: false, subscribed: new Map(), acked: new Set(), retired: false, closes: 0 };
+    const sub: Subscriber = { connection, node, configured: false, subscribed: new Map(), acked: new Set(), retired: false, closes: 0 };
     connection.on('error', () => undefined);
     connection.on('close', () => {
       sub.closes += 1;
@@ -267,18 +269,33 @@ export class KeyspaceWatch {
       const [oldPatterns, oldChannels] = [names(remove, 'pattern'), names(remove, 'channel')];
       if (oldPatterns.length > 0) await sub.connection.punsubscribe(...oldPatterns);
       if (oldChannels.length > 0) await sub.connection.unsubscribe(...oldChannels);
-    } catch {
+    } catch (err) {
       add.forEach(([name]) => sub.subscribed.delete(name));
+      // Redis answered no (an ACL user without these channels, as Redis 7 creates users): no event
+      // would ever come, so the watchers end with Redis' reason and the log says what to grant.
+      if ((err as Error).name === 'ReplyError') this.refused(sub.node, (err as Error).message);
     }
     this.release();
+  }
+
+  private refused(node: MasterNode | null, reason: string): void {
+    if (!this.warnedRefused) {
+      this.warnedRefused = true;
+      this.deps.warn(
+        { err: reason },
+        `redis refuses to subscribe to keyspace notifications, so Watch and the count of expiries get no events; let the Redis user of REDIS_URL subscribe to __keyspace@*__ and __keyevent@*__ (ACL: &__key*)`,
+      );
+    }
+    const where = node ? `redis ${node.host}:${node.port}` : 'redis';
+    this.fail(node, '', new StoreError('internal', `${where} refuses to subscribe to keyspace notifications (${reason}), so Watch cannot work`));
   }
 
   /**
    * The connection to a master closed (or a master joined, see sync()): what happened there
    * meanwhile is never reported, so every listener that can be told ends (after the events that
-   * arrived before). Answers whether any did.
+   * arrived before) with `error`, by default one saying so. Answers whether any did.
    */
-  private fail(node: MasterNode | null, what = 'broke'): boolean {
+  private fail(node: MasterNode | null, what = 'broke', error?: StoreError): boolean {
     const listeners = new Set<Listener>();
     for (const subscription of this.subscriptions.values()) {
       for (const listener of subscription.listeners) if (listener.onError) listeners.add(listener);
@@ -286,7 +303,7 @@ export class KeyspaceWatch {
     if (listeners.size === 0) return false;
     for (const listener of listeners) listener.remove();
     const where = node ? `redis ${node.host}:${node.port}` : 'redis';
-    const error = new StoreError('unavailable', `the change feed from ${where} ${what}, so changes may have been missed; list again and watch again`);
+    error ??= new StoreError('unavailable', `the change feed from ${where} ${what}, so changes may have been missed; list again and watch again`);
     this.delivery = this.delivery.then(() => {
       for (const listener of listeners) {
         try {
