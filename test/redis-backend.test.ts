@@ -361,6 +361,20 @@ describe('Redis backend: what others do to the Redis under it', function () {
     assert.throws(() => new RedisBackend(backendOptions({ url: server!.url, keyPrefix: '' })), /keyPrefix must not be empty/);
   });
 
+  it("after SCRIPT FLUSH (Redis forgot the scripts, ioredis did not), a batch's operations still run in order: a put then a delete of one key leaves no key", async () => {
+    backend = new RedisBackend(backendOptions({ url: server!.url }));
+    assert.ok((await backend.batch([put('warm'), put('warm2')]))[0].ok, 'the scripts are loaded');
+    // The flush alone, and the flush followed by a single call that loads a script again.
+    for (const before of [[], [{ kind: 'delete', key: 'other' }]] as BackendOp[][]) {
+      await redisCommand(server!.port, 'SCRIPT', 'FLUSH');
+      if (before.length > 0) await backend.batch(before);
+      const [written, deleted] = await backend.batch([put('a'), { kind: 'delete', key: 'a' }]);
+      assert.ok(written.ok, 'the put');
+      assert.deepEqual(deleted, { ok: true, value: true }, 'the delete came after the put');
+      assert.deepEqual(await backend.batch([{ kind: 'get', key: 'a', refreshTtlMs: 0 }]), [{ ok: true, value: null }]);
+    }
+  });
+
   it('a key of another type under the prefix fails only its own operation (FAILED_PRECONDITION); the other writes stand and List skips it', async () => {
     backend = new RedisBackend(backendOptions({ url: server!.url, keyPrefix: 'f:' }));
     await redisCommand(server!.port, 'SET', 'f:foreign', 'x');

@@ -20,10 +20,10 @@ local function fmt(n) return string.format('%.0f', n) end
 `;
 
 /**
- * Read: KEYS[1] = entry; ARGV[1] = refresh TTL ms (0 = none), ARGV[2] = '1' to return the value.
+ * Read (OP 'r'): KEYS[1] = entry; ARGV[1] = refresh TTL ms (0 = none), ARGV[2] = '1' to return the value.
  * Returns nil for a missing or expired entry, else {value or '', version, expires_at, created_at}.
  */
-export const READ = `${CLOCK}
+const READ = `
 local h = redis.call('HMGET', KEYS[1], 'ver', 'ct')
 if not h[1] then return false end
 local exp = redis.call('PEXPIRETIME', KEYS[1])
@@ -69,12 +69,12 @@ return out
 `;
 
 /**
- * Write: KEYS[1] = entry; ARGV[1] = value, ARGV[2] = TTL ms, ARGV[3] = expected version ('' = any,
+ * Write (OP 'w'): KEYS[1] = entry; ARGV[1] = value, ARGV[2] = TTL ms, ARGV[3] = expected version ('' = any,
  * '0' = must not exist). Returns {'ok', version, expires_at, created_at} or {'conflict', current}.
  * The version is max(previous + 1, server clock in µs): it grows for the key, also across delete
  * and re-create (see DELETE).
  */
-export const WRITE = `${CLOCK}
+const WRITE = `
 local h = redis.call('HMGET', KEYS[1], 'ver', 'ct')
 local previous = tonumber(h[1]) or 0
 local live = previous > 0 and redis.call('PEXPIRETIME', KEYS[1]) > now_ms
@@ -91,14 +91,14 @@ return {'ok', fmt(version), fmt(exp), fmt(created)}
 `;
 
 /**
- * Delete: KEYS[1] = entry; ARGV[1] = expected version ('' = any). Returns {'ok', deleted version
+ * Delete (OP 'd'): KEYS[1] = entry; ARGV[1] = expected version ('' = any). Returns {'ok', deleted version
  * or '0' when there was no live entry} or {'conflict', current}.
  *
  * A re-created key takes its version from the clock, so before answering we let the clock pass
  * the deleted version (it is at most a few µs ahead: several writes in the same µs). A version far
  * ahead means the clock went back (e.g. a failover to a host with another clock); we do not wait.
  */
-export const DELETE = `${CLOCK}
+const DELETE = `
 local previous = tonumber(redis.call('HGET', KEYS[1], 'ver')) or 0
 local live = previous > 0 and redis.call('PEXPIRETIME', KEYS[1]) > now_ms
 local current = 0
@@ -111,4 +111,29 @@ while now_us <= previous and previous - now_us < 1000 do
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 return {'ok', fmt(current)}
+`;
+
+/**
+ * The one script a batch's operations call: ARGV[1] = 'r' (READ), 'w' (WRITE) or 'd' (DELETE),
+ * then that operation's own ARGV. One script, not three: Redis can lose its script cache (SCRIPT
+ * FLUSH) while ioredis believes it loaded; a pipelined call then fails with NOSCRIPT and ioredis
+ * sends it again, with its script, after the rest of the pipeline. With three scripts, the calls of
+ * a batch whose script was meanwhile loaded again ran in place and the others after them, out of
+ * order (a put then a delete of one key left the key there); with one, all of a batch's calls fail
+ * alike and are sent again in order.
+ */
+export const OP = `${CLOCK}
+local op = ARGV[1]
+local ARGV = {unpack(ARGV, 2)}
+local function read()
+${READ}
+end
+local function write()
+${WRITE}
+end
+local function delete()
+${DELETE}
+end
+if op == 'r' then return read() elseif op == 'w' then return write() elseif op == 'd' then return delete() end
+return redis.error_reply('unknown operation ' .. tostring(op))
 `;

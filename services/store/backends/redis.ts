@@ -14,7 +14,7 @@ import {
 } from './backend';
 import { coversEverySlot, movedSlots, parseSlotSnapshot, type SlotSnapshot } from './cluster-slots';
 import { KeyWindow } from './key-window';
-import { DELETE, READ, READ_MANY, WRITE } from './redis-scripts';
+import { OP, READ_MANY } from './redis-scripts';
 import { escapeGlob, KeyspaceWatch } from './redis-watch';
 
 export interface HostPort {
@@ -50,9 +50,9 @@ export interface RedisBackendOptions {
 type Reply = [Error | null, unknown];
 
 interface ScriptCommands {
-  sessionReadBuffer(key: string, refreshTtlMs: number, withValue: '0' | '1'): Promise<Buffer[] | null>;
-  sessionWriteBuffer(key: string, value: Buffer, ttlMs: number, expected: string): Promise<Buffer[]>;
-  sessionDeleteBuffer(key: string, expected: string): Promise<Buffer[]>;
+  sessionOpBuffer(key: string, op: 'r', refreshTtlMs: number, withValue: '0' | '1'): Promise<Buffer[] | null>;
+  sessionOpBuffer(key: string, op: 'w', value: Buffer, ttlMs: number, expected: string): Promise<Buffer[]>;
+  sessionOpBuffer(key: string, op: 'd', expected: string): Promise<Buffer[]>;
   /** numberOfKeys, the keys, then '1' to return the values (see READ_MANY). */
   sessionReadManyBuffer(numberOfKeys: number, ...keysThenWithValue: string[]): Promise<Array<Buffer | Buffer[] | null>>;
 }
@@ -187,9 +187,7 @@ export class RedisBackend implements Backend {
         reconnectOnError: (err) => options.sentinels.length > 0 && err.message.startsWith('READONLY'),
       });
     }
-    this.client.defineCommand('sessionRead', { numberOfKeys: 1, lua: READ });
-    this.client.defineCommand('sessionWrite', { numberOfKeys: 1, lua: WRITE });
-    this.client.defineCommand('sessionDelete', { numberOfKeys: 1, lua: DELETE });
+    this.client.defineCommand('sessionOp', { numberOfKeys: 1, lua: OP });
     this.client.defineCommand('sessionReadMany', { lua: READ_MANY });
 
     this.client.on('connect', () => (this.wrongDatabase = undefined));
@@ -590,11 +588,11 @@ export class RedisBackend implements Backend {
     const key = this.redisKey(op.key);
     switch (op.kind) {
       case 'get':
-        return target.sessionReadBuffer(key, op.refreshTtlMs, withValue ? '1' : '0');
+        return target.sessionOpBuffer(key, 'r', op.refreshTtlMs, withValue ? '1' : '0');
       case 'put':
-        return target.sessionWriteBuffer(key, op.value, op.ttlMs, op.expectedVersion === undefined ? '' : String(op.expectedVersion));
+        return target.sessionOpBuffer(key, 'w', op.value, op.ttlMs, op.expectedVersion === undefined ? '' : String(op.expectedVersion));
       case 'delete':
-        return target.sessionDeleteBuffer(key, op.expectedVersion === undefined ? '' : String(op.expectedVersion));
+        return target.sessionOpBuffer(key, 'd', op.expectedVersion === undefined ? '' : String(op.expectedVersion));
     }
   }
 
