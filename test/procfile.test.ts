@@ -53,6 +53,14 @@ async function startForeman(command: string, args: readonly string[], base: numb
   return result;
 }
 
+/** The lines of .env.example that set a variable to its default, uncommented. */
+async function exampleDefaults(): Promise<string[]> {
+  return (await readFile(path.join(root, '.env.example'), 'utf8'))
+    .split('\n')
+    .filter((line) => /^# [A-Z_]+=/.test(line))
+    .map((line) => line.slice(2));
+}
+
 // nf forwards only SIGINT (Ctrl-C) to its processes; Ruby's foreman forwards SIGTERM too.
 for (const [name, command, args, program, pkg, signal] of [
   ['foreman (npm, nf start)', path.join(root, 'node_modules', '.bin', 'nf'), ['start'], 'node', 'nodejs', 'SIGINT'],
@@ -193,15 +201,22 @@ describe('npm start (bin/start around nf start)', function () {
   });
 
   it('.env.example with every default uncommented is the default set-up: one PORT, with STORE_ADDRESS and STORE_METRICS_PORT where npm start puts the store', async () => {
-    const lines = (await readFile(path.join(root, '.env.example'), 'utf8'))
-      .split('\n')
-      .filter((line) => /^# [A-Z_]+=/.test(line))
-      .map((line) => line.slice(2));
+    const lines = await exampleDefaults();
     const names = lines.map((line) => line.slice(0, line.indexOf('=')));
     assert.deepEqual(names.filter((name, i) => names.indexOf(name) !== i), [], 'each variable once: both services read the one .env');
     const env = dotenv.parse(lines.join('\n'));
     assert.equal(env.STORE_ADDRESS, `127.0.0.1:${Number(env.PORT) + 100}`, 'the web reaches the store foreman starts at PORT + 100');
     assert.equal(env.STORE_METRICS_PORT, String(Number(env.PORT) + 101));
+  });
+
+  it('.env.example\'s defaults uncommented mean the same to Ruby\'s foreman as to dotenv (npm start, the services): it takes the rest of a line as the value', async function () {
+    requireProgram(this, 'foreman', 'ruby-foreman');
+    const file = path.join(tmp.dir, 'example.env');
+    writeFileSync(file, `${(await exampleDefaults()).join('\n')}\n`);
+    const printEnv = [process.execPath, '-e', 'process.stdout.write(JSON.stringify(process.env))'];
+    const seen = JSON.parse(execFileSync('foreman', ['run', '-e', file, ...printEnv], { cwd: root, env: { PATH: process.env.PATH ?? '', HOME: tmp.dir } }).toString()) as Record<string, string>;
+    const expected = dotenv.parse(await readFile(file));
+    assert.deepEqual(Object.fromEntries(Object.keys(expected).map((name) => [name, seen[name]])), expected);
   });
 
   it('the caller\'s variables win over .env, as for the services run alone (nf would put .env over them)', async () => {
