@@ -902,6 +902,18 @@ describe('bin/dump (child process against a real store)', function () {
       assert.match(both.stderr, /^dump: invalid configuration: STORE_TOKEN=\(hidden\)/);
     });
 
+    it('a .env it cannot read (a directory) is a usage error naming the file, exit 2', async () => {
+      const dir = tempDir();
+      try {
+        mkdirSync(path.join(dir.dir, '.env'));
+        const run = await runDump([address], {}, dir.dir);
+        assert.equal(run.code, 2, run.stderr);
+        assert.equal(run.stderr, `dump: invalid configuration: ${path.join(dir.dir, '.env')}: cannot read the file (EISDIR)\n`);
+      } finally {
+        dir.remove();
+      }
+    });
+
     it('a bad address names STORE_ADDRESS when it came from there, and not when it is the argument', async () => {
       const expected = 'not a store address: "bad::" (expected host:port, e.g. localhost:5100)';
       const fromEnv = await runDump([], { STORE_ADDRESS: 'bad::' }, tmp.dir);

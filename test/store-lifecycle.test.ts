@@ -406,6 +406,7 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['REDIS_KEY_PREFIX with a hash tag (shown)', { REDIS_KEY_PREFIX: '{s}:' }, /REDIS_KEY_PREFIX="\{s\}:": expected no \{ or \}/],
       ['STORE_MAX_KEY_BYTES=0 (shown)', { STORE_MAX_KEY_BYTES: '0' }, /STORE_MAX_KEY_BYTES="0": expected an integer 1-4096 bytes/],
       ['DOTENV_CONFIG_PATH naming a missing file', { DOTENV_CONFIG_PATH: '/no/such/sessions.env' }, /^store: invalid configuration: DOTENV_CONFIG_PATH=\/no\/such\/sessions.env: no such file/],
+      ['DOTENV_CONFIG_PATH naming a directory', { DOTENV_CONFIG_PATH: '/tmp' }, /^store: invalid configuration: DOTENV_CONFIG_PATH=\/tmp: cannot read the file \(EISDIR\)\n$/],
     ];
     for (const [name, env, message] of cases) {
       it(name, () => {

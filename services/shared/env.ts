@@ -20,8 +20,16 @@ export function readEnv(env: NodeJS.ProcessEnv = process.env): Record<string, st
   const named = env.DOTENV_CONFIG_PATH;
   const file = path.resolve(named || '.env');
   if (named && !existsSync(file)) throw new ConfigError(`invalid configuration: DOTENV_CONFIG_PATH=${named}: no such file`);
-  const fromFile = existsSync(file) ? dotenv.parse(readFileSync(file)) : {};
-  return { ...fromFile, ...env };
+  if (!existsSync(file)) return { ...env };
+  let contents: Buffer;
+  try {
+    contents = readFileSync(file);
+  } catch (err) {
+    // A directory or a file this user may not read: say which, as for any other bad setting.
+    const what = named ? `DOTENV_CONFIG_PATH=${named}` : file;
+    throw new ConfigError(`invalid configuration: ${what}: cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+  }
+  return { ...dotenv.parse(contents), ...env };
 }
 
 /**
