@@ -27,11 +27,13 @@ const hostPorts = () =>
 /**
  * A REDIS_URL the backend can use: one that parses (a port 1-65535) and names a database by its
  * number, or none. ioredis would send any other path to SELECT: a failed SELECT leaves the
- * connection on database 0 and serves from there, and SELECT NaN crashed the store.
+ * connection on database 0 and serves from there, and SELECT NaN crashed the store. The backend
+ * reads no query (ioredis' own ?db=2 form): one would be ignored, the data kept in database 0.
  */
 function isRedisUrl(url: string): boolean {
   try {
-    return /^\/?\d*$/.test(new URL(url).pathname);
+    const parsed = new URL(url);
+    return /^\/?\d*$/.test(parsed.pathname) && parsed.port !== '0' && !parsed.search && !parsed.hash;
   } catch {
     return false;
   }
@@ -65,7 +67,7 @@ export function loadStoreConfig(raw = readEnv()) {
       REDIS_URL: z
         .string()
         .regex(/^rediss?:\/\//, { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' })
-        .refine(isRedisUrl, { message: 'expected redis://[user:password@]host:port[/db] with a port 1-65535 and db a database number' })
+        .refine(isRedisUrl, { message: 'expected redis://[user:password@]host:port[/db] with a port 1-65535, db a database number and nothing after it' })
         .default('redis://127.0.0.1:6379'),
       REDIS_CLUSTER_NODES: hostPorts(),
       REDIS_SENTINELS: hostPorts(),
