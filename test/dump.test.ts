@@ -466,6 +466,19 @@ describe('bin/dump (child process against a real store)', function () {
       assert.equal(readFileSync(file, 'utf8'), 'sess-a {"count1":0,"count2":0}\nsess-b {"count1":3,"count2":1}\n');
     });
 
+    it('piped to a reader that writes to the same terminal (dump | grep): no progress in between its lines', async function () {
+      if (!hasProgram('script')) {
+        if (process.env.CI) throw new Error('script (Debian package bsdutils) is required in CI');
+        this.skip();
+      }
+      const terminal = execFileSync('script', ['-qec', `${dumpBin} ${address} --prefix sess- | grep count`, '/dev/null'], {
+        cwd: tmp.dir,
+        env: { PATH: process.env.PATH ?? '' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      }).toString();
+      assert.equal(terminal.replace(/\r/g, ''), 'sess-a {"count1":0,"count2":0}\nsess-b {"count1":3,"count2":1}\n');
+    });
+
     it('--progress forces the progress summary on a piped stderr', async () => {
       const run = await runDump([address, '--prefix', 'sess-', '--progress'], {}, tmp.dir);
       assert.equal(run.code, 0);
@@ -922,6 +935,17 @@ describe('bin/dump (child process against a real store)', function () {
       const fromArgument = await runDump(['bad::'], { STORE_ADDRESS: address }, tmp.dir);
       assert.equal(fromArgument.code, 2);
       assert.equal(fromArgument.stderr, `dump: ${expected}\n`);
+    });
+
+    it('--help and --version answer also when the environment holds a bad value (which a dump would refuse)', async () => {
+      for (const args of [['--help'], ['--version']]) {
+        const run = await runDump(args, { STORE_TOKEN: 'short' }, tmp.dir);
+        assert.equal(run.code, 0, run.stderr);
+        assert.equal(run.stderr, '');
+      }
+      const dump = await runDump([address], { STORE_TOKEN: 'short' }, tmp.dir);
+      assert.equal(dump.code, 2);
+      assert.match(dump.stderr, /^dump: invalid configuration: STORE_TOKEN=\(hidden\)/);
     });
 
     it('--help documents the options and exit codes, exit 0; --version prints the version, exit 0', async () => {

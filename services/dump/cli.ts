@@ -35,6 +35,8 @@ export interface DumpSettings {
 /** Where the output goes decides its default form: a table for a person, lines for a pipe. */
 export interface Terminal {
   stdoutIsTTY: boolean;
+  /** stdout is a regular file: nothing else shows it, so progress on the terminal mixes with nothing. */
+  stdoutIsFile: boolean;
   stderrIsTTY: boolean;
 }
 
@@ -91,7 +93,7 @@ function buildProgram(defaults: { address: string; tlsCa?: string }, version: st
     .option('--no-table', 'one line per entry even on a terminal')
     .option('--redact', 'print a short hash of each key instead of the key (the value stays)')
     .option('--watch', 'after the entries, print changes (put, delete, expire) until Ctrl-C')
-    .option('--progress', 'progress on stderr even when stderr is not a terminal')
+    .option('--progress', 'progress on stderr even when stdout is no file or stderr no terminal')
     .option('--no-progress', 'no progress on stderr')
     // No commander default here: it would print the token in --help.
     .option('--token <token>', 'bearer token: 16+ printable ASCII characters, no spaces (default: STORE_TOKEN)')
@@ -127,12 +129,14 @@ interface ParsedOptions {
  * (--help, --version: 0) or reported a usage error (2); throws UsageError for other usage errors.
  */
 export function parseArgs(argv: string[], terminal: Terminal, version: string): DumpSettings | number {
-  let config;
+  // A bad environment value is refused after parsing, so that --help and --version still answer.
+  let config = loadDumpConfig({});
+  let configError: ConfigError | undefined;
   try {
     config = loadDumpConfig();
   } catch (err) {
-    if (err instanceof ConfigError) throw new UsageError(err.message);
-    throw err;
+    if (!(err instanceof ConfigError)) throw err;
+    configError = err;
   }
   const program = buildProgram(config, version);
   try {
@@ -147,6 +151,7 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
     if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     throw err;
   }
+  if (configError) throw new UsageError(configError.message);
   const [address] = program.processedArgs as [string];
   const opts = program.opts<ParsedOptions>();
   // The address and CA defaults come from STORE_ADDRESS and STORE_TLS_CA: errors name the one the
@@ -176,8 +181,9 @@ export function parseArgs(argv: string[], terminal: Terminal, version: string): 
     redact: Boolean(opts.redact),
     watch: Boolean(opts.watch),
     form,
-    // Progress is for a long dump to a file or pipe watched from a terminal, never mixed into a table.
-    progress: opts.progress ?? (terminal.stderrIsTTY && !terminal.stdoutIsTTY),
+    // Progress is for a long dump to a file watched from a terminal: never mixed into a table, nor into
+    // what the reader of a pipe writes to the same terminal (`dump | grep`).
+    progress: opts.progress ?? (terminal.stderrIsTTY && terminal.stdoutIsFile),
   };
 }
 

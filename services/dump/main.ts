@@ -1,3 +1,4 @@
+import { fstatSync } from 'node:fs';
 import type { WatchEvent } from '../generated/kv';
 import { type DumpSettings, EXIT, parseArgs, UsageError } from './cli';
 import { createFormatter } from './format';
@@ -91,6 +92,14 @@ async function dump(settings: DumpSettings): Promise<void> {
   }
 }
 
+function isFile(fd: number): boolean {
+  try {
+    return fstatSync(fd).isFile();
+  } catch {
+    return false;
+  }
+}
+
 function oneLine(text: string): string {
   return text.replace(/\s*\n\s*/g, ' ').trim();
 }
@@ -100,7 +109,8 @@ export async function run(argv: string[]): Promise<number> {
   const version = (require('../../../package.json') as { version: string }).version;
   let settings: DumpSettings;
   try {
-    const parsed = parseArgs(argv, { stdoutIsTTY: process.stdout.isTTY === true, stderrIsTTY: process.stderr.isTTY === true }, version);
+    const terminal = { stdoutIsTTY: process.stdout.isTTY === true, stdoutIsFile: isFile(1), stderrIsTTY: process.stderr.isTTY === true };
+    const parsed = parseArgs(argv, terminal, version);
     if (typeof parsed === 'number') return parsed;
     settings = parsed;
   } catch (err) {
