@@ -141,6 +141,36 @@ describe('SQLite backend: append-only log and in-memory index', function () {
     }
   });
 
+  it('a small batch never makes compaction copy more than about a MiB of big live sessions in one transaction, and they all get past in time', async () => {
+    const b = new SqliteBackend(options);
+    const big = Buffer.alloc(64_000, 7);
+    try {
+      // 200 big sessions at the old end of the log, then exactly 10,000 superseded rows of a small one:
+      // one write more and compaction starts, with the big ones first in its way.
+      for (let i = 0; i < 200; i += 50) await b.batch(Array.from({ length: 50 }, (_, j) => ({ kind: 'put' as const, key: `big:${i + j}`, value: big, ttlMs: 60_000 })));
+      for (let i = 0; i < 10_001; i += 1000) await b.batch(Array.from({ length: Math.min(1000, 10_001 - i) }, () => put('hot', 'x')));
+      const db = new Database(path.join(tmp.dir, 'sessions.db'), { readonly: true });
+      const copied = (after: number) =>
+        db.prepare<[number], { n: number; bytes: number }>("SELECT count(*) AS n, coalesce(sum(length(value)), 0) AS bytes FROM log WHERE seq > ? AND key LIKE 'big:%'").get(after)!;
+      try {
+        const last = db.prepare<[], number>('SELECT max(seq) FROM log').pluck().get()!;
+        // A 9 KB request: one put and 999 gets.
+        await b.batch([put('hot', 'y'), ...Array.from({ length: 999 }, () => get('hot'))]);
+        const { n, bytes } = copied(last);
+        assert.ok(bytes <= 1024 * 1024 + big.length, `one transaction copied ${n} big sessions (${bytes} bytes)`);
+        // Small commits go on copying a bounded share each, until the big ones are past and the
+        // superseded rows behind them are reclaimed.
+        for (let i = 0; i < 30 && logRows(tmp.dir) > 10_000 + 201; i += 1) await b.batch([put('hot', `${i}`)]);
+        assert.ok(logRows(tmp.dir) <= 10_000 + 201, `${logRows(tmp.dir)} rows for 201 keys`);
+      } finally {
+        db.close();
+      }
+      for (let i = 0; i < 200; i += 1) assert.ok((await read(b, `big:${i}`))?.value.equals(big), `big:${i} kept its value`);
+    } finally {
+      await b.close();
+    }
+  });
+
   it('a transaction that fails (disk full) answers unavailable for each op and leaves memory and disk as they were', async () => {
     const b = new SqliteBackend(options);
     try {

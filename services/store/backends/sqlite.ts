@@ -67,6 +67,13 @@ const MIN_GARBAGE = 10_000;
 const COMPACT_PER_WRITE = 4;
 /** Fewest log rows compaction reads at once: each query has a fixed cost worth spreading. */
 const COMPACT_MIN_ROWS = 256;
+/**
+ * Bytes of live values compaction copies per commit: at least this, else COMPACT_PER_WRITE times
+ * what the commit's puts write. Rows alone did not bound it: with big sessions at the old end of the
+ * log, one Batch of a put and 999 gets (9 KB) copied 4,000 values of 64 KB, 256 MB, in one
+ * transaction: the event loop was held for seconds and the WAL grew to 264 MB.
+ */
+const COMPACT_MIN_BYTES = 1024 * 1024;
 /** Slots the sweeper looks at per step (a few ms at most). */
 const SWEEP_SCAN = 65_536;
 /** Keys the index moves per sweeper step when it gives memory back (a Map update each: a few ms). */
@@ -375,13 +382,15 @@ export class SqliteBackend implements Backend {
     if (taken === 0) return;
     if (this.catchUp) this.finishCheckpoint();
     const batches = this.queue.splice(0, taken);
-    if (!this.commit(batches, count * COMPACT_PER_WRITE)) return;
+    let written = 0;
+    for (const b of batches) for (const op of b.ops) if (op.kind === 'put') written += op.value.length;
+    if (!this.commit(batches, count * COMPACT_PER_WRITE, Math.max(COMPACT_MIN_BYTES, written * COMPACT_PER_WRITE))) return;
     // The group was rolled back (a full disk, say): each batch gets a transaction of its own, without
     // compaction (its copies need room too). If its writes still fail, its plain Gets are answered from
     // what is committed, as if they ran after the refused writes: reading needs no room, and before
     // this one write that could not be stored failed every Get that happened to share its turn.
     for (const b of batches) {
-      const failure = this.commit([b], 0);
+      const failure = this.commit([b], 0, 0);
       if (failure) b.resolve(b.ops.map((op) => (op.kind === 'get' && op.refreshTtlMs === 0 ? this.read(op.key) : failure)));
     }
   }
@@ -401,11 +410,11 @@ export class SqliteBackend implements Backend {
   }
 
   /**
-   * Runs these batches and up to compactBudget rows of compaction in one transaction, then answers
-   * the batches and reports their changes. When it fails, nothing is answered: the index is put back
-   * as the database still has it and the failure is returned.
+   * Runs these batches and compaction (up to compactRows rows read and about compactBytes of values
+   * copied) in one transaction, then answers the batches and reports their changes. When it fails,
+   * nothing is answered: the index is put back as the database still has it and the failure is returned.
    */
-  private commit(batches: readonly Pending[], compactBudget: number): BackendResult | undefined {
+  private commit(batches: readonly Pending[], compactRows: number, compactBytes: number): BackendResult | undefined {
     const changes: ChangeEvent[] = [];
     const undo: Undo = { keys: [], logRows: this.logRows };
     let answers: BackendResult[][];
@@ -414,7 +423,7 @@ export class SqliteBackend implements Backend {
         const now = Date.now();
         this.roomScan = SWEEP_SCAN;
         const results = batches.map((b) => b.ops.map((op) => this.apply(op, now, changes, undo)));
-        this.compact(compactBudget, now, changes, undo);
+        this.compact(compactRows, compactBytes, now, changes, undo);
         return results;
       }).immediate();
     } catch (err) {
@@ -550,19 +559,23 @@ export class SqliteBackend implements Backend {
   }
 
   /**
-   * Reclaims superseded rows from the oldest end of the log, reading at most `budget` rows: each
-   * row still the latest of its key is copied to the end, then the rows read are deleted as one
-   * range (all older rows of every key in it go with them, so a rebuild never sees a stale one).
+   * Reclaims superseded rows from the oldest end of the log, reading at most `budget` rows and
+   * stopping once it has copied `bytes` of values: each row still the latest of its key is copied
+   * to the end, then the rows read are deleted as one range (all older rows of every key in it go
+   * with them, so a rebuild never sees a stale one).
    * The highest version of the rows deleted is kept (meta.dropped_version): the range may hold the
    * last version a deleted or expired key had, and new versions must start above it (see load()).
    */
-  private compact(budget: number, now: number, changes: ChangeEvent[], undo: Undo): void {
+  private compact(budget: number, bytes: number, now: number, changes: ChangeEvent[], undo: Undo): void {
     const dir = this.keydir;
-    while (budget > 0 && this.logRows - dir.size > Math.max(MIN_GARBAGE, dir.size)) {
+    while (budget > 0 && bytes > 0 && this.logRows - dir.size > Math.max(MIN_GARBAGE, dir.size)) {
       const rows = this.stmt.head.all(Math.min(Math.max(budget, COMPACT_MIN_ROWS), LIST_PAGE));
       if (rows.length === 0) return;
       let dropped = 0;
+      let read = 0;
       for (const [seq, key, version] of rows) {
+        if (bytes <= 0) break;
+        read += 1;
         if (version > dropped) dropped = version;
         const slot = dir.slot(key);
         if (slot === undefined || dir.seq[slot] !== seq) continue; // superseded or deleted
@@ -574,13 +587,14 @@ export class SqliteBackend implements Backend {
           continue;
         }
         const value = this.stmt.value.get(seq) ?? EMPTY_VALUE;
+        bytes -= value.length;
         this.append(key, slot, value, dir.version[slot], dir.expires[slot], dir.created[slot], undo);
       }
-      const last = rows[rows.length - 1][0];
+      const last = rows[read - 1][0];
       this.stmt.keepDroppedVersion.run(dropped);
       this.stmt.dropHead.run(last);
-      this.logRows -= rows.length;
-      budget -= rows.length;
+      this.logRows -= read;
+      budget -= read;
     }
   }
 
