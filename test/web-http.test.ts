@@ -158,6 +158,24 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.deepEqual([after.count1, after.count2], [1, 0], 'no counter changed');
       assert.equal(logs.entries().filter((e) => e.level === 50).length, 0, 'nothing was logged as an error');
     });
+
+    it('a body refused part-way (a chunked form past the limit, gzip that breaks off) does not stall its kept-alive connection: the next request on it is answered', async () => {
+      const { base } = await site();
+      const { port } = new URL(base);
+      const head = 'POST /increment HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n';
+      const chunked = `a=${'x'.repeat(2_000_000)}`;
+      const broken = Buffer.concat([gzipSync('a=b'), Buffer.alloc(2_000_000, 'x')]);
+      const cases: Array<[string, number, Buffer]> = [
+        ['a 2 MB chunked form', 413, Buffer.from(`${head}Transfer-Encoding: chunked\r\n\r\n${chunked.length.toString(16)}\r\n${chunked}\r\n0\r\n\r\n`)],
+        ['gzip followed by 2 MB that is not', 400, Buffer.concat([Buffer.from(`${head}Content-Encoding: gzip\r\nContent-Length: ${broken.length}\r\n\r\n`), broken])],
+      ];
+      for (const [what, status, request] of cases) {
+        const answer = await pipelined(Number(port), [request, Buffer.from('GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')], 5000);
+        const statuses = answer.match(/^HTTP\/1\.1 \d{3}/gm) ?? [];
+        assert.deepEqual(statuses, [`HTTP/1.1 ${status}`, 'HTTP/1.1 200'], `${what}: its page, then the next request's answer`);
+        assert.match(answer, /\{"status":"ok"\}$/, what);
+      }
+    });
   });
 
   describe('request ids and the request log', () => {
@@ -498,3 +516,21 @@ describe('request id reaches the store (in-process store server watching what ar
     ]);
   });
 });
+
+/** Writes requests back to back on one connection; resolves with all it got when it closes, or after timeoutMs. */
+function pipelined(port: number, requests: Buffer[], timeoutMs: number): Promise<string> {
+  return new Promise<string>((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    const done = () => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(Buffer.concat(chunks).toString('latin1'));
+    };
+    const timer = setTimeout(done, timeoutMs);
+    socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+    socket.on('error', () => undefined);
+    socket.on('close', done);
+    for (const request of requests) socket.write(request);
+  });
+}

@@ -290,6 +290,11 @@ const FALLBACK_PAGE = {
  */
 function rejectUnreadableBody(err: Error, ctx: Koa.Context): never {
   if (isClientAbort(err)) ctx.throw(499, 'the connection closed before the request body arrived');
+  // The parser stopped reading mid-body (past the limit, or undecodable) and paused the request.
+  // Drop the rest, as Node does with a body the app never read: else the connection, kept alive,
+  // waits for it, and the next request on it hangs until WEB_REQUEST_TIMEOUT_MS, then gets a 408.
+  ctx.req.unpipe();
+  ctx.req.resume();
   ctx.throw((err as { status?: unknown }).status === 413 ? 413 : 400, 'the request body could not be read');
 }
 
