@@ -115,6 +115,26 @@ describe('counter site (real web + real store processes)', function () {
     assert.equal((await fetch(`${base}/`)).status, 200, 'the site serves on');
   });
 
+  it('bytes the parser refuses right after a whole form (pipelined garbage) do not replace its answer with a 400 page saying nothing changed: the form is answered, then the connection closes', async () => {
+    const jar = new CookieJarClient(base);
+    const { csrf } = await jar.page();
+    const form = `_csrf=${csrf}`;
+    const post = `POST /increment HTTP/1.1\r\nHost: x\r\nCookie: sid=${jar.cookies.get('sid')}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: ${form.length}\r\n\r\n${form}`;
+    for (const delayMs of [0, 2, 5]) {
+      const answer = await new Promise<string>((resolve) => {
+        const socket = connect(web.port, '127.0.0.1');
+        let received = '';
+        socket.on('data', (d: Buffer) => (received += d.toString()));
+        socket.on('error', () => undefined);
+        socket.on('close', () => resolve(received));
+        socket.write(post);
+        setTimeout(() => socket.write('NOT A REQUEST\r\n\r\n'), delayMs);
+      });
+      assert.match(answer, /^HTTP\/1\.1 303 See Other\r\n/, `garbage ${delayMs} ms after the form: the form's own answer`);
+    }
+    assert.deepEqual(pick(await jar.page()), [1, 3], 'each form answered 303 was counted');
+  });
+
   it('two cookie jars have separate counters', async () => {
     const a = new CookieJarClient(base);
     const b = new CookieJarClient(base);

@@ -86,16 +86,30 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
   // security headers, no log line, no metric). RFC 9110 lets a server ignore an expectation it does
   // not know: the site answers as usual.
   server.on('checkExpectation', onRequest);
+  // Connections whose parser refused bytes that came after a request the app was answering.
+  const refusedAfterRequest = new WeakSet<Duplex>();
   // Node answers these itself when no one listens, with a status line and no page, and tells no
   // one: counted, logged (at debug, since any client can send garbage) and answered with our page.
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     const code = typeof err.code === 'string' ? err.code : 'unknown';
     if (!HANG_UPS.has(code)) {
+      const current = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+      // Bytes after a whole request the app is still answering (pipelined garbage): the client must
+      // get that request's answer, not a refusal page saying nothing was changed. The connection
+      // closes after it; the refused bytes get no answer. The parser reports each later chunk too.
+      if (current && !current.headersSent && current.req.complete) {
+        current.shouldKeepAlive = false;
+        if (!refusedAfterRequest.has(socket)) {
+          refusedAfterRequest.add(socket);
+          onRefused?.(code);
+          logger.debug({ code, reason: err.message }, 'request refused by the HTTP parser');
+        }
+        return;
+      }
       onRefused?.(code);
       logger.debug({ code, reason: err.message }, 'request refused by the HTTP parser');
       // As Node does: answer unless a response on this connection has begun (a refusal after a
       // kept-alive request is answered too; one in the middle of a response would corrupt it).
-      const current = (socket as Socket & { _httpMessage?: { headersSent: boolean } | null })._httpMessage;
       if (socket.writable && !current?.headersSent) {
         const status = REFUSAL_STATUS[code] ?? 400;
         socket.write(refusals?.get(status) ?? `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nConnection: close\r\n\r\n`);
