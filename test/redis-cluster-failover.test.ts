@@ -144,3 +144,66 @@ describe('Redis Cluster: a master down before the cluster notices (real redis-se
     }
   });
 });
+
+describe('Redis Cluster: a master restarted in place, no failover (real redis-server processes, a real store, bin/dump)', function () {
+  let tmp: ReturnType<typeof tempDir>;
+  let cluster: RedisClusterProcs | undefined;
+  let store: Proc | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    cluster = await startRedisCluster(3);
+    // Redis' default: a master back within cluster-node-timeout is never marked failed.
+    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
+    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
+    await waitForHealth(store.port, 'SERVING');
+  });
+  after(async () => {
+    await store?.stop();
+    await cluster?.stop();
+    tmp?.remove();
+  });
+
+  it('bin/dump lists every session again once the master is back, with no write to its slots meanwhile', async () => {
+    const client = createStoreClient({ address: `127.0.0.1:${store!.port}`, deadlineMs: 3000 });
+    const expected = Array.from({ length: 30 }, (_, i) => `sess-${String(i).padStart(2, '0')}`);
+    try {
+      for (const key of expected) await client.put(key, Buffer.from('{"count1":1}'), { ttlMs: 600_000 });
+    } finally {
+      client.close();
+    }
+    const [victim] = cluster!.masters;
+    // Its sessions survive the restart (the test servers keep no snapshot of their own).
+    await redisCommand(victim.port, 'SAVE');
+    await victim.stop();
+    await victim.start();
+    for (const end = Date.now() + 10_000; !/cluster_state:ok/.test(await redisCommand(victim.port, 'CLUSTER', 'INFO')); ) {
+      assert.ok(Date.now() < end, 'the restarted master never said cluster_state:ok');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    let run = await dumpKeys(store!.port);
+    for (const end = Date.now() + 5000; run.code !== 0 && Date.now() < end; run = await dumpKeys(store!.port)) {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.equal(run.code, 0, `bin/dump still fails: ${run.stderr.trim()}`);
+    assert.deepEqual(run.keys, expected);
+  });
+
+  it('health stays SERVING while the restarted master alone says cluster_state:fail (its first seconds back), the others ok', async () => {
+    const [victim, other] = cluster!.masters;
+    await waitForHealth(store!.port, 'SERVING');
+    await victim.stop();
+    await victim.start();
+    const outcomes: string[] = [];
+    const views: string[] = [];
+    for (const end = Date.now() + 3000; Date.now() < end; ) {
+      views.push(/cluster_state:(\w+)/.exec(await redisCommand(victim.port, 'CLUSTER', 'INFO'))![1]);
+      outcomes.push(await checkHealth(store!.port));
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(views.includes('fail'), `the restarted master said: ${views.join(' ')}`);
+    assert.match(await redisCommand(other.port, 'CLUSTER', 'INFO'), /cluster_state:ok/);
+    assert.ok(outcomes.every((o) => o === 'SERVING'), outcomes.join(' '));
+  });
+});

@@ -364,13 +364,16 @@ export class RedisBackend implements Backend {
       // promoted replica within a health interval). One that cannot be reached fails only its own
       // sessions' calls (UNAVAILABLE): reporting NOT_SERVING for it would take every web out of
       // rotation, the sessions on the other masters too. The cluster says when it refuses every
-      // command (cluster_state:fail), and then the store is NOT_SERVING.
+      // command (cluster_state:fail), and then the store is NOT_SERVING: most masters say so. One
+      // alone saying it is only that master's view (for its first 2 s back after a restart, it
+      // refuses its own slots' commands while the others serve theirs).
       const { connected } = await this.slotOwners(this.cluster);
       const answers = (await Promise.allSettled(connected.map((node) => node.cluster('INFO'))))
         .filter((outcome) => outcome.status === 'fulfilled')
         .map((outcome) => String(outcome.value));
       if (answers.length === 0) throw new StoreError('unavailable', 'redis cluster: no master that owns slots answers');
-      if (answers.some((info) => !/cluster_state:ok/.test(info))) throw new StoreError('unavailable', 'redis cluster: cluster_state is not ok');
+      const failing = answers.filter((info) => !/cluster_state:ok/.test(info)).length;
+      if (failing * 2 > answers.length) throw new StoreError('unavailable', 'redis cluster: cluster_state is not ok');
     } catch (err) {
       const error = toStoreError(err);
       throw error.kind === 'unavailable' ? error : new StoreError('unavailable', error.message);
@@ -695,15 +698,20 @@ export class RedisBackend implements Backend {
   private async slotOwners(cluster: Cluster): Promise<{ connected: Redis[]; missing: string[] }> {
     // ioredis reads the slot map over a new connection each time (a second apart for health): read
     // it over a connection held, and have ioredis refresh its own only when they differ.
-    if (!(await slotMapCurrent(cluster))) {
+    // ioredis also drops its connection to a master that went away and opens one again only for a
+    // command redirected to it: a master restarted at its address, the slot map unchanged, would
+    // stay out of List until a session of its slots is used. Refresh then too: ioredis connects
+    // to every owner of slots in the map it reads.
+    const owners = () => new Set(cluster.slots.flatMap((slot) => (slot?.[0] ? [slot[0]] : [])));
+    const pooled = () => new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const before = pooled();
+    if (!(await slotMapCurrent(cluster)) || [...owners()].some((owner) => !before.has(owner))) {
       await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
     }
-    const nodes = new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
-    const owners = new Set<string>();
-    for (const slot of cluster.slots) if (slot?.[0]) owners.add(slot[0]);
+    const nodes = pooled();
     const connected: Redis[] = [];
     const missing: string[] = [];
-    for (const owner of owners) {
+    for (const owner of owners()) {
       const node = nodes.get(owner);
       if (node) connected.push(node);
       else missing.push(owner);
