@@ -152,6 +152,7 @@ describe('KeyspaceWatch: writes waiting for a new subscription (no Redis: a stan
       keyPrefix: 'p:',
       db: 0,
       masters: () => [null],
+      config: async () => ['notify-keyspace-events', 'KEghxe'],
       connect: () => {
         const connection = new StandIn();
         setTimeout(() => {
@@ -596,6 +597,38 @@ describe('Redis backend: what others do to the Redis under it', function () {
     } finally {
       await backend.close();
       await redisCommand(server!.port, 'ACL', 'DELUSER', 'nochannels');
+    }
+  });
+
+  it('another client setting notify-keyspace-events without our flags (for its own use) is noticed by the health check: flags set again, Watch ended as changes were missed, a new Watch gets events', async () => {
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (_detail: object, message: string) => warnings.push(message) };
+    backend = new RedisBackend(backendOptions({ url: server!.url, log }));
+    backend.watch('', () => undefined, { kinds: ['expire'] }); // as the store's metrics do, for good
+    const ended: StoreError[] = [];
+    const seen: string[] = [];
+    backend.watch('', (event) => seen.push(event.key), { onError: (error) => ended.push(error) });
+    // CONFIG GET answers an array, which redisCommand does not read.
+    const admin = new Redis(server!.url);
+    try {
+      const flags = async () => ((await admin.config('GET', 'notify-keyspace-events')) as string[])[1] ?? '';
+      // The watch is live once it has seen a put.
+      await until(async () => (await backend!.batch([put('probe')]))[0].ok && seen.includes('probe'));
+      await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'Ex');
+      await backend.ping();
+      await until(() => ended.length > 0);
+      assert.equal(ended[0].kind, 'unavailable');
+      assert.match(ended[0].message, /notify-keyspace-events/);
+      assert.ok(warnings.some((w) => /notify-keyspace-events was changed/.test(w)), warnings.join('; '));
+      const now = await flags();
+      for (const flag of ['K', 'E', 'g', 'h', 'x', 'e']) assert.ok(now.includes(flag), `${flag} in ${now}`);
+      const events: ChangeEvent[] = [];
+      backend.watch('', (event) => events.push(event));
+      await new Promise((r) => setTimeout(r, 200));
+      await backend.batch([put('after')]);
+      await until(() => events.some((e) => e.kind === 'put' && e.key === 'after'));
+    } finally {
+      admin.disconnect();
     }
   });
 

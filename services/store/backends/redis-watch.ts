@@ -29,6 +29,12 @@ import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry, Store
  */
 
 const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
+
+/** The flags of REQUIRED_FLAGS a notify-keyspace-events value lacks (A stands for g, h, x, e and more). */
+function missingFlags(current: string): string[] {
+  const flags = new Set(current.split(''));
+  return REQUIRED_FLAGS.filter((flag) => !flags.has(flag) && (flag === 'K' || flag === 'E' || !flags.has('A')));
+}
 /** Put events beyond this many unanswered read-backs are delivered without value and version. */
 const MAX_PENDING_READS = 1000;
 const KINDS: Record<string, ChangeKind | undefined> = { hset: 'put', del: 'delete', expired: 'expire', evicted: 'expire' };
@@ -44,6 +50,8 @@ export interface WatchDeps {
   masters(): Array<MasterNode | null>;
   /** A new subscriber connection to a master of masters(). */
   connect(node: MasterNode | null): Redis;
+  /** A CONFIG command on a master of masters(), through the backend's own connection to it. */
+  config(node: MasterNode | null, ...args: string[]): Promise<unknown>;
   /** Reads a live entry (without refreshing it), for the value and version of a put event. */
   read(key: string): Promise<StoredEntry | null>;
   warn(detail: object, message: string): void;
@@ -92,6 +100,7 @@ export class KeyspaceWatch {
   private pendingReads = 0;
   private warnedConfig = false;
   private warnedRefused = false;
+  private rechecking = false;
   /** Writes waiting in settled(): a set, so that each one leaves in O(1) (see settled()). */
   private readonly waiters = new Set<() => void>();
   private settleUntil = 0;
@@ -229,13 +238,43 @@ export class KeyspaceWatch {
     return sub;
   }
 
+  /**
+   * Checks that the masters still publish what Watch needs: another client of the Redis may have
+   * set notify-keyspace-events since (`CONFIG SET notify-keyspace-events Ex`, for its own use), and
+   * then no event comes, without a word. Where flags went missing, they are added back, and the
+   * watchers that can be told are ended (changes were missed meanwhile). Called with the health
+   * check's ping; nothing to do without subscribers, or where CONFIG is not allowed.
+   */
+  async recheck(): Promise<void> {
+    if (this.warnedConfig || this.rechecking) return;
+    this.rechecking = true;
+    try {
+      for (const sub of this.subscribers.values()) await this.recheckOne(sub);
+    } finally {
+      this.rechecking = false;
+    }
+  }
+
+  private async recheckOne(sub: Subscriber): Promise<void> {
+    if (!sub.configured || sub.subscribed.size === 0) return;
+    try {
+      const [, current = ''] = (await this.deps.config(sub.node, 'GET', 'notify-keyspace-events')) as string[];
+      const missing = missingFlags(current);
+      if (missing.length === 0) return;
+      await this.deps.config(sub.node, 'SET', 'notify-keyspace-events', current + missing.join(''));
+      const where = sub.node ? `redis ${sub.node.host}:${sub.node.port}` : 'redis';
+      this.deps.warn({ was: current, added: missing.join('') }, `notify-keyspace-events was changed on ${where}: set again for Watch`);
+      this.fail(sub.node, 'stopped while notify-keyspace-events lacked its flags');
+    } catch {
+      // The master is not reachable now: the connection's own close reports that.
+    }
+  }
+
   /** Adds the notification flags we need to the node's configuration (before subscribing). */
   private async configure(sub: Subscriber, closes: number): Promise<void> {
     try {
       const [, current = ''] = (await sub.connection.config('GET', 'notify-keyspace-events')) as string[];
-      const flags = new Set(current.split(''));
-      const has = (flag: string) => flags.has(flag) || (flag !== 'K' && flag !== 'E' && flags.has('A'));
-      const missing = REQUIRED_FLAGS.filter((flag) => !has(flag));
+      const missing = missingFlags(current);
       if (missing.length > 0) await sub.connection.config('SET', 'notify-keyspace-events', current + missing.join(''));
     } catch (err) {
       // The connection closed meanwhile: its CONFIG failed for that, and the next 'ready' asks again.

@@ -232,6 +232,12 @@ export class RedisBackend implements Backend {
         if (node) return new Redis({ ...auth, ...subscriberOptions, host: node.host, port: node.port });
         return (this.client as Redis).duplicate(subscriberOptions);
       },
+      config: (node, ...args) => {
+        if (!node) return (this.client as Redis).config(...(args as ['GET', string]));
+        const connection = this.cluster!.nodes('master').find((n) => n.options.host === node.host && n.options.port === node.port);
+        if (!connection) return Promise.reject(new Error(`no connection to ${node.host}:${node.port}`));
+        return connection.config(...(args as ['GET', string]));
+      },
       read: async (key) => {
         const [reply] = await this.run([{ kind: 'get', key, refreshTtlMs: 0 }]);
         return reply[0] ? null : this.toEntry(key, reply[1], true);
@@ -355,6 +361,7 @@ export class RedisBackend implements Backend {
   async ping(): Promise<void> {
     try {
       await this.ready();
+      void this.watcher.recheck();
       if (!this.cluster) {
         await (this.client as Redis).ping();
         return;
