@@ -498,6 +498,19 @@ export class RedisBackend implements Backend {
     clearTimeout(timer);
   }
 
+  /**
+   * Reads the cluster's slot map again (ioredis then holds a connection, maybe not open yet, to
+   * each master it names) and waits for the connections being opened, at most commandTimeoutMs in
+   * all. Never fails: the caller checks the connections it needs afterwards.
+   */
+  private async reopenMasters(): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.options.commandTimeoutMs)));
+    const reopened = new Promise<void>((resolve) => this.cluster!.refreshSlotsCache(() => resolve())).then(() => this.mastersConnected());
+    await Promise.race([reopened, timeout]);
+    clearTimeout(timer);
+  }
+
   private connectionOf(node: Redis): Promise<void> {
     let pending = this.connecting.get(node);
     if (!pending) {
@@ -547,11 +560,18 @@ export class RedisBackend implements Backend {
   /** Runs the operations and answers [error, reply] for each, in order. */
   private async run(ops: readonly BackendOp[], withValue = true): Promise<Reply[]> {
     if (!this.cluster) return this.pipeline(this.client, ops, withValue);
+    const cluster = this.cluster;
+    // A master that owns some operation's slot and has no ready connection: its connection was
+    // lost, it may be back at its address, or its slots may have moved. Read the slot map again
+    // and connect to its masters (ioredis would do the same after sending the commands elsewhere
+    // and being redirected).
+    const ownerOf = (op: BackendOp): string | undefined => cluster.slots[calculateSlot(this.redisKey(op.key))]?.[0];
+    if (ops.some((op) => unreadyMaster(cluster, ownerOf(op)) !== undefined)) await this.reopenMasters();
     // One pipeline per master. Operations on one key share a slot, hence a pipeline, in order.
     const groups = new Map<string, number[]>();
     ops.forEach((op, i) => {
       const slot = calculateSlot(this.redisKey(op.key));
-      const group = this.cluster!.slots[slot]?.join(',') ?? `slot ${slot}`;
+      const group = cluster.slots[slot]?.join(',') ?? `slot ${slot}`;
       const members = groups.get(group);
       if (members) members.push(i);
       else groups.set(group, [i]);
@@ -559,7 +579,15 @@ export class RedisBackend implements Backend {
     const replies: Reply[] = new Array(ops.length);
     await Promise.all(
       [...groups.values()].map(async (members) => {
-        const answers = await this.pipeline(this.cluster!, members.map((i) => ops[i]), withValue);
+        // ioredis refuses, unsent, a command for a master whose connection is not ready, in the
+        // words it uses for one whose reply was lost ("Connection is closed.", see NOT_SENT):
+        // refuse those here, unsent and saying so. A group's operations share their slot's owner.
+        const owner = ownerOf(ops[members[0]]);
+        const down = unreadyMaster(cluster, owner);
+        const answers: Reply[] =
+          down === undefined
+            ? await this.pipeline(cluster, members.map((i) => ops[i]), withValue)
+            : members.map((): Reply => [new StoreError('unavailable', `redis cluster: the master ${owner} that owns the key's slot cannot be reached (${down}); the call was not sent`), null]);
         members.forEach((i, j) => (replies[i] = answers[j]));
       }),
     );
@@ -803,6 +831,18 @@ async function slotMapCurrent(cluster: Cluster): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/**
+ * Why commands for the master `owner` ('host:port', from the slot map) cannot be written now: the
+ * state of its connection when it is not ready, or that ioredis holds none. Undefined when it is
+ * ready, or when the slot has no known owner (ioredis then routes the command and follows redirects).
+ */
+function unreadyMaster(cluster: Cluster, owner: string | undefined): string | undefined {
+  if (owner === undefined) return undefined;
+  const node = cluster.nodes('all').find((candidate) => `${candidate.options.host}:${candidate.options.port}` === owner);
+  if (!node) return 'no open connection';
+  return node.status === 'ready' ? undefined : `connection ${node.status}`;
 }
 
 function isRedirect(err: Error | null): boolean {
