@@ -2,6 +2,8 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
+import type { StoreError } from '../services/store/backends/backend';
+import { RedisBackend } from '../services/store/backends/redis';
 import { checkHealth, waitForHealth } from './helpers/health';
 import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
 import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster } from './helpers/redis';
@@ -205,5 +207,52 @@ describe('Redis Cluster: a master restarted in place, no failover (real redis-se
     assert.ok(views.includes('fail'), `the restarted master said: ${views.join(' ')}`);
     assert.match(await redisCommand(other.port, 'CLUSTER', 'INFO'), /cluster_state:ok/);
     assert.ok(outcomes.every((o) => o === 'SERVING'), outcomes.join(' '));
+  });
+});
+
+describe('Redis Cluster: a master down, not failed over yet (real redis-server processes, the backend in process)', function () {
+  let cluster: RedisClusterProcs | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    cluster = await startRedisCluster(3);
+    // The cluster does not fail the master within this test: it stays down and owns its slots.
+    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
+  });
+  after(async () => {
+    await cluster?.stop();
+  });
+
+  it('a Watch started while the master is down is not ended by each health check (no slot map refresh while the master cannot be reached)', async () => {
+    const backend = new RedisBackend({
+      url: 'redis://127.0.0.1:6379',
+      clusterNodes: cluster!.seeds.split(',').map((seed) => ({ host: seed.split(':')[0], port: Number(seed.split(':')[1]) })),
+      sentinels: [],
+      sentinelMaster: 'mymaster',
+      keyPrefix: 'down:',
+      commandTimeoutMs: 1000,
+      listWindow: 300,
+    });
+    try {
+      await backend.ping();
+      backend.watch('', () => undefined, { kinds: ['expire'] }); // as the store's metrics do
+      await cluster!.masters[0].stop();
+      // The first health checks after the loss: the watch of the lost master is over.
+      for (let i = 0; i < 2; i += 1) {
+        await backend.ping();
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      const ended: StoreError[] = [];
+      backend.watch('', () => undefined, { onError: (error) => ended.push(error) });
+      for (let i = 0; i < 4; i += 1) {
+        await backend.ping();
+        // Writes too, some to the lost master's slots (refused unsent): they re-read nothing either.
+        await backend.batch(Array.from({ length: 12 }, (_, k) => ({ kind: 'put' as const, key: `k${k}`, value: Buffer.from('v'), ttlMs: 60_000 })));
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      assert.deepEqual(ended.map((e) => e.message), []);
+    } finally {
+      await backend.close();
+    }
   });
 });

@@ -1,3 +1,4 @@
+import { connect } from 'node:net';
 import calculateSlot from 'cluster-key-slot';
 import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis';
 import {
@@ -566,7 +567,15 @@ export class RedisBackend implements Backend {
     // and connect to its masters (ioredis would do the same after sending the commands elsewhere
     // and being redirected).
     const ownerOf = (op: BackendOp): string | undefined => cluster.slots[calculateSlot(this.redisKey(op.key))]?.[0];
-    if (ops.some((op) => unreadyMaster(cluster, ownerOf(op)) !== undefined)) await this.reopenMasters();
+    // Only when such a master accepts connections again: one that is down would be put back in
+    // ioredis' pool by each re-read and dropped at the next command, and each re-read ('refresh')
+    // would show the Watch a master it does not watch, ending every Watch (see slotOwners()).
+    const unready = new Set<string>();
+    for (const op of ops) {
+      const owner = ownerOf(op);
+      if (owner !== undefined && unreadyMaster(cluster, owner) !== undefined) unready.add(owner);
+    }
+    if (unready.size > 0 && (await anyAccepts([...unready], this.options.commandTimeoutMs))) await this.reopenMasters();
     // One pipeline per master. Operations on one key share a slot, hence a pipeline, in order.
     const groups = new Map<string, number[]>();
     ops.forEach((op, i) => {
@@ -740,7 +749,11 @@ export class RedisBackend implements Backend {
     const owners = () => new Set(cluster.slots.flatMap((slot) => (slot?.[0] ? [slot[0]] : [])));
     const pooled = () => new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
     const before = pooled();
-    if (!(await slotMapCurrent(cluster)) || [...owners()].some((owner) => !before.has(owner))) {
+    // Only for an owner that accepts connections again: one that is down would be put back in
+    // ioredis' pool by each refresh and dropped at the next command, and each refresh ('refresh')
+    // would show the Watch a master it does not watch, ending every Watch once a second.
+    const unpooled = [...owners()].filter((owner) => !before.has(owner));
+    if (!(await slotMapCurrent(cluster)) || (unpooled.length > 0 && (await anyAccepts(unpooled, this.options.commandTimeoutMs)))) {
       await new Promise<void>((resolve, reject) => cluster.refreshSlotsCache((err) => (err ? reject(err) : resolve())));
     }
     const nodes = pooled();
@@ -843,6 +856,23 @@ function unreadyMaster(cluster: Cluster, owner: string | undefined): string | un
   const node = cluster.nodes('all').find((candidate) => `${candidate.options.host}:${candidate.options.port}` === owner);
   if (!node) return 'no open connection';
   return node.status === 'ready' ? undefined : `connection ${node.status}`;
+}
+
+/** True when any of these host:port addresses accepts a TCP connection within timeoutMs. */
+async function anyAccepts(addresses: readonly string[], timeoutMs: number): Promise<boolean> {
+  const accepts = (address: string) =>
+    new Promise<boolean>((resolve) => {
+      const at = address.lastIndexOf(':');
+      const socket = connect({ host: address.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(address.slice(at + 1)) });
+      const done = (ok: boolean) => {
+        socket.destroy();
+        resolve(ok);
+      };
+      socket.setTimeout(timeoutMs, () => done(false));
+      socket.once('connect', () => done(true));
+      socket.once('error', () => done(false));
+    });
+  return (await Promise.all(addresses.map(accepts))).some(Boolean);
 }
 
 function isRedirect(err: Error | null): boolean {
