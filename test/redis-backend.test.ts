@@ -632,6 +632,28 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a Redis user that may read but not set notify-keyspace-events (CONFIG GET only): flags removed by another client still end Watch, with a warning, rather than leave it silent', async () => {
+    await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'KEghxe');
+    await redisCommand(server!.port, 'ACL', 'SETUSER', 'getonly', 'on', '>pw', '~*', '&*', '+@all', '-config|set');
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (_detail: object, message: string) => warnings.push(message) };
+    backend = new RedisBackend(backendOptions({ url: `redis://getonly:pw@127.0.0.1:${server!.port}`, log }));
+    const ended: StoreError[] = [];
+    const seen: string[] = [];
+    backend.watch('', (event) => seen.push(event.key), { onError: (error) => ended.push(error) });
+    try {
+      await until(async () => (await backend!.batch([put('probe')]))[0].ok && seen.includes('probe'));
+      await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'Ex');
+      await backend.ping();
+      await until(() => ended.length > 0, 3000);
+      assert.match(ended[0].message, /notify-keyspace-events/);
+      assert.ok(warnings.some((w) => /notify-keyspace-events/.test(w)), warnings.join('; '));
+    } finally {
+      await backend.close();
+      await redisCommand(server!.port, 'ACL', 'DELUSER', 'getonly');
+    }
+  });
+
   it('REDIS_URL naming a read-only replica: reads work and writes answer UNAVAILABLE naming READONLY, with one "redis ready" line, not a reconnection loop', async () => {
     const replica = await startRedisServer({ args: ['--replicaof', '127.0.0.1', String(server!.port)] });
     const lines: string[] = [];

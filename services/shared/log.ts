@@ -38,7 +38,8 @@ interface Pending {
  * gone (foreman killed, a closed terminal) while lines waited for it, every write fails with EPIPE:
  * the exiting process never ended, an orphan retrying ten times a second. Here a write that fails
  * for any other reason ends the flush: those lines have no reader. A reader that is only slow
- * (EAGAIN) is still waited for.
+ * (EAGAIN) is still waited for, but, as with sonic-boom's own flush, not for the chunk whose
+ * write was in flight when the process began to exit: that chunk is lost.
  */
 function flushSyncUnlessGone(this: Pending): void {
   // A write in flight (_writing) is the event loop's, which runs no more: as sonic-boom, skip it.

@@ -101,6 +101,8 @@ export class KeyspaceWatch {
   private warnedConfig = false;
   private warnedRefused = false;
   private rechecking = false;
+  /** The warning that the flags a recheck found missing cannot be set again was given. */
+  private warnedRecheckSet = false;
   /** Writes waiting in settled(): a set, so that each one leaves in O(1) (see settled()). */
   private readonly waiters = new Set<() => void>();
   private settleUntil = 0;
@@ -261,9 +263,22 @@ export class KeyspaceWatch {
       const [, current = ''] = (await this.deps.config(sub.node, 'GET', 'notify-keyspace-events')) as string[];
       const missing = missingFlags(current);
       if (missing.length === 0) return;
-      await this.deps.config(sub.node, 'SET', 'notify-keyspace-events', current + missing.join(''));
       const where = sub.node ? `redis ${sub.node.host}:${sub.node.port}` : 'redis';
-      this.deps.warn({ was: current, added: missing.join('') }, `notify-keyspace-events was changed on ${where}: set again for Watch`);
+      // The watchers went silent whether or not the flags can be set again (a user allowed CONFIG
+      // GET but not SET): they are ended either way.
+      const setAgain = await this.deps.config(sub.node, 'SET', 'notify-keyspace-events', current + missing.join('')).then(
+        () => true,
+        () => false,
+      );
+      if (setAgain) {
+        this.deps.warn({ was: current, added: missing.join('') }, `notify-keyspace-events was changed on ${where}: set again for Watch`);
+      } else if (!this.warnedRecheckSet) {
+        this.warnedRecheckSet = true;
+        this.deps.warn(
+          { was: current, missing: missing.join('') },
+          `notify-keyspace-events was changed on ${where} and cannot be set again; set it to include ${REQUIRED_FLAGS.join('')} on every master for Watch`,
+        );
+      }
       this.fail(sub.node, 'stopped while notify-keyspace-events lacked its flags');
     } catch {
       // The master is not reachable now: the connection's own close reports that.
