@@ -30,6 +30,16 @@ import { type ChangeEvent, type ChangeKind, EMPTY_VALUE, type StoredEntry, Store
 
 const REQUIRED_FLAGS = ['K', 'E', 'g', 'h', 'x', 'e'];
 
+/** How log lines and errors name a master. */
+function nodeName(node: MasterNode | null): string {
+  return node ? `redis ${node.host}:${node.port}` : 'redis';
+}
+
+/** The error that ends a watcher when the feed from a master may have missed changes. */
+function missedChanges(node: MasterNode | null, what: string): StoreError {
+  return new StoreError('unavailable', `the change feed from ${nodeName(node)} ${what}, so changes may have been missed; list again and watch again`);
+}
+
 /** The flags of REQUIRED_FLAGS a notify-keyspace-events value lacks (A stands for g, h, x, e and more). */
 function missingFlags(current: string): string[] {
   const flags = new Set(current.split(''));
@@ -263,7 +273,6 @@ export class KeyspaceWatch {
       const [, current = ''] = (await this.deps.config(sub.node, 'GET', 'notify-keyspace-events')) as string[];
       const missing = missingFlags(current);
       if (missing.length === 0) return;
-      const where = sub.node ? `redis ${sub.node.host}:${sub.node.port}` : 'redis';
       // The watchers went silent whether or not the flags can be set again (a user allowed CONFIG
       // GET but not SET): they are ended either way.
       const setAgain = await this.deps.config(sub.node, 'SET', 'notify-keyspace-events', current + missing.join('')).then(
@@ -271,12 +280,12 @@ export class KeyspaceWatch {
         () => false,
       );
       if (setAgain) {
-        this.deps.warn({ was: current, added: missing.join('') }, `notify-keyspace-events was changed on ${where}: set again for Watch`);
+        this.deps.warn({ was: current, added: missing.join('') }, `notify-keyspace-events was changed on ${nodeName(sub.node)}: set again for Watch`);
       } else if (!this.warnedRecheckSet) {
         this.warnedRecheckSet = true;
         this.deps.warn(
           { was: current, missing: missing.join('') },
-          `notify-keyspace-events was changed on ${where} and cannot be set again; set it to include ${REQUIRED_FLAGS.join('')} on every master for Watch`,
+          `notify-keyspace-events was changed on ${nodeName(sub.node)} and cannot be set again; set it to include ${REQUIRED_FLAGS.join('')} on every master for Watch`,
         );
       }
       this.fail(sub.node, 'stopped while notify-keyspace-events lacked its flags');
@@ -340,8 +349,7 @@ export class KeyspaceWatch {
         `redis refuses to subscribe to keyspace notifications, so Watch and the count of expiries get no events; let the Redis user of REDIS_URL subscribe to __keyspace@*__ and __keyevent@*__ (ACL: &__key*)`,
       );
     }
-    const where = node ? `redis ${node.host}:${node.port}` : 'redis';
-    this.fail(node, '', new StoreError('internal', `${where} refuses to subscribe to keyspace notifications (${reason}), so Watch cannot work`));
+    this.fail(node, '', new StoreError('internal', `${nodeName(node)} refuses to subscribe to keyspace notifications (${reason}), so Watch cannot work`));
   }
 
   /**
@@ -349,15 +357,13 @@ export class KeyspaceWatch {
    * meanwhile is never reported, so every listener that can be told ends (after the events that
    * arrived before) with `error`, by default one saying so. Answers whether any did.
    */
-  private fail(node: MasterNode | null, what = 'broke', error?: StoreError): boolean {
+  private fail(node: MasterNode | null, what = 'broke', error = missedChanges(node, what)): boolean {
     const listeners = new Set<Listener>();
     for (const subscription of this.subscriptions.values()) {
       for (const listener of subscription.listeners) if (listener.onError) listeners.add(listener);
     }
     if (listeners.size === 0) return false;
     for (const listener of listeners) listener.remove();
-    const where = node ? `redis ${node.host}:${node.port}` : 'redis';
-    error ??= new StoreError('unavailable', `the change feed from ${where} ${what}, so changes may have been missed; list again and watch again`);
     this.delivery = this.delivery.then(() => {
       for (const listener of listeners) {
         try {

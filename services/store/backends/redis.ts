@@ -235,7 +235,7 @@ export class RedisBackend implements Backend {
       },
       config: (node, ...args) => {
         if (!node) return (this.client as Redis).config(...(args as ['GET', string]));
-        const connection = this.cluster!.nodes('master').find((n) => n.options.host === node.host && n.options.port === node.port);
+        const connection = this.cluster!.nodes('master').find((n) => addressOf(n) === `${node.host}:${node.port}`);
         if (!connection) return Promise.reject(new Error(`no connection to ${node.host}:${node.port}`));
         return connection.config(...(args as ['GET', string]));
       },
@@ -447,7 +447,7 @@ export class RedisBackend implements Backend {
         if (Number(maxmemory) > 0 && policy !== 'noeviction' && !this.evictionReported) {
           this.evictionReported = true;
           this.options.log?.warn(
-            { maxmemoryPolicy: policy, maxmemory: Number(maxmemory), node: `${node.options.host}:${node.options.port}` },
+            { maxmemoryPolicy: policy, maxmemory: Number(maxmemory), node: addressOf(node) },
             `Redis evicts keys when it reaches maxmemory (maxmemory-policy ${policy}): sessions would vanish before their TTL without an error. Set maxmemory-policy noeviction, so that a full Redis refuses writes (503) instead`,
           );
         }
@@ -562,24 +562,20 @@ export class RedisBackend implements Backend {
   private async run(ops: readonly BackendOp[], withValue = true): Promise<Reply[]> {
     if (!this.cluster) return this.pipeline(this.client, ops, withValue);
     const cluster = this.cluster;
+    const slots = ops.map((op) => calculateSlot(this.redisKey(op.key)));
     // A master that owns some operation's slot and has no ready connection: its connection was
     // lost, it may be back at its address, or its slots may have moved. Read the slot map again
     // and connect to its masters (ioredis would do the same after sending the commands elsewhere
-    // and being redirected).
-    const ownerOf = (op: BackendOp): string | undefined => cluster.slots[calculateSlot(this.redisKey(op.key))]?.[0];
-    // Only when such a master accepts connections again: one that is down would be put back in
-    // ioredis' pool by each re-read and dropped at the next command, and each re-read ('refresh')
-    // would show the Watch a master it does not watch, ending every Watch (see slotOwners()).
-    const unready = new Set<string>();
-    for (const op of ops) {
-      const owner = ownerOf(op);
-      if (owner !== undefined && unreadyMaster(cluster, owner) !== undefined) unready.add(owner);
-    }
-    if (unready.size > 0 && (await anyAccepts([...unready], this.options.commandTimeoutMs))) await this.reopenMasters();
+    // and being redirected). Only when such a master accepts connections again: one that is down
+    // would be put back in ioredis' pool by each re-read and dropped at the next command, and each
+    // re-read ('refresh') would show the Watch a master it does not watch, ending every Watch (see
+    // slotOwners()).
+    const owners = new Set(slots.flatMap((slot) => cluster.slots[slot]?.[0] ?? []));
+    const unready = [...owners].filter((owner) => unreadyMaster(cluster, owner) !== undefined);
+    if (unready.length > 0 && (await anyAccepts(unready, this.options.commandTimeoutMs))) await this.reopenMasters();
     // One pipeline per master. Operations on one key share a slot, hence a pipeline, in order.
     const groups = new Map<string, number[]>();
-    ops.forEach((op, i) => {
-      const slot = calculateSlot(this.redisKey(op.key));
+    slots.forEach((slot, i) => {
       const group = cluster.slots[slot]?.join(',') ?? `slot ${slot}`;
       const members = groups.get(group);
       if (members) members.push(i);
@@ -591,7 +587,7 @@ export class RedisBackend implements Backend {
         // ioredis refuses, unsent, a command for a master whose connection is not ready, in the
         // words it uses for one whose reply was lost ("Connection is closed.", see NOT_SENT):
         // refuse those here, unsent and saying so. A group's operations share their slot's owner.
-        const owner = ownerOf(ops[members[0]]);
+        const owner = cluster.slots[slots[members[0]]]?.[0];
         const down = unreadyMaster(cluster, owner);
         const answers: Reply[] =
           down === undefined
@@ -747,7 +743,7 @@ export class RedisBackend implements Backend {
     // stay out of List until a session of its slots is used. Refresh then too: ioredis connects
     // to every owner of slots in the map it reads.
     const owners = () => new Set(cluster.slots.flatMap((slot) => (slot?.[0] ? [slot[0]] : [])));
-    const pooled = () => new Map(cluster.nodes('master').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const pooled = () => new Map(cluster.nodes('master').map((node) => [addressOf(node), node]));
     const before = pooled();
     // Only for an owner that accepts connections again: one that is down would be put back in
     // ioredis' pool by each refresh and dropped at the next command, and each refresh ('refresh')
@@ -791,7 +787,7 @@ export class RedisBackend implements Backend {
   private async rescanMovedSlots(before: SlotSnapshot, after: SlotSnapshot, prefix: Buffer, onKey: (key: Buffer) => void): Promise<void> {
     const moved = movedSlots(before, after);
     if (moved.size === 0) return;
-    const known = new Map(this.cluster!.nodes('all').map((node) => [`${node.options.host}:${node.options.port}`, node]));
+    const known = new Map(this.cluster!.nodes('all').map((node) => [addressOf(node), node]));
     const extra = new Map<string, Redis>();
     const connectionOf = (id: string): Redis => {
       const address = after.addresses.get(id) ?? before.addresses.get(id);
@@ -846,6 +842,11 @@ async function slotMapCurrent(cluster: Cluster): Promise<boolean> {
   }
 }
 
+/** The 'host:port' by which the slot map names a node. */
+function addressOf(node: Redis): string {
+  return `${node.options.host}:${node.options.port}`;
+}
+
 /**
  * Why commands for the master `owner` ('host:port', from the slot map) cannot be written now: the
  * state of its connection when it is not ready, or that ioredis holds none. Undefined when it is
@@ -853,7 +854,7 @@ async function slotMapCurrent(cluster: Cluster): Promise<boolean> {
  */
 function unreadyMaster(cluster: Cluster, owner: string | undefined): string | undefined {
   if (owner === undefined) return undefined;
-  const node = cluster.nodes('all').find((candidate) => `${candidate.options.host}:${candidate.options.port}` === owner);
+  const node = cluster.nodes('all').find((candidate) => addressOf(candidate) === owner);
   if (!node) return 'no open connection';
   return node.status === 'ready' ? undefined : `connection ${node.status}`;
 }
