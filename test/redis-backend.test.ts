@@ -13,7 +13,7 @@ import { SqliteBackend } from '../services/store/backends/sqlite';
 import { toStatus } from '../services/store/errors';
 import { describeBackendContract } from './backend-contract';
 import { tempDir } from './helpers/procs';
-import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster, startRedisServer } from './helpers/redis';
+import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster, startRedisServer, useDefaultNodeTimeout } from './helpers/redis';
 
 let run = 0;
 
@@ -764,8 +764,8 @@ describe('Redis backend on a Redis Cluster: a master killed, before the cluster 
   before(async function () {
     requireRedis(this);
     cluster = await startRedisCluster(3);
-    // Redis' default: the others mark a node failed (cluster_state:fail) only after 15 s.
-    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
+    // The others mark a node failed (cluster_state:fail) only after 15 s.
+    await useDefaultNodeTimeout(cluster);
   });
   after(async () => cluster?.stop());
 
@@ -800,6 +800,32 @@ describe('Redis backend on a Redis Cluster: a master killed, before the cluster 
       assert.match(await redisCommand(other.port, 'CLUSTER', 'INFO'), /cluster_state:ok/);
       await victim.start();
       await until(async () => (await backend.batch([put(down)]))[0].ok, 10_000);
+    } finally {
+      await backend.close();
+    }
+  });
+
+  it('a Watch started while the master is down is not ended by each health check (no slot map refresh while the master cannot be reached)', async () => {
+    const backend = new RedisBackend(backendOptions({ clusterNodes: cluster!.masters.map((m) => ({ host: '127.0.0.1', port: m.port })), keyPrefix: 'down:', commandTimeoutMs: 1000 }));
+    try {
+      await backend.ping();
+      backend.watch('', () => undefined, { kinds: ['expire'] }); // as the store's metrics do
+      // Down for good: the last test of this block.
+      await cluster!.masters[0].stop();
+      // The first health checks after the loss: the watch of the lost master is over.
+      for (let i = 0; i < 2; i += 1) {
+        await backend.ping();
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      const ended: StoreError[] = [];
+      backend.watch('', () => undefined, { onError: (error) => ended.push(error) });
+      for (let i = 0; i < 4; i += 1) {
+        await backend.ping();
+        // Writes too, some to the lost master's slots (refused unsent): they re-read nothing either.
+        await backend.batch(Array.from({ length: 12 }, (_, k) => ({ kind: 'put' as const, key: `k${k}`, value: Buffer.from('v'), ttlMs: 60_000 })));
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      assert.deepEqual(ended.map((e) => e.message), []);
     } finally {
       await backend.close();
     }

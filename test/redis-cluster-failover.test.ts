@@ -2,11 +2,9 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
-import type { StoreError } from '../services/store/backends/backend';
-import { RedisBackend } from '../services/store/backends/redis';
 import { checkHealth, waitForHealth } from './helpers/health';
 import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
-import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster } from './helpers/redis';
+import { type RedisClusterProcs, type RedisServer, redisCommand, requireRedis, startRedisCluster, useDefaultNodeTimeout } from './helpers/redis';
 
 /** Runs bin/dump --keys-only against the store: its exit code and the keys it printed. */
 function dumpKeys(storePort: number): Promise<{ code: number; keys: string[]; stderr: string }> {
@@ -19,6 +17,30 @@ function dumpKeys(storePort: number): Promise<{ code: number; keys: string[]; st
         resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, keys: stdout.split('\n').filter(Boolean).sort(), stderr }),
     ),
   );
+}
+
+/**
+ * A 3-master cluster that marks a lost master failed only after 15 s (useDefaultNodeTimeout), with
+ * a store process on it serving: started and stopped by the calling describe's hooks.
+ */
+function storeOnSlowFailoverCluster(): { cluster(): RedisClusterProcs; store(): Proc } {
+  let tmp: ReturnType<typeof tempDir> | undefined;
+  let cluster: RedisClusterProcs | undefined;
+  let store: Proc | undefined;
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    cluster = await startRedisCluster(3);
+    await useDefaultNodeTimeout(cluster);
+    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
+    await waitForHealth(store.port, 'SERVING');
+  });
+  after(async () => {
+    await store?.stop();
+    await cluster?.stop();
+    tmp?.remove();
+  });
+  return { cluster: () => cluster!, store: () => store! };
 }
 
 /** The replica that replicates `master`. */
@@ -96,37 +118,21 @@ describe('Redis Cluster with replicas: a master fails over (real redis-server pr
 });
 
 describe('Redis Cluster: a master down before the cluster notices (real redis-server processes, a real store)', function () {
-  let tmp: ReturnType<typeof tempDir>;
-  let cluster: RedisClusterProcs | undefined;
-  let store: Proc | undefined;
-
-  before(async function () {
-    requireRedis(this);
-    tmp = tempDir();
-    cluster = await startRedisCluster(3);
-    // The cluster marks a node failed after cluster-node-timeout (Redis' default is 15 s): until
-    // then every other node still reports cluster_state:ok.
-    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
-    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
-    await waitForHealth(store.port, 'SERVING');
-  });
-  after(async () => {
-    await store?.stop();
-    await cluster?.stop();
-    tmp?.remove();
-  });
+  // The cluster marks a node failed after cluster-node-timeout (Redis' default is 15 s): until
+  // then every other node still reports cluster_state:ok.
+  const site = storeOnSlowFailoverCluster();
 
   it('a master that owns slots down while the others say cluster_state:ok: the store stays SERVING and serves the other masters\' sessions, List fails UNAVAILABLE; once the cluster says cluster_state:fail, NOT_SERVING; SERVING again once it is back', async () => {
-    const client = createStoreClient({ address: `127.0.0.1:${store!.port}`, deadlineMs: 3000 });
+    const client = createStoreClient({ address: `127.0.0.1:${site.store().port}`, deadlineMs: 3000 });
     try {
       const keys = Array.from({ length: 30 }, (_, i) => `sess-${i}`);
       for (const key of keys) await client.put(key, Buffer.from('{"count1":1}'), { ttlMs: 600_000 });
-      const [victim, ...others] = cluster!.masters;
+      const [victim, ...others] = site.cluster().masters;
       await victim.stop('SIGKILL');
       // Readiness is not completeness: every web would leave rotation for one master's sessions.
       const outcomes: string[] = [];
       for (const end = Date.now() + 3000; Date.now() < end; ) {
-        outcomes.push(await checkHealth(store!.port));
+        outcomes.push(await checkHealth(site.store().port));
         await new Promise((r) => setTimeout(r, 250));
       }
       assert.ok(outcomes.every((o) => o === 'SERVING'), outcomes.join(' '));
@@ -134,13 +140,13 @@ describe('Redis Cluster: a master down before the cluster notices (real redis-se
       const reads = await Promise.allSettled(keys.map((key) => client.get(key)));
       const served = reads.filter((r) => r.status === 'fulfilled' && r.value !== null).length;
       assert.ok(served >= 10 && served < keys.length, `${served} of ${keys.length} sessions served`);
-      const listing = await dumpKeys(store!.port);
+      const listing = await dumpKeys(site.store().port);
       assert.equal(listing.code, 1, `bin/dump exited 0 with ${listing.keys.length} keys`);
       // The cluster declares the node failed after cluster-node-timeout: no replica, so it refuses every command.
       for (const node of others) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '1000');
-      await waitForHealth(store!.port, 'NOT_SERVING', 10_000);
+      await waitForHealth(site.store().port, 'NOT_SERVING', 10_000);
       await victim.start();
-      await waitForHealth(store!.port, 'SERVING', 20_000);
+      await waitForHealth(site.store().port, 'SERVING', 20_000);
     } finally {
       client.close();
     }
@@ -148,34 +154,18 @@ describe('Redis Cluster: a master down before the cluster notices (real redis-se
 });
 
 describe('Redis Cluster: a master restarted in place, no failover (real redis-server processes, a real store, bin/dump)', function () {
-  let tmp: ReturnType<typeof tempDir>;
-  let cluster: RedisClusterProcs | undefined;
-  let store: Proc | undefined;
-
-  before(async function () {
-    requireRedis(this);
-    tmp = tempDir();
-    cluster = await startRedisCluster(3);
-    // Redis' default: a master back within cluster-node-timeout is never marked failed.
-    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
-    store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_CLUSTER_NODES: cluster.seeds });
-    await waitForHealth(store.port, 'SERVING');
-  });
-  after(async () => {
-    await store?.stop();
-    await cluster?.stop();
-    tmp?.remove();
-  });
+  // Redis' default: a master back within cluster-node-timeout is never marked failed.
+  const site = storeOnSlowFailoverCluster();
 
   it('bin/dump lists every session again once the master is back, with no write to its slots meanwhile', async () => {
-    const client = createStoreClient({ address: `127.0.0.1:${store!.port}`, deadlineMs: 3000 });
+    const client = createStoreClient({ address: `127.0.0.1:${site.store().port}`, deadlineMs: 3000 });
     const expected = Array.from({ length: 30 }, (_, i) => `sess-${String(i).padStart(2, '0')}`);
     try {
       for (const key of expected) await client.put(key, Buffer.from('{"count1":1}'), { ttlMs: 600_000 });
     } finally {
       client.close();
     }
-    const [victim] = cluster!.masters;
+    const [victim] = site.cluster().masters;
     // Its sessions survive the restart (the test servers keep no snapshot of their own).
     await redisCommand(victim.port, 'SAVE');
     await victim.stop();
@@ -184,8 +174,8 @@ describe('Redis Cluster: a master restarted in place, no failover (real redis-se
       assert.ok(Date.now() < end, 'the restarted master never said cluster_state:ok');
       await new Promise((r) => setTimeout(r, 50));
     }
-    let run = await dumpKeys(store!.port);
-    for (const end = Date.now() + 5000; run.code !== 0 && Date.now() < end; run = await dumpKeys(store!.port)) {
+    let run = await dumpKeys(site.store().port);
+    for (const end = Date.now() + 5000; run.code !== 0 && Date.now() < end; run = await dumpKeys(site.store().port)) {
       await new Promise((r) => setTimeout(r, 200));
     }
     assert.equal(run.code, 0, `bin/dump still fails: ${run.stderr.trim()}`);
@@ -193,66 +183,19 @@ describe('Redis Cluster: a master restarted in place, no failover (real redis-se
   });
 
   it('health stays SERVING while the restarted master alone says cluster_state:fail (its first seconds back), the others ok', async () => {
-    const [victim, other] = cluster!.masters;
-    await waitForHealth(store!.port, 'SERVING');
+    const [victim, other] = site.cluster().masters;
+    await waitForHealth(site.store().port, 'SERVING');
     await victim.stop();
     await victim.start();
     const outcomes: string[] = [];
     const views: string[] = [];
     for (const end = Date.now() + 3000; Date.now() < end; ) {
       views.push(/cluster_state:(\w+)/.exec(await redisCommand(victim.port, 'CLUSTER', 'INFO'))![1]);
-      outcomes.push(await checkHealth(store!.port));
+      outcomes.push(await checkHealth(site.store().port));
       await new Promise((r) => setTimeout(r, 100));
     }
     assert.ok(views.includes('fail'), `the restarted master said: ${views.join(' ')}`);
     assert.match(await redisCommand(other.port, 'CLUSTER', 'INFO'), /cluster_state:ok/);
     assert.ok(outcomes.every((o) => o === 'SERVING'), outcomes.join(' '));
-  });
-});
-
-describe('Redis Cluster: a master down, not failed over yet (real redis-server processes, the backend in process)', function () {
-  let cluster: RedisClusterProcs | undefined;
-
-  before(async function () {
-    requireRedis(this);
-    cluster = await startRedisCluster(3);
-    // The cluster does not fail the master within this test: it stays down and owns its slots.
-    for (const node of cluster.masters) await redisCommand(node.port, 'CONFIG', 'SET', 'cluster-node-timeout', '15000');
-  });
-  after(async () => {
-    await cluster?.stop();
-  });
-
-  it('a Watch started while the master is down is not ended by each health check (no slot map refresh while the master cannot be reached)', async () => {
-    const backend = new RedisBackend({
-      url: 'redis://127.0.0.1:6379',
-      clusterNodes: cluster!.seeds.split(',').map((seed) => ({ host: seed.split(':')[0], port: Number(seed.split(':')[1]) })),
-      sentinels: [],
-      sentinelMaster: 'mymaster',
-      keyPrefix: 'down:',
-      commandTimeoutMs: 1000,
-      listWindow: 300,
-    });
-    try {
-      await backend.ping();
-      backend.watch('', () => undefined, { kinds: ['expire'] }); // as the store's metrics do
-      await cluster!.masters[0].stop();
-      // The first health checks after the loss: the watch of the lost master is over.
-      for (let i = 0; i < 2; i += 1) {
-        await backend.ping();
-        await new Promise((r) => setTimeout(r, 300));
-      }
-      const ended: StoreError[] = [];
-      backend.watch('', () => undefined, { onError: (error) => ended.push(error) });
-      for (let i = 0; i < 4; i += 1) {
-        await backend.ping();
-        // Writes too, some to the lost master's slots (refused unsent): they re-read nothing either.
-        await backend.batch(Array.from({ length: 12 }, (_, k) => ({ kind: 'put' as const, key: `k${k}`, value: Buffer.from('v'), ttlMs: 60_000 })));
-        await new Promise((r) => setTimeout(r, 300));
-      }
-      assert.deepEqual(ended.map((e) => e.message), []);
-    } finally {
-      await backend.close();
-    }
   });
 });
