@@ -1,16 +1,31 @@
 /**
  * The SQLite backend's in-memory index: for every key with a row in the log, where its latest row
  * is (seq) and what a write needs to know without reading it (version, expiry, creation time).
- * Fields live in typed arrays indexed by a slot number, so a million keys cost about 110 bytes each
- * (the key string and one Map entry, ~80 bytes measured, and four doubles) and give the garbage collector nothing to trace.
- * A JavaScript Map holds at most 2^24 (16.7 million) entries: past that, use the Redis backend.
+ * A key's four numbers sit side by side in a Float64Array chunk of SLOTS_PER_CHUNK slots (one
+ * cache line per lookup, nothing for the garbage collector to trace), and the key-to-slot maps are
+ * split into SHARDS Maps by a hash of the key: so a million keys cost about 110 bytes each (the key
+ * string and one Map entry, ~80 bytes measured, and four doubles), and growing never copies more
+ * than one small Map or allocates more than one chunk. One Map and four arrays of all the slots
+ * stalled every call when they doubled past a million keys (a Map's rehash alone: 165 ms at
+ * 1,048,576 keys, 282 ms at 2,097,152, more on a busy machine).
  */
-/** Most keys an index may be asked to hold (below the Map's 2^24). */
+/** Most keys an index may be asked to hold. */
 export const MAX_KEYDIR_KEYS = 16_000_000;
 /** Keys the SQLite store holds unless told otherwise: about 1.1 GB of index. */
 export const DEFAULT_MAX_KEYS = 10_000_000;
-/** Slots of an empty index. */
-const MIN_CAPACITY = 1024;
+
+const CHUNK_BITS = 10;
+/** Slots per chunk (32 KiB of numbers): the index grows and shrinks by whole chunks. */
+const SLOTS_PER_CHUNK = 1 << CHUNK_BITS;
+const CHUNK_MASK = SLOTS_PER_CHUNK - 1;
+/** Numbers per slot: seq, version, expiry, creation time. */
+const FIELDS = 4;
+const SEQ = 0;
+const VERSION = 1;
+const EXPIRES = 2;
+const CREATED = 3;
+/** Key-to-slot Maps: at 10 million keys each holds about 40,000, so its rehash is short. */
+const SHARDS = 256;
 
 export interface KeyState {
   seq: number;
@@ -20,54 +35,81 @@ export interface KeyState {
 }
 
 export class KeyDir {
-  private readonly slots = new Map<string, number>();
-  private keys: Array<string | undefined> = [];
+  private readonly shards = Array.from({ length: SHARDS }, () => new Map<string, number>());
+  private count = 0;
+  /** Numbers of slot s: numbers[s >> CHUNK_BITS][(s & CHUNK_MASK) * FIELDS + field]. */
+  private numbers: Float64Array[] = [];
+  /** The key in slot s: keys[s >> CHUNK_BITS][s & CHUNK_MASK]. */
+  private keys: Array<Array<string | undefined>> = [];
   private freeSlots: number[] = [];
   private used = 0;
-  seq: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
-  version: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
-  expires: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
-  created: Float64Array<ArrayBuffer> = new Float64Array(MIN_CAPACITY);
+
+  constructor() {
+    this.addChunk();
+  }
 
   /** Keys in the index (live or expired but not swept yet). */
   get size(): number {
-    return this.slots.size;
+    return this.count;
   }
 
   slot(key: string): number | undefined {
-    return this.slots.get(key);
+    return this.shards[shardOf(key)].get(key);
+  }
+
+  seqOf(slot: number): number {
+    return this.numbers[slot >> CHUNK_BITS][(slot & CHUNK_MASK) * FIELDS + SEQ];
+  }
+
+  versionOf(slot: number): number {
+    return this.numbers[slot >> CHUNK_BITS][(slot & CHUNK_MASK) * FIELDS + VERSION];
+  }
+
+  expiresOf(slot: number): number {
+    return this.numbers[slot >> CHUNK_BITS][(slot & CHUNK_MASK) * FIELDS + EXPIRES];
+  }
+
+  createdOf(slot: number): number {
+    return this.numbers[slot >> CHUNK_BITS][(slot & CHUNK_MASK) * FIELDS + CREATED];
   }
 
   state(key: string): KeyState | undefined {
-    const s = this.slots.get(key);
+    const s = this.slot(key);
     return s === undefined ? undefined : this.stateAt(s);
   }
 
   stateAt(slot: number): KeyState {
-    return { seq: this.seq[slot], version: this.version[slot], expiresAtMs: this.expires[slot], createdAtMs: this.created[slot] };
+    const chunk = this.numbers[slot >> CHUNK_BITS];
+    const at = (slot & CHUNK_MASK) * FIELDS;
+    return { seq: chunk[at + SEQ], version: chunk[at + VERSION], expiresAtMs: chunk[at + EXPIRES], createdAtMs: chunk[at + CREATED] };
   }
 
   /** Sets a key's state (in its slot if it has one, else in a new one) and returns the slot. */
-  set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot = this.slots.get(key)): number {
+  set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot = this.slot(key)): number {
     let s = slot;
     if (s === undefined) {
       s = this.takeFreeSlot() ?? this.grow();
-      this.slots.set(key, s);
-      this.keys[s] = key;
+      this.shards[shardOf(key)].set(key, s);
+      this.count += 1;
+      this.keys[s >> CHUNK_BITS][s & CHUNK_MASK] = key;
     }
-    this.seq[s] = seq;
-    this.version[s] = version;
-    this.expires[s] = expiresAtMs;
-    this.created[s] = createdAtMs;
+    const chunk = this.numbers[s >> CHUNK_BITS];
+    const at = (s & CHUNK_MASK) * FIELDS;
+    chunk[at + SEQ] = seq;
+    chunk[at + VERSION] = version;
+    chunk[at + EXPIRES] = expiresAtMs;
+    chunk[at + CREATED] = createdAtMs;
     return s;
   }
 
   remove(key: string): void {
-    const s = this.slots.get(key);
+    const shard = this.shards[shardOf(key)];
+    const s = shard.get(key);
     if (s === undefined) return;
-    this.slots.delete(key);
-    this.keys[s] = undefined;
-    this.expires[s] = 0; // a free slot is never live (countLive, expired)
+    shard.delete(key);
+    this.count -= 1;
+    this.keys[s >> CHUNK_BITS][s & CHUNK_MASK] = undefined;
+    this.numbers[s >> CHUNK_BITS][(s & CHUNK_MASK) * FIELDS + EXPIRES] = 0; // a free slot is never live (countLive, expired)
     this.freeSlots.push(s);
   }
 
@@ -80,8 +122,11 @@ export class KeyDir {
   /** Live keys: those whose expiry is after nowMs. */
   countLive(nowMs: number): number {
     let n = 0;
-    const expires = this.expires;
-    for (let s = 0; s < this.used; s += 1) if (expires[s] > nowMs) n += 1;
+    for (let c = 0; c * SLOTS_PER_CHUNK < this.used; c += 1) {
+      const chunk = this.numbers[c];
+      const end = Math.min(SLOTS_PER_CHUNK, this.used - c * SLOTS_PER_CHUNK) * FIELDS;
+      for (let at = EXPIRES; at < end; at += FIELDS) if (chunk[at] > nowMs) n += 1;
+    }
     return n;
   }
 
@@ -94,33 +139,33 @@ export class KeyDir {
     const end = Math.min(this.used, from + scan);
     let s = from;
     for (; s < end && keys.length < max; s += 1) {
-      if (this.expires[s] > nowMs) continue;
-      const key = this.keys[s];
+      if (this.expiresOf(s) > nowMs) continue;
+      const key = this.keys[s >> CHUNK_BITS][s & CHUNK_MASK];
       if (key !== undefined) keys.push(key);
     }
     return { keys, next: s >= this.used ? 0 : s };
   }
 
-  /** Slots the arrays have room for (they grow by doubling, and shrink only through pack()). */
+  /** Slots there is room for (they grow a chunk at a time, and shrink only through pack()). */
   get capacity(): number {
-    return this.seq.length;
+    return this.numbers.length * SLOTS_PER_CHUNK;
   }
 
   /**
    * Gives memory back, a step at a time, once at most a quarter of the slots hold a key (after
-   * many keys expired or were deleted at once): else the arrays, and the scans of countLive and
+   * many keys expired or were deleted at once): else the chunks, and the scans of countLive and
    * expired, keep the size of the most keys ever held. Each step moves up to `moves` keys from the
    * top slots into free ones below (a Map update each: renumbering half a million keys at once
-   * held the event loop for 0.3-0.5 s), and once no key is left above, the arrays are cut down.
-   * Slots change, so no caller may hold a slot number across a step. True while work is left.
+   * held the event loop for 0.3-0.5 s), and once no key is left above, the chunks above are
+   * dropped. Slots change, so no caller may hold a slot number across a step. True while work is left.
    */
   pack(moves: number): boolean {
     const target = this.packTarget();
-    if (target >= this.seq.length) return false;
+    if (target >= this.capacity) return false;
     let work = 0;
     while (this.used > target && work < moves) {
       const from = this.used - 1;
-      const key = this.keys[from];
+      const key = this.keys[from >> CHUNK_BITS][from & CHUNK_MASK];
       if (key !== undefined) {
         // A free slot below the target: there are at least target - size of them (target >= 2 size).
         // Free slots above it go with the cut.
@@ -129,42 +174,37 @@ export class KeyDir {
           to = this.freeSlots.pop();
           work += 1;
         }
-        if (to === undefined) return false; // cannot happen (see above); the arrays just stay as they are
-        this.seq[to] = this.seq[from];
-        this.version[to] = this.version[from];
-        this.expires[to] = this.expires[from];
-        this.created[to] = this.created[from];
-        this.keys[to] = key;
-        this.slots.set(key, to);
+        if (to === undefined) return false; // cannot happen (see above); the chunks just stay as they are
+        this.numbers[to >> CHUNK_BITS].set(this.numbers[from >> CHUNK_BITS].subarray((from & CHUNK_MASK) * FIELDS, ((from & CHUNK_MASK) + 1) * FIELDS), (to & CHUNK_MASK) * FIELDS);
+        this.keys[to >> CHUNK_BITS][to & CHUNK_MASK] = key;
+        this.shards[shardOf(key)].set(key, to);
       }
-      this.keys[from] = undefined;
-      this.expires[from] = 0;
+      this.keys[from >> CHUNK_BITS][from & CHUNK_MASK] = undefined;
+      this.numbers[from >> CHUNK_BITS][(from & CHUNK_MASK) * FIELDS + EXPIRES] = 0;
       this.used -= 1;
       work += 1;
     }
     if (this.used > target) return true;
-    this.seq = this.seq.slice(0, target);
-    this.version = this.version.slice(0, target);
-    this.expires = this.expires.slice(0, target);
-    this.created = this.created.slice(0, target);
-    this.keys.length = this.used;
+    this.numbers.length = target / SLOTS_PER_CHUNK;
+    this.keys.length = target / SLOTS_PER_CHUNK;
     this.freeSlots = this.freeSlots.filter((slot) => slot < this.used);
     return false;
   }
 
-  /** The capacity the arrays are cut to: room for twice the keys held, and at least MIN_CAPACITY. */
+  /** The capacity the chunks are cut to: room for twice the keys held, and at least one chunk. */
   private packTarget(): number {
-    if (this.seq.length <= MIN_CAPACITY || this.slots.size * 4 > this.seq.length) return this.seq.length;
-    let size = MIN_CAPACITY;
-    while (size < this.slots.size * 2) size *= 2;
-    return size;
+    if (this.numbers.length <= 1 || this.count * 4 > this.capacity) return this.capacity;
+    return Math.max(1, Math.ceil((this.count * 2) / SLOTS_PER_CHUNK)) * SLOTS_PER_CHUNK;
   }
 
   clear(): void {
-    this.slots.clear();
+    for (const shard of this.shards) shard.clear();
+    this.count = 0;
+    this.numbers = [];
     this.keys = [];
     this.freeSlots = [];
     this.used = 0;
+    this.addChunk();
   }
 
   /** A free slot below `used` (pack leaves the free slots it cut off in the list). */
@@ -175,19 +215,19 @@ export class KeyDir {
   }
 
   private grow(): number {
-    if (this.used === this.seq.length) {
-      const size = this.seq.length * 2;
-      this.seq = enlarge(this.seq, size);
-      this.version = enlarge(this.version, size);
-      this.expires = enlarge(this.expires, size);
-      this.created = enlarge(this.created, size);
-    }
+    if (this.used === this.capacity) this.addChunk();
     return this.used++;
+  }
+
+  private addChunk(): void {
+    this.numbers.push(new Float64Array(SLOTS_PER_CHUNK * FIELDS));
+    this.keys.push(new Array<string | undefined>(SLOTS_PER_CHUNK).fill(undefined));
   }
 }
 
-function enlarge(from: Float64Array<ArrayBuffer>, size: number): Float64Array<ArrayBuffer> {
-  const to = new Float64Array(size);
-  to.set(from);
-  return to;
+/** Which of the SHARDS Maps holds a key: FNV-1a over its UTF-16 code units. */
+function shardOf(key: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < key.length; i += 1) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193);
+  return (h ^ (h >>> 16)) & (SHARDS - 1);
 }

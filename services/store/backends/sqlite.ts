@@ -42,7 +42,7 @@ export interface SqliteOptions {
    * Most keys held (live, or expired and not swept yet; default 10 million). A put that would
    * create one more first removes expired keys the sweeper has not reached, and is refused as
    * unavailable if none are left; updates and deletes still work. This bounds the
-   * index's memory (~110 bytes a key) and keeps it under a JavaScript Map's 2^24 entries.
+   * index's memory (~110 bytes a key).
    */
   maxEntries?: number;
 }
@@ -440,14 +440,14 @@ export class SqliteBackend implements Backend {
   private apply(op: BackendOp, now: number, changes: ChangeEvent[], undo: Undo): BackendResult {
     const dir = this.keydir;
     const slot = dir.slot(op.key);
-    const live = slot !== undefined && dir.expires[slot] > now;
-    const liveVersion = live ? dir.version[slot] : 0;
+    const live = slot !== undefined && dir.expiresOf(slot) > now;
+    const liveVersion = live ? dir.versionOf(slot) : 0;
     switch (op.kind) {
       case 'get': {
         if (!live) return { ok: true, value: null };
-        const value = this.stmt.value.get(dir.seq[slot]) ?? EMPTY_VALUE;
-        const createdAtMs = dir.created[slot];
-        let expiresAtMs = dir.expires[slot];
+        const value = this.stmt.value.get(dir.seqOf(slot)) ?? EMPTY_VALUE;
+        const createdAtMs = dir.createdOf(slot);
+        let expiresAtMs = dir.expiresOf(slot);
         if (op.refreshTtlMs > 0) {
           // A new row with the same value and version and the later expiry.
           expiresAtMs = now + op.refreshTtlMs;
@@ -466,13 +466,13 @@ export class SqliteBackend implements Backend {
         }
         // A new key, or one that expired (a swept key's row is gone from List's key table).
         if (!live) this.stmt.addKey.run(op.key);
-        if (slot !== undefined && !live) changes.push(expiredEvent(op.key, dir.version[slot]));
+        if (slot !== undefined && !live) changes.push(expiredEvent(op.key, dir.versionOf(slot)));
         const entry: StoredEntry = {
           key: op.key,
           value: op.value,
-          version: nextVersion(slot === undefined ? 0 : dir.version[slot], now),
+          version: nextVersion(slot === undefined ? 0 : dir.versionOf(slot), now),
           expiresAtMs: now + op.ttlMs,
-          createdAtMs: live ? dir.created[slot] : now,
+          createdAtMs: live ? dir.createdOf(slot) : now,
         };
         this.append(op.key, slot, op.value, entry.version, entry.expiresAtMs, entry.createdAtMs, undo);
         changes.push({ kind: 'put', key: entry.key, version: entry.version, value: entry.value, expiresAtMs: entry.expiresAtMs });
@@ -483,9 +483,9 @@ export class SqliteBackend implements Backend {
           return versionConflict(op.expectedVersion, liveVersion);
         }
         if (slot === undefined) return { ok: true, value: false };
-        const version = dir.version[slot];
+        const version = dir.versionOf(slot);
         // Without a tombstone the key's older rows would come back when the index is rebuilt.
-        this.tombstone(op.key, version, dir.created[slot]);
+        this.tombstone(op.key, version, dir.createdOf(slot));
         undo.keys.push([op.key, dir.stateAt(slot)]);
         dir.remove(op.key);
         // An expired key that the sweeper had not reached yet: it is reported as expired, not deleted.
@@ -516,9 +516,9 @@ export class SqliteBackend implements Backend {
     }
     for (const key of keys) {
       const slot = dir.slot(key)!;
-      this.tombstone(key, dir.version[slot], dir.created[slot]);
+      this.tombstone(key, dir.versionOf(slot), dir.createdOf(slot));
       undo.keys.push([key, dir.stateAt(slot)]);
-      changes.push(expiredEvent(key, dir.version[slot]));
+      changes.push(expiredEvent(key, dir.versionOf(slot)));
       dir.remove(key);
     }
     return keys.length > 0;
@@ -548,9 +548,9 @@ export class SqliteBackend implements Backend {
     for (const key of keys) {
       if (!key.startsWith(prefix)) break;
       const slot = dir.slot(key);
-      if (slot === undefined || dir.expires[slot] <= now) continue;
-      entries.push({ key, value: EMPTY_VALUE, version: dir.version[slot], expiresAtMs: dir.expires[slot], createdAtMs: dir.created[slot] });
-      seqs.push(dir.seq[slot]);
+      if (slot === undefined || dir.expiresOf(slot) <= now) continue;
+      entries.push({ key, value: EMPTY_VALUE, version: dir.versionOf(slot), expiresAtMs: dir.expiresOf(slot), createdAtMs: dir.createdOf(slot) });
+      seqs.push(dir.seqOf(slot));
     }
     if (keysOnly || entries.length === 0) return entries;
     const values = new Map(this.stmt.values.all(JSON.stringify(seqs)));
@@ -578,17 +578,17 @@ export class SqliteBackend implements Backend {
         read += 1;
         if (version > dropped) dropped = version;
         const slot = dir.slot(key);
-        if (slot === undefined || dir.seq[slot] !== seq) continue; // superseded or deleted
-        if (dir.expires[slot] <= now) {
+        if (slot === undefined || dir.seqOf(slot) !== seq) continue; // superseded or deleted
+        if (dir.expiresOf(slot) <= now) {
           this.stmt.removeKey.run(key);
           undo.keys.push([key, dir.stateAt(slot)]);
-          changes.push(expiredEvent(key, dir.version[slot]));
+          changes.push(expiredEvent(key, dir.versionOf(slot)));
           dir.remove(key);
           continue;
         }
         const value = this.stmt.value.get(seq) ?? EMPTY_VALUE;
         bytes -= value.length;
-        this.append(key, slot, value, dir.version[slot], dir.expires[slot], dir.created[slot], undo);
+        this.append(key, slot, value, dir.versionOf(slot), dir.expiresOf(slot), dir.createdOf(slot), undo);
       }
       const last = rows[read - 1][0];
       this.stmt.keepDroppedVersion.run(dropped);
