@@ -267,6 +267,25 @@ describe('pipe client: batched store calls over one stream (real store process)'
     }
   });
 
+  it('a stream the store refuses for a wrong token is reported as refused, not broken; its calls fail as unauthenticated and not applied', async () => {
+    const tokenTmp = tempDir();
+    const guarded = await startStore(tokenTmp.dir, { STORE_TOKEN: 'store-token-0123456789' });
+    const reasons: string[] = [];
+    const wrong = createPipeClient({ address: `127.0.0.1:${guarded.port}`, deadlineMs: 2000, token: 'wrong-token-0123456789', onBreak: (reason) => reasons.push(reason) });
+    try {
+      const errors = await Promise.all([failure(wrong.put('refused', Buffer.from('x'), { ttlMs: 60_000 })), failure(wrong.get('refused'))]);
+      for (const err of errors) {
+        assert.equal(err.kind, 'unauthenticated', err.message);
+        assert.equal(err.outcomeUnknown, false);
+      }
+      assert.deepEqual(reasons, ['refused']);
+    } finally {
+      wrong.close();
+      await guarded.stop();
+      tokenTmp.remove();
+    }
+  });
+
   it('a stream that breaks with any status fails its in-flight operations as unavailable, outcome unknown', async () => {
     const fake = new Server();
     fake.addService(SessionStoreService, {

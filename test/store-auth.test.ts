@@ -6,6 +6,7 @@ import { Metadata, status } from '@grpc/grpc-js';
 import { authMetadata, createRawClient, createStoreClient } from '../services/client/store-client';
 import { BatchRequest, DeleteRequest, GetRequest, ListRequest, type Op, PutRequest, type WatchEvent, WatchRequest } from '../services/generated/kv';
 import { callRaw, METHODS, type MethodName, rawStoreClient } from './helpers/raw-grpc';
+import { parsePrometheus } from './helpers/prometheus';
 import { type Proc, startStore, startWeb, tempDir, waitForLine } from './helpers/procs';
 
 const TOKEN = 'store-token-0123456789-abcdefghij';
@@ -195,6 +196,10 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
         assert.equal(res.status, 503);
         assert.match(await res.text(), /session store is not available right now/);
         await waitForLine(web, (l) => l.includes('the store refused STORE_TOKEN')); // the operator is told why
+        // The store refused the pipe before reading a batch: nothing on it ran, so it did not break.
+        const metrics = parsePrometheus(await (await fetch(`http://127.0.0.1:${web.port}/metrics`)).text());
+        assert.ok((metrics.get('web_store_pipe_breaks_total{reason="refused"}') ?? 0) >= 1, 'the refused pipe is counted as refused');
+        assert.equal(metrics.get('web_store_pipe_breaks_total{reason="broken"}') ?? 0, 0);
       });
     }
   });

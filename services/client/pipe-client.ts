@@ -34,9 +34,10 @@ export interface PipeClientOptions extends StoreClientOptions {
 
 /**
  * Why a Pipe stream ended: it broke with batches possibly run (`broken`), no connection could be
- * opened for it (`unopened`), or the store ended it because it is stopping (`ended`).
+ * opened for it (`unopened`), the store refused it for its token before reading a batch
+ * (`refused`), or the store ended it because it is stopping (`ended`).
  */
-export type PipeBreak = 'broken' | 'unopened' | 'ended';
+export type PipeBreak = 'broken' | 'unopened' | 'refused' | 'ended';
 
 interface PendingOp {
   op: Op;
@@ -269,7 +270,8 @@ class PipeTransport {
         this.flush();
         return;
       }
-      if (!this.closed) this.options.onBreak?.(notRun === 'unread' ? 'ended' : notRun === 'unsent' ? 'unopened' : 'broken');
+      const refused = err.code === status.UNAUTHENTICATED;
+      if (!this.closed) this.options.onBreak?.(notRun === 'unread' ? 'ended' : notRun === 'unsent' ? 'unopened' : refused ? 'refused' : 'broken');
       // The stream's status is about the stream, not about an operation: batches in flight on it
       // may have run before it broke, so their outcome is unknown (an operation's own code comes
       // only from its OpResult). Except UNAUTHENTICATED: the store refuses such a stream before it
@@ -277,7 +279,7 @@ class PipeTransport {
       // grpc-js never opened (no connection to the store): nothing on it reached the store; and a
       // pipe the store ended itself (see 'end' below).
       this.failAll(
-        err.code === status.UNAUTHENTICATED || notRun === 'unread'
+        refused || notRun === 'unread'
           ? err
           : notRun === 'unsent'
             ? toClientError(status.UNAVAILABLE, `no pipe to the store could be opened (${status[err.code] ?? err.code}: ${err.message}); the operation was not sent`)

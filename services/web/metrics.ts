@@ -49,7 +49,7 @@ export class WebMetrics {
 
   private readonly pipeBreaks = new Counter({
     name: 'web_store_pipe_breaks_total',
-    help: 'Pipe streams to the store that ended, by reason: broken (the outcome of the calls in flight is unknown), unopened (no connection), ended (the store was stopping); the next call opens a new one.',
+    help: 'Pipe streams to the store that ended, by reason: broken (the outcome of the calls in flight is unknown), unopened (no connection), refused (the store refused STORE_TOKEN; nothing on it ran), ended (the store was stopping); the next call opens a new one.',
     labelNames: ['reason'] as const,
     registers: [this.registry],
   });
