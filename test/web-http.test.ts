@@ -215,12 +215,16 @@ describe('web over HTTP (createApp over a real store process)', function () {
       assert.equal((await fetch(base + '/increment', { method: 'DELETE' })).status, 405);
       assert.equal((await fetch(base + '/', { method: 'OPTIONS' })).status, 200);
       assert.equal((await fetch(base + '/reset')).status, 405);
+      assert.equal((await fetch(base + '/static/style.css', { method: 'POST' })).status, 405);
+      assert.equal((await fetch(base + '/static/style.css', { method: 'OPTIONS' })).status, 200);
       assert.deepEqual(
         logs.entries().filter((e) => e.msg === 'request').map((l) => [l.method, l.route, l.status]),
         [
           ['DELETE', '/increment', 405],
           ['OPTIONS', '/', 200],
           ['GET', '/reset', 405],
+          ['POST', '/static/*', 405],
+          ['OPTIONS', '/static/*', 200],
         ],
       );
     });

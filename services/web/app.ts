@@ -392,14 +392,15 @@ function observeRequests(logger: Logger, metrics: WebMetrics, router: Router): K
 
 /**
  * A bounded label for metrics: the router's pattern, /static/*, or "unmatched" (never the raw path).
- * A method a route does not take (405, OPTIONS) is labelled with that route: it was its address.
+ * A method a route does not take (405, OPTIONS) is labelled with that route: it was its address;
+ * under /static/ only a missing file (404) is unmatched.
  */
 function routeOf(ctx: Koa.Context, router: Router): string {
   const matched = (ctx as { _matchedRoute?: string | RegExp })._matchedRoute;
   if (typeof matched === 'string') return matched;
   // The operations' own router: a method its paths do not take (405, OPTIONS) is theirs too.
   if (OPERATION_PATHS.has(ctx.path) && ctx.status !== 404) return ctx.path;
-  if (ctx.path.startsWith('/static/') && ctx.status < 400) return '/static/*';
+  if (ctx.path.startsWith('/static/') && ctx.status !== 404) return '/static/*';
   const route = router.match(ctx.path, ctx.method).path.find((layer) => layer.methods.length > 0)?.path;
   return typeof route === 'string' ? route : 'unmatched';
 }
