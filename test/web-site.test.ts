@@ -297,6 +297,58 @@ describe('web process settings and logs', function () {
     });
   }
 
+  it('SIGTERM: requests pipelined on one connection behind one in flight, before or after the signal, are all answered; only the last says Connection: close', async () => {
+    const web = await startWeb(store.port, tmp.dir, { STORE_DEADLINE_MS: '5000' });
+    const visitor = new CookieJarClient(`http://127.0.0.1:${web.port}`);
+    const clicker = new CookieJarClient(`http://127.0.0.1:${web.port}`);
+    await visitor.page();
+    const { csrf } = await clicker.page();
+    const body = new URLSearchParams({ _csrf: csrf }).toString();
+    const socket = connect(web.port, '127.0.0.1');
+    let answers = '';
+    socket.on('data', (d: Buffer) => (answers += d.toString('latin1')));
+    const closed = once(socket, 'close');
+    // The store frozen: the first two requests wait for it in the web, the page before the increment.
+    store.child.kill('SIGSTOP');
+    try {
+      await once(socket, 'connect');
+      socket.write(
+        `GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid=${visitor.cookies.get('sid')}\r\n\r\n` +
+          `POST /increment HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid=${clicker.cookies.get('sid')}\r\n` +
+          `Content-Type: application/x-www-form-urlencoded\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+      );
+      await new Promise((r) => setTimeout(r, 300));
+      const exited = web.stop('SIGTERM');
+      assert.match(await waitForLine(web, (l) => l.includes('"msg":"stopping"')), /"inFlight":2/, 'both requests have reached the app');
+      socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+      await new Promise((r) => setTimeout(r, 200));
+      store.child.kill('SIGCONT');
+      await closed;
+      // A response's status line follows the body before it on the same line (no newline after a body).
+      assert.deepEqual(answers.match(/HTTP\/1\.1 \d+|^Connection: .*(?=\r$)/gim), [
+        'HTTP/1.1 200',
+        'Connection: keep-alive',
+        'HTTP/1.1 303',
+        'Connection: keep-alive',
+        'HTTP/1.1 200',
+        'Connection: close',
+      ]);
+      assert.equal(await exited, 0);
+    } finally {
+      store.child.kill('SIGCONT');
+      socket.destroy();
+      await web.stop();
+    }
+    const after = await startWeb(store.port, tmp.dir);
+    try {
+      const again = new CookieJarClient(`http://127.0.0.1:${after.port}`);
+      again.cookies.set('sid', clicker.cookies.get('sid')!);
+      assert.equal((await again.page()).count2, 1, 'the increment answered was done once');
+    } finally {
+      await after.stop();
+    }
+  });
+
   it('SIGTERM: connections that have sent no request yet (a browser preconnect) or only part of its headers do not hold up the stop: closed at once, exit 0', async () => {
     const web = await startWeb(store.port, tmp.dir);
     const sockets = [connect(web.port, '127.0.0.1'), connect(web.port, '127.0.0.1')];

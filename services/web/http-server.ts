@@ -7,9 +7,10 @@ import type { Logger } from '../shared/log';
 export interface WebServer {
   server: Server;
   /**
-   * Graceful stop: no new connections; responses not started yet go out with Connection: close;
+   * Graceful stop: no new connections; a connection's last response in flight goes out with
+   * Connection: close when it has not started yet (those pipelined before it are answered too);
    * connections without a response in flight (idle, or not yet through a request's headers) are
-   * closed at once and busy ones after their response; `done` runs when the last response is
+   * closed at once and busy ones after their last response; `done` runs when the last response is
    * finished. After graceMs the rest are given up: an error line and exit code 1.
    */
   stop(signal: string, done: () => void): void;
@@ -55,13 +56,26 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
   const inFlight = new Set<ServerResponse>();
   const connections = new Set<Socket>();
   let stopping = false;
+  /**
+   * Once stopping: each busy connection's last response in flight, the one after which it closes.
+   * Node answers a connection's pipelined requests in turn and closes it after the first response
+   * that says Connection: close, so only the last may say it: the app has the others too (and may
+   * have done them), and they must be answered.
+   */
+  const lastOn = new Map<Socket, ServerResponse>();
   const handle = app.callback();
   // One listener for every response (no closure per request: this is on every page's path).
   function closed(this: ServerResponse): void {
     inFlight.delete(this);
-    // A response that began with keep-alive before the stop leaves its connection idle: close it
-    // now, or server.close() would wait for the client to hang up.
-    if (stopping) server.closeIdleConnections();
+    if (!stopping) return;
+    const { socket } = this.req;
+    // A last response that began with keep-alive before the stop leaves its connection idle: close
+    // it now, or server.close() would wait for the client to hang up. Not one whose next response
+    // is still to be written: it is answered first.
+    if (lastOn.get(socket) === this) {
+      lastOn.delete(socket);
+      socket.destroy();
+    }
   }
   function forget(this: Socket): void {
     connections.delete(this);
@@ -72,13 +86,26 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     connectionsCheckingInterval: Math.min(30_000, Math.ceil(timeouts.headersMs / 2)),
   };
   const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
+    if (stopping && !closeAfter(req.socket, res)) return;
     inFlight.add(res);
     res.once('close', closed);
-    // A request read on a kept-alive connection after the stop is still answered, but its
-    // connection is closed after it, so the client does not send another one to a process that exits.
-    if (stopping) res.shouldKeepAlive = false;
     void handle(req, res);
   };
+  /**
+   * After the stop: makes res its connection's last response, which closes it (so the client sends
+   * no more requests to a process that exits). False when it cannot be answered: the response
+   * before it already said Connection: close, and Node closes the connection after that one; the
+   * request is then left undone, as the client, told the connection closes, expects.
+   */
+  function closeAfter(socket: Socket, res: ServerResponse): boolean {
+    const before = lastOn.get(socket);
+    if (before?.headersSent && !before.shouldKeepAlive) return false;
+    // Set to close by the stop (a request that asks to close ends the client's pipelining itself).
+    if (before && !before.headersSent) before.shouldKeepAlive = true;
+    if (!res.headersSent) res.shouldKeepAlive = false;
+    lastOn.set(socket, res);
+    return true;
+  }
   // Node answers an HTTP/1.1 request without Host itself (requireHostHeader) with a bare 400 that
   // no one hears of: the app refuses it instead, with its page, its log line and its metrics.
   const server = createServer({ ...limits, requireHostHeader: false }, onRequest);
@@ -134,7 +161,8 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     stop(signal, done) {
       logger.info({ signal, inFlight: inFlight.size }, 'stopping');
       stopping = true;
-      for (const res of inFlight) if (!res.headersSent) res.shouldKeepAlive = false;
+      // In the order their requests came: a connection's last one is the one left marked.
+      for (const res of inFlight) closeAfter(res.req.socket, res);
       server.close(done);
       // Node's closeIdleConnections() spares a connection that has not finished a request yet (a
       // browser's preconnect sends nothing for seconds; a slow client may be halfway through its
