@@ -74,7 +74,7 @@ export function loadStoreConfig(raw = readEnv()) {
       REDIS_SENTINEL_MASTER: z.string().default('mymaster'),
       REDIS_KEY_PREFIX: z.string().regex(/^[^{}]*$/, { message: 'expected no { or } (a hash tag would put every session in one cluster slot)' }).default('sessions:'),
       REDIS_COMMAND_TIMEOUT_MS: envs.int(500, 10, 60_000, ' ms'),
-      REDIS_LIST_WINDOW: envs.int(10_000, 1, 1_000_000, ' keys'),
+      REDIS_LIST_WINDOW: envs.int(100_000, 1, 1_000_000, ' keys'),
       LOG_LEVEL: envs.logLevel(),
     },
     raw,
