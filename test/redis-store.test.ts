@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { status } from '@grpc/grpc-js';
+import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
 import { createPipeClient } from '../services/client/pipe-client';
 import { createRawClient, createStoreClient, type StoreClient, type StoreClientError } from '../services/client/store-client';
 import type { WatchEvent } from '../services/generated/kv';
 import { checkHealth, waitForHealth } from './helpers/health';
-import { NO_ENV_FILE, type Proc, root, startStore, tempDir } from './helpers/procs';
+import { parsePrometheus } from './helpers/prometheus';
+import { NO_ENV_FILE, type Proc, root, startStore, tempDir, waitForLine } from './helpers/procs';
 import { freePort, type RedisServer, redisCommand, requireRedis, startRedisServer } from './helpers/redis';
 
 const isUnavailable = (err: StoreClientError) => err.code === status.UNAVAILABLE;
@@ -111,6 +112,48 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
       assert.equal((await client.get('k'))?.value.toString(), 'y');
     } finally {
       pipe.close();
+    }
+  });
+
+  it('a call the client gave up on while Redis was frozen is logged and counted as DEADLINE_EXCEEDED or CANCELLED, not OK; the write it carried is still applied', async () => {
+    redis = await startRedisServer();
+    // Redis answers once it thaws, long before the store would give up on it.
+    store = await startStore(tmp.dir, { ...storeEnv(redis.url), REDIS_COMMAND_TIMEOUT_MS: '10000', LOG_LEVEL: 'debug' });
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    const hasty = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 300 });
+    const raw = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 10_000 });
+    try {
+      await client.put('warm', Buffer.from('x'), { ttlMs: 60_000 });
+      redis.pause();
+      await assert.rejects(hasty.put('late', Buffer.from('x'), { ttlMs: 60_000, requestId: 'req-late' }), (err: StoreClientError) => err.code === status.DEADLINE_EXCEEDED && err.outcomeUnknown);
+      const metadata = new Metadata();
+      metadata.set('x-request-id', 'req-gone');
+      const gone = await new Promise<ServiceError | null>((resolve) => {
+        const call = raw.get({ key: 'late', refreshTtlMs: 0 }, metadata, { deadline: Date.now() + 10_000 }, (err) => resolve(err));
+        setTimeout(() => call.cancel(), 100);
+      });
+      assert.equal(gone?.code, status.CANCELLED);
+      metadata.set('x-request-id', 'req-list');
+      const list = raw.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false }, metadata, { deadline: Date.now() + 300 });
+      const listed = await new Promise<ServiceError>((resolve) => list.on('error', resolve));
+      assert.equal(listed.code, status.DEADLINE_EXCEEDED);
+      // The List's end and Redis' answer reach the store on different connections: the end first.
+      await new Promise((r) => setTimeout(r, 200));
+      redis.resume();
+      const rpc = async (requestId: string) =>
+        JSON.parse(await waitForLine(store!, (l) => l.includes('"msg":"rpc"') && l.includes(`"requestId":"${requestId}"`))) as Record<string, unknown>;
+      assert.deepEqual([(await rpc('req-late')).code, (await rpc('req-gone')).code, (await rpc('req-list')).code], ['DEADLINE_EXCEEDED', 'CANCELLED', 'DEADLINE_EXCEEDED']);
+      const line = store.lines.map((l) => JSON.parse(l) as { msg: string; port: number }).find((l) => l.msg === 'metrics listening');
+      const samples = parsePrometheus(await (await fetch(`http://127.0.0.1:${line!.port}/metrics`)).text());
+      assert.equal(samples.get('store_rpc_handled_total{method="Put",code="DEADLINE_EXCEEDED"}'), 1);
+      assert.equal(samples.get('store_rpc_handled_total{method="Get",code="CANCELLED"}'), 1);
+      assert.equal(samples.get('store_rpc_handled_total{method="Put",code="OK"}'), 1, 'only the put before the freeze');
+      assert.equal(samples.get('store_rpc_handled_total{method="Get",code="OK"}'), undefined);
+      // Redis ran the write when it thawed, as its caller was told it might (outcomeUnknown).
+      assert.equal((await client.get('late'))?.value.toString(), 'x');
+    } finally {
+      hasty.close();
+      raw.close();
     }
   });
 

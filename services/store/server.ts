@@ -141,6 +141,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
   function unary<Req, Res>(method: RpcMethod, handle: (req: Req) => Promise<Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
       const startedAt = performance.now();
+      const gaveUp = watchGivingUp(call);
       let promise: Promise<Res>;
       try {
         admit(call.metadata, call.request, deadlineOf(call));
@@ -148,16 +149,18 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       } catch (err) {
         promise = Promise.reject(err);
       }
+      // A call the client gave up on is recorded with the code the client got, though the backend's
+      // work (a write) may have been done: the answer reached no one.
       promise.then(
         (res) => {
           callback(null, res);
-          observe(method, status.OK, startedAt, call.metadata, opsOf(call.request), resultsOf(res));
+          observe(method, gaveUp() ?? status.OK, startedAt, call.metadata, opsOf(call.request), resultsOf(res));
         },
         (err) => {
           logUnexpected(logger, err, call.getPath());
           const error = toServiceError(err);
           callback(error);
-          observe(method, error.code!, startedAt, call.metadata, opsOf(call.request), undefined, error.details);
+          observe(method, gaveUp() ?? error.code!, startedAt, call.metadata, opsOf(call.request), undefined, error.details);
         },
       );
     };
@@ -174,6 +177,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
     sink: { add(entry: StoredEntry): Promise<void> | undefined; finish(): void },
   ): void {
     const startedAt = performance.now();
+    const gaveUp = watchGivingUp(call);
     // A cancelled call also stops a listing that has found nothing to yield for a while.
     const cancelled = new AbortController();
     call.once('cancelled', () => cancelled.abort());
@@ -204,7 +208,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           limit = skipped;
         }
         if (call.cancelled) {
-          observe(method, status.CANCELLED, startedAt, call.metadata);
+          observe(method, gaveUp() ?? status.CANCELLED, startedAt, call.metadata);
           return;
         }
         sink.finish();
@@ -214,7 +218,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         logUnexpected(logger, err, call.getPath());
         const error = toServiceError(err);
         if (!call.cancelled) failStream(call, error);
-        observe(method, call.cancelled ? status.CANCELLED : error.code!, startedAt, call.metadata, undefined, undefined, error.details);
+        observe(method, call.cancelled ? (gaveUp() ?? status.CANCELLED) : error.code!, startedAt, call.metadata, undefined, undefined, error.details);
       }
     })();
   }
@@ -544,6 +548,22 @@ function deadlineOf(call: { getDeadline(): Date | number }): number | undefined 
   const ms = deadline instanceof Date ? deadline.getTime() : deadline;
   return Number.isFinite(ms) ? ms : undefined;
 }
+
+/**
+ * Notes when the client gives up on a call; the returned function says how it ended then (the
+ * code the client got), or undefined while it has not: DEADLINE_EXCEEDED once its deadline had
+ * passed, else CANCELLED. The store learns a deadline when it reads the call, a little later than
+ * the client set it, so the client's own timer may cancel the call up to DEADLINE_LEEWAY_MS early.
+ */
+function watchGivingUp(call: NodeJS.EventEmitter & { getDeadline(): Date | number }): () => status | undefined {
+  let code: status | undefined;
+  call.once('cancelled', () => {
+    const deadline = deadlineOf(call);
+    code = deadline !== undefined && Date.now() >= deadline - DEADLINE_LEEWAY_MS ? status.DEADLINE_EXCEEDED : status.CANCELLED;
+  });
+  return () => code;
+}
+const DEADLINE_LEEWAY_MS = 100;
 
 /**
  * Ends a streaming call with the error's status. Not call.destroy(err): grpc-js then never sends

@@ -11,7 +11,8 @@ export type { RpcMethod };
  * performance.now() reading; `metadata` carries the call's x-request-id; `ops` are the
  * operations of a Batch call or Pipe batch, which carry their own request ids; `results` are their
  * answers when the batch ran (each operation succeeds or fails on its own inside an OK batch);
- * `details` is the message of a call that failed as a whole.
+ * `details` is the message of a call that failed as a whole. `code` is the one the client got: a call
+ * it cancelled or whose deadline passed is CANCELLED or DEADLINE_EXCEEDED, whatever the backend did.
  */
 export type RpcObserver = (
   method: RpcMethod,
