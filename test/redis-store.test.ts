@@ -157,6 +157,34 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     }
   });
 
+  it('a Pipe batch whose stream the client cancelled before the answer (Redis frozen) is logged and counted as CANCELLED, not OK; its write is still applied', async () => {
+    redis = await startRedisServer();
+    store = await startStore(tmp.dir, { ...storeEnv(redis.url), REDIS_COMMAND_TIMEOUT_MS: '10000', LOG_LEVEL: 'debug' });
+    client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    const raw = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    try {
+      const pipe = raw.pipe(new Metadata());
+      const failed = new Promise<ServiceError>((resolve) => pipe.on('error', resolve));
+      redis.pause();
+      pipe.write({ id: 1, ops: [{ op: { $case: 'put', value: { key: 'cancelled', value: Buffer.from('x'), ttlMs: 60_000, expectedVersion: undefined } }, timeoutMs: 0, requestId: 'req-cancelled' }] });
+      // The batch reaches the store and waits on Redis; then the client goes (as a web process that dies).
+      setTimeout(() => pipe.cancel(), 200);
+      assert.equal((await failed).code, status.CANCELLED);
+      // The cancel and Redis' answer reach the store on different connections: the cancel first.
+      await new Promise((r) => setTimeout(r, 200));
+      redis.resume();
+      const line = JSON.parse(await waitForLine(store, (l) => l.includes('"requestId":"req-cancelled"'))) as Record<string, unknown>;
+      assert.equal(line.code, 'CANCELLED');
+      const metrics = store.lines.map((l) => JSON.parse(l) as { msg: string; port: number }).find((l) => l.msg === 'metrics listening');
+      const samples = parsePrometheus(await (await fetch(`http://127.0.0.1:${metrics!.port}/metrics`)).text());
+      assert.equal(samples.get('store_rpc_handled_total{method="Pipe",code="CANCELLED"}'), 1);
+      assert.equal(samples.get('store_rpc_handled_total{method="Pipe",code="OK"}'), undefined);
+      assert.equal((await client.get('cancelled'))?.value.toString(), 'x');
+    } finally {
+      raw.close();
+    }
+  });
+
   it('the store losing its change feed while Redis stays up (CLIENT KILL TYPE pubsub) ends Watch with UNAVAILABLE, and bin/dump --watch with exit 1', async () => {
     redis = await startRedisServer();
     store = await startStore(tmp.dir, storeEnv(redis.url));

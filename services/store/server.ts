@@ -321,6 +321,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         observe('Pipe', error.code!, performance.now(), call.metadata, undefined, undefined, error.details);
         return;
       }
+      const gaveUp = watchGivingUp(call);
       const lateness = createLatenessMeter();
       let inFlight = 0;
       let ended = false;
@@ -372,7 +373,8 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           .then(([response, code]) => {
             inFlight -= 1;
             // The operations' own codes only when the batch ran: a batch refused as a whole is counted by its code.
-            observe('Pipe', code, startedAt, call.metadata, request.ops, code === status.OK ? response.results : undefined, response.results[0]?.message);
+            // An answer the client hung up before is counted as the client's CANCELLED, as for a unary call.
+            observe('Pipe', gaveUp() ?? code, startedAt, call.metadata, request.ops, code === status.OK ? response.results : undefined, response.results[0]?.message);
             if (call.cancelled || closed) return;
             const size = answerBytes(response);
             unsentBytes += size;
