@@ -115,7 +115,7 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
     }
   });
 
-  it('a call the client gave up on while Redis was frozen is logged and counted as DEADLINE_EXCEEDED or CANCELLED, not OK; the write it carried is still applied', async () => {
+  it('a call the client gave up on while Redis was frozen (Put, Get, List, Watch) is logged and counted as DEADLINE_EXCEEDED or CANCELLED, not OK; the write it carried is still applied', async () => {
     redis = await startRedisServer();
     // Redis answers once it thaws, long before the store would give up on it.
     store = await startStore(tmp.dir, { ...storeEnv(redis.url), REDIS_COMMAND_TIMEOUT_MS: '10000', LOG_LEVEL: 'debug' });
@@ -137,12 +137,19 @@ describe('SessionStore on Redis (real store process, real redis-server): outage,
       const list = raw.list({ prefix: '', limit: 0, startAfter: '', keysOnly: false }, metadata, { deadline: Date.now() + 300 });
       const listed = await new Promise<ServiceError>((resolve) => list.on('error', resolve));
       assert.equal(listed.code, status.DEADLINE_EXCEEDED);
+      metadata.set('x-request-id', 'req-watch');
+      const watch = raw.watch({ prefix: '' }, metadata, { deadline: Date.now() + 300 });
+      watch.on('data', () => undefined);
+      assert.equal((await new Promise<ServiceError>((resolve) => watch.on('error', resolve))).code, status.DEADLINE_EXCEEDED);
       // The List's end and Redis' answer reach the store on different connections: the end first.
       await new Promise((r) => setTimeout(r, 200));
       redis.resume();
       const rpc = async (requestId: string) =>
         JSON.parse(await waitForLine(store!, (l) => l.includes('"msg":"rpc"') && l.includes(`"requestId":"${requestId}"`))) as Record<string, unknown>;
-      assert.deepEqual([(await rpc('req-late')).code, (await rpc('req-gone')).code, (await rpc('req-list')).code], ['DEADLINE_EXCEEDED', 'CANCELLED', 'DEADLINE_EXCEEDED']);
+      assert.deepEqual(
+        [(await rpc('req-late')).code, (await rpc('req-gone')).code, (await rpc('req-list')).code, (await rpc('req-watch')).code],
+        ['DEADLINE_EXCEEDED', 'CANCELLED', 'DEADLINE_EXCEEDED', 'DEADLINE_EXCEEDED'],
+      );
       const line = store.lines.map((l) => JSON.parse(l) as { msg: string; port: number }).find((l) => l.msg === 'metrics listening');
       const samples = parsePrometheus(await (await fetch(`http://127.0.0.1:${line!.port}/metrics`)).text());
       assert.equal(samples.get('store_rpc_handled_total{method="Put",code="DEADLINE_EXCEEDED"}'), 1);

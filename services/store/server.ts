@@ -395,6 +395,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
 
     watch: (call: ServerWritableStream<WatchRequest, WatchEvent>) => {
       const startedAt = performance.now();
+      const gaveUp = watchGivingUp(call);
       let unsubscribe = (): void => undefined;
       let done = false;
       const finish = (code: status) => {
@@ -440,8 +441,8 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
         });
         // Headers now, so the client knows the feed is established (and a later UNAVAILABLE is the feed's, not the connection's).
         call.sendMetadata(new Metadata());
-        call.on('cancelled', () => finish(status.CANCELLED));
-        call.on('close', () => finish(call.cancelled ? status.CANCELLED : status.OK));
+        call.on('cancelled', () => finish(gaveUp() ?? status.CANCELLED));
+        call.on('close', () => finish(call.cancelled ? (gaveUp() ?? status.CANCELLED) : status.OK));
         stopping?.addEventListener('abort', onStop, { once: true });
         if (stopping?.aborted) onStop();
       } catch (err) {
