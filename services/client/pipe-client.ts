@@ -238,7 +238,9 @@ class PipeTransport {
       return;
     }
     const stream = this.openStream();
-    if (!stream.write(request)) {
+    // Gets read again on their own (answer()) are sent while the stream may be draining already:
+    // one drain listener is enough (one each piled up, past Node's warning at 10).
+    if (!stream.write(request) && !this.draining) {
       this.draining = true;
       stream.once('drain', () => {
         this.draining = false;
