@@ -232,6 +232,20 @@ describe('Redis backend on a single redis-server', function () {
     describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides })), () => [server!.port]),
   );
 
+  it('REDIS_URL naming an IPv6 address (redis://[::1]:port) reaches the server: calls work, also Watch', async () => {
+    const v6 = await startRedisServer({ args: ['--bind', '127.0.0.1', '::1'] });
+    const backend = new RedisBackend(backendOptions({ url: `redis://[::1]:${v6.port}`, keyPrefix: 'v6:' }));
+    try {
+      const seen: string[] = [];
+      backend.watch('', (event) => seen.push(event.key), { onError: () => undefined });
+      await until(async () => (await backend.batch([put('a')]))[0].ok && seen.includes('a'));
+      assert.equal(await redisCommand(v6.port, 'HGET', 'v6:a', 'v'), 'a');
+    } finally {
+      await backend.close();
+      await v6.stop();
+    }
+  });
+
   it('Watch: a subscriber connection that breaks while it sets notify-keyspace-events is set up again once, with no false warning, and sees every change', async () => {
     // A proxy breaks the subscriber's first connection while its CONFIG GET is out, and holds the
     // next connection's CONFIG GET for 450 ms (within the command timeout).

@@ -175,7 +175,8 @@ export class RedisBackend implements Backend {
         options.sentinels.length > 0
           ? // ioredis reaches the master a Sentinel names in plaintext unless told otherwise, whatever `tls` says.
             { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true, enableTLSForSentinelMode: auth.tls !== undefined }
-          : { host: url.hostname || '127.0.0.1', port: Number(url.port || 6379) };
+          : // URL keeps an IPv6 address in its brackets, which ioredis would look up as a host name.
+            { host: url.hostname.replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(url.port || 6379) };
       this.client = new Redis({
         ...failFast,
         ...where,
