@@ -646,6 +646,47 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('FLUSHALL (no event per key) is noticed by the health check of every store instance sharing the data set: Watch ended as changes were missed, the marker set again, a new Watch gets events', async () => {
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (_detail: object, message: string) => warnings.push(message) };
+    const options = backendOptions({ url: server!.url, log });
+    backend = new RedisBackend(options);
+    const other = new RedisBackend(options);
+    try {
+      const ended: StoreError[][] = [[], []];
+      const seen: string[][] = [[], []];
+      [backend, other].forEach((b, i) => b.watch('', (event) => seen[i].push(event.key), { onError: (error) => ended[i].push(error) }));
+      await until(async () => (await backend!.batch([put('probe')]))[0].ok && seen.every((keys) => keys.includes('probe')));
+      // Health checks with nothing removed, also after another instance connected, end nothing.
+      const third = new RedisBackend(options);
+      await third.ping();
+      await third.close();
+      for (const b of [backend, other, backend, other]) await b.ping();
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(ended[0].length + ended[1].length, 0);
+      await redisCommand(server!.port, 'FLUSHALL');
+      await backend.ping();
+      await until(() => ended[0].length > 0);
+      // The first instance marked the data set again; the other still tells that it was emptied.
+      await other.ping();
+      await until(() => ended[1].length > 0);
+      for (const [error] of ended) {
+        assert.equal(error.kind, 'unavailable');
+        assert.match(error.message, /FLUSHALL/);
+      }
+      assert.match(await redisCommand(server!.port, 'GET', options.keyPrefix), /^sessions store data set/);
+      assert.ok(warnings.some((w) => /marker .* was removed/.test(w)), warnings.join('; '));
+      const events: ChangeEvent[] = [];
+      backend.watch('', (event) => events.push(event), { onError: () => undefined });
+      await until(async () => (await backend!.batch([put('after')]))[0].ok && events.some((e) => e.key === 'after'));
+      await backend.ping();
+      await other.ping();
+      assert.equal(ended[0].length + ended[1].length, 2);
+    } finally {
+      await other.close();
+    }
+  });
+
   it('a Redis user that may read but not set notify-keyspace-events (CONFIG GET only): flags removed by another client still end Watch, with a warning, rather than leave it silent', async () => {
     await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'KEghxe');
     await redisCommand(server!.port, 'ACL', 'SETUSER', 'getonly', 'on', '>pw', '~*', '&*', '+@all', '-config|set');

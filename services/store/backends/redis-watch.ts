@@ -294,6 +294,14 @@ export class KeyspaceWatch {
     }
   }
 
+  /**
+   * Ends every listener that can be told, as changes were missed: `what` the feed did (something
+   * the backend noticed that Redis publishes no event for).
+   */
+  interrupt(what: string): void {
+    this.fail(null, what);
+  }
+
   /** Adds the notification flags we need to the node's configuration (before subscribing). */
   private async configure(sub: Subscriber, closes: number): Promise<void> {
     try {

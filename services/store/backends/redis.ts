@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { connect } from 'node:net';
 import calculateSlot from 'cluster-key-slot';
 import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis';
@@ -74,9 +75,11 @@ const READ_PAGE = 500;
 /** Keys per READ_MANY call: about a millisecond of Redis' time, as long as a SCAN call of SCAN_COUNT. */
 const READ_MANY_KEYS = 128;
 /**
- * The value of the Redis key named exactly REDIS_KEY_PREFIX, which the store writes when it
- * connects: it marks a data set (never an entry: store keys are not empty), so that a store whose
- * prefix starts with another store's prefix can tell, and say so.
+ * How the value of the Redis key named exactly REDIS_KEY_PREFIX starts, which the store writes
+ * when it connects: it marks a data set (never an entry: store keys are not empty), so that a
+ * store whose prefix starts with another store's prefix can tell, and say so. A random part
+ * follows, new each time the marker is created, so that every store instance can tell that it
+ * was removed (FLUSHALL) even after another instance created it again (see checkDataSet).
  */
 const DATA_SET_MARKER = 'sessions store data set';
 /** Passes of a cluster listing that are scanned again because a master was missing from the slot map. */
@@ -114,6 +117,9 @@ export class RedisBackend implements Backend {
   private readonly firstWaiters = new Set<() => void>();
   private everReady = false;
   private connected = false;
+  /** The data set's marker as this store last set or read it on this connection; undefined until then. */
+  private marker: string | undefined;
+  private checkingDataSet = false;
   /** The eviction warning was given (see checkEviction). */
   private evictionReported = false;
   /** Why the last connection attempt failed (a wrong password, a refused connection), until ready. */
@@ -220,6 +226,7 @@ export class RedisBackend implements Backend {
       void this.checkEviction();
     });
     this.client.on('close', () => {
+      this.marker = undefined;
       if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
       this.connected = false;
     });
@@ -364,6 +371,7 @@ export class RedisBackend implements Backend {
     try {
       await this.ready();
       void this.watcher.recheck();
+      void this.checkDataSet();
       if (!this.cluster) {
         await (this.client as Redis).ping();
         return;
@@ -417,7 +425,9 @@ export class RedisBackend implements Backend {
   private async markDataSet(): Promise<void> {
     const prefix = this.options.keyPrefix;
     try {
-      await this.client.set(prefix, DATA_SET_MARKER);
+      // NX: a marker set before (by another instance too) stays, so that a new one means it was gone.
+      const created = `${DATA_SET_MARKER} ${randomUUID()}`;
+      this.marker = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
       const characters = [...prefix];
       const shorter = characters.slice(1).map((_, i) => characters.slice(0, i + 1).join(''));
       for (const other of shorter) {
@@ -458,8 +468,39 @@ export class RedisBackend implements Backend {
     }
   }
 
+  /**
+   * Redis announces no event per key for FLUSHALL or FLUSHDB: every session is gone and Watch
+   * says nothing. The marker goes with them, so the health check looks for it: when it is gone, or
+   * is another (an instance sharing the data set created it again first), it is created again,
+   * a warning says so and the watchers are ended, as they are when changes were missed.
+   */
+  private async checkDataSet(): Promise<void> {
+    const marked = this.marker;
+    if (marked === undefined || this.checkingDataSet) return;
+    this.checkingDataSet = true;
+    try {
+      const prefix = this.options.keyPrefix;
+      let current = await this.client.get(prefix);
+      if (current === marked || this.marker !== marked) return;
+      if (current === null) {
+        const created = `${DATA_SET_MARKER} ${randomUUID()}`;
+        current = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
+      }
+      this.marker = current;
+      this.options.log?.warn(
+        { prefix },
+        `the data set's marker (the key "${prefix}") was removed: the keys under REDIS_KEY_PREFIX were deleted without an event for Watch (FLUSHALL, FLUSHDB) or the key alone was; marked again, and every Watch call ended`,
+      );
+      this.watcher.interrupt('did not report that keys were removed (FLUSHALL or FLUSHDB)');
+    } catch {
+      // Redis refusing or gone: the next check looks again.
+    } finally {
+      this.checkingDataSet = false;
+    }
+  }
+
   private async isDataSetMarker(redisKey: string): Promise<boolean> {
-    return (await this.client.get(redisKey).catch(() => null)) === DATA_SET_MARKER;
+    return (await this.client.get(redisKey).catch(() => null))?.startsWith(DATA_SET_MARKER) === true;
   }
 
   /** Resolves when commands can be sent; at start-up it waits (bounded) for the first connection. */
