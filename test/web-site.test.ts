@@ -349,6 +349,29 @@ describe('web process settings and logs', function () {
     }
   });
 
+  it('requests pipelined behind one in flight on a connection the client then closes are not kept in flight for ever: the stop counts none of them, exits 0', async () => {
+    const web = await startWeb(store.port, tmp.dir);
+    const socket = connect(web.port, '127.0.0.1');
+    socket.on('error', () => undefined);
+    // The store frozen: the page waits for it in the web, the three probes behind it on the connection.
+    store.child.kill('SIGSTOP');
+    try {
+      await once(socket, 'connect');
+      socket.write('GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n' + 'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'.repeat(3));
+      await new Promise((r) => setTimeout(r, 300));
+      socket.destroy();
+      store.child.kill('SIGCONT');
+      await new Promise((r) => setTimeout(r, 500));
+      const exited = web.stop('SIGTERM');
+      assert.match(await waitForLine(web, (l) => l.includes('"msg":"stopping"')), /"inFlight":0/, 'nothing of the closed connection is in flight');
+      assert.equal(await exited, 0);
+    } finally {
+      store.child.kill('SIGCONT');
+      socket.destroy();
+      await web.stop();
+    }
+  });
+
   it('SIGTERM: connections that have sent no request yet (a browser preconnect) or only part of its headers do not hold up the stop: closed at once, exit 0', async () => {
     const web = await startWeb(store.port, tmp.dir);
     const sockets = [connect(web.port, '127.0.0.1'), connect(web.port, '127.0.0.1')];

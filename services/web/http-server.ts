@@ -63,12 +63,20 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
    * have done them), and they must be answered.
    */
   const lastOn = new Map<Socket, ServerResponse>();
+  /**
+   * Responses queued behind a pipelined one on their connection: Node gives such a response the
+   * connection only when the one before it finishes, and one whose connection closes first never
+   * emits 'close', so it would stay in flight for ever (a client that pipelines and hangs up grew
+   * the heap without end). The connection's 'close' ends them.
+   */
+  const queued = new WeakMap<Socket, Set<ServerResponse>>();
   const handle = app.callback();
   // One listener for every response (no closure per request: this is on every page's path).
   function closed(this: ServerResponse): void {
     inFlight.delete(this);
-    if (!stopping) return;
     const { socket } = this.req;
+    queued.get(socket)?.delete(this);
+    if (!stopping) return;
     // A last response that began with keep-alive before the stop leaves its connection idle: close
     // it now, or server.close() would wait for the client to hang up. Not one whose next response
     // is still to be written: it is answered first.
@@ -79,6 +87,7 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
   }
   function forget(this: Socket): void {
     connections.delete(this);
+    for (const res of queued.get(this) ?? []) closed.call(res);
   }
   const limits = timeouts && {
     headersTimeout: timeouts.headersMs,
@@ -89,6 +98,11 @@ export function createWebServer(app: Koa, logger: Logger, graceMs: number, optio
     if (stopping && !closeAfter(req.socket, res)) return;
     inFlight.add(res);
     res.once('close', closed);
+    if (!res.socket) {
+      const waiting = queued.get(req.socket);
+      if (waiting) waiting.add(res);
+      else queued.set(req.socket, new Set([res]));
+    }
     void handle(req, res);
   };
   /**
