@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdirSync, statSync } from 'node:fs';
+import { mkdirSync, readdirSync, statSync } from 'node:fs';
 import http2 from 'node:http2';
 import path from 'node:path';
 import { Metadata, status } from '@grpc/grpc-js';
@@ -152,6 +152,22 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     for (const name of files) {
       const mode = statSync(path.join(tmp.dir, name)).mode & 0o777;
       assert.equal(mode & 0o077, 0, `${name} is mode ${mode.toString(8)}`);
+    }
+  });
+
+  it('a STORE_DATA_DIR the store creates is its user\'s alone, but its missing parents, which others may share, get the usual mode', async () => {
+    const parents = tempDir();
+    try {
+      const dataDir = path.join(parents.dir, 'app', 'var', 'store');
+      const other = await startStore(dataDir, { STORE_TOKEN: TOKEN });
+      await other.stop();
+      // What this process's umask gives a directory, as mkdir -p would.
+      mkdirSync(path.join(parents.dir, 'usual'));
+      const usual = statSync(path.join(parents.dir, 'usual')).mode & 0o777;
+      assert.equal(statSync(dataDir).mode & 0o777, 0o700);
+      for (const parent of ['app', 'app/var']) assert.equal((statSync(path.join(parents.dir, parent)).mode & 0o777).toString(8), usual.toString(8), parent);
+    } finally {
+      parents.remove();
     }
   });
 

@@ -138,12 +138,14 @@ export function readPemFile(variable: string, file: string): Buffer {
  * Creates the directory a variable names (a data directory) unless it exists, and checks that this
  * process can write in it, so that a path under a file (ENOTDIR) or a directory it may not write
  * (EACCES, EROFS) is a ConfigError naming the variable, not a bare system error at first use.
- * Returns the absolute path.
+ * `mode` applies to the directory itself only: missing parents get the usual mode, since other
+ * files and users may share them. Returns the absolute path.
  */
-export function makeDataDir(variable: string, value: string): string {
+export function makeDataDir(variable: string, value: string, mode?: number): string {
   const dir = path.resolve(value);
   try {
-    mkdirSync(dir, { recursive: true });
+    if (mode !== undefined && !existsSync(path.dirname(dir))) mkdirSync(path.dirname(dir), { recursive: true });
+    mkdirSync(dir, { recursive: true, mode });
   } catch (err) {
     throw new ConfigError(`invalid configuration: ${variable}=${JSON.stringify(value)}: cannot create the directory: ${mkdirFailure(dir, err).message}`);
   }

@@ -125,8 +125,9 @@ export function loadStoreConfig(raw = readEnv()) {
   if (env.REDIS_CLUSTER_NODES.length > 0 && !/^rediss?:\/\/[^/]*\/?0?$/.test(env.REDIS_URL)) {
     throw new ConfigError('invalid configuration: REDIS_URL: a Redis Cluster has only database 0');
   }
-  // Made here rather than first by the SQLite backend, so that a path it cannot use names STORE_DATA_DIR.
-  const dataDir = env.STORE_BACKEND === 'sqlite' ? makeDataDir('STORE_DATA_DIR', env.STORE_DATA_DIR) : path.resolve(env.STORE_DATA_DIR);
+  // Made here rather than first by the SQLite backend, so that a path it cannot use names STORE_DATA_DIR;
+  // for the store's user alone, as the files in it (its missing parents with the usual mode).
+  const dataDir = env.STORE_BACKEND === 'sqlite' ? makeDataDir('STORE_DATA_DIR', env.STORE_DATA_DIR, 0o700) : path.resolve(env.STORE_DATA_DIR);
   return Object.freeze({
     // Allowed, since the network itself may be encrypted (a VPN, a service mesh), but worth saying at start.
     warnings: Object.freeze(

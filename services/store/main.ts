@@ -19,11 +19,12 @@ import { bindServer, storeCredentials, storeServerOptions } from './transport';
  * second one stops at once (exit 1).
  */
 async function main(): Promise<void> {
-  // The database holds every session: files and directories the store creates are its user's
-  // alone (SQLite makes them 0644 under the usual umask), so another user of the machine cannot
-  // read past STORE_TOKEN.
-  process.umask(0o077);
   const config = loadStoreConfig();
+  // The database holds every session: the files the store creates are its user's alone (SQLite
+  // makes them 0644 under the usual umask), so another user of the machine cannot read past
+  // STORE_TOKEN. Set after the config made the data directory (0700), so that its missing parents,
+  // which other files and users may share, get the usual mode.
+  process.umask(0o077);
   const logger = createLogger('store', config.logLevel);
   logProcessWarnings(logger);
   for (const warning of config.warnings) logger.warn(warning);
