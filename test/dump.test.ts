@@ -781,6 +781,31 @@ describe('bin/dump (child process against a real store)', function () {
       }
     });
 
+    it('--progress to a stderr whose reader has gone (a closed terminal, a pipe whose reader exited): the whole listing still reaches stdout, exit 0', async () => {
+      const own = tempDir();
+      const bulkStore = await startBulkStore(own.dir, 20_000);
+      const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`, '--progress'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      try {
+        child.stderr!.destroy();
+        const exited = once(child, 'exit') as Promise<[number | null]>;
+        let printed = 0;
+        // A slow reader (64 KB each 5 ms: 20 MB take about 2 s), so progress is drawn mid-listing.
+        child.stdout!.on('data', (chunk: Buffer) => {
+          printed += chunk.toString().split('\n').length - 1;
+          child.stdout!.pause();
+          setTimeout(() => child.stdout!.resume(), 5);
+        });
+        const [code] = await exited;
+        await once(child.stdout!, 'close');
+        assert.equal(code, 0);
+        assert.equal(printed, 20_000);
+      } finally {
+        child.kill('SIGKILL');
+        await bulkStore.stop('SIGKILL');
+        own.remove();
+      }
+    });
+
     it('a store that accepts TCP but never answers: gives up after --connect-timeout, exit 1', async () => {
       const silent = createServer(() => undefined);
       await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));

@@ -139,6 +139,9 @@ if (require.main === module) {
     process.stderr.write(`dump: cannot write the output: ${oneLine(err.message)}\n`);
     process.exit(EXIT.storeError);
   });
+  // stderr carries only progress and the error line: a reader of it that went away (a closed
+  // terminal, a pipe whose reader exited) must not cut the dump on stdout short.
+  process.stderr.on('error', () => undefined);
   run(process.argv.slice(2)).then(
     (code) => {
       process.exitCode = code;
