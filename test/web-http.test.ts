@@ -9,6 +9,7 @@ import { createPipeClient } from '../services/client/pipe-client';
 import { createStoreClient, type StoreClient } from '../services/client/store-client';
 import { SqliteBackend } from '../services/store/backends/sqlite';
 import { loadStoreConfig } from '../services/store/config';
+import { StoreHealth } from '../services/store/health';
 import { createStoreServer } from '../services/store/server';
 import { createApp } from '../services/web/app';
 import { WebMetrics } from '../services/web/metrics';
@@ -518,6 +519,50 @@ describe('request id reaches the store (in-process store server watching what ar
       ['get', 'trace-2'],
       ['put', 'trace-2'],
     ]);
+  });
+});
+
+describe('readiness of a slow store (in-process store server delaying what arrives)', () => {
+  it('a store that answers health late and then holds the probe: /readyz answers within one timeout, not the health check\'s and then the store client\'s', async () => {
+    const tmp = tempDir();
+    const timers = new Set<NodeJS.Timeout>();
+    // Health answered after 700 ms of the 1000 ms timeout; the probe's Get (through the pipe) after 5 s.
+    const delays: Record<string, number> = { '/grpc.health.v1.Health/Check': 700, '/sessions.kv.v1.SessionStore/Pipe': 5000 };
+    const slow: ServerInterceptor = (method, call) =>
+      new ServerInterceptingCall(call, {
+        start: (next) =>
+          next({
+            onReceiveMessage: (message, pass) => {
+              const timer = setTimeout(() => pass(message), delays[method.path] ?? 0);
+              timers.add(timer);
+            },
+          }),
+      });
+    const config = loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_SYNCHRONOUS: 'NORMAL' });
+    const backend = new SqliteBackend(config.sqlite);
+    const server = createStoreServer({ backend, limits: config.limits, logger: pino({ level: 'silent' }) }, { interceptors: [slow] });
+    const health = new StoreHealth(backend);
+    health.addToServer(server);
+    await health.start();
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+    );
+    const store = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 1000 });
+    const readiness = createStoreReadiness({ address: `127.0.0.1:${port}`, timeoutMs: 1000, probe: { store, ttlMs: 60_000 } });
+    try {
+      const started = Date.now();
+      await readiness.check();
+      const took = Date.now() - started;
+      assert.ok(took < 1400, `answered after ${took} ms`);
+    } finally {
+      readiness.close();
+      store.close();
+      health.stop();
+      for (const timer of timers) clearTimeout(timer);
+      server.forceShutdown();
+      await backend.close();
+      tmp.remove();
+    }
   });
 });
 

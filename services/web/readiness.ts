@@ -60,9 +60,22 @@ export interface ReadinessProbe {
 /**
  * The setting a serving store refuses in this web's calls, from one Get of a key that never exists
  * with the web's longest TTL as refresh (nothing is written). undefined: accepted, or the store
- * could not be asked (health says why).
+ * could not be asked (health says why), also not by `deadline`: a store that answered health late
+ * must not hold /readyz for a second STORE_DEADLINE_MS, the store client's own.
  */
-async function refusedSetting(probe: ReadinessProbe): Promise<string | undefined> {
+async function refusedSetting(probe: ReadinessProbe, deadline: number): Promise<string | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), deadline - Date.now());
+  });
+  try {
+    return await Promise.race([askedSetting(probe), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function askedSetting(probe: ReadinessProbe): Promise<string | undefined> {
   try {
     await probe.store.get(PROBE_KEY, { refreshTtlMs: probe.ttlMs });
     return undefined;
@@ -116,21 +129,23 @@ export function createStoreReadiness(
     reportedStore = store;
   };
   /** The store's status, and why no answer came when it is UNREACHABLE (grpc-js's words). */
-  const health = () =>
+  const health = (deadline: number) =>
     new Promise<{ store: StoreHealthStatus; reason?: string }>((resolve) => {
-      client.check({ service: STORE_SERVICE }, metadata, { deadline: Date.now() + options.timeoutMs }, (err, res) => {
+      client.check({ service: STORE_SERVICE }, metadata, { deadline }, (err, res) => {
         if (!err) resolve({ store: res?.status ?? 'UNKNOWN' });
         else if (err.code === status.NOT_FOUND) resolve({ store: 'SERVICE_UNKNOWN' });
         else resolve({ store: 'UNREACHABLE', reason: `${status[err.code] ?? err.code}: ${err.details}` });
       });
     });
   const ask = async (): Promise<Readiness> => {
-    const { store, reason } = await health();
+    // One timeout for the whole check, health and probe together.
+    const deadline = Date.now() + options.timeoutMs;
+    const { store, reason } = await health(deadline);
     if (store !== 'SERVING' || !probe) {
       reportStore(store, undefined, reason);
       return { store };
     }
-    const problem = await refusedSetting(probe);
+    const problem = await refusedSetting(probe, deadline);
     reportStore(store, problem);
     report(problem);
     return problem ? { store, problem } : { store };
