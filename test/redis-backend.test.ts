@@ -695,6 +695,30 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a FLUSHALL that holds Redis past the command timeout (a million sessions: about a second), so that the connection is dropped meanwhile, is still noticed: Watch ended, a warning', async () => {
+    const warnings: string[] = [];
+    const log = { info: () => undefined, warn: (_detail: object, message: string) => warnings.push(message) };
+    backend = new RedisBackend(backendOptions({ url: server!.url, log, commandTimeoutMs: 200 }));
+    const ended: StoreError[] = [];
+    const seen: string[] = [];
+    backend.watch('', (event) => seen.push(event.key), { onError: (error) => ended.push(error) });
+    await until(async () => (await backend!.batch([put('probe')]))[0].ok && seen.includes('probe'));
+    await backend.ping();
+    // A synchronous FLUSHALL of millions of keys blocks Redis for seconds; a script stands in for it.
+    const flushing = redisCommand(server!.port, 'EVAL', "local t = redis.call('TIME'); local s = t[1] * 1000 + t[2] / 1000; repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 - s > 600; return redis.call('FLUSHALL')", '0');
+    // The health check runs meanwhile (every second in the store).
+    await new Promise((r) => setTimeout(r, 100));
+    await assert.rejects(backend.ping());
+    await flushing;
+    assert.ok(warnings.includes('redis connection lost; reconnecting'), warnings.join('; '));
+    await until(async () => {
+      await backend!.ping().catch(() => undefined);
+      return ended.length > 0;
+    });
+    assert.match(ended[0].message, /FLUSHALL/);
+    assert.ok(warnings.some((w) => /marker .* was removed/.test(w)), warnings.join('; '));
+  });
+
   it('a Redis user that may read but not set notify-keyspace-events (CONFIG GET only): flags removed by another client still end Watch, with a warning, rather than leave it silent', async () => {
     await redisCommand(server!.port, 'CONFIG', 'SET', 'notify-keyspace-events', 'KEghxe');
     await redisCommand(server!.port, 'ACL', 'SETUSER', 'getonly', 'on', '>pw', '~*', '&*', '+@all', '-config|set');

@@ -117,7 +117,11 @@ export class RedisBackend implements Backend {
   private readonly firstWaiters = new Set<() => void>();
   private everReady = false;
   private connected = false;
-  /** The data set's marker as this store last set or read it on this connection; undefined until then. */
+  /**
+   * The data set's marker as this store last set or read it; undefined until then. Kept across
+   * reconnections: a FLUSHALL of a big data set holds Redis past the command timeout, so the
+   * connection is dropped, and the marker found (or set) after it must still be told from this one.
+   */
   private marker: string | undefined;
   private checkingDataSet = false;
   /** The eviction warning was given (see checkEviction). */
@@ -226,7 +230,6 @@ export class RedisBackend implements Backend {
       void this.checkEviction();
     });
     this.client.on('close', () => {
-      this.marker = undefined;
       if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
       this.connected = false;
     });
@@ -427,7 +430,11 @@ export class RedisBackend implements Backend {
     try {
       // NX: a marker set before (by another instance too) stays, so that a new one means it was gone.
       const created = `${DATA_SET_MARKER} ${randomUUID()}`;
-      this.marker = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
+      const found = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
+      // Another marker than before this connection (the health check may have seen it first).
+      const removed = this.marker !== undefined && found !== this.marker;
+      this.marker = found;
+      if (removed) this.reportDataSetRemoved();
       const characters = [...prefix];
       const shorter = characters.slice(1).map((_, i) => characters.slice(0, i + 1).join(''));
       for (const other of shorter) {
@@ -487,16 +494,21 @@ export class RedisBackend implements Backend {
         current = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
       }
       this.marker = current;
-      this.options.log?.warn(
-        { prefix },
-        `the data set's marker (the key "${prefix}") was removed: the keys under REDIS_KEY_PREFIX were deleted without an event for Watch (FLUSHALL, FLUSHDB) or the key alone was; marked again, and every Watch call ended`,
-      );
-      this.watcher.interrupt('did not report that keys were removed (FLUSHALL or FLUSHDB)');
+      this.reportDataSetRemoved();
     } catch {
       // Redis refusing or gone: the next check looks again.
     } finally {
       this.checkingDataSet = false;
     }
+  }
+
+  private reportDataSetRemoved(): void {
+    const prefix = this.options.keyPrefix;
+    this.options.log?.warn(
+      { prefix },
+      `the data set's marker (the key "${prefix}") was removed: the keys under REDIS_KEY_PREFIX were deleted without an event for Watch (FLUSHALL, FLUSHDB) or the key alone was; marked again, and every Watch call ended`,
+    );
+    this.watcher.interrupt('did not report that keys were removed (FLUSHALL or FLUSHDB)');
   }
 
   private async isDataSetMarker(redisKey: string): Promise<boolean> {
