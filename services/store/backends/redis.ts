@@ -306,18 +306,18 @@ export class RedisBackend implements Backend {
       );
       if (options.signal?.aborted) return;
       const full = window.full;
-      const raw = window.drain();
       // The next pass resumes after the last key scanned, as bytes: a key that does not survive
       // decoding (below) must not move the resume point backwards, or the same window repeats.
-      const last = raw.at(-1);
-      const keys: string[] = [];
-      for (const rendered of raw) {
-        const key = this.decodeKey(Buffer.from(rendered, 'latin1'));
-        // '' is the data set's marker (see DATA_SET_MARKER), not an entry.
-        if (key !== null && key !== '') keys.push(key);
-      }
-      for (let i = 0; i < keys.length; i += READ_PAGE) {
-        const page = keys.slice(i, i + READ_PAGE);
+      const last = window.largest;
+      // A page at a time (sorting and decoding a whole window at once held the event loop).
+      for await (const rendered of window.drainPages(READ_PAGE)) {
+        const page: string[] = [];
+        for (const bytes of rendered) {
+          const key = this.decodeKey(Buffer.from(bytes, 'latin1'));
+          // '' is the data set's marker (see DATA_SET_MARKER), not an entry.
+          if (key !== null && key !== '') page.push(key);
+        }
+        if (page.length === 0) continue;
         const replies = await this.readPage(page, !options.keysOnly);
         for (let j = 0; j < page.length; j += 1) {
           const [err, reply] = replies[j];
