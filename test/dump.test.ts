@@ -787,7 +787,9 @@ describe('bin/dump (child process against a real store)', function () {
       const child = spawn(dumpBin, [`127.0.0.1:${bulkStore.port}`, '--progress'], { cwd: tmp.dir, env: { PATH: process.env.PATH ?? '' }, stdio: ['ignore', 'pipe', 'pipe'] });
       try {
         child.stderr!.destroy();
+        // Both listened for now: stdout may close before or after the exit.
         const exited = once(child, 'exit') as Promise<[number | null]>;
+        const closed = once(child.stdout!, 'close');
         let printed = 0;
         // A slow reader (64 KB each 5 ms: 20 MB take about 2 s), so progress is drawn mid-listing.
         child.stdout!.on('data', (chunk: Buffer) => {
@@ -795,8 +797,7 @@ describe('bin/dump (child process against a real store)', function () {
           child.stdout!.pause();
           setTimeout(() => child.stdout!.resume(), 5);
         });
-        const [code] = await exited;
-        await once(child.stdout!, 'close');
+        const [[code]] = await Promise.all([exited, closed]);
         assert.equal(code, 0);
         assert.equal(printed, 20_000);
       } finally {
