@@ -6,6 +6,22 @@ import { createInterface } from 'node:readline';
 
 export const root = path.resolve(__dirname, '..', '..', '..');
 
+/**
+ * Processes the tests started that are still running: killed when the test run exits. A test that
+ * times out never reaches its `finally`, and mocha's --exit would leave what it started running.
+ */
+const running = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of running) child.kill('SIGKILL');
+});
+
+/** Has `child` killed when the test run exits, if it is still running then. */
+export function stopAtExit(child: ChildProcess): ChildProcess {
+  running.add(child);
+  child.once('exit', () => running.delete(child));
+  return child;
+}
+
 export interface Proc {
   child: ChildProcess;
   port: number;
@@ -26,11 +42,11 @@ export const logCapture = { keep: true };
 
 /** Starts `node <script>` and resolves once it logs "listening" with its port (no fixed sleeps). */
 export function startProcess(script: string, env: Record<string, string>, timeoutMs = 15_000): Promise<Proc> {
-  const child = spawn(process.execPath, [path.join(root, script)], {
+  const child = stopAtExit(spawn(process.execPath, [path.join(root, script)], {
     cwd: root,
     env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'info', ...NO_ENV_FILE, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  }));
   const lines: string[] = [];
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const stop = async (signal: NodeJS.Signals = 'SIGTERM') => {

@@ -2,7 +2,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import path from 'node:path';
-import { tempDir } from './procs';
+import { stopAtExit, tempDir } from './procs';
 import { requireProgram } from './system';
 
 /**
@@ -127,7 +127,7 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
 
   const start = async () => {
     mkdirSync(dir, { recursive: true });
-    const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const proc = stopAtExit(spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
     child = proc;
     exited = new Promise((resolve) => proc.once('exit', () => resolve()));
     proc.stdout!.on('data', (d: Buffer) => output.push(...d.toString().split('\n').filter(Boolean)));
