@@ -428,9 +428,7 @@ export class RedisBackend implements Backend {
   private async markDataSet(): Promise<void> {
     const prefix = this.options.keyPrefix;
     try {
-      // NX: a marker set before (by another instance too) stays, so that a new one means it was gone.
-      const created = `${DATA_SET_MARKER} ${randomUUID()}`;
-      const found = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
+      const found = await this.claimMarker();
       // Another marker than before this connection (the health check may have seen it first).
       const removed = this.marker !== undefined && found !== this.marker;
       this.marker = found;
@@ -487,19 +485,24 @@ export class RedisBackend implements Backend {
     this.checkingDataSet = true;
     try {
       const prefix = this.options.keyPrefix;
-      let current = await this.client.get(prefix);
+      const current = await this.client.get(prefix);
       if (current === marked || this.marker !== marked) return;
-      if (current === null) {
-        const created = `${DATA_SET_MARKER} ${randomUUID()}`;
-        current = (await this.client.set(prefix, created, 'NX', 'GET')) ?? created;
-      }
-      this.marker = current;
+      this.marker = current ?? (await this.claimMarker());
       this.reportDataSetRemoved();
     } catch {
       // Redis refusing or gone: the next check looks again.
     } finally {
       this.checkingDataSet = false;
     }
+  }
+
+  /**
+   * The data set's marker: a new one (with a random part) unless one is there already, set before
+   * by this or another instance (NX), so that a new one means the old one was removed.
+   */
+  private async claimMarker(): Promise<string> {
+    const created = `${DATA_SET_MARKER} ${randomUUID()}`;
+    return (await this.client.set(this.options.keyPrefix, created, 'NX', 'GET')) ?? created;
   }
 
   private reportDataSetRemoved(): void {
