@@ -58,6 +58,35 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
     await backend.ping();
   });
 
+  it("closing the backend closes its connections to the Sentinels too, not only the master's", async () => {
+    // ioredis subscribes on the Sentinel to hear of failovers; a connection left open retries
+    // every minute once the Sentinel is gone, printing "[ioredis] Unhandled error event".
+    const subscribers = async () => (await redisCommand(sentinel!.sentinelPort, 'CLIENT', 'LIST')).split('\n').filter((client) => / sub=[1-9]/.test(client)).length;
+    const until = async (what: string, count: number) => {
+      for (const end = Date.now() + 5000; (await subscribers()) !== count; ) {
+        assert.ok(Date.now() < end, `${what}: ${await subscribers()} subscribers on the Sentinel, not ${count}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    };
+    const others = await subscribers();
+    const own = new RedisBackend({
+      url: 'redis://',
+      clusterNodes: [],
+      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
+      sentinelMaster: 'mymaster',
+      keyPrefix: 'sentinel-close:',
+      commandTimeoutMs: 1000,
+      listWindow: 100,
+    });
+    try {
+      await runOne(own, { kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 });
+      await until('while open', others + 1);
+    } finally {
+      await own.close();
+    }
+    await until('after close()', others);
+  });
+
   it('a master name the Sentinels do not know is logged once, not once per retry', async () => {
     const tmp = tempDir();
     const store = await startStore(tmp.dir, { STORE_BACKEND: 'redis', REDIS_SENTINELS: `127.0.0.1:${sentinel!.sentinelPort}`, REDIS_SENTINEL_MASTER: 'nosuch' });

@@ -416,7 +416,12 @@ export class RedisBackend implements Backend {
       await this.client.quit();
     } catch {
       this.client.disconnect();
+      return;
     }
+    // QUIT ends only the connection to the master. ioredis also subscribes on each Sentinel to hear
+    // of failovers and ends those connections only on disconnect(): they would stay open, then
+    // retry every minute once that Sentinel is gone, printing "[ioredis] Unhandled error event".
+    if (this.mode === 'sentinel') this.client.disconnect();
   }
 
   /**
