@@ -100,6 +100,40 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
       tmp.remove();
     }
   });
+
+  it('a master demoted before the Sentinels notice: one warning names it, and calls fail saying why', async () => {
+    const warnings: string[] = [];
+    const own = new RedisBackend({
+      url: 'redis://',
+      clusterNodes: [],
+      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
+      sentinelMaster: 'mymaster',
+      keyPrefix: 'sentinel-demoted:',
+      commandTimeoutMs: 1000,
+      listWindow: 100,
+      log: { info: () => undefined, warn: (detail) => warnings.push((detail as { err?: string }).err ?? '') },
+    });
+    try {
+      await runOne(own, { kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 });
+      // An operator swaps the roles by hand: the Sentinel goes on naming the old master for a while.
+      const named = await sentinel!.currentMaster();
+      const [demoted, promoted] = named.endsWith(`:${sentinel!.master.port}`) ? [sentinel!.master, sentinel!.replica] : [sentinel!.replica, sentinel!.master];
+      await redisCommand(promoted.port, 'REPLICAOF', 'NO', 'ONE');
+      await redisCommand(demoted.port, 'REPLICAOF', '127.0.0.1', String(promoted.port));
+      const why = new RegExp(`the Sentinels name 127\\.0\\.0\\.1:${demoted.port} as the master, but it answers role:slave`);
+      let message = '';
+      for (const end = Date.now() + 5000; !why.test(message); ) {
+        assert.ok(Date.now() < end, `calls do not say why they fail: ${message}`);
+        const [result] = await own.batch([{ kind: 'put', key: 'k', value: Buffer.from('v2'), ttlMs: 60_000 }]);
+        message = result.ok ? '' : result.error.message;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(warnings.filter((w) => why.test(w)).length, 1, warnings.join('\n'));
+    } finally {
+      await own.close();
+    }
+  });
 });
 
 describe('Redis through Sentinel with rediss:// (a master that speaks only TLS, real processes)', function () {

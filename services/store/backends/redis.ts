@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { connect } from 'node:net';
 import calculateSlot from 'cluster-key-slot';
-import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis';
+import { Cluster, Redis, type RedisOptions, ReplyError, type SentinelConnectionOptions, SentinelConnector } from 'ioredis';
 import {
   type Backend,
   type BackendOp,
@@ -184,7 +184,13 @@ export class RedisBackend implements Backend {
       const where: RedisOptions =
         options.sentinels.length > 0
           ? // ioredis reaches the master a Sentinel names in plaintext unless told otherwise, whatever `tls` says.
-            { sentinels: [...options.sentinels], name: options.sentinelMaster, failoverDetector: true, enableTLSForSentinelMode: auth.tls !== undefined }
+            {
+              sentinels: [...options.sentinels],
+              name: options.sentinelMaster,
+              failoverDetector: true,
+              enableTLSForSentinelMode: auth.tls !== undefined,
+              Connector: sentinelConnector((message) => this.failed(message)),
+            }
           : // URL keeps an IPv6 address in its brackets, which ioredis would look up as a host name.
             { host: url.hostname.replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(url.port || 6379) };
       this.client = new Redis({
@@ -205,13 +211,7 @@ export class RedisBackend implements Backend {
     this.client.on('connect', () => (this.wrongDatabase = undefined));
     this.client.on('error', (err: Error) => {
       if ((err as { command?: { name?: string } }).command?.name === 'select') this.wrongDatabase = err.message;
-      // ioredis retries without end: say why once per reason, not once per attempt (its Sentinel
-      // errors name the growing delay before the next one: "Retrying from scratch after 20ms.").
-      this.lastError = err.message;
-      const reason = err.message.replace(/ after \d+ms\./, '.');
-      if (this.reported.has(reason) || this.closed) return;
-      this.reported.add(reason);
-      options.log?.warn({ mode: this.mode, err: err.message }, 'redis connection failed; retrying');
+      this.failed(err.message);
     });
     this.client.on('ready', () => {
       this.everReady = true;
@@ -257,6 +257,19 @@ export class RedisBackend implements Backend {
       warn: (detail, message) => options.log?.warn(detail, message),
       settleMs: options.commandTimeoutMs,
     });
+  }
+
+  /**
+   * Why the connection failed: calls that fail meanwhile say it. ioredis retries without end: it is
+   * logged once per reason until the next 'ready', not once per attempt (its Sentinel errors name
+   * the growing delay before the next one: "Retrying from scratch after 20ms.").
+   */
+  private failed(message: string): void {
+    this.lastError = message;
+    const reason = message.replace(/ after \d+ms\./, '.');
+    if (this.reported.has(reason) || this.closed) return;
+    this.reported.add(reason);
+    this.options.log?.warn({ mode: this.mode, err: message }, 'redis connection failed; retrying');
   }
 
   /** 'single', 'sentinel' or 'cluster'. */
@@ -936,6 +949,27 @@ async function anyAccepts(addresses: readonly string[], timeoutMs: number): Prom
       socket.once('error', () => done(false));
     });
   return (await Promise.all(addresses.map(accepts))).some(Boolean);
+}
+
+/**
+ * ioredis' Sentinel connector, saying why it drops a connection to the master the Sentinels name
+ * when that server answers INFO as a replica (demoted, and the Sentinels have not switched yet):
+ * ioredis drops it and asks them again without a word, and every call fails meanwhile.
+ */
+function sentinelConnector(failed: (message: string) => void): NonNullable<RedisOptions['Connector']> {
+  return class extends SentinelConnector {
+    constructor(options: unknown) {
+      super(options as SentinelConnectionOptions);
+    }
+
+    check(info: { role?: string }): boolean {
+      const matches = super.check(info);
+      if (!matches) {
+        failed(`the Sentinels name ${this.stream.remoteAddress}:${this.stream.remotePort} as the master, but it answers role:${info.role}: waiting for them to name the new one`);
+      }
+      return matches;
+    }
+  };
 }
 
 function isRedirect(err: Error | null): boolean {
