@@ -690,6 +690,20 @@ describe('SQLite backend: the in-memory index', function () {
     assert.equal(dir.countLive(0), 0);
   });
 
+  it('reuses the free slots a pack set aside for its cut when keys added between two steps call the cut off', () => {
+    const dir = new KeyDir();
+    for (let i = 0; i < 8192; i += 1) dir.set(`k${i}`, i + 1, 1, 1e15, 1);
+    // The lowest and the highest 1,024 keys stay: a quarter of the slots, so packing begins.
+    for (let i = 1024; i < 7168; i += 1) dir.remove(`k${i}`);
+    assert.equal(dir.pack(10), true, 'one step leaves work');
+    let added = 0;
+    dir.set(`new${added++}`, 1, 1, 1e15, 1); // more than a quarter now: the cut is off
+    assert.equal(dir.pack(4096), false);
+    while (dir.size < 8192) dir.set(`new${added++}`, 1, 1, 1e15, 1);
+    assert.equal(dir.capacity, 8192, `${dir.size} keys fit in the 8,192 slots the index had`);
+    dir.clear();
+  });
+
   it('grows past a million keys without a long pause: no single insert takes more than 120 ms (one Map and arrays of every slot, doubled in one go, took 0.2-0.6 s)', () => {
     const dir = new KeyDir();
     const count = (1 << 20) + 50_000;

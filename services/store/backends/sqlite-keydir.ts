@@ -42,6 +42,11 @@ export class KeyDir {
   /** The key in slot s: keys[s >> CHUNK_BITS][s & CHUNK_MASK]. */
   private keys: Array<Array<string | undefined>> = [];
   private freeSlots: number[] = [];
+  /**
+   * Free slots pack() took off the list because its cut drops them. Keys added between two steps
+   * may call the cut off or move it up: these then go back on the list before the index grows.
+   */
+  private cutSlots: number[] = [];
   private used = 0;
 
   constructor() {
@@ -171,6 +176,7 @@ export class KeyDir {
         // Free slots above it go with the cut.
         let to = this.freeSlots.pop();
         while (to !== undefined && to >= target) {
+          this.cutSlots.push(to);
           to = this.freeSlots.pop();
           work += 1;
         }
@@ -188,6 +194,7 @@ export class KeyDir {
     this.numbers.length = target / SLOTS_PER_CHUNK;
     this.keys.length = target / SLOTS_PER_CHUNK;
     this.freeSlots = this.freeSlots.filter((slot) => slot < this.used);
+    this.returnCutSlots();
     return false;
   }
 
@@ -203,6 +210,7 @@ export class KeyDir {
     this.numbers = [];
     this.keys = [];
     this.freeSlots = [];
+    this.cutSlots = [];
     this.used = 0;
     this.addChunk();
   }
@@ -215,8 +223,19 @@ export class KeyDir {
   }
 
   private grow(): number {
+    if (this.cutSlots.length > 0) {
+      this.returnCutSlots();
+      const s = this.takeFreeSlot();
+      if (s !== undefined) return s;
+    }
     if (this.used === this.capacity) this.addChunk();
     return this.used++;
+  }
+
+  /** Puts the free slots set aside for a cut that was not made back on the list (those below `used`). */
+  private returnCutSlots(): void {
+    for (const slot of this.cutSlots) if (slot < this.used) this.freeSlots.push(slot);
+    this.cutSlots = [];
   }
 
   private addChunk(): void {
