@@ -566,6 +566,54 @@ describe('readiness of a slow store (in-process store server delaying what arriv
   });
 });
 
+describe('readiness of a store that refuses the web\'s TTL and turns slow', () => {
+  it('a probe the store answers too late keeps the web not ready: no "accepts this web\'s calls again", no 200', async () => {
+    const tmp = tempDir();
+    const timers = new Set<NodeJS.Timeout>();
+    // Nothing delayed at first; then health after 600 ms and the probe's Get (through the pipe) after 600 ms more.
+    const delays: Record<string, number> = {};
+    const slow: ServerInterceptor = (method, call) =>
+      new ServerInterceptingCall(call, {
+        start: (next) =>
+          next({
+            onReceiveMessage: (message, pass) => {
+              const timer = setTimeout(() => pass(message), delays[method.path] ?? 0);
+              timers.add(timer);
+            },
+          }),
+      });
+    // The store's longest TTL is one hour: it refuses this web's sessions of a day.
+    const config = loadStoreConfig({ STORE_DATA_DIR: tmp.dir, STORE_SYNCHRONOUS: 'NORMAL', STORE_MAX_TTL_MS: '3600000' });
+    const backend = new SqliteBackend(config.sqlite);
+    const server = createStoreServer({ backend, limits: config.limits, logger: pino({ level: 'silent' }) }, { interceptors: [slow] });
+    const health = new StoreHealth(backend);
+    health.addToServer(server);
+    await health.start();
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+    );
+    const logs = memoryLogger('info');
+    const store = createPipeClient({ address: `127.0.0.1:${port}`, deadlineMs: 1000 });
+    const readiness = createStoreReadiness({ address: `127.0.0.1:${port}`, timeoutMs: 1000, probe: { store, ttlMs: 86_400_000 }, logger: logs.logger });
+    try {
+      const first = await readiness.check();
+      assert.match(first.problem ?? '', /refuses this web's sessions/);
+      Object.assign(delays, { '/grpc.health.v1.Health/Check': 600, '/sessions.kv.v1.SessionStore/Pipe': 600 });
+      const slowed = await readiness.check();
+      assert.match(slowed.problem ?? '', /refuses this web's sessions/, 'still not ready');
+      assert.ok(!logs.lines.some((l) => l.includes('accepts this web')), logs.lines.join('\n'));
+    } finally {
+      readiness.close();
+      store.close();
+      health.stop();
+      for (const timer of timers) clearTimeout(timer);
+      server.forceShutdown();
+      await backend.close();
+      tmp.remove();
+    }
+  });
+});
+
 /** Writes requests back to back on one connection; resolves with all it got when it closes, or after timeoutMs. */
 function pipelined(port: number, requests: Buffer[], timeoutMs: number): Promise<string> {
   return new Promise<string>((resolve) => {

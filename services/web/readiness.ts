@@ -60,13 +60,14 @@ export interface ReadinessProbe {
 /**
  * The setting a serving store refuses in this web's calls, from one Get of a key that never exists
  * with the web's longest TTL as refresh (nothing is written). undefined: accepted, or the store
- * could not be asked (health says why), also not by `deadline`: a store that answered health late
- * must not hold /readyz for a second STORE_DEADLINE_MS, the store client's own.
+ * could not be asked (health says why). Not answered by `deadline`: `known`, the last answer (a
+ * store that answered health late must not hold /readyz for a second STORE_DEADLINE_MS, the store
+ * client's own, nor let a web it refuses into rotation because it is slow).
  */
-async function refusedSetting(probe: ReadinessProbe, deadline: number): Promise<string | undefined> {
+async function refusedSetting(probe: ReadinessProbe, deadline: number, known: string | undefined): Promise<string | undefined> {
   let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<undefined>((resolve) => {
-    timer = setTimeout(() => resolve(undefined), deadline - Date.now());
+  const late = new Promise<string | undefined>((resolve) => {
+    timer = setTimeout(() => resolve(known), deadline - Date.now());
   });
   try {
     return await Promise.race([askedSetting(probe), late]);
@@ -145,7 +146,7 @@ export function createStoreReadiness(
       reportStore(store, undefined, reason);
       return { store };
     }
-    const problem = await refusedSetting(probe, deadline);
+    const problem = await refusedSetting(probe, deadline, reported);
     reportStore(store, problem);
     report(problem);
     return problem ? { store, problem } : { store };
