@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import http2 from 'node:http2';
 import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
 import { createRawClient, createStoreClient, type StoreClient } from '../services/client/store-client';
-import { BatchRequest, BatchResponse, GetRequest, type Op, PutRequest } from '../services/generated/kv';
+import { BatchRequest, BatchResponse, GetRequest, type Op, PutRequest, WatchRequest } from '../services/generated/kv';
 import { callRaw, frame, http2Call, rawStoreClient, reflectionClient } from './helpers/raw-grpc';
 import { type Proc, startStore, tempDir, waitForLine } from './helpers/procs';
 
@@ -209,6 +209,21 @@ describe('store gRPC manners: reflection, deadlines, message size, request logs 
     const pipeLines = lines.filter((r) => r.method === 'Pipe' && r.ops === 2);
     assert.equal(pipeLines.length, 2, 'one line per batch on the stream');
     assert.deepEqual(pipeLines[0].requestIds, ['req-op-A', 'req-op-B']);
+  });
+
+  it('a Watch that fails says why in its log line (error), as other calls do', async () => {
+    const raw = rawStoreClient(address);
+    try {
+      const metadata = new Metadata();
+      metadata.set('x-request-id', 'req-watch-refused');
+      const request = Buffer.from(WatchRequest.encode({ prefix: 'p'.repeat(300) }).finish());
+      assert.equal((await callRaw(raw, 'Watch', [request], metadata)).code, status.RESOURCE_EXHAUSTED);
+    } finally {
+      raw.close();
+    }
+    const line = JSON.parse(await waitForLine(store, (l) => l.includes('"msg":"rpc"') && l.includes('"requestId":"req-watch-refused"'))) as Record<string, unknown>;
+    assert.deepEqual([line.method, line.code], ['Watch', 'RESOURCE_EXHAUSTED']);
+    assert.match(String(line.error), /prefix/, 'the refusal is named');
   });
 
   it("a batch's log line lists at most 20 of its operations' request ids, and counts the others", async () => {

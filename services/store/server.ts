@@ -398,12 +398,12 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       const gaveUp = watchGivingUp(call);
       let unsubscribe = (): void => undefined;
       let done = false;
-      const finish = (code: status) => {
+      const finish = (code: status, details?: string) => {
         if (done) return;
         done = true;
         unsubscribe();
         stopping?.removeEventListener('abort', onStop);
-        observe('Watch', code, startedAt, call.metadata);
+        observe('Watch', code, startedAt, call.metadata, undefined, undefined, details);
       };
       const onStop = () => {
         call.end();
@@ -418,7 +418,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           // the limit it gets no more events, then RESOURCE_EXHAUSTED after those already queued.
           if (call.writableLength >= MAX_UNSENT_EVENTS || unsentBytes >= MAX_UNSENT_BYTES) {
             const error = toServiceError(new StoreError('too_large', `the watcher fell behind by more than ${MAX_UNSENT_EVENTS} events or ${MAX_UNSENT_BYTES} bytes`));
-            finish(error.code!);
+            finish(error.code!, error.details);
             failStream(call, error);
             return;
           }
@@ -435,7 +435,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
           onError: (err) => {
             if (done) return;
             const error = toServiceError(err);
-            finish(error.code!);
+            finish(error.code!, error.details);
             failStream(call, error);
           },
         });
@@ -448,7 +448,7 @@ export function addStoreService(server: Server, options: StoreServiceOptions): v
       } catch (err) {
         const error = toServiceError(err);
         failStream(call, error);
-        finish(error.code!);
+        finish(error.code!, error.details);
       }
     },
   });
