@@ -541,6 +541,27 @@ describe('Redis backend: what others do to the Redis under it', function () {
     }
   });
 
+  it('a Redis older than 7.0 (no PEXPIRETIME): calls answer UNAVAILABLE naming the version needed and health fails, rather than INTERNAL while SERVING', async () => {
+    // Redis 6 answers PEXPIRETIME as an unknown command, as this one does.
+    const old = await startRedisServer({ args: ['--rename-command', 'PEXPIRETIME', ''] });
+    const warnings: string[] = [];
+    const backend = new RedisBackend(backendOptions({ url: old.url, log: { info: () => undefined, warn: (_detail, message) => warnings.push(message) } }));
+    try {
+      await until(() => warnings.length > 0);
+      assert.match(warnings[0], /older than 7\.0/);
+      const [created, read] = await backend.batch([put('a'), { kind: 'get', key: 'a', refreshTtlMs: 0 }]);
+      for (const result of [created, read]) {
+        assert.ok(!result.ok);
+        assert.equal(toStatus(result.error).code, status.UNAVAILABLE, result.error.message);
+        assert.match(result.error.message, /Redis 7\.0 or newer is needed/);
+      }
+      await assert.rejects(backend.ping(), /Redis 7\.0 or newer is needed/);
+    } finally {
+      await backend.close();
+      await old.stop('SIGKILL');
+    }
+  });
+
   it('a wrong Redis password: calls answer UNAVAILABLE with Redis\' reason (WRONGPASS), which the log gives once, not once per retry', async () => {
     const guarded = await startRedisServer();
     const warnings: string[] = [];

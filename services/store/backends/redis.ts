@@ -133,6 +133,11 @@ export class RedisBackend implements Backend {
    * past its `databases`). ioredis then goes on, on database 0: the store must not serve from there.
    */
   private wrongDatabase: string | undefined;
+  /**
+   * Why this Redis cannot run the store's scripts: before 7.0 it has no PEXPIRETIME, and every Get
+   * of an existing session would fail as INTERNAL (a 500 page) while health said SERVING.
+   */
+  private tooOld: string | undefined;
   /** The reasons logged since the connection was last ready. */
   private readonly reported = new Set<string>();
   private closed = false;
@@ -208,7 +213,10 @@ export class RedisBackend implements Backend {
     this.client.defineCommand('sessionOp', { numberOfKeys: 1, lua: OP });
     this.client.defineCommand('sessionReadMany', { lua: READ_MANY });
 
-    this.client.on('connect', () => (this.wrongDatabase = undefined));
+    this.client.on('connect', () => {
+      this.wrongDatabase = undefined;
+      this.tooOld = undefined;
+    });
     this.client.on('error', (err: Error) => {
       if ((err as { command?: { name?: string } }).command?.name === 'select') this.wrongDatabase = err.message;
       this.failed(err.message);
@@ -228,6 +236,7 @@ export class RedisBackend implements Backend {
       this.syncWatch();
       void this.markDataSet();
       void this.checkEviction();
+      void this.checkVersion();
     });
     this.client.on('close', () => {
       if (this.connected && !this.closed) options.log?.warn({ mode: this.mode }, 'redis connection lost; reconnecting');
@@ -492,6 +501,20 @@ export class RedisBackend implements Backend {
   }
 
   /**
+   * Asks for PEXPIRETIME (Redis 7.0) once per connection: a Redis without it fails every call,
+   * UNAVAILABLE and health NOT_SERVING, naming the cause, until the store reaches one that has it.
+   */
+  private async checkVersion(): Promise<void> {
+    try {
+      await this.client.call('PEXPIRETIME', this.options.keyPrefix);
+    } catch (err) {
+      if (!/^ERR unknown command/i.test((err as Error).message)) return;
+      this.tooOld = `Redis 7.0 or newer is needed (it has no PEXPIRETIME: ${(err as Error).message})`;
+      this.options.log?.warn({ mode: this.mode, err: (err as Error).message }, 'redis is older than 7.0 (no PEXPIRETIME): every call fails until it is upgraded');
+    }
+  }
+
+  /**
    * Redis announces no event per key for FLUSHALL or FLUSHDB: every session is gone and Watch
    * says nothing. The marker goes with them, so the health check looks for it: when it is gone, or
    * is another (an instance sharing the data set created it again first), it is created again,
@@ -551,6 +574,7 @@ export class RedisBackend implements Backend {
       });
     }
     if (this.wrongDatabase) throw new StoreError('unavailable', `redis: cannot use the database REDIS_URL names (${this.wrongDatabase})`);
+    if (this.tooOld) throw new StoreError('unavailable', `redis: ${this.tooOld}`);
     if ((this.client.status as string) === 'ready') {
       if (this.cluster) await this.mastersConnected();
       return;
