@@ -442,6 +442,17 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.match(stderr, /^store: invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY are not a usable certificate and key: .*key values mismatch\n$/);
   });
 
+  it('swapped STORE_TLS_CERT and STORE_TLS_KEY, or one file in both, stop the store saying which holds what, not an OpenSSL code', async () => {
+    const { cert, key } = await selfSigned(tmp.dir, 'swap');
+    const prefix = 'store: invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY are not a usable certificate and key: ';
+    const swapped = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: key, STORE_TLS_KEY: cert });
+    assert.equal(swapped.code, 1);
+    assert.equal(swapped.stderr, `${prefix}STORE_TLS_CERT holds no certificate, but a private key (are the two files swapped?)\n`);
+    const certTwice = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: cert, STORE_TLS_KEY: cert });
+    assert.equal(certTwice.code, 1);
+    assert.equal(certTwice.stderr, `${prefix}STORE_TLS_KEY holds no private key, but a certificate (are the two files swapped?)\n`);
+  });
+
   it('a taken PORT stops the store with one line naming PORT (and no log line of grpc-js besides it)', async () => {
     const taken = createServer();
     await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));

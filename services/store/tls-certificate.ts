@@ -16,11 +16,25 @@ export interface CertificateInfo {
   notAfter: Date;
 }
 
+const CERTIFICATE = '-----BEGIN CERTIFICATE-----';
+/** PKCS#8 (what openssl req writes), EC, RSA and encrypted keys. */
+const PRIVATE_KEY = /-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----/;
+
 /**
  * Checks that the key belongs to the certificate (the first of the chain) and that both parse, as
- * a TLS handshake would need them. Throws with OpenSSL's reason ("key values mismatch", ...).
+ * a TLS handshake would need them. Throws with OpenSSL's reason ("key values mismatch", ...), or,
+ * for a file that holds the other kind of PEM (the two swapped, one file given twice), with which
+ * one that is: OpenSSL would only say "no start line".
  */
 export function checkPair(pair: CertificatePair): CertificateInfo {
+  const cert = pair.cert.toString('latin1');
+  const key = pair.key.toString('latin1');
+  if (!cert.includes(CERTIFICATE)) {
+    throw new Error(`STORE_TLS_CERT holds no certificate${PRIVATE_KEY.test(cert) ? ', but a private key (are the two files swapped?)' : ''}`);
+  }
+  if (!PRIVATE_KEY.test(key)) {
+    throw new Error(`STORE_TLS_KEY holds no private key${key.includes(CERTIFICATE) ? ', but a certificate (are the two files swapped?)' : ''}`);
+  }
   createSecureContext({ cert: pair.cert, key: pair.key });
   const leaf = new X509Certificate(pair.cert);
   const notAfter = new Date(leaf.validTo);
