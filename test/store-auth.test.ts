@@ -171,6 +171,20 @@ describe('store authentication with STORE_TOKEN (real store and web processes)',
     }
   });
 
+  it("npm start's var/, shared by the two services, is their user's alone also when the web creates it first (it holds the generated session key)", async () => {
+    const parents = tempDir();
+    try {
+      const dataDir = path.join(parents.dir, 'var');
+      const web = await startWeb(store.port, dataDir, { SESSION_KEYS: '' });
+      await web.stop();
+      const other = await startStore(dataDir, { STORE_TOKEN: TOKEN });
+      await other.stop();
+      assert.equal((statSync(dataDir).mode & 0o777).toString(8), '700');
+    } finally {
+      parents.remove();
+    }
+  });
+
   it('Watch with the right token streams changes', async () => {
     const client = createRawClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });
     const writer = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 5000, token: TOKEN });

@@ -146,8 +146,10 @@ const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS']);
 function localKey(dataDir: string): string {
   const file = path.join(dataDir, 'session-key');
   if (!existsSync(file)) {
-    // Only to write the key: a directory that already holds one may be read-only.
-    makeDataDir('WEB_DATA_DIR', dataDir);
+    // Only to write the key: a directory that already holds one may be read-only. For this user
+    // alone, as the store makes it: by default both services share var/, and whichever starts
+    // first creates it (a mode given later changes nothing).
+    makeDataDir('WEB_DATA_DIR', dataDir, 0o700);
     // Written whole under a name of its own, then linked in place: a web starting at the same
     // moment (Procfile.redis starts two) finds no file or the whole key, never an empty one.
     const draft = `${file}.${randomBytes(6).toString('hex')}`;
