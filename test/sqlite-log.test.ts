@@ -5,7 +5,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type BackendOp, type StoredEntry, runOne } from '../services/store/backends/backend';
 import { requireWalResetFix, SqliteBackend, type SqliteOptions } from '../services/store/backends/sqlite';
-import { KeyDir } from '../services/store/backends/sqlite-keydir';
+import { KeyDir, type KeyState, keyHash } from '../services/store/backends/sqlite-keydir';
 import { tempDir } from './helpers/procs';
 
 const put = (key: string, value: string, ttlMs = 60_000): BackendOp => ({ kind: 'put', key, value: Buffer.from(value), ttlMs });
@@ -30,6 +30,26 @@ function logRows(dir: string): number {
   } finally {
     db.close();
   }
+}
+
+/**
+ * Four keys of one index hash (keyHash): x1 and x2 collide, and so do x1+y1 and x1+y2, so all of
+ * x1y1, x1y2, x2y1 and x2y2 do (FNV's state is the same after x1 as after x2). A birthday search
+ * finds each pair in about 2^16 tries.
+ */
+function collidingKeys(): string[] {
+  const pair = (prefix: string, mark: string): [string, string] => {
+    const seen = new Map<number, string>();
+    for (let i = 0; ; i += 1) {
+      const part = `${mark}${i}`;
+      const other = seen.get(keyHash(prefix + part));
+      if (other !== undefined) return [other, part];
+      seen.set(keyHash(prefix + part), part);
+    }
+  };
+  const [x1, x2] = pair('', 'a');
+  const [y1, y2] = pair(x1, '-');
+  return [x1 + y1, x1 + y2, x2 + y1, x2 + y2];
 }
 
 /**
@@ -91,6 +111,46 @@ describe('SQLite backend: append-only log and in-memory index', function () {
       const live = before.filter(([key]) => key !== 'd');
       assert.deepEqual(await listAll(b), live);
       assert.equal(await b.countLive(), live.length);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('a restart rebuilds the same index from a log of several pages of reads: superseded, deleted, re-created and expired rows, and keys of one hash', async () => {
+    const colliding = collidingKeys();
+    const keys = [...Array.from({ length: 12_000 }, (_, i) => `k${i}`), ...colliding];
+    let b = new SqliteBackend(options);
+    const index = () => (b as unknown as { keydir: KeyDir }).keydir;
+    const states = () => new Map(keys.map((key) => [key, index().state(key)]));
+    let before: ReturnType<typeof states>;
+    try {
+      // 12,004 puts (every 7th expires before the restart), then overwrites, deletes and re-creates
+      // of keys from the first page of the rebuild's reads in later pages (under compaction's threshold).
+      await b.batch(keys.map((key, i) => put(key, `${key}-1`, i % 7 === 0 ? 1 : 60_000)));
+      await b.batch(keys.filter((_, i) => i % 3 === 0).map((key) => put(key, `${key}-2`)));
+      await b.batch(keys.filter((_, i) => i % 5 === 0).map(del));
+      await b.batch(keys.filter((_, i) => i % 10 === 0).map((key) => put(key, `${key}-3`)));
+      // Of the keys of one hash: the first (the one the index's shard holds) deleted, a later one re-created.
+      await b.batch([del(colliding[0]), del(colliding[2])]);
+      await b.batch([put(colliding[2], 'again')]);
+      before = states();
+      assert.equal(index().size, keys.length - (keys.filter((_, i) => i % 5 === 0 && i % 10 !== 0).length + 1));
+    } finally {
+      await b.close();
+    }
+    assert.ok(logRows(tmp.dir) > 10_000, `${logRows(tmp.dir)} log rows: more than one page of the rebuild's reads`);
+    b = new SqliteBackend(options);
+    try {
+      assert.deepEqual(states(), before);
+      assert.equal((b as unknown as { logRows: number }).logRows, logRows(tmp.dir));
+      assert.equal((await read(b, 'k30'))?.value.toString(), 'k30-3');
+      assert.equal((await read(b, 'k33'))?.value.toString(), 'k33-2');
+      assert.equal(await read(b, 'k35'), null);
+      assert.equal(await read(b, 'k7'), null, 'expired');
+      assert.equal(await read(b, colliding[0]), null);
+      assert.equal((await read(b, colliding[1]))?.value.toString(), `${colliding[1]}-1`);
+      assert.equal((await read(b, colliding[3]))?.value.toString(), `${colliding[3]}-2`);
+      assert.equal((await read(b, colliding[2]))?.value.toString(), 'again');
     } finally {
       await b.close();
     }
@@ -702,6 +762,59 @@ describe('SQLite backend: the in-memory index', function () {
     while (dir.size < 8192) dir.set(`new${added++}`, 1, 1, 1e15, 1);
     assert.equal(dir.capacity, 8192, `${dir.size} keys fit in the 8,192 slots the index had`);
     dir.clear();
+  });
+
+  it('keeps keys of one hash apart: the shard entry passes to another key of the hash when its key goes, and packs move them all', () => {
+    const group = collidingKeys();
+    assert.equal(new Set(group.map(keyHash)).size, 1);
+    const dir = new KeyDir();
+    const model = new Map<string, KeyState>();
+    const set = (key: string, n: number) => {
+      dir.set(key, n, n + 1, 1000 + n, n + 2);
+      model.set(key, { seq: n, version: n + 1, expiresAtMs: 1000 + n, createdAtMs: n + 2 });
+    };
+    const remove = (key: string) => {
+      dir.remove(key);
+      model.delete(key);
+    };
+    const check = (when: string) => {
+      for (const key of group) {
+        const slot = dir.slot(key);
+        assert.deepEqual(dir.state(key), model.get(key), `${key} ${when}`);
+        if (slot !== undefined) assert.equal(dir.seqOf(slot), model.get(key)!.seq, `${key}'s slot ${when}`);
+      }
+      assert.equal(dir.size, model.size, when);
+    };
+    // The group after 3,000 other keys, so that packing moves its keys down.
+    for (let i = 0; i < 3000; i += 1) set(`filler${i}`, i);
+    group.forEach((key, i) => set(key, 5000 + i));
+    check('after the puts');
+    set(group[2], 6000);
+    check('after an update of a key outside the shard');
+    remove(group[0]);
+    check('after the shard\'s key went');
+    remove(group[0]);
+    remove(`${group[0]}x`);
+    check('after removes of absent keys');
+    for (let i = 0; i < 3000; i += 1) remove(`filler${i}`);
+    while (dir.pack(97));
+    assert.ok(dir.capacity <= 1024, `${dir.capacity} slots`);
+    check('after packing');
+    set(group[0], 7000);
+    remove(group[3]);
+    check('after a re-create and a remove');
+    dir.restore(group[3], { seq: 1, version: 2, expiresAtMs: 3, createdAtMs: 4 });
+    model.set(group[3], { seq: 1, version: 2, expiresAtMs: 3, createdAtMs: 4 });
+    dir.restore(group[1], undefined);
+    model.delete(group[1]);
+    check('after restores');
+    assert.deepEqual(dir.expired(500, 0, 1024, 10).keys, [group[3]]);
+    for (const key of [...model.keys()]) remove(key);
+    check('after removing all');
+    set(group[1], 8000);
+    dir.clear();
+    model.clear();
+    check('after clear');
   });
 
   it('grows past a million keys without a long pause: no single insert takes more than 120 ms (one Map and arrays of every slot, doubled in one go, took 0.2-0.6 s)', () => {

@@ -342,6 +342,21 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     assert.equal(value?.value.length, 10);
   });
 
+  it('logs the rebuild of the index at start, before the port opens: the log rows read, the keys and how long it took', async () => {
+    const backend = new SqliteBackend({ dataDir: tmp.dir, synchronous: 'NORMAL', sweepIntervalMs: 0, sweepBatch: 100, maxOpsPerCommit: 1000 });
+    const put = (key: string) => ({ kind: 'put' as const, key, value: Buffer.from(key), ttlMs: 600_000 });
+    await backend.batch([put('a'), put('b'), put('c')]);
+    await backend.batch([put('a'), { kind: 'delete', key: 'b' }]);
+    await backend.close();
+    const { proc } = await connect();
+    const lines = proc.lines.map((line) => JSON.parse(line) as { msg: string; dataDir?: string; logRows?: number; keys?: number; tookMs?: number });
+    const rebuilt = lines.findIndex((line) => line.msg === 'index rebuilt from the log');
+    assert.ok(rebuilt >= 0 && rebuilt < lines.findIndex((line) => line.msg === 'listening'), proc.lines.join('\n'));
+    const { dataDir, logRows, keys, tookMs } = lines[rebuilt];
+    assert.deepEqual({ dataDir, logRows, keys }, { dataDir: tmp.dir, logRows: 5, keys: 2 });
+    assert.ok(Number.isInteger(tookMs) && tookMs! >= 0, `tookMs ${tookMs}`);
+  });
+
   it('a second store on the same directory is refused at start, saying so; once the first is gone (even killed with SIGKILL) a new one starts', async () => {
     const { client, proc } = await connect();
     await fill(client, 10, 10);

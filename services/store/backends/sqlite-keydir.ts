@@ -8,6 +8,11 @@
  * than one small Map or allocates more than one chunk. One Map and four arrays of all the slots
  * stalled every call when they doubled past a million keys (a Map's rehash alone: 165 ms at
  * 1,048,576 keys, 282 ms at 2,097,152, more on a busy machine).
+ * The Maps are keyed by that 32-bit hash, not by the key: a Map of strings compares the key with
+ * every key in its hash chain, each a string somewhere else in the heap, and those cache misses
+ * were a fifth of the rebuild at start-up (a million new keys: 1.0 s of CPU, by hash 0.6 s). The
+ * key in the slot found confirms it; the few keys whose hash another key holds already (about 120
+ * in a million random ones) go in a Map by the key itself.
  */
 /** Most keys an index may be asked to hold. */
 export const MAX_KEYDIR_KEYS = 16_000_000;
@@ -35,7 +40,10 @@ export interface KeyState {
 }
 
 export class KeyDir {
-  private readonly shards = Array.from({ length: SHARDS }, () => new Map<string, number>());
+  /** Key hash (keyHash) to slot, split by the hash's low bits. */
+  private readonly shards = Array.from({ length: SHARDS }, () => new Map<number, number>());
+  /** By hash, key to slot of the keys whose hash the shards hold for another key (only while they do). */
+  private readonly collided = new Map<number, Map<string, number>>();
   private count = 0;
   /** Numbers of slot s: numbers[s >> CHUNK_BITS][(s & CHUNK_MASK) * FIELDS + field]. */
   private numbers: Float64Array[] = [];
@@ -59,7 +67,9 @@ export class KeyDir {
   }
 
   slot(key: string): number | undefined {
-    return this.shards[shardOf(key)].get(key);
+    const hash = keyHash(key);
+    const s = this.shards[hash & (SHARDS - 1)].get(hash);
+    return s === undefined || this.keyAt(s) === key ? s : this.collided.get(hash)?.get(key);
   }
 
   seqOf(slot: number): number {
@@ -89,14 +99,30 @@ export class KeyDir {
     return { seq: chunk[at + SEQ], version: chunk[at + VERSION], expiresAtMs: chunk[at + EXPIRES], createdAtMs: chunk[at + CREATED] };
   }
 
-  /** Sets a key's state (in its slot if it has one, else in a new one) and returns the slot. */
-  set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot = this.slot(key)): number {
+  /**
+   * Sets a key's state (in its slot if it has one, else in a new one) and returns the slot; `slot`
+   * saves the lookup when the caller has just made it.
+   */
+  set(key: string, seq: number, version: number, expiresAtMs: number, createdAtMs: number, slot?: number): number {
     let s = slot;
     if (s === undefined) {
-      s = this.takeFreeSlot() ?? this.grow();
-      this.shards[shardOf(key)].set(key, s);
-      this.count += 1;
-      this.keys[s >> CHUNK_BITS][s & CHUNK_MASK] = key;
+      // slot(key) inlined: its hash and shard also serve the insert (this is the rebuild's loop).
+      const hash = keyHash(key);
+      const shard = this.shards[hash & (SHARDS - 1)];
+      const held = shard.get(hash);
+      if (held === undefined) {
+        s = this.add(key);
+        shard.set(hash, s);
+      } else if (this.keyAt(held) === key) s = held;
+      else {
+        let others = this.collided.get(hash);
+        s = others?.get(key);
+        if (s === undefined) {
+          s = this.add(key);
+          if (!others) this.collided.set(hash, (others = new Map()));
+          others.set(key, s);
+        }
+      }
     }
     const chunk = this.numbers[s >> CHUNK_BITS];
     const at = (s & CHUNK_MASK) * FIELDS;
@@ -108,10 +134,24 @@ export class KeyDir {
   }
 
   remove(key: string): void {
-    const shard = this.shards[shardOf(key)];
-    const s = shard.get(key);
+    const hash = keyHash(key);
+    const shard = this.shards[hash & (SHARDS - 1)];
+    let s = shard.get(hash);
     if (s === undefined) return;
-    shard.delete(key);
+    const others = this.collided.get(hash);
+    if (this.keyAt(s) === key) {
+      if (others) {
+        // Another key of this hash takes the shard's entry.
+        const [other, slot] = others.entries().next().value as [string, number];
+        shard.set(hash, slot);
+        others.delete(other);
+      } else shard.delete(hash);
+    } else {
+      s = others?.get(key);
+      if (s === undefined) return;
+      others!.delete(key);
+    }
+    if (others?.size === 0) this.collided.delete(hash);
     this.count -= 1;
     this.keys[s >> CHUNK_BITS][s & CHUNK_MASK] = undefined;
     this.numbers[s >> CHUNK_BITS][(s & CHUNK_MASK) * FIELDS + EXPIRES] = 0; // a free slot is never live (countLive, expired)
@@ -183,7 +223,10 @@ export class KeyDir {
         if (to === undefined) return false; // cannot happen (see above); the chunks just stay as they are
         this.numbers[to >> CHUNK_BITS].set(this.numbers[from >> CHUNK_BITS].subarray((from & CHUNK_MASK) * FIELDS, ((from & CHUNK_MASK) + 1) * FIELDS), (to & CHUNK_MASK) * FIELDS);
         this.keys[to >> CHUNK_BITS][to & CHUNK_MASK] = key;
-        this.shards[shardOf(key)].set(key, to);
+        const hash = keyHash(key);
+        const shard = this.shards[hash & (SHARDS - 1)];
+        if (shard.get(hash) === from) shard.set(hash, to);
+        else this.collided.get(hash)!.set(key, to);
       }
       this.keys[from >> CHUNK_BITS][from & CHUNK_MASK] = undefined;
       this.numbers[from >> CHUNK_BITS][(from & CHUNK_MASK) * FIELDS + EXPIRES] = 0;
@@ -206,6 +249,7 @@ export class KeyDir {
 
   clear(): void {
     for (const shard of this.shards) shard.clear();
+    this.collided.clear();
     this.count = 0;
     this.numbers = [];
     this.keys = [];
@@ -213,6 +257,18 @@ export class KeyDir {
     this.cutSlots = [];
     this.used = 0;
     this.addChunk();
+  }
+
+  private keyAt(slot: number): string | undefined {
+    return this.keys[slot >> CHUNK_BITS][slot & CHUNK_MASK];
+  }
+
+  /** Puts a new key in a free slot (its numbers are the caller's to set) and returns the slot. */
+  private add(key: string): number {
+    const s = this.takeFreeSlot() ?? this.grow();
+    this.keys[s >> CHUNK_BITS][s & CHUNK_MASK] = key;
+    this.count += 1;
+    return s;
   }
 
   /** A free slot below `used` (pack leaves the free slots it cut off in the list). */
@@ -244,9 +300,12 @@ export class KeyDir {
   }
 }
 
-/** Which of the SHARDS Maps holds a key: FNV-1a over its UTF-16 code units. */
-function shardOf(key: string): number {
+/**
+ * A key's hash in the index: FNV-1a over its UTF-16 code units, a signed 32-bit integer (a small
+ * integer to V8, held in the Map's own table). Its low bits pick the shard.
+ */
+export function keyHash(key: string): number {
   let h = 0x811c9dc5;
   for (let i = 0; i < key.length; i += 1) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193);
-  return (h ^ (h >>> 16)) & (SHARDS - 1);
+  return h ^ (h >>> 16);
 }
