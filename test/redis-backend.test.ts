@@ -7,6 +7,7 @@ import { status } from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
 import type { Backend, BackendOp, ChangeEvent, StoredEntry, StoreError } from '../services/store/backends/backend';
 import { KeyWindow } from '../services/store/backends/key-window';
+import { rangePattern } from '../services/store/backends/scan-range';
 import { KeyspaceWatch } from '../services/store/backends/redis-watch';
 import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
 import { SqliteBackend } from '../services/store/backends/sqlite';
@@ -102,6 +103,33 @@ function describeRedisSpecifics(create: (overrides?: Partial<RedisBackendOptions
     } finally {
       await sqlite.close();
       tmp.remove();
+    }
+  });
+
+  it('list with a small window streams 3,000 keys bunched and spread over every kind of character in byte order, each once, also resuming and with a limit', async function () {
+    this.timeout(60_000);
+    // Characters a glob gives a meaning to, the bytes around 0x7f/0x80, 2- to 4-byte UTF-8; half
+    // the keys under one long common start, so that the passes' ranges differ in depth.
+    const alphabet = ['*', '?', '[', ']', '\\', '^', '-', '!', '0', 'a', 'z', '~', '\x7f', '\u0080', '\u00ff', '\u0100', '\u07ff', '\u0800', '\uffff', '\u{10000}', '\u{10ffff}'];
+    let seed = 7;
+    const random = (n: number) => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) >>> 8) % n;
+    const word = (length: number) => Array.from({ length }, () => alphabet[random(alphabet.length)]).join('');
+    const all = new Set<string>();
+    while (all.size < 3000) all.add(`r:${random(2) === 0 ? 'aaaa' : ''}${word(1 + random(6))}`);
+    const byBytes = (a: string, b: string) => Buffer.compare(Buffer.from(a), Buffer.from(b));
+    const expected = [...all].sort(byBytes);
+    const small = create({ listWindow: 97 });
+    try {
+      for (let i = 0; i < expected.length; i += 500) await small.batch(expected.slice(i, i + 500).map(put));
+      await small.batch([put('q:before'), put('s:after')]);
+      assert.deepEqual(await keys(small, 'r:'), expected);
+      const from = expected[1234];
+      assert.deepEqual(await keys(small, 'r:', from), expected.slice(1235));
+      const limited: string[] = [];
+      for await (const entry of small.list({ prefix: 'r:', startAfter: '', limit: 250, keysOnly: true })) limited.push((entry as StoredEntry).key);
+      assert.deepEqual(limited, expected.slice(0, 250));
+    } finally {
+      await small.close();
     }
   });
 
@@ -231,6 +259,42 @@ describe('Redis backend on a single redis-server', function () {
   describe('Redis specifics (single server)', () =>
     describeRedisSpecifics((overrides) => new RedisBackend(backendOptions({ url: server!.url, ...overrides })), () => [server!.port]),
   );
+
+  it('rangePattern: Redis matches every key of the range with it (keys of random bytes, every byte value)', async () => {
+    const client = new Redis({ port: server!.port, host: '127.0.0.1' });
+    try {
+      let seed = 11;
+      const random = (n: number) => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) >>> 8) % n;
+      const prefix = Buffer.from('p[*?\\');
+      const bytes = () => Buffer.from(Array.from({ length: random(4) }, () => (random(3) === 0 ? [0x00, 0x2d, 0x5c, 0x5d, 0x5e, 0x7f, 0x80, 0xff][random(8)] : random(256))));
+      const keys = [...new Map(Array.from({ length: 3000 }, () => Buffer.concat([prefix, bytes()])).map((key) => [key.toString('latin1'), key])).values()];
+      await client.mset(...keys.flatMap((key) => [key, '1']));
+      await client.set(Buffer.concat([Buffer.from('o'), bytes()]), '1');
+      const matched = async (pattern: Buffer) => {
+        const found = new Set<string>();
+        let cursor = '0';
+        do {
+          const [next, page] = (await client.callBuffer('SCAN', cursor, 'MATCH', pattern, 'COUNT', '1000')) as [Buffer, Buffer[]];
+          cursor = next.toString();
+          for (const key of page) found.add(key.toString('latin1'));
+        } while (cursor !== '0');
+        return found;
+      };
+      for (let i = 0; i < 60; i += 1) {
+        const [a, b] = [keys[random(keys.length)], i % 4 === 0 ? undefined : keys[random(keys.length)]];
+        const [floor, ceiling] = b && Buffer.compare(b, a) < 0 ? [b, a] : [a, b];
+        const found = await matched(rangePattern(prefix, floor, ceiling));
+        const inRange = keys.filter((key) => Buffer.compare(key, floor) > 0 && (!ceiling || Buffer.compare(key, ceiling) < 0));
+        const missed = inRange.filter((key) => !found.has(key.toString('latin1')));
+        assert.deepEqual(missed, [], `floor ${floor.toString('hex')} ceiling ${ceiling?.toString('hex')}: ${rangePattern(prefix, floor, ceiling).toString('hex')}`);
+        assert.ok([...found].every((key) => key.startsWith(prefix.toString('latin1'))), 'no key outside the prefix');
+        if (ceiling && inRange.length < keys.length / 4) assert.ok(found.size < keys.length / 2, `a narrow range matches few keys (${found.size} for ${inRange.length})`);
+      }
+    } finally {
+      await client.flushall();
+      client.disconnect();
+    }
+  });
 
   it('REDIS_URL naming an IPv6 address (redis://[::1]:port) reaches the server: calls work, also Watch', async function () {
     // A machine (or container) may have no IPv6 loopback at all: nothing to test there.

@@ -16,6 +16,7 @@ import {
 } from './backend';
 import { coversEverySlot, movedSlots, parseSlotSnapshot, type SlotSnapshot } from './cluster-slots';
 import { KeyWindow } from './key-window';
+import { KeySample, rangePattern } from './scan-range';
 import { OP, READ_MANY } from './redis-scripts';
 import { escapeGlob, KeyspaceWatch } from './redis-watch';
 
@@ -96,7 +97,9 @@ const SCAN_ATTEMPTS = 5;
  * - list() turns SCAN (unordered, may repeat keys) into an ordered, duplicate-free stream with
  *   bounded memory: each pass scans every master and keeps the `listWindow` smallest keys after
  *   the resume point, then reads and yields them; the next pass starts after the last of them.
- *   A listing of N keys costs about N / listWindow passes over the keyspace.
+ *   A listing of N keys costs about N / listWindow passes over the keyspace, but only the first
+ *   sends every key to the store: it samples them, and each later pass asks Redis (MATCH) for
+ *   the keys of its range alone (see scan-range.ts).
  * - Failing fast: no offline queue, no resending after a reconnect, every command bounded by
  *   commandTimeoutMs, and a connection that answers nothing for that long is dropped; any
  *   connection or failover error is StoreError('unavailable').
@@ -312,64 +315,94 @@ export class RedisBackend implements Backend {
 
   async *list(options: ListOptions): AsyncIterable<StoredEntry> {
     await this.ready();
+    const prefix = this.options.keyPrefix + options.prefix;
+    const prefixRendered = Buffer.from(prefix);
     let after = Buffer.from(this.options.keyPrefix + options.startAfter).toString('latin1');
     let remaining = options.limit > 0 ? options.limit : Infinity;
+    // Every key below this one has been listed (a pass that ended at its ceiling).
+    let covered = after;
+    // The first pass's sample, when it did not hold every key: the later passes' ceilings.
+    let sample: KeySample | undefined;
     while (remaining > 0) {
       // Keys as latin1 renderings of their bytes: string order is then byte order, as in SQLite.
-      const window = new KeyWindow(Math.min(this.options.listWindow, remaining));
+      const capacity = Math.min(this.options.listWindow, remaining);
+      const window = new KeyWindow(capacity);
       const floor = after;
+      const ceiling = sample?.ceilingAfter(floor > covered ? floor : covered, capacity);
+      const sampling = sample ? undefined : new KeySample();
       await this.scan(
-        this.options.keyPrefix + options.prefix,
+        prefix,
         (key) => {
           const rendered = key.toString('latin1');
-          if (rendered > floor) window.offer(rendered);
+          if (rendered <= floor) return;
+          window.offer(rendered);
+          sampling?.offer(rendered);
         },
         options.signal,
+        true,
+        rangePattern(prefixRendered, Buffer.from(floor, 'latin1'), ceiling === undefined ? undefined : Buffer.from(ceiling, 'latin1')),
       );
       if (options.signal?.aborted) return;
       const full = window.full;
       // The next pass resumes after the last key scanned, as bytes: a key that does not survive
       // decoding (below) must not move the resume point backwards, or the same window repeats.
       const last = window.largest;
+      // Keys at or past the ceiling came with the pattern's approximation of the range: keys the
+      // pattern did not match may lie between them, so they wait for a later pass.
+      const complete = ceiling === undefined || (full && last !== undefined && last < ceiling);
       // A page at a time (sorting and decoding a whole window at once held the event loop).
-      for await (const rendered of window.drainPages(READ_PAGE)) {
+      for await (const sorted of window.drainPages(READ_PAGE)) {
+        const rendered = complete ? sorted : sorted.filter((bytes) => bytes < ceiling!);
         const page: string[] = [];
         for (const bytes of rendered) {
+          after = bytes;
           const key = this.decodeKey(Buffer.from(bytes, 'latin1'));
           // '' is the data set's marker (see DATA_SET_MARKER), not an entry.
           if (key !== null && key !== '') page.push(key);
         }
-        if (page.length === 0) continue;
-        const replies = await this.readPage(page, !options.keysOnly);
-        for (let j = 0; j < page.length; j += 1) {
-          const [err, reply] = replies[j];
-          let entry: StoredEntry | null;
-          try {
-            if (err) throw toStoreError(err);
-            entry = this.toEntry(page[j], reply, !options.keysOnly);
-          } catch (error) {
-            // A key that something else wrote under our prefix is not an entry of the store: the
-            // listing skips it (and says so in the log) rather than fail for good until it is removed.
-            const failure = toStoreError(error);
-            if (failure.kind !== 'failed_precondition') throw failure;
-            if (await this.isDataSetMarker(this.redisKey(page[j]))) {
-              this.options.log?.warn(
-                { prefix: this.options.keyPrefix, other: this.redisKey(page[j]) },
-                `another store keeps its sessions under REDIS_KEY_PREFIX="${this.redisKey(page[j])}", which starts with this store's prefix: this store lists, counts and watches them as its own. Give each data set a prefix that does not start with another's`,
-              );
-              continue;
-            }
-            this.options.log?.warn({ key: page[j], err: failure.message }, 'list skips a key under REDIS_KEY_PREFIX that the store did not write');
-            continue;
-          }
-          if (!entry) continue; // deleted or expired since the scan
+        for await (const entry of this.readEntries(page, options.keysOnly)) {
           yield entry;
           remaining -= 1;
           if (remaining <= 0) return;
         }
+        if (rendered.length < sorted.length) break;
       }
-      if (!full || last === undefined) return;
-      after = last;
+      if (complete) {
+        if (!full || last === undefined) return;
+        after = last;
+      } else {
+        covered = ceiling!;
+      }
+      if (!sample && sampling) sample = sampling;
+    }
+  }
+
+  /** The entries of a page of keys, read in one go; keys deleted or expired since the scan are left out. */
+  private async *readEntries(page: readonly string[], keysOnly: boolean): AsyncIterable<StoredEntry> {
+    if (page.length === 0) return;
+    const replies = await this.readPage(page, !keysOnly);
+    for (let j = 0; j < page.length; j += 1) {
+      const [err, reply] = replies[j];
+      let entry: StoredEntry | null;
+      try {
+        if (err) throw toStoreError(err);
+        entry = this.toEntry(page[j], reply, !keysOnly);
+      } catch (error) {
+        // A key that something else wrote under our prefix is not an entry of the store: the
+        // listing skips it (and says so in the log) rather than fail for good until it is removed.
+        const failure = toStoreError(error);
+        if (failure.kind !== 'failed_precondition') throw failure;
+        if (await this.isDataSetMarker(this.redisKey(page[j]))) {
+          this.options.log?.warn(
+            { prefix: this.options.keyPrefix, other: this.redisKey(page[j]) },
+            `another store keeps its sessions under REDIS_KEY_PREFIX="${this.redisKey(page[j])}", which starts with this store's prefix: this store lists, counts and watches them as its own. Give each data set a prefix that does not start with another's`,
+          );
+          continue;
+        }
+        this.options.log?.warn({ key: page[j], err: failure.message }, 'list skips a key under REDIS_KEY_PREFIX that the store did not write');
+        continue;
+      }
+      if (entry) yield entry;
     }
   }
 
@@ -781,25 +814,27 @@ export class RedisBackend implements Backend {
 
   /**
    * Calls onKey for every key starting with `prefix` on every master (a key may come twice), until
-   * aborted. In a cluster, slots may move while the masters are scanned: a key MIGRATEd from a
-   * master not scanned yet to one already scanned would be missed. So with `complete` (List) the
+   * aborted; with `pattern` (a MATCH that only some of those keys fit, see rangePattern), for the
+   * keys that fit it (and the keys of moved slots, below, with the prefix). In a cluster, slots
+   * may move while the masters are scanned: a key MIGRATEd from a master not scanned yet to one
+   * already scanned would be missed. So with `complete` (List) the
    * masters' own view of their slots is read before and after the scan, and the keys of every slot
    * that moved or was being moved meanwhile are read again from the nodes involved, source before
    * target. A scan during which a master outside the slot map held slots is done again, a few
    * times, then fails as unavailable rather than list entries short. The masters are those of the
    * slot map checked at each pass (see clusterMasters).
    */
-  private async scan(prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal, complete = true): Promise<void> {
+  private async scan(prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal, complete = true, pattern?: Buffer): Promise<void> {
     try {
       if (!this.cluster || !complete) {
-        await this.scanNodes(this.cluster ? await this.clusterMasters(this.cluster) : [this.client as Redis], prefix, onKey, signal);
+        await this.scanNodes(this.cluster ? await this.clusterMasters(this.cluster) : [this.client as Redis], prefix, onKey, signal, pattern);
         return;
       }
       for (let attempt = 1; ; attempt += 1) {
         const masters = await this.clusterMasters(this.cluster);
         const before = await this.slotSnapshot(masters);
         if (coversEverySlot(before)) {
-          await this.scanNodes(masters, prefix, onKey, signal);
+          await this.scanNodes(masters, prefix, onKey, signal, pattern);
           if (signal?.aborted) return;
           const after = await this.slotSnapshot(masters);
           if (coversEverySlot(after)) {
@@ -862,15 +897,15 @@ export class RedisBackend implements Backend {
     return { connected, missing };
   }
 
-  private async scanNodes(nodes: readonly Redis[], prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal): Promise<void> {
-    const pattern = `${escapeGlob(prefix)}*`;
+  private async scanNodes(nodes: readonly Redis[], prefix: string, onKey: (key: Buffer) => void, signal?: AbortSignal, narrowed?: Buffer): Promise<void> {
+    const pattern = narrowed ?? `${escapeGlob(prefix)}*`;
     await Promise.all(
       nodes.map(async (node) => {
         let cursor = '0';
         do {
           if (this.closed) throw new StoreError('unavailable', 'the store is closing');
           if (signal?.aborted) return;
-          const [next, keys] = await node.scanBuffer(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT);
+          const [next, keys] = (await node.callBuffer('SCAN', cursor, 'MATCH', pattern, 'COUNT', String(SCAN_COUNT))) as [Buffer, Buffer[]];
           cursor = next.toString();
           for (const key of keys) onKey(key);
         } while (cursor !== '0');
