@@ -25,7 +25,7 @@ describe('session middleware options are checked at creation', () => {
     ['a cookie name with a space', { cookieName: 'my sid' }, /cookieName must be 1-64 of/],
     ['a cookie name that already has the __Host- prefix', { cookieName: '__Host-sid' }, /not start with "__"/],
     ['a zero idle TTL', { idleTtlMs: 0 }, /idleTtlMs must be a positive integer of milliseconds \(got 0\)/],
-    ['a TTL given as a string', { idleTtlMs: '1000' as unknown as number }, /idleTtlMs must be a positive integer/],
+    ['a TTL given as a string', { idleTtlMs: '1000' as unknown as number }, /idleTtlMs must be a positive integer of milliseconds \(got "1000"\)/],
     ['an absolute lifetime shorter than the idle timeout', { idleTtlMs: 60_000, absoluteTtlMs: 1000 }, /absoluteTtlMs \(1000\) must be at least idleTtlMs \(60000\)/],
     ['a persistent cookie for longer than browsers keep one (400 days)', { persistent: true, absoluteTtlMs: Number.MAX_SAFE_INTEGER }, /absoluteTtlMs must be at most 34560000000 \(400 days.*with persistent: true/],
     ['an unknown secure policy', { secure: 'sometimes' as 'auto' }, /secure must be 'auto', 'always' or 'never' \(got "sometimes"\)/],

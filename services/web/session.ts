@@ -888,14 +888,14 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
   const positive = (name: string, value: unknown, fallback: number): number => {
     if (value === undefined) return fallback;
     if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
-      throw new TypeError(`session option ${name} must be a positive integer${name.endsWith('Ms') ? ' of milliseconds' : ''} (got ${String(value)})`);
+      throw new TypeError(`session option ${name} must be a positive integer${name.endsWith('Ms') ? ' of milliseconds' : ''} (got ${shown(value)})`);
     }
     return value;
   };
   const nonNegative = (name: string, value: unknown, fallback: number): number => {
     if (value === undefined) return fallback;
     if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
-      throw new TypeError(`session option ${name} must be a non-negative integer (got ${String(value)})`);
+      throw new TypeError(`session option ${name} must be a non-negative integer (got ${shown(value)})`);
     }
     return value;
   };
@@ -910,7 +910,7 @@ export function resolveSessionOptions(options: SessionOptions): ResolvedOptions 
   }
   const secure = options.secure ?? 'auto';
   if (!['auto', 'always', 'never'].includes(secure)) {
-    throw new TypeError(`session option secure must be 'auto', 'always' or 'never' (got ${JSON.stringify(secure)})`);
+    throw new TypeError(`session option secure must be 'auto', 'always' or 'never' (got ${shown(secure)})`);
   }
   const rolling = options.rolling ?? true;
   if (typeof rolling !== 'boolean') throw new TypeError('session option rolling must be true or false');
@@ -974,4 +974,9 @@ export function sessionMiddleware(options: SessionOptions): Middleware {
     ctx.session = new Session(ctx, cfg);
     await next();
   };
+}
+
+/** An option's value in an error: a string in quotes, so '1000' is not taken for the number 1000. */
+function shown(value: unknown): string {
+  return typeof value === 'string' ? JSON.stringify(value) : String(value);
 }
