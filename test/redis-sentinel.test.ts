@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { createStoreClient } from '../services/client/store-client';
+import { status } from '@grpc/grpc-js';
+import { createStoreClient, type StoreClientError } from '../services/client/store-client';
 import { runOne, type StoredEntry } from '../services/store/backends/backend';
 import { RedisBackend } from '../services/store/backends/redis';
 import { waitForHealth } from './helpers/health';
@@ -136,6 +137,79 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
   });
 });
 
+describe('Redis through Sentinels that ask for a password (requirepass, an ACL user: real processes)', function () {
+  let sentinel: RedisSentinelProcs | undefined;
+  let tmp: ReturnType<typeof tempDir> | undefined;
+  let store: Proc | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    sentinel = await startRedisSentinel({ password: 'sentinel-secret', config: ['user watcher on >watcher-secret ~* &* +@all'] });
+  });
+  afterEach(async () => {
+    await store?.stop();
+    store = undefined;
+  });
+  after(async () => {
+    await sentinel?.stop();
+    tmp?.remove();
+  });
+
+  it('the store finds the master through Sentinels that ask for REDIS_SENTINEL_PASSWORD, and serves calls', async () => {
+    store = await startStore(tmp!.dir, { STORE_BACKEND: 'redis', REDIS_SENTINELS: `127.0.0.1:${sentinel!.sentinelPort}`, REDIS_SENTINEL_PASSWORD: 'sentinel-secret' });
+    await waitForHealth(store.port, 'SERVING', 10_000);
+    const client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    try {
+      const written = await client.put('protected', Buffer.from('v'), { ttlMs: 60_000 });
+      assert.equal((await client.get('protected'))?.version, written.version);
+    } finally {
+      client.close();
+    }
+  });
+
+  it('an ACL user of the Sentinels (REDIS_SENTINEL_USERNAME with its password) reaches the master too', async () => {
+    const own = new RedisBackend({
+      url: 'redis://',
+      clusterNodes: [],
+      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
+      sentinelMaster: 'mymaster',
+      sentinelUsername: 'watcher',
+      sentinelPassword: 'watcher-secret',
+      keyPrefix: 'sentinel-acl:',
+      commandTimeoutMs: 1000,
+      listWindow: 100,
+    });
+    try {
+      const written = (await runOne(own, { kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 })) as StoredEntry;
+      assert.equal(((await runOne(own, { kind: 'get', key: 'k', refreshTtlMs: 0 })) as StoredEntry).version, written.version);
+    } finally {
+      await own.close();
+    }
+  });
+
+  it('a wrong REDIS_SENTINEL_PASSWORD: one warning says the Sentinels refuse it, and calls fail UNAVAILABLE saying so, within their deadline', async () => {
+    store = await startStore(tmp!.dir, { STORE_BACKEND: 'redis', REDIS_SENTINELS: `127.0.0.1:${sentinel!.sentinelPort}`, REDIS_SENTINEL_PASSWORD: 'wrong-secret' });
+    const why = /the Sentinels refuse REDIS_SENTINEL_USERNAME \/ REDIS_SENTINEL_PASSWORD: .*WRONGPASS/;
+    const client = createStoreClient({ address: `127.0.0.1:${store.port}`, deadlineMs: 3000 });
+    try {
+      const started = Date.now();
+      await assert.rejects(client.put('refused', Buffer.from('v'), { ttlMs: 60_000 }), (err: StoreClientError) => {
+        assert.equal(err.code, status.UNAVAILABLE, err.message);
+        assert.match(err.message, why);
+        return true;
+      });
+      assert.ok(Date.now() - started < 3000, `answered after ${Date.now() - started} ms`);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const warnings = store.lines.filter((line) => line.includes('redis connection failed'));
+      assert.equal(warnings.length, 1, warnings.join('\n'));
+      assert.match(warnings[0], why);
+    } finally {
+      client.close();
+    }
+  });
+});
+
 describe('Redis through Sentinel with rediss:// (a master that speaks only TLS, real processes)', function () {
   this.timeout(30_000);
   let tmp: ReturnType<typeof tempDir> | undefined;
@@ -189,6 +263,47 @@ describe('Redis through Sentinel with rediss:// (a master that speaks only TLS, 
       assert.equal((await client.get('over-tls'))?.version, written.version);
     } finally {
       client.close();
+    }
+  });
+
+  it('with REDIS_SENTINEL_TLS=true the store asks Sentinels that speak only TLS (their tls-port)', async () => {
+    const pki = await selfSigned(tmp!.dir, 'sentinel');
+    const master = await startRedisServer({ dir: path.join(tmp!.dir, 'plain-master') });
+    servers.push(master);
+    // The plain port is only for the helper's readiness PING; the store is given the TLS port.
+    const [sentinelPort, sentinelTlsPort] = [await freePort(), await freePort()];
+    const conf = path.join(tmp!.dir, 'tls-sentinel.conf');
+    writeFileSync(
+      conf,
+      [
+        `port ${sentinelPort}`,
+        `tls-port ${sentinelTlsPort}`,
+        'bind 127.0.0.1',
+        `dir ${tmp!.dir}`,
+        `tls-cert-file ${pki.cert}`,
+        `tls-key-file ${pki.key}`,
+        `tls-ca-cert-file ${pki.cert}`,
+        'tls-auth-clients no',
+        `sentinel monitor mymaster 127.0.0.1 ${master.port} 1`,
+        '',
+      ].join('\n'),
+    );
+    servers.push(await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'] }));
+
+    const tlsStore = await startStore(tmp!.dir, {
+      STORE_BACKEND: 'redis',
+      REDIS_SENTINELS: `127.0.0.1:${sentinelTlsPort}`,
+      REDIS_SENTINEL_TLS: 'true',
+      NODE_EXTRA_CA_CERTS: pki.cert,
+    });
+    const client = createStoreClient({ address: `127.0.0.1:${tlsStore.port}`, deadlineMs: 3000 });
+    try {
+      await waitForHealth(tlsStore.port, 'SERVING', 10_000);
+      const written = await client.put('sentinel-over-tls', Buffer.from('v'), { ttlMs: 60_000 });
+      assert.equal((await client.get('sentinel-over-tls'))?.version, written.version);
+    } finally {
+      client.close();
+      await tlsStore.stop();
     }
   });
 });

@@ -411,6 +411,8 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
       ['STORE_TLS_CERT without STORE_TLS_KEY', { STORE_TLS_CERT: '/etc/hostname' }, /STORE_TLS_CERT and STORE_TLS_KEY must be set together/],
       ['STORE_TLS_CERT naming a missing file', { STORE_TLS_CERT: '/no/such/cert.pem', STORE_TLS_KEY: '/no/such/key.pem' }, /STORE_TLS_CERT="\/no\/such\/cert.pem": cannot read the file \(ENOENT\)/],
       ['STORE_TOKEN too short', { STORE_TOKEN: 'secret' }, /STORE_TOKEN=\(hidden\): expected at least 16 printable ASCII characters/],
+      ['REDIS_SENTINEL_USERNAME without its password', { REDIS_SENTINEL_USERNAME: 'watcher' }, /REDIS_SENTINEL_USERNAME is set but REDIS_SENTINEL_PASSWORD is not/],
+      ['REDIS_SENTINEL_TLS=maybe', { REDIS_SENTINEL_TLS: 'maybe' }, /REDIS_SENTINEL_TLS="maybe": expected true or false/],
       // Under a regular file: refused even to root, which may create a directory anywhere else.
       [
         'a STORE_DATA_DIR that cannot be created',

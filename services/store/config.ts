@@ -72,6 +72,9 @@ export function loadStoreConfig(raw = readEnv()) {
       REDIS_CLUSTER_NODES: hostPorts(),
       REDIS_SENTINELS: hostPorts(),
       REDIS_SENTINEL_MASTER: z.string().default('mymaster'),
+      REDIS_SENTINEL_USERNAME: envs.optionalString(),
+      REDIS_SENTINEL_PASSWORD: envs.optionalString(),
+      REDIS_SENTINEL_TLS: envs.bool(false),
       REDIS_KEY_PREFIX: z.string().regex(/^[^{}]*$/, { message: 'expected no { or } (a hash tag would put every session in one cluster slot)' }).default('sessions:'),
       REDIS_COMMAND_TIMEOUT_MS: envs.int(500, 10, 60_000, ' ms'),
       REDIS_LIST_WINDOW: envs.int(100_000, 1, 1_000_000, ' keys'),
@@ -122,6 +125,10 @@ export function loadStoreConfig(raw = readEnv()) {
   if (env.REDIS_CLUSTER_NODES.length > 0 && env.REDIS_SENTINELS.length > 0) {
     throw new ConfigError('invalid configuration: REDIS_CLUSTER_NODES and REDIS_SENTINELS: set one of them, not both');
   }
+  // Redis authenticates a user only with a password: the name alone would be dropped without a word.
+  if (env.REDIS_SENTINEL_USERNAME && !env.REDIS_SENTINEL_PASSWORD) {
+    throw new ConfigError('invalid configuration: REDIS_SENTINEL_USERNAME is set but REDIS_SENTINEL_PASSWORD is not: a Sentinel user needs its password');
+  }
   if (env.REDIS_CLUSTER_NODES.length > 0 && !/^rediss?:\/\/[^/]*\/?0?$/.test(env.REDIS_URL)) {
     throw new ConfigError('invalid configuration: REDIS_URL: a Redis Cluster has only database 0');
   }
@@ -160,6 +167,9 @@ export function loadStoreConfig(raw = readEnv()) {
       clusterNodes: env.REDIS_CLUSTER_NODES,
       sentinels: env.REDIS_SENTINELS,
       sentinelMaster: env.REDIS_SENTINEL_MASTER,
+      sentinelUsername: env.REDIS_SENTINEL_USERNAME,
+      sentinelPassword: env.REDIS_SENTINEL_PASSWORD,
+      sentinelTls: env.REDIS_SENTINEL_TLS,
       keyPrefix: env.REDIS_KEY_PREFIX,
       commandTimeoutMs: env.REDIS_COMMAND_TIMEOUT_MS,
       listWindow: env.REDIS_LIST_WINDOW,

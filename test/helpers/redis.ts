@@ -97,6 +97,8 @@ interface ServerOptions {
   dir?: string;
   /** A configuration file to start from (a Sentinel needs one it can rewrite). */
   configFile?: string;
+  /** The password the server asks for (its requirepass): readiness is then checked by AUTH, not PING. */
+  password?: string;
 }
 
 /** Starts a redis-server on a free port (retrying when another process took the port first). */
@@ -135,7 +137,7 @@ async function launch(port: number, options: ServerOptions): Promise<RedisServer
     try {
       await until(`redis-server on port ${port}`, async () => {
         if (proc.exitCode !== null) throw new Error(`redis-server exited: ${output.join('\n')}`);
-        return (await redisCommand(port, 'PING')) === 'PONG';
+        return options.password ? (await redisCommand(port, 'AUTH', options.password)) === 'OK' : (await redisCommand(port, 'PING')) === 'PONG';
       });
     } catch (err) {
       proc.kill('SIGKILL');
@@ -260,8 +262,11 @@ export interface RedisSentinelProcs {
   stop(): Promise<void>;
 }
 
-/** A master, one replica of it and one Sentinel (quorum 1) watching them as `mymaster`. */
-export async function startRedisSentinel(): Promise<RedisSentinelProcs> {
+/**
+ * A master, one replica of it and one Sentinel (quorum 1) watching them as `mymaster`; with
+ * `password`, the Sentinel asks for it (requirepass), and `config` adds lines to its configuration.
+ */
+export async function startRedisSentinel(options: { password?: string; config?: string[] } = {}): Promise<RedisSentinelProcs> {
   const tmp = tempDir('sessions-redis-sentinel-');
   const procs: RedisServer[] = [];
   const stop = async () => {
@@ -285,23 +290,24 @@ export async function startRedisSentinel(): Promise<RedisSentinelProcs> {
         `sentinel monitor mymaster ${HOST} ${master.port} 1`,
         'sentinel down-after-milliseconds mymaster 1000',
         'sentinel failover-timeout mymaster 10000',
+        ...(options.password ? [`requirepass ${options.password}`] : []),
+        ...(options.config ?? []),
         '',
       ].join('\n'),
     );
-    const sentinel = await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'] });
+    const sentinel = await startRedisServer({ port: sentinelPort, configFile: conf, args: ['--sentinel'], password: options.password });
     procs.push(sentinel);
-    const currentMaster = async () => (await redisCli('-p', String(sentinelPort), 'SENTINEL', 'get-master-addr-by-name', 'mymaster')).split('\n').join(':');
+    const cli = (...args: string[]) => redisCli('-p', String(sentinelPort), ...(options.password ? ['-a', options.password, '--no-auth-warning'] : []), ...args);
+    const currentMaster = async () => (await cli('SENTINEL', 'get-master-addr-by-name', 'mymaster')).split('\n').join(':');
     // Sentinel promotes only a replica it has read INFO from (its link status comes from there).
-    await until('sentinel has seen the replica in sync', async () =>
-      /master-link-status\nok\b/.test(await redisCli('-p', String(sentinelPort), 'SENTINEL', 'replicas', 'mymaster')),
-    );
+    await until('sentinel has seen the replica in sync', async () => /master-link-status\nok\b/.test(await cli('SENTINEL', 'replicas', 'mymaster')));
     return {
       master,
       replica,
       sentinelPort,
       currentMaster,
       failover: async () => {
-        const answer = await redisCli('-p', String(sentinelPort), 'SENTINEL', 'FAILOVER', 'mymaster');
+        const answer = await cli('SENTINEL', 'FAILOVER', 'mymaster');
         if (answer !== 'OK') throw new Error(`SENTINEL FAILOVER: ${answer}`);
         await until('the replica promoted', async () => (await currentMaster()) === `${HOST}:${replica.port}`, 20_000);
       },

@@ -36,6 +36,11 @@ export interface RedisBackendOptions {
   /** Sentinel mode when non-empty: the Sentinels that know `sentinelMaster`. */
   sentinels: readonly HostPort[];
   sentinelMaster: string;
+  /** The Sentinels' own user and password (their requirepass, or an ACL user), not the master's of `url`. */
+  sentinelUsername?: string;
+  sentinelPassword?: string;
+  /** Reach the Sentinels over TLS (their tls-port), whatever `url` says of the master. */
+  sentinelTls?: boolean;
   /**
    * Prepended to every key in Redis, so the store can share a Redis with other data. Not empty, and
    * no other data set's prefix may start with it (or it with theirs): List and the count would
@@ -69,6 +74,8 @@ type Client = Redis | Cluster;
 const TRANSIENT = /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|BUSY|NOREPLICAS|OOM|NOSCRIPT|UNBLOCKED|MISCONF)\b/;
 /** Decodes keys, failing on bytes that are not UTF-8 (and keeping a leading BOM as a character). */
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+/** ioredis' error when every Sentinel refused the store's credentials for them (none sent, or wrong ones). */
+const SENTINEL_AUTH = /^All sentinels are unreachable\b.*Last error: (NOAUTH|WRONGPASS)\b/;
 /** A key under our prefix holds another type: something other than the store wrote it. */
 const FOREIGN = /^WRONGTYPE\b/;
 const SCAN_COUNT = 1000;
@@ -195,6 +202,9 @@ export class RedisBackend implements Backend {
             {
               sentinels: [...options.sentinels],
               name: options.sentinelMaster,
+              sentinelUsername: options.sentinelUsername,
+              sentinelPassword: options.sentinelPassword,
+              sentinelTLS: options.sentinelTls ? {} : undefined,
               failoverDetector: true,
               enableTLSForSentinelMode: auth.tls !== undefined,
               Connector: sentinelConnector((message) => this.failed(message)),
@@ -276,7 +286,9 @@ export class RedisBackend implements Backend {
    * logged once per reason until the next 'ready', not once per attempt (its Sentinel errors name
    * the growing delay before the next one: "Retrying from scratch after 20ms.").
    */
-  private failed(message: string): void {
+  private failed(error: string): void {
+    // ioredis words it as if the Sentinels were down, and a wrong REDIS_URL password reads the same (from the master): say whose.
+    const message = SENTINEL_AUTH.test(error) ? `the Sentinels refuse REDIS_SENTINEL_USERNAME / REDIS_SENTINEL_PASSWORD: ${error}` : error;
     this.lastError = message;
     const reason = message.replace(/ after \d+ms\./, '.');
     if (this.reported.has(reason) || this.closed) return;
