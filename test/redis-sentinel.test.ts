@@ -137,6 +137,55 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
   });
 });
 
+describe('Redis through two Sentinels, the first of them frozen (real processes)', function () {
+  let sentinel: RedisSentinelProcs | undefined;
+  let frozen: RedisServer | undefined;
+  let tmp: ReturnType<typeof tempDir> | undefined;
+
+  before(async function () {
+    requireRedis(this);
+    tmp = tempDir();
+    sentinel = await startRedisSentinel();
+    const port = await freePort();
+    const conf = path.join(tmp.dir, 'frozen-sentinel.conf');
+    writeFileSync(conf, [`port ${port}`, 'bind 127.0.0.1', `dir ${tmp.dir}`, `sentinel monitor mymaster 127.0.0.1 ${sentinel.master.port} 1`, ''].join('\n'));
+    frozen = await startRedisServer({ port, configFile: conf, args: ['--sentinel'] });
+  });
+  after(async () => {
+    await frozen?.stop();
+    await sentinel?.stop();
+    tmp?.remove();
+  });
+
+  it('a Sentinel that accepts connections but never answers is passed over: the store reaches the master through the next one', async () => {
+    frozen!.pause();
+    const own = new RedisBackend({
+      url: 'redis://',
+      clusterNodes: [],
+      sentinels: [
+        { host: '127.0.0.1', port: frozen!.port },
+        { host: '127.0.0.1', port: sentinel!.sentinelPort },
+      ],
+      sentinelMaster: 'mymaster',
+      keyPrefix: 'sentinel-frozen:',
+      commandTimeoutMs: 500,
+      listWindow: 100,
+    });
+    try {
+      let message = '';
+      for (const end = Date.now() + 5000; ; ) {
+        assert.ok(Date.now() < end, `the store never reached the master: ${message}`);
+        const [result] = await own.batch([{ kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 }]);
+        if (result.ok) break;
+        message = result.error.message;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    } finally {
+      await own.close();
+    }
+  });
+});
+
 describe('Redis through Sentinels that ask for a password (requirepass, an ACL user: real processes)', function () {
   let sentinel: RedisSentinelProcs | undefined;
   let tmp: ReturnType<typeof tempDir> | undefined;

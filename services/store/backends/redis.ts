@@ -205,6 +205,9 @@ export class RedisBackend implements Backend {
               sentinelUsername: options.sentinelUsername,
               sentinelPassword: options.sentinelPassword,
               sentinelTLS: options.sentinelTls ? {} : undefined,
+              // A Sentinel that accepts the connection and never answers (frozen, overloaded) would
+              // hold ioredis on it for good: it asks the next one only once a Sentinel fails.
+              sentinelCommandTimeout: options.commandTimeoutMs,
               failoverDetector: true,
               enableTLSForSentinelMode: auth.tls !== undefined,
               Connector: sentinelConnector((message) => this.failed(message)),
