@@ -102,9 +102,9 @@ describe('store durability (real store process, SIGKILL mid-load)', function () 
     });
   }
 
-  it("the README's backup command finishes while the store takes steady writes, and the copy is whole", async () => {
+  it("the README's backup command finishes while the store takes steady writes, and the copy is whole and for the store's user alone", async () => {
     const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
-    const command = /^node -e "(require\('better-sqlite3'\)\('var\/sessions\.db'.*)"$/m.exec(readme)?.[1];
+    const command = /^node -e "(.*require\('better-sqlite3'\)\('var\/sessions\.db'.*)"$/m.exec(readme)?.[1];
     assert.ok(command, 'the backup command is in the README');
     const tmp = tempDir();
     const store = await startStore(tmp.dir, { STORE_SYNCHRONOUS: 'NORMAL' });
@@ -131,6 +131,7 @@ describe('store durability (real store process, SIGKILL mid-load)', function () 
       writing = false;
       await load;
       assert.equal(code, 0, `the backup did not finish within ${Date.now() - started} ms, during ${puts} writes`);
+      assert.equal((statSync(backup).mode & 0o777).toString(8), '600', 'the copy of every session is readable by its user alone');
       const copy = new Database(backup, { readonly: true });
       try {
         assert.equal(copy.pragma('integrity_check', { simple: true }), 'ok');
