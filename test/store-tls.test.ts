@@ -50,6 +50,23 @@ describe('store over TLS (self-signed certificate made by the test, real process
     });
   });
 
+  it('a STORE_TLS_CERT whose PEM says TRUSTED CERTIFICATE or X509 CERTIFICATE (labels OpenSSL reads) is served, not refused as holding none', async () => {
+    const pem = readFileSync(pki.cert, 'latin1');
+    for (const label of ['TRUSTED CERTIFICATE', 'X509 CERTIFICATE']) {
+      const cert = path.join(tmp.dir, `${label.replace(' ', '-')}.pem`);
+      writeFileSync(cert, pem.replace(/(BEGIN|END) CERTIFICATE/g, `$1 ${label}`));
+      const relabelled = await startStore(tmp.dir, { STORE_DATA_DIR: path.join(tmp.dir, label.replace(' ', '-')), STORE_TLS_CERT: cert, STORE_TLS_KEY: pki.key });
+      try {
+        await use(createStoreClient({ address: `localhost:${relabelled.port}`, deadlineMs: 3000, tlsCa: readPem(pki.cert) }), async (client) => {
+          await client.put('tls', Buffer.from(label), { ttlMs: 60_000 });
+          assert.equal((await client.get('tls'))?.value.toString(), label);
+        });
+      } finally {
+        await relabelled.stop();
+      }
+    }
+  });
+
   it('a plaintext client cannot talk to it (UNAVAILABLE)', async () => {
     await use(createStoreClient({ address, deadlineMs: 1500 }), async (client) => {
       await assert.rejects(client.get('tls'), (err: StoreClientError) => err.kind === 'unavailable');

@@ -16,7 +16,8 @@ export interface CertificateInfo {
   notAfter: Date;
 }
 
-const CERTIFICATE = '-----BEGIN CERTIFICATE-----';
+/** Also the labels OpenSSL reads as one: TRUSTED (openssl x509 -trustout) and the old X509. */
+const CERTIFICATE = /-----BEGIN (?:TRUSTED |X509 )?CERTIFICATE-----/;
 /** PKCS#8 (what openssl req writes), EC, RSA and encrypted keys. */
 const PRIVATE_KEY = /-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----/;
 
@@ -29,11 +30,11 @@ const PRIVATE_KEY = /-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----/;
 export function checkPair(pair: CertificatePair): CertificateInfo {
   const cert = pair.cert.toString('latin1');
   const key = pair.key.toString('latin1');
-  if (!cert.includes(CERTIFICATE)) {
+  if (!CERTIFICATE.test(cert)) {
     throw new Error(`STORE_TLS_CERT holds no certificate${PRIVATE_KEY.test(cert) ? ', but a private key (are the two files swapped?)' : ''}`);
   }
   if (!PRIVATE_KEY.test(key)) {
-    throw new Error(`STORE_TLS_KEY holds no private key${key.includes(CERTIFICATE) ? ', but a certificate (are the two files swapped?)' : ''}`);
+    throw new Error(`STORE_TLS_KEY holds no private key${CERTIFICATE.test(key) ? ', but a certificate (are the two files swapped?)' : ''}`);
   }
   createSecureContext({ cert: pair.cert, key: pair.key });
   const leaf = new X509Certificate(pair.cert);
