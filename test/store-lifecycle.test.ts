@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createPrivateKey } from 'node:crypto';
 import { getEventListeners, setMaxListeners } from 'node:events';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { Metadata, Server, ServerCredentials, type ServiceError, status } from '@grpc/grpc-js';
@@ -468,6 +469,23 @@ describe('store lifecycle: graceful stop, health, start-up checks (real store pr
     const certTwice = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: cert, STORE_TLS_KEY: cert });
     assert.equal(certTwice.code, 1);
     assert.equal(certTwice.stderr, `${prefix}STORE_TLS_KEY holds no private key, but a certificate (are the two files swapped?)\n`);
+  });
+
+  it('an encrypted STORE_TLS_KEY (PKCS#8 or traditional PEM) stops the store saying so, not an OpenSSL code', async () => {
+    const { cert, key } = await selfSigned(tmp.dir, 'locked');
+    const plain = createPrivateKey(readFileSync(key));
+    const prefix = 'store: invalid configuration: STORE_TLS_CERT and STORE_TLS_KEY are not a usable certificate and key: ';
+    const encrypted = {
+      pkcs8: plain.export({ type: 'pkcs8', format: 'pem', cipher: 'aes-256-cbc', passphrase: 'secret' }),
+      sec1: plain.export({ type: 'sec1', format: 'pem', cipher: 'aes-128-cbc', passphrase: 'secret' }),
+    };
+    for (const [name, pem] of Object.entries(encrypted)) {
+      const locked = path.join(tmp.dir, `locked-${name}.pem`);
+      writeFileSync(locked, pem, { mode: 0o600 });
+      const { code, stderr } = runStore({ STORE_DATA_DIR: tmp.dir, STORE_TLS_CERT: cert, STORE_TLS_KEY: locked });
+      assert.equal(code, 1, name);
+      assert.equal(stderr, `${prefix}STORE_TLS_KEY holds an encrypted private key, and the store takes no passphrase: give it the key unencrypted (openssl pkey -in <key> -out <new key>)\n`, name);
+    }
   });
 
   it('a taken PORT stops the store with one line naming PORT (and no log line of grpc-js besides it)', async () => {

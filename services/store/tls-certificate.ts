@@ -20,6 +20,8 @@ export interface CertificateInfo {
 const CERTIFICATE = /-----BEGIN (?:TRUSTED |X509 )?CERTIFICATE-----/;
 /** PKCS#8 (what openssl req writes), EC, RSA and encrypted keys. */
 const PRIVATE_KEY = /-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----/;
+/** A key under a passphrase: PKCS#8 (ENCRYPTED PRIVATE KEY) or OpenSSL's traditional PEM (Proc-Type). */
+const ENCRYPTED_KEY = /-----BEGIN ENCRYPTED PRIVATE KEY-----|^Proc-Type: *4, *ENCRYPTED/m;
 
 /**
  * Checks that the key belongs to the certificate (the first of the chain) and that both parse, as
@@ -35,6 +37,10 @@ export function checkPair(pair: CertificatePair): CertificateInfo {
   }
   if (!PRIVATE_KEY.test(key)) {
     throw new Error(`STORE_TLS_KEY holds no private key${CERTIFICATE.test(key) ? ', but a certificate (are the two files swapped?)' : ''}`);
+  }
+  // OpenSSL would only say "bad decrypt", as if the file were damaged.
+  if (ENCRYPTED_KEY.test(key)) {
+    throw new Error('STORE_TLS_KEY holds an encrypted private key, and the store takes no passphrase: give it the key unencrypted (openssl pkey -in <key> -out <new key>)');
   }
   createSecureContext({ cert: pair.cert, key: pair.key });
   const leaf = new X509Certificate(pair.cert);
