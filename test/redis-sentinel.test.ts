@@ -4,11 +4,26 @@ import path from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { createStoreClient, type StoreClientError } from '../services/client/store-client';
 import { runOne, type StoredEntry } from '../services/store/backends/backend';
-import { RedisBackend } from '../services/store/backends/redis';
+import { RedisBackend, type RedisBackendOptions } from '../services/store/backends/redis';
 import { waitForHealth } from './helpers/health';
 import { type Proc, startStore, tempDir } from './helpers/procs';
 import { freePort, redisCommand, type RedisServer, type RedisSentinelProcs, requireRedis, startRedisSentinel, startRedisServer } from './helpers/redis';
 import { selfSigned } from './helpers/tls';
+
+
+/** A backend that finds `mymaster` through the Sentinels on `ports`, with the tests' usual options. */
+function sentinelBackend(ports: number[], keyPrefix: string, overrides: Partial<RedisBackendOptions> = {}): RedisBackend {
+  return new RedisBackend({
+    url: 'redis://',
+    clusterNodes: [],
+    sentinels: ports.map((port) => ({ host: '127.0.0.1', port })),
+    sentinelMaster: 'mymaster',
+    keyPrefix,
+    commandTimeoutMs: 1000,
+    listWindow: 100,
+    ...overrides,
+  });
+}
 
 describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-server processes)', function () {
   let sentinel: RedisSentinelProcs | undefined;
@@ -24,15 +39,7 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
   });
 
   it('finds the master through REDIS_SENTINELS; after a failover it fails only with UNAVAILABLE meanwhile, then writes to the new master', async () => {
-    backend = new RedisBackend({
-      url: 'redis://',
-      clusterNodes: [],
-      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
-      sentinelMaster: 'mymaster',
-      keyPrefix: 'sentinel:',
-      commandTimeoutMs: 1000,
-      listWindow: 100,
-    });
+    backend = sentinelBackend([sentinel!.sentinelPort], 'sentinel:');
     const before = (await runOne(backend, { kind: 'put', key: 'k', value: Buffer.from('v1'), ttlMs: 60_000 })) as StoredEntry;
     // Replication is asynchronous: wait until the replica has the write.
     for (const end = Date.now() + 5000; (await redisCommand(sentinel!.replica.port, 'HGET', 'sentinel:k', 'ver')) !== String(before.version); ) {
@@ -70,15 +77,7 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
       }
     };
     const others = await subscribers();
-    const own = new RedisBackend({
-      url: 'redis://',
-      clusterNodes: [],
-      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
-      sentinelMaster: 'mymaster',
-      keyPrefix: 'sentinel-close:',
-      commandTimeoutMs: 1000,
-      listWindow: 100,
-    });
+    const own = sentinelBackend([sentinel!.sentinelPort], 'sentinel-close:');
     try {
       await runOne(own, { kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 });
       await until('while open', others + 1);
@@ -104,14 +103,7 @@ describe('Redis backend through Sentinel (master, replica, Sentinel: real redis-
 
   it('a master demoted before the Sentinels notice: one warning names it, and calls fail saying why', async () => {
     const warnings: string[] = [];
-    const own = new RedisBackend({
-      url: 'redis://',
-      clusterNodes: [],
-      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
-      sentinelMaster: 'mymaster',
-      keyPrefix: 'sentinel-demoted:',
-      commandTimeoutMs: 1000,
-      listWindow: 100,
+    const own = sentinelBackend([sentinel!.sentinelPort], 'sentinel-demoted:', {
       log: { info: () => undefined, warn: (detail) => warnings.push((detail as { err?: string }).err ?? '') },
     });
     try {
@@ -159,18 +151,7 @@ describe('Redis through two Sentinels, the first of them frozen (real processes)
 
   it('a Sentinel that accepts connections but never answers is passed over: the store reaches the master through the next one', async () => {
     frozen!.pause();
-    const own = new RedisBackend({
-      url: 'redis://',
-      clusterNodes: [],
-      sentinels: [
-        { host: '127.0.0.1', port: frozen!.port },
-        { host: '127.0.0.1', port: sentinel!.sentinelPort },
-      ],
-      sentinelMaster: 'mymaster',
-      keyPrefix: 'sentinel-frozen:',
-      commandTimeoutMs: 500,
-      listWindow: 100,
-    });
+    const own = sentinelBackend([frozen!.port, sentinel!.sentinelPort], 'sentinel-frozen:', { commandTimeoutMs: 500 });
     try {
       let message = '';
       for (const end = Date.now() + 5000; ; ) {
@@ -218,17 +199,7 @@ describe('Redis through Sentinels that ask for a password (requirepass, an ACL u
   });
 
   it('an ACL user of the Sentinels (REDIS_SENTINEL_USERNAME with its password) reaches the master too', async () => {
-    const own = new RedisBackend({
-      url: 'redis://',
-      clusterNodes: [],
-      sentinels: [{ host: '127.0.0.1', port: sentinel!.sentinelPort }],
-      sentinelMaster: 'mymaster',
-      sentinelUsername: 'watcher',
-      sentinelPassword: 'watcher-secret',
-      keyPrefix: 'sentinel-acl:',
-      commandTimeoutMs: 1000,
-      listWindow: 100,
-    });
+    const own = sentinelBackend([sentinel!.sentinelPort], 'sentinel-acl:', { sentinelUsername: 'watcher', sentinelPassword: 'watcher-secret' });
     try {
       const written = (await runOne(own, { kind: 'put', key: 'k', value: Buffer.from('v'), ttlMs: 60_000 })) as StoredEntry;
       assert.equal(((await runOne(own, { kind: 'get', key: 'k', refreshTtlMs: 0 })) as StoredEntry).version, written.version);
